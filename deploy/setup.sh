@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs everything Shoal needs on a Debian machine, as root, idempotently:
+# the OCI runtime parts from apt and every Shoal package into a virtualenv.
+#   deploy/setup.sh          runtime only
+#   deploy/setup.sh --test   plus what the test suite needs
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="${SHOAL_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+WITH_TEST=0
+[[ "${1:-}" == "--test" ]] && WITH_TEST=1
+
+APT_PACKAGES=(runc conmon containernetworking-plugins iproute2 iptables busybox-static catatonit
+              ca-certificates python3 python3-venv)
+# The test suite runs a real OCI registry.
+(( WITH_TEST )) && APT_PACKAGES+=(docker-registry)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if (( ${#missing[@]} )); then
+  echo "setup: installing apt packages: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: Shoal needs Python >= 3.11 ($PYTHON is $("$PYTHON" --version 2>&1))" >&2
+  exit 1
+fi
+
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+
+# Reinstall only when a package definition changed (editable installs track the code itself).
+PACKAGES=(libs/common libs/cli services/puller services/snapshotter services/executor
+          services/supervisor services/cri-gateway)
+stamp_src=$(cd "$ROOT" && cat libs/*/pyproject.toml services/*/pyproject.toml requirements-test.txt | sha256sum | cut -c1-16)
+stamp="$VENV/.shoal-setup-$stamp_src-$WITH_TEST"
+if [[ ! -e "$stamp" ]]; then
+  args=()
+  for p in "${PACKAGES[@]}"; do args+=(-e "$ROOT/$p"); done
+  (( WITH_TEST )) && args+=(-r "$ROOT/requirements-test.txt")
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${args[@]}"
+  rm -f "$VENV"/.shoal-setup-*
+  touch "$stamp"
+fi
