@@ -1,0 +1,81 @@
+"""The `shoal` command: launcher (`shoal up`) and client (`shoal status`, `shoal ping`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from shoal_common.catalog import lookup
+from shoal_common.config import Config, ConfigError, load_config
+from shoal_common.logging import configure_logging
+
+from shoal_cli import client
+from shoal_cli.launcher import Launcher
+
+
+def _replicas(items: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        for part in item.split(","):
+            name, sep, count = part.partition("=")
+            try:
+                svc = lookup(name.strip())
+            except KeyError as exc:
+                raise SystemExit(f"shoal: --replicas {part}: {exc.args[0]}") from None
+            if not sep or not count.isdigit() or not 1 <= int(count) <= 16:
+                raise SystemExit(f"shoal: --replicas {part}: expected SERVICE=N with 1 <= N <= 16")
+            out[svc.name] = int(count)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML config file")
+    common.add_argument("--node-id", help="overrides node_id")
+    common.add_argument("--nats-url", help="NATS URL (for `up`: use this external NATS "
+                        "instead of starting one)")
+    common.add_argument("--state-root", help="overrides state_root")
+    common.add_argument("--run-root", help="overrides run_root")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any config key, e.g. --set log.level=debug")
+
+    parser = argparse.ArgumentParser(prog="shoal", description="Shoal container runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", parents=[common], help="run NATS and every service")
+    up.add_argument("--replicas", action="append", default=[], metavar="SERVICE=N",
+                    help="run N replicas of a service (repeatable or comma-separated)")
+    st = sub.add_parser("status", parents=[common], help="health of every replica")
+    st.add_argument("--wait", type=float, default=1.0, help="seconds to collect replies")
+    pg = sub.add_parser("ping", parents=[common], help="bus round trip to a service")
+    pg.add_argument("service")
+    pg.add_argument("-c", "--count", type=int, default=4)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config, overrides=args.set, flags={
+            "node_id": args.node_id, "nats.url": args.nats_url,
+            "state_root": args.state_root, "run_root": args.run_root})
+    except ConfigError as exc:
+        raise SystemExit(f"shoal: invalid configuration: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    config = _load(args)
+    if args.command == "up":
+        configure_logging(config.log, service="launcher", node=config.node_id)
+        if args.nats_url is None:
+            # The embedded server listens where nats.embedded.listen says; point at it.
+            config.nats.url = f"nats://{config.nats.embedded.listen}"
+        launcher = Launcher(config, config_path=args.config, overrides=args.set,
+                            replicas=_replicas(args.replicas),
+                            external_nats=args.nats_url is not None)
+        sys.exit(asyncio.run(launcher.run()))
+    configure_logging(config.log, service="cli", node=config.node_id)
+    if args.command == "status":
+        sys.exit(asyncio.run(client.status(config, args.wait)))
+    if args.command == "ping":
+        sys.exit(asyncio.run(client.ping(config, args.service, args.count)))

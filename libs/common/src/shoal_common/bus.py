@@ -1,0 +1,430 @@
+"""The bus: NATS request/reply commands served in queue groups, and JetStream events.
+
+One way to define a command handler (`Router.command`), one way to send a command
+(`Bus.request`), one way to publish an event (`Bus.publish_event`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import typing
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+
+from shoal_common import codec, headers, metrics, subjects
+from shoal_common.config import Config
+from shoal_common.errors import (
+    RETRYABLE,
+    DeadlineExceeded,
+    ErrorCode,
+    Internal,
+    Invalid,
+    ShoalError,
+    Unavailable,
+)
+from shoal_common.messages import ErrorBody, Event, Message
+from shoal_common.tracing import bind_trace, current_trace_id, deadline_var, new_trace_id
+
+AppT = TypeVar("AppT")
+ReqT = TypeVar("ReqT", bound=Message)
+RepT = TypeVar("RepT", bound=Message)
+
+DEFAULT_NAMESPACE = "default"
+log = structlog.get_logger("shoal.bus")
+
+
+@dataclass
+class RequestContext(Generic[AppT]):
+    """What a handler knows about the command it is handling."""
+
+    app: AppT
+    bus: Bus
+    subject: str
+    trace_id: str
+    namespace: str
+    deadline: float
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.time())
+
+
+Handler = Callable[[RequestContext[Any], Any], Awaitable[Message]]
+
+
+@dataclass(frozen=True)
+class Command:
+    verb: str
+    request_type: type[Message]
+    handler: Handler
+    queue: bool = True  # False: every replica answers (health)
+    quiet: bool = False  # log at debug, not info (probes)
+
+
+class Router(Generic[AppT]):
+    """The commands one service serves, declared with `@router.command("verb")`.
+
+    The request type is read from the handler's second parameter annotation:
+
+        @router.command("pull")
+        async def pull(ctx: RequestContext[Puller], req: PullRequest) -> PullReply: ...
+    """
+
+    def __init__(self) -> None:
+        self.commands: dict[str, Command] = {}
+
+    def command(self, verb: str, *, queue: bool = True,
+                quiet: bool = False) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            if verb in self.commands:
+                raise ValueError(f"command {verb!r} registered twice")
+            params = list(inspect.signature(fn).parameters)
+            request_type = typing.get_type_hints(fn)[params[1]]
+            self.commands[verb] = Command(verb, request_type, fn, queue, quiet)
+            return fn
+
+        return register
+
+    def include(self, other: Router[Any]) -> None:
+        for verb, cmd in other.commands.items():
+            if verb in self.commands:
+                raise ValueError(f"command {verb!r} registered twice")
+            self.commands[verb] = cmd
+
+
+class Bus:
+    """A service's (or a client's) connection to NATS."""
+
+    def __init__(self, config: Config, *, service: str, replica: str,
+                 max_concurrency: int = 64) -> None:
+        self.config = config
+        self.node = config.node_id
+        self.service = service  # subject token, e.g. "images"
+        self.replica = replica
+        self.nc: NatsClient = NatsClient()
+        self._js: JetStreamContext | None = None
+        self._subs: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self.serving = False
+        self._closing = False
+
+    # -- connection ------------------------------------------------------------------------
+
+    async def connect(self, *, wait: float = 60.0) -> None:
+        """Connect, retrying for up to `wait` seconds (NATS may still be starting); once
+        connected, nats-py reconnects forever and buffers publishes meanwhile."""
+
+        async def on_disconnect() -> None:
+            if not self._closing:
+                log.warning("nats disconnected")
+
+        async def on_reconnect() -> None:
+            metrics.BUS_RECONNECTS.inc()
+            log.info("nats reconnected", url=str(self.nc.connected_url))
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error", error=str(exc))
+
+        give_up = time.monotonic() + wait
+        delay = 0.1
+        while True:
+            try:
+                await self.nc.connect(
+                    servers=self.config.nats.url.split(","),
+                    name=f"shoal-{self.service}-{self.replica}",
+                    connect_timeout=self.config.nats.connect_timeout,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    error_cb=on_error,
+                )
+                return
+            except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
+                if time.monotonic() + delay > give_up:
+                    raise Unavailable(f"cannot connect to NATS at {self.config.nats.url}: "
+                                      f"{exc or type(exc).__name__}") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            self._js = self.nc.jetstream()
+        return self._js
+
+    async def close(self) -> None:
+        self._closing = True
+        if self.nc.is_connected:
+            try:
+                await self.nc.drain()
+            except (TimeoutError, nats.errors.Error):
+                await self.nc.close()
+        elif not self.nc.is_closed:
+            await self.nc.close()
+
+    # -- serving commands --------------------------------------------------------------------
+
+    async def serve(self, router: Router[AppT], app: AppT) -> None:
+        for cmd in router.commands.values():
+            subject = subjects.command(self.node, self.service, cmd.verb)
+            queue = f"shoal.{self.service}" if cmd.queue else ""
+
+            async def on_msg(msg: Msg, cmd: Command = cmd) -> None:
+                # nats-py awaits this callback before delivering the next message, so hand
+                # each off to its own task; the semaphore turns overload into backpressure.
+                await self._slots.acquire()
+                task = asyncio.create_task(self._handle(cmd, msg, app))
+                self._tasks.add(task)
+                task.add_done_callback(self._finished)
+
+            self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg))
+        self.serving = True
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def _handle(self, cmd: Command, msg: Msg, app: Any) -> None:
+        label = f"{self.service}.{cmd.verb}"
+        hdrs = msg.headers or {}
+        trace_id = hdrs.get(headers.TRACE_ID) or new_trace_id()
+        namespace = hdrs.get(headers.NAMESPACE) or DEFAULT_NAMESPACE
+        try:
+            deadline = float(hdrs[headers.DEADLINE])
+        except (KeyError, ValueError):
+            deadline = time.time() + self.config.nats.request_timeout
+        bind_trace(trace_id, deadline, subject=label, namespace=namespace)
+        started = time.perf_counter()
+        metrics.IN_FLIGHT.labels(label).inc()
+        status, body = "ok", b""
+        try:
+            if time.time() >= deadline:
+                raise DeadlineExceeded(f"{label}: deadline passed before the command was handled")
+            request = codec.decode(msg.data, cmd.request_type)
+            ctx = RequestContext(app, self, label, trace_id, namespace, deadline)
+            try:
+                async with asyncio.timeout_at(
+                        asyncio.get_running_loop().time() + (deadline - time.time())):
+                    reply = await cmd.handler(ctx, request)
+            except TimeoutError:
+                raise DeadlineExceeded(f"{label}: deadline exceeded while handling") from None
+            body = codec.encode(reply)
+        except ShoalError as exc:
+            status, body = exc.code.value, codec.encode(
+                ErrorBody(code=exc.code.value, message=exc.message, details=exc.details))
+        except asyncio.CancelledError:
+            # Only on shutdown past its bound: tell the caller to retry on another replica.
+            status = ErrorCode.UNAVAILABLE.value
+            body = codec.encode(ErrorBody(code=status, message=f"{self.service} replica "
+                                          f"{self.replica} stopped before finishing"))
+            await self._reply(msg, status, body, trace_id)
+            raise
+        except Exception as exc:
+            log.exception("command failed", error=str(exc))
+            status = ErrorCode.INTERNAL.value
+            body = codec.encode(ErrorBody(code=status, message=f"{type(exc).__name__}: {exc}"))
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.IN_FLIGHT.labels(label).dec()
+            metrics.HANDLE_SECONDS.labels(label).observe(elapsed)
+            metrics.REQUESTS_HANDLED.labels(label, status).inc()
+        (log.debug if cmd.quiet else log.info)(
+            "handled", outcome=status, ms=round(elapsed * 1000, 2),
+            **({"error": codec.decode(body, ErrorBody).message} if status != "ok" else {}))
+        await self._reply(msg, status, body, trace_id)
+
+    async def _reply(self, msg: Msg, status: str, body: bytes, trace_id: str) -> None:
+        if not msg.reply:
+            return
+        try:
+            await self.nc.publish(msg.reply, body,
+                                  headers={headers.STATUS: status, headers.TRACE_ID: trace_id})
+        except nats.errors.Error as exc:
+            log.warning("could not send reply", error=str(exc))
+
+    async def stop_serving(self, timeout: float) -> None:
+        """Stop taking work (queue-group peers get it instead), let in-flight commands finish
+        within `timeout`, then cancel the rest (their callers get `unavailable` and retry)."""
+        self.serving = False
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass
+        self._subs.clear()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("cancelled in-flight commands at shutdown", count=len(pending))
+                await asyncio.wait(pending, timeout=2.0)
+
+    # -- sending commands --------------------------------------------------------------------
+
+    def _headers(self, namespace: str | None, deadline: float) -> dict[str, str]:
+        return {
+            headers.TRACE_ID: current_trace_id() or new_trace_id(),
+            headers.NAMESPACE: namespace or DEFAULT_NAMESPACE,
+            headers.DEADLINE: f"{deadline:.6f}",
+        }
+
+    async def request(self, service: str, verb: str, message: Message, reply_type: type[RepT],
+                      *, node: str | None = None, namespace: str | None = None,
+                      timeout: float | None = None, attempt_timeout: float | None = None,
+                      retries: int | None = None) -> RepT:
+        """Send a command and return its typed reply, or raise the ShoalError it answered.
+
+        Each attempt waits `attempt_timeout` (default nats.request_timeout). No responders, a
+        timeout (e.g. the replica died) and `unavailable` replies are retried, up to `retries`
+        times and within the overall deadline (`timeout`, capped by the deadline of the
+        command being handled, if any). Commands are idempotent by the caller's id, so a
+        retry after a lost reply is safe."""
+        label = f"{service}.{verb}"
+        subject = subjects.command(node or self.node, service, verb)
+        attempt_timeout = attempt_timeout or self.config.nats.request_timeout
+        retries = self.config.nats.request_retries if retries is None else retries
+        total = timeout if timeout is not None else attempt_timeout * (retries + 1)
+        deadline = time.time() + total
+        inherited = deadline_var.get()
+        if inherited is not None:
+            deadline = min(deadline, inherited)
+        hdrs = self._headers(namespace, deadline)
+        body = codec.encode(message)
+        started = time.perf_counter()
+        attempt = 0
+        try:
+            while True:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"{label}: no reply within {total:.1f}s "
+                                           f"({attempt} attempt(s))")
+                try:
+                    msg = await self.nc.request(subject, body, headers=hdrs,
+                                                timeout=min(attempt_timeout, remaining))
+                except nats.errors.NoRespondersError:
+                    metrics.REQUESTS_SENT.labels(label, "no_responders").inc()
+                    error: ShoalError = Unavailable(f"no replica of '{service}' is serving "
+                                                    f"{subject}")
+                    pause = min(0.05 * 2 ** attempt, 1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    metrics.REQUESTS_SENT.labels(label, "timeout").inc()
+                    error = DeadlineExceeded(f"{label}: no reply within "
+                                             f"{min(attempt_timeout, remaining):.1f}s")
+                    pause = 0.0
+                else:
+                    status = (msg.headers or {}).get(headers.STATUS, "ok")
+                    metrics.REQUESTS_SENT.labels(label, status).inc()
+                    if status == "ok":
+                        try:
+                            return codec.decode(msg.data, reply_type)
+                        except Invalid as exc:
+                            raise Internal(f"{label}: malformed reply: {exc.message}") from None
+                    try:
+                        err = codec.decode(msg.data, ErrorBody)
+                        error = ShoalError.from_code(err.code, err.message, err.details)
+                    except Invalid:
+                        error = ShoalError.from_code(status, f"{label} failed")
+                    if error.code not in RETRYABLE:
+                        raise error
+                    pause = min(0.05 * 2 ** attempt, 1.0)
+                attempt += 1
+                if attempt > retries:
+                    raise error
+                log.debug("retrying command", subject=label, attempt=attempt, error=str(error))
+                if pause:
+                    await asyncio.sleep(min(pause, max(0.0, deadline - time.time())))
+        finally:
+            metrics.REQUEST_SECONDS.labels(label).observe(time.perf_counter() - started)
+
+    async def gather(self, service: str, verb: str, message: Message, reply_type: type[RepT],
+                     *, node: str | None = None, wait: float = 1.0) -> list[RepT]:
+        """Ask every replica (a non-queue subject such as health) and collect all replies
+        that arrive within `wait` seconds."""
+        subject = subjects.command(node or self.node, service, verb)
+        inbox = self.nc.new_inbox()
+        replies: list[RepT] = []
+        sub = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(subject, codec.encode(message), reply=inbox,
+                                  headers=self._headers(None, time.time() + wait))
+            end = time.monotonic() + wait
+            while (left := end - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    break
+                # No replica yet: NATS answers with an empty 503 status message; skip it.
+                if not msg.data or (msg.headers or {}).get(headers.STATUS, "ok") != "ok":
+                    continue
+                try:
+                    replies.append(codec.decode(msg.data, reply_type))
+                except Invalid as exc:
+                    log.warning("malformed reply", subject=subject, error=exc.message)
+        finally:
+            await sub.unsubscribe()
+        return replies
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def ensure_events_stream(self) -> None:
+        """Create the events stream if missing (any service may be first to start)."""
+        ev = self.config.events
+        try:
+            await self.js.stream_info(ev.stream)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            await self.js.add_stream(StreamConfig(
+                name=ev.stream, subjects=subjects.EVENTS_STREAM_SUBJECTS,
+                max_age=ev.max_age_seconds, max_bytes=ev.max_bytes,
+                storage=StorageType.FILE, num_replicas=ev.replicas, duplicate_window=120.0))
+            log.info("created events stream", stream=ev.stream)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # "stream name already in use": another service won
+                raise
+
+    async def publish_event(self, event: Event, *, namespace: str | None = None,
+                            event_id: str | None = None) -> None:
+        """Publish a fact after the change it reports is durable. `event_id` (default random)
+        lets a retried publish be de-duplicated by JetStream."""
+        topic = type(event).TOPIC
+        ns = namespace or DEFAULT_NAMESPACE
+        subject = subjects.event(self.node, ns, topic)
+        hdrs = {
+            headers.EVENT_ID: event_id or uuid.uuid4().hex,
+            headers.TOPIC: topic,
+            headers.NAMESPACE: ns,
+            headers.TRACE_ID: current_trace_id() or new_trace_id(),
+            headers.TIMESTAMP: f"{time.time():.6f}",
+            headers.SOURCE: f"{self.service}/{self.replica}",
+        }
+        try:
+            await self.js.publish(subject, codec.encode(event), headers=hdrs,
+                                  timeout=self.config.nats.request_timeout)
+        except (TimeoutError, nats.errors.Error) as exc:
+            metrics.EVENTS_PUBLISHED.labels(topic, "error").inc()
+            raise Unavailable(f"publishing {topic}: {exc or type(exc).__name__}") from exc
+        metrics.EVENTS_PUBLISHED.labels(topic, "ok").inc()
+

@@ -1,0 +1,279 @@
+"""Configuration: one TOML file with documented defaults, then environment, then flags.
+
+Precedence (later wins): built-in defaults < file (`--config`, `$SHOAL_CONFIG`, or
+/etc/shoal/config.toml if present) < environment (`SHOAL_<KEY>` with `__` between nested
+keys, e.g. `SHOAL_NATS__URL`) < flags (`--set nats.url=...` and the named flags).
+Unknown keys and wrong types are refused, naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from shoal_common import subjects
+from shoal_common.catalog import SERVICES
+
+DEFAULT_CONFIG_PATH = "/etc/shoal/config.toml"
+ENV_PREFIX = "SHOAL_"
+
+
+class ConfigError(Exception):
+    """An invalid configuration; the message names the key."""
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class EmbeddedNatsConfig(_Section):
+    # Loopback only: the embedded server is for a single node.
+    listen: str = "127.0.0.1:4222"
+    # JetStream storage; empty = <state_root>/nats.
+    store_dir: str = ""
+
+
+class NatsConfig(_Section):
+    url: str = "nats://127.0.0.1:4222"
+    connect_timeout: float = 5.0
+    # Per attempt: a replica that died mid-request is detected by this timeout, then retried.
+    request_timeout: float = 10.0
+    request_retries: int = 2
+    embedded: EmbeddedNatsConfig = msgspec.field(default_factory=EmbeddedNatsConfig)
+
+
+class EventsConfig(_Section):
+    stream: str = "SHOAL_EVENTS"
+    max_age_seconds: float = 7 * 24 * 3600.0
+    max_bytes: int = 1 << 30
+    replicas: int = 1  # JetStream replicas; >1 only on a NATS cluster
+
+
+class ServiceConfig(_Section):
+    metrics_addr: str
+    # Handlers run concurrently up to this bound; beyond it delivery pauses (backpressure).
+    max_concurrency: int = 64
+    # On SIGTERM: stop taking work, then give in-flight requests this long to finish.
+    shutdown_timeout: float = 10.0
+
+
+class ExecutorConfig(ServiceConfig):
+    # The default OCI runtime binary (looked up in PATH unless absolute).
+    runtime_path: str = "runc"
+
+
+class SupervisorConfig(ServiceConfig):
+    # The per-container monitor binary (Debian's conmon).
+    conmon_path: str = "conmon"
+
+
+def _svc(name: str, cls: type[ServiceConfig] = ServiceConfig) -> Any:
+    port = next(s.metrics_port for s in SERVICES if s.name == name)
+    return msgspec.field(default_factory=lambda: cls(metrics_addr=f"127.0.0.1:{port}"))
+
+
+class ServicesConfig(_Section):
+    puller: ServiceConfig = _svc("puller")
+    snapshotter: ServiceConfig = _svc("snapshotter")
+    executor: ExecutorConfig = _svc("executor", ExecutorConfig)
+    supervisor: SupervisorConfig = _svc("supervisor", SupervisorConfig)
+    cri_gateway: ServiceConfig = _svc("cri-gateway")
+
+
+class CriConfig(_Section):
+    # Empty = <run_root>/cri.sock
+    socket: str = ""
+
+
+class LauncherConfig(_Section):
+    """`shoal up`: its own metrics and how it restarts children."""
+
+    metrics_addr: str = "127.0.0.1:9710"
+    restart_backoff_initial: float = 0.5
+    restart_backoff_max: float = 30.0
+    ready_timeout: float = 30.0
+
+
+class LogConfig(_Section):
+    level: str = "info"
+    format: str = "auto"  # auto (console on a TTY, else JSON), json, console
+
+
+def _default_node_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
+    return host or "local"
+
+
+class Config(_Section):
+    node_id: str = msgspec.field(default_factory=_default_node_id)
+    state_root: str = "/var/lib/shoal"
+    run_root: str = "/run/shoal"
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+    services: ServicesConfig = msgspec.field(default_factory=ServicesConfig)
+    cri: CriConfig = msgspec.field(default_factory=CriConfig)
+    launcher: LauncherConfig = msgspec.field(default_factory=LauncherConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+    def service(self, name: str) -> ServiceConfig:
+        return getattr(self.services, name.replace("-", "_"))  # type: ignore[no-any-return]
+
+    def state_dir(self, service: str) -> Path:
+        return Path(self.state_root) / service
+
+    def run_dir(self, service: str) -> Path:
+        return Path(self.run_root) / service
+
+    @property
+    def cri_socket(self) -> str:
+        return self.cri.socket or str(Path(self.run_root) / "cri.sock")
+
+    @property
+    def nats_store_dir(self) -> str:
+        return self.nats.embedded.store_dir or str(Path(self.state_root) / "nats")
+
+
+def _parse_scalar(text: str) -> Any:
+    """Read an env/flag value as a TOML value when it is one (3, true, [..]), else as text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {dotted}: {key} is not a table")
+        node = child
+    node[keys[-1]] = value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "SHOAL_CONFIG" or name == "SHOAL_VENV":
+            continue
+        dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+        _set_path(tree, dotted, _parse_scalar(value))
+    return tree
+
+
+def _key_of(error: msgspec.ValidationError) -> str:
+    # msgspec reports "... - at `$.nats.url`"; turn the path into the TOML key.
+    match = re.search(r"at `\$\.?([^`]*)`", str(error))
+    return match.group(1) if match else "<root>"
+
+
+def _validate(cfg: Config) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"config key {key}: {why}")
+
+    if not subjects.TOKEN_RE.match(cfg.node_id):
+        raise bad("node_id", f"{cfg.node_id!r} must be 1-64 of [A-Za-z0-9_-] (a NATS token)")
+    for key in ("state_root", "run_root"):
+        if not os.path.isabs(getattr(cfg, key)):
+            raise bad(key, "must be an absolute path")
+    if not re.match(r"^(nats|tls|ws|wss)://", cfg.nats.url) and "," not in cfg.nats.url:
+        raise bad("nats.url", f"{cfg.nats.url!r} is not a nats:// URL")
+    for key in ("connect_timeout", "request_timeout"):
+        if getattr(cfg.nats, key) <= 0:
+            raise bad(f"nats.{key}", "must be > 0")
+    if cfg.nats.request_retries < 0:
+        raise bad("nats.request_retries", "must be >= 0")
+    for svc in SERVICES:
+        section = cfg.service(svc.name)
+        key = f"services.{svc.config_key}"
+        _check_addr(section.metrics_addr, f"{key}.metrics_addr")
+        if section.max_concurrency < 1:
+            raise bad(f"{key}.max_concurrency", "must be >= 1")
+        if section.shutdown_timeout < 0:
+            raise bad(f"{key}.shutdown_timeout", "must be >= 0")
+    _check_addr(cfg.launcher.metrics_addr, "launcher.metrics_addr")
+    _check_addr(cfg.nats.embedded.listen, "nats.embedded.listen")
+    if cfg.log.level.lower() not in {"debug", "info", "warning", "error"}:
+        raise bad("log.level", f"{cfg.log.level!r} is not one of debug, info, warning, error")
+    if cfg.log.format not in {"auto", "json", "console"}:
+        raise bad("log.format", f"{cfg.log.format!r} is not one of auto, json, console")
+    if not re.match(r"^[A-Za-z0-9_-]+$", cfg.events.stream):
+        raise bad("events.stream", f"{cfg.events.stream!r} is not a valid stream name")
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{addr!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _check_addr(addr: str, key: str) -> None:
+    try:
+        parse_addr(addr)
+    except ValueError as exc:
+        raise ConfigError(f"config key {key}: {exc}") from None
+
+
+def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None,
+                overrides: Sequence[str] = (), flags: Mapping[str, Any] | None = None) -> Config:
+    """Build the effective configuration; raise ConfigError naming the bad key."""
+    env = os.environ if env is None else env
+    tree: dict[str, Any] = {}
+    path = path or env.get("SHOAL_CONFIG")
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                tree = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    _merge(tree, _env_overrides(env))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        _set_path(tree, key.strip(), _parse_scalar(value.strip()))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_path(tree, key, value)
+    try:
+        cfg = msgspec.convert(tree, Config)
+    except msgspec.ValidationError as exc:
+        detail = str(exc).split(" - at ")[0]
+        if detail.startswith("Object contains unknown field"):
+            raise ConfigError(f"config key {_unknown_key(exc)}: unknown key") from None
+        raise ConfigError(f"config key {_key_of(exc)}: {detail}") from None
+    _validate(cfg)
+    return cfg
+
+
+def _unknown_key(error: msgspec.ValidationError) -> str:
+    field = re.search(r"unknown field `([^`]*)`", str(error))
+    parent = _key_of(error)
+    name = field.group(1) if field else "?"
+    return f"{parent}.{name}" if parent and parent != "<root>" else name
+
+
+def to_toml_dict(cfg: Config) -> dict[str, Any]:
+    return msgspec.to_builtins(cfg)  # type: ignore[no-any-return]

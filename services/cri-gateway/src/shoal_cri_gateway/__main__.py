@@ -1,0 +1,3 @@
+from shoal_cri_gateway.main import main
+
+main()

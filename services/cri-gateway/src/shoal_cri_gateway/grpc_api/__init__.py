@@ -1,0 +1,1 @@
+"""gRPC edge of the gateway: the CRI runtime.v1 RuntimeService and ImageService."""

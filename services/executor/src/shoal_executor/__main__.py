@@ -1,0 +1,3 @@
+from shoal_executor.main import main
+
+main()

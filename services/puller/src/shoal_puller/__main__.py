@@ -1,0 +1,3 @@
+from shoal_puller.main import main
+
+main()

@@ -1,0 +1,3 @@
+from shoal_snapshotter.main import main
+
+main()

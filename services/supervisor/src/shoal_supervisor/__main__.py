@@ -1,0 +1,3 @@
+from shoal_supervisor.main import main
+
+main()

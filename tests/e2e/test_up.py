@@ -1,0 +1,125 @@
+"""`shoal up` as a user runs it: embedded NATS, every service, restarts, clean stop."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from shoal_common.catalog import SERVICES
+from support.ports import free_port
+from support.processes import pids_mentioning
+
+pytestmark = pytest.mark.e2e
+
+SHOAL = str(Path(sys.executable).parent / "shoal")
+
+
+def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metrics_of(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def status(flags: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SHOAL, "status", *flags], capture_output=True, text=True, timeout=30)
+
+
+def status_rows(out: str) -> dict[str, tuple[str, int]]:
+    """replica -> (status, pid) from `shoal status` output."""
+    rows = {}
+    for line in out.splitlines()[2:]:
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] != "DOWN" and parts[0] != "SERVICE":
+            rows[parts[1]] = (parts[2], int(parts[3]))
+    return rows
+
+
+def test_up_serves_restarts_and_stops_cleanly(tmp_path: Path) -> None:
+    nats_port = free_port()
+    common = ["--node-id", "upnode", "--state-root", str(tmp_path / "state"),
+              "--run-root", str(tmp_path / "run")]
+    sets = [f"nats.embedded.listen=127.0.0.1:{nats_port}", "launcher.metrics_addr=127.0.0.1:0",
+            "log.format=json", "launcher.restart_backoff_initial=0.2",
+            *(f"services.{s.config_key}.metrics_addr=127.0.0.1:0" for s in SERVICES)]
+    argv = [SHOAL, "up", *common, *(a for s in sets for a in ("--set", s)),
+            "--replicas", "puller=2"]
+    out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        up = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "Press Ctrl-C" in out_path.read_text() or up.poll() is not None,
+                 60, "shoal up to report ready")
+        assert up.poll() is None, err_path.read_text()[-3000:]
+        summary = out_path.read_text()
+        assert f"unix://{tmp_path}/run/cri.sock" in summary
+        assert (tmp_path / "run" / "cri.sock").is_socket()
+        assert (tmp_path / "run" / "cri.sock").stat().st_mode & 0o777 == 0o600
+        urls = re.findall(r"http://[\d.:]+/metrics", summary)
+        assert len(urls) == 1 + len(SERVICES) + 1  # launcher, each service, 2nd puller
+        for url in urls:
+            assert metrics_of(url)
+
+        client = [*common, "--nats-url", f"nats://127.0.0.1:{nats_port}"]
+        result = status(client)
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = status_rows(result.stdout)
+        expected = {f"{s.name}-0" for s in SERVICES} | {"puller-1"}
+        assert expected <= rows.keys(), result.stdout
+        assert all(state == "serving" for state, _ in rows.values())
+
+        # kill -9 one service: the launcher restarts it, logs and counts the restart.
+        old_pid = rows["executor-0"][1]
+        subprocess.run(["kill", "-9", str(old_pid)], check=True)
+
+        def restarted() -> bool:
+            new = status_rows(status(client).stdout).get("executor-0")
+            return new is not None and new[1] != old_pid
+
+        wait_for(restarted, 30, "executor-0 to come back with a new pid")
+        assert "child exited; restarting" in err_path.read_text()
+        launcher_url = urls[0]
+        assert metrics_of(launcher_url)["shoal_service_restarts_total{service=executor}"] == 1
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)  # what Ctrl-C does
+        code = up.wait(timeout=60)
+    assert code == 0, err_path.read_text()[-3000:]
+    assert pids_mentioning(str(tmp_path)) == []
+    assert not (tmp_path / "run" / "cri.sock").exists()
+    assert not (tmp_path / "run" / "prometheus-targets.json").exists()
+
+
+def test_up_refuses_invalid_config_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "shoal.toml"
+    config.write_text('[nats]\nrequest_timeout = "soon"\n')
+    result = subprocess.run([SHOAL, "up", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode != 0
+    assert "nats.request_timeout" in result.stderr
+
+
+def test_status_reports_down_services(tmp_path: Path, nats_url: str) -> None:
+    result = status(["--node-id", "nobody-here", "--nats-url", nats_url, "--wait", "0.3"])
+    assert result.returncode == 1
+    assert result.stdout.count("DOWN") == len(SERVICES)

@@ -1,0 +1,138 @@
+"""Start real Shoal processes (services, `shoal up`) for tests, and clean them up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVICE_MODULES = {
+    "puller": "shoal_puller",
+    "snapshotter": "shoal_snapshotter",
+    "executor": "shoal_executor",
+    "supervisor": "shoal_supervisor",
+    "cri-gateway": "shoal_cri_gateway",
+}
+
+
+@dataclass
+class Node:
+    """Where one test node keeps its files, and how its processes reach NATS."""
+
+    node_id: str
+    nats_url: str
+    root: Path
+
+    @property
+    def state_root(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def run_root(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def cri_socket(self) -> Path:
+        return self.run_root / "cri.sock"
+
+    def flags(self) -> list[str]:
+        return ["--node-id", self.node_id, "--nats-url", self.nats_url,
+                "--state-root", str(self.state_root), "--run-root", str(self.run_root)]
+
+
+@dataclass
+class ServiceProcess:
+    service: str
+    replica: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    metrics_addr: str = ""
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+
+@dataclass
+class ServiceSet:
+    node: Node
+    procs: list[ServiceProcess] = field(default_factory=list)
+
+    def start(self, service: str, replica: str | None = None,
+              extra: Sequence[str] = ()) -> ServiceProcess:
+        replica = replica or f"{service}-{len([p for p in self.procs if p.service == service])}"
+        log_dir = self.node.root / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{replica}.log"
+        argv = [sys.executable, "-m", SERVICE_MODULES[service], *self.node.flags(),
+                "--replica-id", replica, "--metrics-addr", "127.0.0.1:0",
+                "--set", "log.format=json", *extra]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        sp = ServiceProcess(service, replica, proc, log_path)
+        self.procs.append(sp)
+        return sp
+
+    def wait_serving(self, sp: ServiceProcess, timeout: float = 30) -> None:
+        """Until the replica logs that it serves (its metrics address is in that line)."""
+        import json
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if sp.proc.poll() is not None:
+                raise AssertionError(f"{sp.replica} exited {sp.proc.returncode}:\n"
+                                     f"{sp.log_text()[-3000:]}")
+            for line in sp.log_text().splitlines():
+                if '"serving"' in line:
+                    sp.metrics_addr = json.loads(line)["metrics"]
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"{sp.replica} not serving in {timeout}s:\n{sp.log_text()[-3000:]}")
+
+    def stop_all(self) -> None:
+        for sp in self.procs:
+            if sp.proc.poll() is None:
+                sp.proc.send_signal(signal.SIGTERM)
+        for sp in self.procs:
+            try:
+                sp.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                sp.proc.kill()
+                sp.proc.wait()
+
+    def __iter__(self) -> Iterator[ServiceProcess]:
+        return iter(self.procs)
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains `text` (e.g. a test's unique state root)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            found.append(int(entry))
+    return found
