@@ -12,7 +12,7 @@ from shoal_common.errors import ShoalError
 from shoal_common.messages import HealthReply, HealthRequest, PingReply, PingRequest
 
 
-async def _bus(config: Config) -> Bus:
+async def connect(config: Config) -> Bus:
     bus = Bus(config, service="cli", replica="cli")
     await bus.connect(wait=config.nats.connect_timeout)
     return bus
@@ -20,7 +20,7 @@ async def _bus(config: Config) -> Bus:
 
 async def status(config: Config, wait: float) -> int:
     """Every replica's health; exit 1 if a service has no replica answering."""
-    bus = await _bus(config)
+    bus = await connect(config)
     try:
         rows: list[tuple[str, HealthReply | None]] = []
         for svc in SERVICES:
@@ -46,7 +46,7 @@ async def status(config: Config, wait: float) -> int:
 
 async def ping(config: Config, service: str, count: int) -> int:
     svc = lookup(service)
-    bus = await _bus(config)
+    bus = await connect(config)
     times: list[float] = []
     try:
         for i in range(count):

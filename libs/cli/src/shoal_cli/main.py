@@ -8,9 +8,10 @@ import sys
 
 from shoal_common.catalog import lookup
 from shoal_common.config import Config, ConfigError, load_config
+from shoal_common.errors import ShoalError
 from shoal_common.logging import configure_logging
 
-from shoal_cli import client
+from shoal_cli import client, images
 from shoal_cli.launcher import Launcher
 
 
@@ -50,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     pg = sub.add_parser("ping", parents=[common], help="bus round trip to a service")
     pg.add_argument("service")
     pg.add_argument("-c", "--count", type=int, default=4)
+
+    ns = argparse.ArgumentParser(add_help=False)
+    ns.add_argument("-n", "--namespace", default="k8s.io",
+                    help="image namespace (default k8s.io, the one kubelet sees)")
+    pl = sub.add_parser("pull", parents=[common, ns], help="pull an image, showing progress")
+    pl.add_argument("image")
+    pl.add_argument("--user", default="", help="registry credentials USER:PASSWORD")
+    im = sub.add_parser("images", parents=[common, ns], help="list images")
+    im.add_argument("-q", "--quiet", action="store_true", help="only image ids")
+    rm = sub.add_parser("rmi", parents=[common, ns], help="remove images")
+    rm.add_argument("images", nargs="+")
     return parser
 
 
@@ -79,3 +91,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(asyncio.run(client.status(config, args.wait)))
     if args.command == "ping":
         sys.exit(asyncio.run(client.ping(config, args.service, args.count)))
+    sys.exit(asyncio.run(_images_command(config, args)))
+
+
+async def _images_command(config: Config, args: argparse.Namespace) -> int:
+    bus = await client.connect(config)
+    try:
+        if args.command == "pull":
+            return await images.pull(config, bus, args.image, args.namespace, args.user)
+        if args.command == "images":
+            return await images.images(bus, args.namespace, args.quiet)
+        return await images.rmi(bus, args.namespace, args.images)
+    except ShoalError as exc:
+        print(f"shoal {args.command}: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await bus.close()

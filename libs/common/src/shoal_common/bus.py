@@ -406,9 +406,10 @@ class Bus:
                 raise
 
     async def publish_event(self, event: Event, *, namespace: str | None = None,
-                            event_id: str | None = None) -> None:
+                            event_id: str | None = None, wait_ack: bool = True) -> None:
         """Publish a fact after the change it reports is durable. `event_id` (default random)
-        lets a retried publish be de-duplicated by JetStream."""
+        lets a retried publish be de-duplicated by JetStream. `wait_ack=False` is for
+        frequent, losable events (progress): the stream still stores them, nobody waits."""
         topic = type(event).TOPIC
         ns = namespace or DEFAULT_NAMESPACE
         subject = subjects.event(self.node, ns, topic)
@@ -421,8 +422,11 @@ class Bus:
             headers.SOURCE: f"{self.service}/{self.replica}",
         }
         try:
-            await self.js.publish(subject, codec.encode(event), headers=hdrs,
-                                  timeout=self.config.nats.request_timeout)
+            if wait_ack:
+                await self.js.publish(subject, codec.encode(event), headers=hdrs,
+                                      timeout=self.config.nats.request_timeout)
+            else:
+                await self.nc.publish(subject, codec.encode(event), headers=hdrs)
         except (TimeoutError, nats.errors.Error) as exc:
             metrics.EVENTS_PUBLISHED.labels(topic, "error").inc()
             raise Unavailable(f"publishing {topic}: {exc or type(exc).__name__}") from exc

@@ -8,6 +8,7 @@ Unknown keys and wrong types are refused, naming the key.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -57,11 +58,43 @@ class EventsConfig(_Section):
 
 
 class ServiceConfig(_Section):
-    metrics_addr: str
+    # Empty = 127.0.0.1 and the service's default port (9711..9715, see catalog).
+    metrics_addr: str = ""
     # Handlers run concurrently up to this bound; beyond it delivery pauses (backpressure).
     max_concurrency: int = 64
     # On SIGTERM: stop taking work, then give in-flight requests this long to finish.
     shutdown_timeout: float = 10.0
+
+
+class RegistryHostConfig(_Section):
+    """How to reach one registry (the key of services.puller.registries: `host[:port]`)."""
+
+    # Endpoints tried in order before the registry itself: "https://mirror:5000[/prefix]".
+    mirrors: list[str] = []
+    # Talk plain HTTP to the registry itself (mirrors say their scheme in their URL).
+    plain_http: bool = False
+    ca_file: str = ""  # extra CA bundle (PEM) trusted for this registry and its mirrors
+    client_cert: str = ""  # PEM client certificate for mutual TLS...
+    client_key: str = ""  # ...and its key
+    skip_verify: bool = False
+    # Static credentials, used when the CRI request carries none.
+    username: str = ""
+    password: str = ""
+
+
+class PullerConfig(ServiceConfig):
+    # Layers of one image downloaded at once (see docs/benchmarks.md for the measurement).
+    max_concurrent_downloads: int = 3
+    # A pull is failed when fewer than min_progress_bytes arrive within progress_window
+    # seconds: a stalled registry gets a clear error instead of a hang.
+    min_progress_bytes: int = 1024
+    progress_window: float = 30.0
+    # Attempts per blob/manifest request on 429/5xx/resets (with backoff), and per dropped
+    # blob download (each resumed with an HTTP Range request).
+    max_attempts: int = 5
+    # Platform chosen from an index; empty = this machine's.
+    platform: str = ""
+    registries: dict[str, RegistryHostConfig] = {}
 
 
 class ExecutorConfig(ServiceConfig):
@@ -74,17 +107,16 @@ class SupervisorConfig(ServiceConfig):
     conmon_path: str = "conmon"
 
 
-def _svc(name: str, cls: type[ServiceConfig] = ServiceConfig) -> Any:
-    port = next(s.metrics_port for s in SERVICES if s.name == name)
-    return msgspec.field(default_factory=lambda: cls(metrics_addr=f"127.0.0.1:{port}"))
+def _svc(cls: type[ServiceConfig] = ServiceConfig) -> Any:
+    return msgspec.field(default_factory=cls)
 
 
 class ServicesConfig(_Section):
-    puller: ServiceConfig = _svc("puller")
-    snapshotter: ServiceConfig = _svc("snapshotter")
-    executor: ExecutorConfig = _svc("executor", ExecutorConfig)
-    supervisor: SupervisorConfig = _svc("supervisor", SupervisorConfig)
-    cri_gateway: ServiceConfig = _svc("cri-gateway")
+    puller: PullerConfig = _svc(PullerConfig)
+    snapshotter: ServiceConfig = _svc()
+    executor: ExecutorConfig = _svc(ExecutorConfig)
+    supervisor: SupervisorConfig = _svc(SupervisorConfig)
+    cri_gateway: ServiceConfig = _svc()
 
 
 class CriConfig(_Section):
@@ -148,6 +180,21 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def _parse_override(item: str) -> dict[str, Any]:
+    """`a.b."host:5000".c=value`: the key is a TOML dotted key (quotes allowed), the value a
+    TOML value or else plain text."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    value = value.strip()
+    for text in (value, json.dumps(value)):
+        try:
+            return tomllib.loads(f"{key.strip()} = {text}")
+        except tomllib.TOMLDecodeError:
+            continue
+    raise ConfigError(f"--set {item!r}: {key.strip()!r} is not a valid key")
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -208,6 +255,7 @@ def _validate(cfg: Config) -> None:
             raise bad(f"{key}.max_concurrency", "must be >= 1")
         if section.shutdown_timeout < 0:
             raise bad(f"{key}.shutdown_timeout", "must be >= 0")
+    _validate_puller(cfg.services.puller)
     _check_addr(cfg.launcher.metrics_addr, "launcher.metrics_addr")
     _check_addr(cfg.nats.embedded.listen, "nats.embedded.listen")
     if cfg.log.level.lower() not in {"debug", "info", "warning", "error"}:
@@ -216,6 +264,42 @@ def _validate(cfg: Config) -> None:
         raise bad("log.format", f"{cfg.log.format!r} is not one of auto, json, console")
     if not re.match(r"^[A-Za-z0-9_-]+$", cfg.events.stream):
         raise bad("events.stream", f"{cfg.events.stream!r} is not a valid stream name")
+
+
+# A registry host as image references name it: a DNS name or IP, optional port, no scheme.
+_REGISTRY_HOST_RE = re.compile(
+    r"^(localhost|[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*"
+    r"[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?$")
+_ENDPOINT_RE = re.compile(r"^https?://[^/\s?#]+(/[^\s?#]*)?$")
+
+
+def _validate_puller(puller: PullerConfig) -> None:
+    key = "services.puller"
+    if puller.max_concurrent_downloads < 1:
+        raise ConfigError(f"config key {key}.max_concurrent_downloads: must be >= 1")
+    if puller.max_attempts < 1:
+        raise ConfigError(f"config key {key}.max_attempts: must be >= 1")
+    if puller.progress_window <= 0 or puller.min_progress_bytes < 0:
+        raise ConfigError(f"config key {key}.progress_window: must be > 0")
+    if puller.platform and not re.match(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$", puller.platform):
+        raise ConfigError(
+            f"config key {key}.platform: {puller.platform!r} is not os/arch[/variant]")
+    for host, reg in puller.registries.items():
+        where = f"{key}.registries.\"{host}\""
+        if not _REGISTRY_HOST_RE.match(host):
+            hint = (" (name the registry as image references do: host[:port], no scheme or "
+                    "path)" if "://" in host or "/" in host else "")
+            raise ConfigError(f"config key {where}: {host!r} is not a registry host{hint}")
+        for i, mirror in enumerate(reg.mirrors):
+            if not _ENDPOINT_RE.match(mirror):
+                raise ConfigError(f"config key {where}.mirrors[{i}]: {mirror!r} is not an "
+                                  "http:// or https:// URL (e.g. \"https://mirror:5000\")")
+        for field in ("ca_file", "client_cert", "client_key"):
+            path = getattr(reg, field)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"config key {where}.{field}: {path}: no such file")
+        if bool(reg.client_cert) != bool(reg.client_key):
+            raise ConfigError(f"config key {where}: client_cert and client_key go together")
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -250,10 +334,7 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
             raise ConfigError(f"config file {path}: {exc}") from None
     _merge(tree, _env_overrides(env))
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        _set_path(tree, key.strip(), _parse_scalar(value.strip()))
+        _merge(tree, _parse_override(item))
     for key, value in (flags or {}).items():
         if value is not None:
             _set_path(tree, key, value)
@@ -264,6 +345,9 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
         if detail.startswith("Object contains unknown field"):
             raise ConfigError(f"config key {_unknown_key(exc)}: unknown key") from None
         raise ConfigError(f"config key {_key_of(exc)}: {detail}") from None
+    for svc in SERVICES:
+        section = cfg.service(svc.name)
+        section.metrics_addr = section.metrics_addr or f"127.0.0.1:{svc.metrics_port}"
     _validate(cfg)
     return cfg
 

@@ -1,0 +1,143 @@
+"""`shoal pull` (with a progress bar per layer, like `docker pull`), `shoal images`,
+`shoal rmi` — the puller over the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import uuid
+from typing import TextIO
+
+from shoal_common import codec, subjects
+from shoal_common.bus import Bus
+from shoal_common.config import Config
+from shoal_common.errors import ShoalError
+from shoal_common.messages.images import (
+    ImageListReply,
+    ImageListRequest,
+    ImageRemoveReply,
+    ImageRemoveRequest,
+    LayerProgress,
+    PullProgress,
+    PullReply,
+    PullRequest,
+    RegistryAuth,
+)
+
+PULL_TIMEOUT = 3600.0
+LABELS = {"waiting": "Waiting", "downloading": "Downloading", "exists": "Already exists",
+          "done": "Pull complete"}
+
+
+def human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1000
+    return f"{n:.1f}GB"
+
+
+class ProgressView:
+    """Redraws one line per layer on a terminal; elsewhere prints state changes only."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.drawn = 0
+        self.last: dict[str, str] = {}
+
+    def line(self, p: LayerProgress) -> str:
+        short = p.digest.removeprefix("sha256:")[:12]
+        if p.state == "downloading" and p.total:
+            width = 30
+            filled = int(width * p.done / p.total)
+            bar = "=" * max(filled - 1, 0) + (">" if filled else "") + " " * (width - filled)
+            return f"{short}: Downloading [{bar}] {human(p.done)}/{human(p.total)}"
+        return f"{short}: {LABELS.get(p.state, p.state)}"
+
+    def update(self, event: PullProgress) -> None:
+        lines = [self.line(p) for p in event.layers]
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1
+            if self.drawn:
+                self.out.write(f"\x1b[{self.drawn}F")
+            for text in lines:
+                self.out.write(f"\x1b[2K{text[:width]}\n")
+            self.drawn = len(lines)
+        else:
+            for p, text in zip(event.layers, lines, strict=True):
+                if self.last.get(p.digest) != p.state:
+                    self.last[p.digest] = p.state
+                    self.out.write(text + "\n")
+        self.out.flush()
+
+
+async def pull(config: Config, bus: Bus, ref: str, namespace: str, user: str) -> int:
+    auth = None
+    if user:
+        username, _, password = user.partition(":")
+        auth = RegistryAuth(username=username, password=password)
+    pull_id = uuid.uuid4().hex
+    view = ProgressView(sys.stdout)
+    latest: list[PullProgress] = []
+
+    async def on_progress(msg: object) -> None:
+        event = codec.decode(msg.data, PullProgress)  # type: ignore[attr-defined]
+        if event.pull_id == pull_id:
+            latest.append(event)
+            view.update(event)
+
+    sub = await bus.nc.subscribe(subjects.event(config.node_id, namespace,
+                                                PullProgress.TOPIC), cb=on_progress)
+    try:
+        reply = await bus.request("images", "pull", PullRequest(ref=ref, pull_id=pull_id,
+                                                                auth=auth),
+                                  PullReply, namespace=namespace, timeout=PULL_TIMEOUT,
+                                  attempt_timeout=PULL_TIMEOUT, retries=0)
+    except ShoalError as exc:
+        print(f"shoal pull: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await asyncio.sleep(0.1)  # let the final progress event land
+        await sub.unsubscribe()
+    image = reply.image
+    print(f"Digest: {image.target_digest}")
+    print(f"Image:  {image.id}")
+    for name in image.repo_tags:
+        print(f"Name:   {name}")
+    return 0
+
+
+async def images(bus: Bus, namespace: str, quiet: bool) -> int:
+    reply = await bus.request("images", "list", ImageListRequest(), ImageListReply,
+                              namespace=namespace)
+    if quiet:
+        for info in reply.images:
+            print(info.id)
+        return 0
+    print(f"{'IMAGE':<50} {'TAG':<16} {'IMAGE ID':<14} {'SIZE':>9}")
+    for info in reply.images:
+        tags = info.repo_tags or [f"{d.split('@')[0]}:<none>" for d in info.repo_digests[:1]]
+        for name in tags:
+            repo, _, tag = name.rpartition(":")
+            print(f"{repo:<50} {tag:<16} {info.id.removeprefix('sha256:')[:12]:<14} "
+                  f"{human(info.size):>9}")
+    return 0
+
+
+async def rmi(bus: Bus, namespace: str, refs: list[str]) -> int:
+    code = 0
+    for ref in refs:
+        try:
+            reply = await bus.request("images", "remove", ImageRemoveRequest(ref=ref),
+                                      ImageRemoveReply, namespace=namespace)
+        except ShoalError as exc:
+            print(f"shoal rmi: {ref}: {exc.message}", file=sys.stderr)
+            code = 1
+            continue
+        for name in reply.removed_names:
+            print(f"Untagged: {name}")
+        for digest in reply.deleted_blobs:
+            print(f"Deleted: {digest}")
+    return code

@@ -1,0 +1,133 @@
+"""Puller commands (`shoal.v1.<node>.images.<verb>`) and image/content events."""
+
+from __future__ import annotations
+
+from shoal_common.messages.base import Event, Message
+
+
+class RegistryAuth(Message):
+    """The credentials a CRI AuthConfig carries."""
+
+    username: str = ""
+    password: str = ""
+    auth: str = ""  # base64 "username:password"
+    server_address: str = ""
+    identity_token: str = ""
+    registry_token: str = ""
+
+
+class LayerInfo(Message):
+    digest: str  # of the blob as stored (compressed)
+    diff_id: str  # of the uncompressed tar
+    chain_id: str  # identity of the layer stack up to this one (snapshot key)
+    size: int
+    media_type: str
+
+
+class ImageInfo(Message):
+    id: str  # the config digest, as containerd's CRI reports it
+    names: list[str]  # every reference naming this image (canonical form)
+    repo_tags: list[str]
+    repo_digests: list[str]
+    size: int  # bytes of the content (manifest, config, layers) as stored
+    target_digest: str  # what the name resolved to (an index or a manifest)
+    manifest_digest: str  # the platform's manifest
+    layers: list[LayerInfo]
+    created: float
+    config: bytes = b""  # the image config JSON (only when asked for)
+
+
+class PullRequest(Message):
+    ref: str
+    # Caller-chosen id: a retried pull with the same id joins the one in flight, and progress
+    # events carry it.
+    pull_id: str
+    auth: RegistryAuth | None = None
+    platform: str = ""  # os/arch[/variant]; empty = the configured/host platform
+
+
+class PullReply(Message):
+    image: ImageInfo
+
+
+class ImageGetRequest(Message):
+    ref: str  # a name, an id (config digest), a repo digest, or an unambiguous id prefix
+    with_config: bool = False
+
+
+class ImageListRequest(Message):
+    ref: str = ""  # only images this reference names (CRI ImageFilter)
+    with_config: bool = False
+
+
+class ImageListReply(Message):
+    images: list[ImageInfo]
+
+
+class ImageRemoveRequest(Message):
+    ref: str
+
+
+class ImageRemoveReply(Message):
+    removed_names: list[str]
+    deleted_blobs: list[str]
+
+
+class ContentUsageRequest(Message):
+    pass
+
+
+class ContentUsageReply(Message):
+    mountpoint: str  # the content store's directory
+    used_bytes: int
+    inodes_used: int
+    timestamp_ns: int
+
+
+# -- events ------------------------------------------------------------------------------
+
+
+class ImageCreate(Event):
+    TOPIC = "images.create"
+    name: str
+    target_digest: str
+    manifest_digest: str
+    config_digest: str
+    layers: list[LayerInfo]
+
+
+class ImageUpdate(Event):
+    TOPIC = "images.update"
+    name: str
+    target_digest: str
+    manifest_digest: str
+    config_digest: str
+    layers: list[LayerInfo]
+
+
+class ImageDelete(Event):
+    TOPIC = "images.delete"
+    name: str
+    config_digest: str
+
+
+class ContentDelete(Event):
+    TOPIC = "content.delete"
+    digest: str
+
+
+class LayerProgress(Message):
+    digest: str
+    done: int
+    total: int
+    # waiting, downloading, exists (already in the store), done
+    state: str
+
+
+class PullProgress(Event):
+    TOPIC = "images.pull.progress"
+    pull_id: str
+    ref: str
+    layers: list[LayerProgress]
+    finished: bool = False
+    error: str = ""

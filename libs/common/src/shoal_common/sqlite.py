@@ -1,0 +1,76 @@
+"""SQLite the way every service keeps metadata: WAL, a busy timeout (replicas of a service
+share one database file on a node), schema migrations by `user_version`, and every call run
+on one dedicated thread so the event loop never blocks on a lock held by another replica."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class Database:
+    def __init__(self, path: Path, migrations: Sequence[str]) -> None:
+        """`migrations[i]` is the SQL script that takes the schema from version i to i+1."""
+        self.path = path
+        self._migrations = migrations
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
+        self._conn: sqlite3.Connection | None = None
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")  # a reply promises durability
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("BEGIN IMMEDIATE")  # one replica migrates; the others wait, then see it
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for i, script in enumerate(self._migrations[version:], start=version):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={i + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._conn = conn
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on the database thread."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError(f"database {self.path} is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+
+    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` inside BEGIN IMMEDIATE ... COMMIT (rolled back if it raises)."""
+
+        def wrapped(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self.run(wrapped)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=True)

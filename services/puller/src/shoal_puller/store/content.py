@@ -1,0 +1,235 @@
+"""The content store: blobs by digest at <root>/blobs/sha256/<hex>.
+
+A blob is written through an ingest file (<root>/ingest/<hex>.data) that survives a
+restart and is resumed from its length; it is committed only after its size and digest
+match (fsync the file, rename into blobs/, fsync the directory), so a blob that exists is
+always whole. One blob is written by one writer at a time on the node: the writer holds an
+flock on <root>/ingest/<hex>.lock, which serialises replicas (separate processes) and
+concurrent pulls inside one replica alike; whoever gets the lock second finds the blob
+committed and has nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal_common.errors import Invalid, NotFound
+
+DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+LOCK_POLL = 0.05
+
+
+def hex_of(digest: str) -> str:
+    match = DIGEST_RE.match(digest)
+    if not match:
+        raise Invalid(f"unsupported or malformed digest {digest!r} (want sha256:<64 hex>)")
+    return match.group(1)
+
+
+class DigestMismatch(Invalid):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Writer:
+    """An open ingest for one blob; `offset` bytes are already there (resumed)."""
+
+    store: ContentStore
+    digest: str
+    expected_size: int | None
+    offset: int = 0
+    committed: bool = False  # the blob already exists: nothing to write
+    _fd: int = -1
+    _hash: hashlib._Hash | None = None
+
+    @property
+    def data_path(self) -> Path:
+        return self.store.ingest_dir / f"{hex_of(self.digest)}.data"
+
+    def _open(self) -> None:
+        fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        hasher = hashlib.sha256()
+        size = 0
+        # Re-hash what an earlier attempt left, so the download resumes where it stopped.
+        while chunk := os.read(fd, 1 << 20):
+            hasher.update(chunk)
+            size += len(chunk)
+        if self.expected_size is not None and size > self.expected_size:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            hasher, size = hashlib.sha256(), 0
+        self._fd, self._hash, self.offset = fd, hasher, size
+
+    def write(self, chunk: bytes) -> None:
+        """Append; short writes are completed (disk writes of one chunk are brief)."""
+        assert self._hash is not None
+        if self.expected_size is not None and self.offset + len(chunk) > self.expected_size:
+            raise DigestMismatch(f"{self.digest}: more data than the expected "
+                                 f"{self.expected_size} bytes")
+        view = memoryview(chunk)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._hash.update(chunk)
+        self.offset += len(chunk)
+
+    def reset(self) -> None:
+        """Throw the partial data away (e.g. the server sent a different blob)."""
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self._hash, self.offset = hashlib.sha256(), 0
+
+    def commit(self) -> None:
+        assert self._hash is not None
+        if self.expected_size is not None and self.offset != self.expected_size:
+            raise DigestMismatch(f"{self.digest}: got {self.offset} bytes, expected "
+                                 f"{self.expected_size}")
+        actual = f"sha256:{self._hash.hexdigest()}"
+        if actual != self.digest:
+            self.reset()  # corrupt: never resume from it
+            raise DigestMismatch(f"{self.digest}: content has digest {actual}")
+        os.fsync(self._fd)
+        target = self.store.blob_path(self.digest)
+        os.rename(self.data_path, target)
+        _fsync_dir(target.parent)
+        self.committed = True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class ContentStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs_dir = root / "blobs" / "sha256"
+        self.ingest_dir = root / "ingest"
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        self.ingest_dir.mkdir(parents=True, exist_ok=True)
+
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs_dir / hex_of(digest)
+
+    def exists(self, digest: str) -> bool:
+        return self.blob_path(digest).exists()
+
+    def size(self, digest: str) -> int:
+        try:
+            return self.blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} is not in the content store") from None
+
+    def read(self, digest: str) -> bytes:
+        try:
+            return self.blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} is not in the content store") from None
+
+    def ingest_size(self, digest: str) -> int:
+        """Bytes of a blob being written right now (by anyone on the node), for progress."""
+        try:
+            return (self.ingest_dir / f"{hex_of(digest)}.data").stat().st_size
+        except FileNotFoundError:
+            return self.size(digest) if self.exists(digest) else 0
+
+    async def _lock(self, digest: str) -> int:
+        fd = os.open(self.ingest_dir / f"{hex_of(digest)}.lock",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Polling keeps the event loop free; flock has no async form.
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                await asyncio.sleep(LOCK_POLL)
+
+    @contextlib.asynccontextmanager
+    async def locked(self, digest: str) -> AsyncIterator[None]:
+        fd = await self._lock(digest)
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    @contextlib.asynccontextmanager
+    async def writer(self, digest: str, expected_size: int | None) -> AsyncIterator[Writer]:
+        """Exclusive writer for `digest`; `.committed` is already True if the blob exists."""
+        hex_of(digest)
+        async with self.locked(digest):
+            w = Writer(self, digest, expected_size)
+            if self.exists(digest):
+                w.committed = True
+                yield w
+                return
+            w._open()
+            try:
+                yield w
+            finally:
+                w.close()
+
+    async def put(self, digest: str, data: bytes) -> None:
+        """Store a small blob held in memory (manifests, configs)."""
+        async with self.writer(digest, len(data)) as w:
+            if not w.committed:
+                w.reset()
+                w.write(data)
+                w.commit()
+
+    @contextlib.contextmanager
+    def try_locked(self, digest: str) -> Iterator[bool]:
+        """Hold the blob's lock if nobody else does (yields False if someone does)."""
+        fd = os.open(self.ingest_dir / f"{hex_of(digest)}.lock",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def delete_locked(self, digest: str) -> None:
+        """Delete a blob and any partial ingest; the caller holds the blob's lock."""
+        self.blob_path(digest).unlink(missing_ok=True)
+        (self.ingest_dir / f"{hex_of(digest)}.data").unlink(missing_ok=True)
+        _fsync_dir(self.blobs_dir)
+
+    def list_digests(self) -> list[str]:
+        return [f"sha256:{name}" for name in os.listdir(self.blobs_dir)
+                if DIGEST_RE.match(f"sha256:{name}")]
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, inodes) used by committed blobs and ingests."""
+        used = inodes = 0
+        for directory in (self.blobs_dir, self.ingest_dir):
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    try:
+                        used += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except FileNotFoundError:
+                        continue
+                    inodes += 1
+        return used, inodes

@@ -1,0 +1,399 @@
+"""Apply one OCI layer (a tar stream) onto a snapshot directory without leaving it."""
+
+from __future__ import annotations
+
+import decimal
+import enum
+import errno
+import os
+import stat
+import tarfile
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import structlog
+
+from .compression import open_decompressed
+from .errors import LayerFormatError, UnsafeLayerError
+from .safe_fs import O_READ_DIR, DirCache, lstat_at, remove_at
+
+log = structlog.get_logger("shoal.snapshotter.unpack")
+
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_META_PREFIX = ".wh..wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+_XATTR_PAX_PREFIX = "SCHILY.xattr."
+_CHUNK = 1 << 20
+# Failures on which an xattr outside user.* is skipped (fs or privileges refuse it here).
+_OPTIONAL_XATTR_ERRNOS = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+class Whiteouts(enum.Enum):
+    """How deletions in the layer are recorded in the target directory."""
+
+    # root is this layer's own overlay upper dir; lower layers are separate directories.
+    OVERLAY = "overlay"
+    # root already holds the full parent filesystem; deletions are carried out.
+    NATIVE = "native"
+
+
+@dataclass
+class ApplyResult:
+    entries: int = 0  # tar members read, including whiteouts and skipped ones
+    bytes_written: int = 0  # regular file content bytes
+
+
+def apply_layer(
+    stream: BinaryIO,
+    root: str | os.PathLike[str],
+    *,
+    whiteouts: Whiteouts,
+    allow_devices: bool = True,
+    compression: str | None = None,
+) -> ApplyResult:
+    """Apply the layer tar in `stream` onto the existing directory `root`.
+
+    Raises UnsafeLayerError if an entry would touch anything outside root (nothing outside
+    is touched before that), LayerFormatError for a corrupt or unsupported stream. On any
+    error root is left half-applied and should be thrown away.
+    """
+    tar_stream = open_decompressed(stream, compression)
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        applier = _Applier(root_fd, whiteouts, allow_devices)
+        try:
+            applier.run(tar_stream)
+        finally:
+            applier.close()
+    finally:
+        os.close(root_fd)
+    return applier.result
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile takes a corrupt header after the first as a silent end of archive; refuse it."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> _StrictTarInfo:
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
+            raise LayerFormatError(f"corrupt tar header: {e}") from e
+
+
+class _Applier:
+    def __init__(self, root_fd: int, whiteouts: Whiteouts, allow_devices: bool) -> None:
+        self.result = ApplyResult()
+        self._native = whiteouts is Whiteouts.NATIVE
+        self._allow_devices = allow_devices
+        self._dirs = DirCache(root_fd)
+        # Directory times are set last: writing their contents would bump them again.
+        self._dir_times: dict[tuple[str, ...], tuple[int, int]] = {}
+        # NATIVE: paths this layer wrote (and their ancestors), which an opaque marker keeps.
+        self._written: set[tuple[str, ...]] = set()
+
+    def close(self) -> None:
+        self._dirs.close()
+
+    def run(self, stream: BinaryIO) -> None:
+        try:
+            tar = tarfile.open(
+                fileobj=stream,
+                mode="r|",
+                encoding="utf-8",
+                errors="surrogateescape",
+                tarinfo=_StrictTarInfo,
+            )
+        except tarfile.TarError as e:
+            raise LayerFormatError(f"not a tar stream: {e}") from e
+        with tar:
+            while True:
+                try:
+                    member = tar.next()
+                except tarfile.TarError as e:
+                    raise LayerFormatError(f"corrupt tar stream: {e}") from e
+                if member is None:
+                    break
+                # Streaming: nothing needs earlier headers, so don't keep them all in memory.
+                tar.members.clear()
+                self.result.entries += 1
+                try:
+                    self._apply(tar, member)
+                except tarfile.TarError as e:
+                    raise LayerFormatError(f"corrupt tar stream at {member.name!r}: {e}") from e
+                except OSError as e:
+                    e.add_note(f"while applying layer entry {member.name!r}")
+                    raise
+        self._set_dir_times()
+        # Read to the end so gzip checks its trailer and a digesting caller sees every byte.
+        while stream.read(_CHUNK):
+            pass
+
+    # --- entries -------------------------------------------------------------------------
+
+    def _apply(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        comps = normalize(m.name, m.name)
+        if not comps:
+            return  # the root itself: its metadata belongs to the snapshot owner (containerd too)
+        base, parent = comps[-1], comps[:-1]
+        if any(c.startswith(WHITEOUT_META_PREFIX) for c in parent) or (
+            base.startswith(WHITEOUT_META_PREFIX) and base != WHITEOUT_OPAQUE
+        ):
+            return  # AUFS bookkeeping (.wh..wh.plnk etc.), meaningless here
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout(m, parent, base)
+            return
+        if (m.ischr() or m.isblk()) and not self._allow_devices:
+            raise UnsafeLayerError(m.name, "device nodes are not allowed in this layer")
+        if m.islnk():
+            self._hardlink(m, comps)
+            return
+
+        pfd = self._parent(m, parent)
+        self._mark_written(comps)
+        if m.isdir():
+            self._directory(m, pfd, comps)
+        elif m.isreg():
+            self._regular(tar, m, pfd, comps)
+        elif m.issym():
+            if not m.linkname:
+                raise LayerFormatError(f"layer entry {m.name!r}: symlink with empty target")
+            self._replace(pfd, comps)
+            os.symlink(m.linkname, base, dir_fd=pfd)
+            self._node_metadata(m, pfd, base, is_symlink=True)
+        elif m.ischr() or m.isblk() or m.isfifo():
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+            device = os.makedev(m.devmajor, m.devminor) if kind != stat.S_IFIFO else 0
+            self._replace(pfd, comps)
+            os.mknod(base, kind | 0o600, device, dir_fd=pfd)
+            self._node_metadata(m, pfd, base, is_symlink=False)
+        else:
+            raise LayerFormatError(f"layer entry {m.name!r}: unsupported tar type {m.type!r}")
+
+    def _parent(self, m: tarfile.TarInfo, parent: tuple[str, ...]) -> int:
+        fd = self._dirs.get(parent, create=True, entry=m.name)
+        assert fd is not None  # create=True never yields None
+        return fd
+
+    def _directory(self, m: tarfile.TarInfo, pfd: int, comps: tuple[str, ...]) -> None:
+        base = comps[-1]
+        st = lstat_at(pfd, base)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            # A directory over an existing directory keeps it (and its contents).
+            if st is not None:
+                os.unlink(base, dir_fd=pfd)
+            os.mkdir(base, 0o700, dir_fd=pfd)
+        fd = os.open(base, O_READ_DIR, dir_fd=pfd)
+        try:
+            self._fd_metadata(m, fd)
+        finally:
+            os.close(fd)
+        self._dir_times[comps] = _times(m)
+
+    def _regular(
+        self, tar: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, comps: tuple[str, ...]
+    ) -> None:
+        base = comps[-1]
+        self._replace(pfd, comps)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(base, flags, 0o600, dir_fd=pfd)
+        try:
+            content = tar.extractfile(m)
+            if content is not None:
+                while chunk := content.read(_CHUNK):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    self.result.bytes_written += len(chunk)
+            self._fd_metadata(m, fd)
+            atime, mtime = _times(m)
+            os.utime(fd, ns=(atime, mtime))
+        finally:
+            os.close(fd)
+
+    def _hardlink(self, m: tarfile.TarInfo, comps: tuple[str, ...]) -> None:
+        # Absolute targets are taken relative to root, like entry names; `..` may not climb out.
+        target = normalize(m.linkname, m.name)
+        if not target:
+            raise UnsafeLayerError(m.name, "hardlink to the root directory")
+        tparent = self._dirs.get(target[:-1], create=False, entry=m.name)
+        tst = lstat_at(tparent, target[-1]) if tparent is not None else None
+        if tst is None:
+            raise UnsafeLayerError(m.name, f"hardlink target {m.linkname!r} does not exist in root")
+        if stat.S_ISDIR(tst.st_mode):
+            raise UnsafeLayerError(m.name, f"hardlink target {m.linkname!r} is a directory")
+        if target == comps:
+            return
+        assert tparent is not None
+        # Own a copy: resolving the link's parent may recycle the cached fd of the target's.
+        tfd = os.dup(tparent)
+        try:
+            pfd = self._parent(m, comps[:-1])
+            self._mark_written(comps)
+            self._replace(pfd, comps)
+            os.link(target[-1], comps[-1], src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(tfd)
+
+    def _whiteout(self, m: tarfile.TarInfo, parent: tuple[str, ...], base: str) -> None:
+        pfd = self._parent(m, parent)
+        if self._native:
+            # Overlay creates parents of whiteouts in the upper dir; keep them likewise.
+            self._mark_written(parent)
+        if base == WHITEOUT_OPAQUE:
+            if self._native:
+                self._clear_opaque(m, parent)
+            else:
+                fd = os.open(".", O_READ_DIR, dir_fd=pfd)
+                try:
+                    os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
+                finally:
+                    os.close(fd)
+            return
+        name = base[len(WHITEOUT_PREFIX) :]
+        if name in ("", ".", ".."):
+            raise UnsafeLayerError(m.name, f"whiteout of {name!r}")
+        comps = (*parent, name)
+        self._replace(pfd, comps)
+        if not self._native:
+            # overlayfs whiteout: a 0/0 character device hiding the lower entry.
+            os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
+            os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+
+    def _clear_opaque(self, m: tarfile.TarInfo, dir_comps: tuple[str, ...]) -> None:
+        """Remove everything below dir_comps that this layer did not write itself.
+
+        Directories this layer wrote are kept but cleared recursively too: under an opaque
+        directory overlayfs shows nothing from lower layers at any depth.
+        """
+        todo = [dir_comps]
+        while todo:
+            comps = todo.pop()
+            dfd = self._dirs.get(comps, create=True, entry=m.name)
+            assert dfd is not None
+            rfd = os.open(".", O_READ_DIR, dir_fd=dfd)
+            try:
+                with os.scandir(rfd) as it:
+                    children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            finally:
+                os.close(rfd)
+            for name, is_dir in children:
+                child = (*comps, name)
+                if child in self._written:
+                    if is_dir:
+                        todo.append(child)
+                    continue
+                self._replace(dfd, child)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _replace(self, pfd: int, comps: tuple[str, ...]) -> None:
+        """Remove whatever exists at comps (in directory pfd), keeping the caches right."""
+        if remove_at(pfd, comps[-1]):
+            self._dirs.invalidate(comps)
+            if self._dir_times:
+                depth = len(comps)
+                for key in [k for k in self._dir_times if k[:depth] == comps]:
+                    del self._dir_times[key]
+
+    def _mark_written(self, comps: tuple[str, ...]) -> None:
+        if not self._native:
+            return
+        for depth in range(len(comps), 0, -1):
+            prefix = comps[:depth]
+            if prefix in self._written:
+                break  # its ancestors were added with it
+            self._written.add(prefix)
+
+    def _fd_metadata(self, m: tarfile.TarInfo, fd: int) -> None:
+        """Owner, mode and xattrs of a regular file or directory through a real fd."""
+        os.fchown(fd, m.uid, m.gid)
+        os.fchmod(fd, stat.S_IMODE(m.mode))  # after chown, which clears setuid/setgid
+        for key, value in _xattrs(m):
+            self._setxattr(m, fd, key, value)
+
+    def _node_metadata(self, m: tarfile.TarInfo, pfd: int, base: str, *, is_symlink: bool) -> None:
+        """Metadata of a symlink, device or fifo by name, never following the last component."""
+        os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+        if not is_symlink:  # Linux symlinks have no mode of their own
+            os.chmod(base, stat.S_IMODE(m.mode), dir_fd=pfd, follow_symlinks=False)
+        # No *xattrat() in Python: reach the entry through our directory fd's /proc link.
+        path = f"/proc/self/fd/{pfd}/{base}"
+        for key, value in _xattrs(m):
+            self._setxattr(m, path, key, value)
+        atime, mtime = _times(m)
+        os.utime(base, ns=(atime, mtime), dir_fd=pfd, follow_symlinks=False)
+
+    def _setxattr(self, m: tarfile.TarInfo, target: int | str, key: str, value: bytes) -> None:
+        if key.startswith("trusted.overlay."):
+            # overlayfs control attributes (redirect, metacopy, ...) must not come from images.
+            log.warning("layer xattr ignored", entry=m.name, xattr=key)
+            return
+        try:
+            if isinstance(target, int):
+                os.setxattr(target, key, value)
+            else:
+                os.setxattr(target, key, value, follow_symlinks=False)
+        except OSError as e:
+            if key.startswith("user.") or e.errno not in _OPTIONAL_XATTR_ERRNOS:
+                raise
+            log.warning("layer xattr not applied", entry=m.name, xattr=key, error=e.strerror)
+
+    def _set_dir_times(self) -> None:
+        for comps, (atime, mtime) in sorted(self._dir_times.items()):
+            try:
+                pfd = self._dirs.get(comps[:-1], create=False, entry="/".join(comps))
+            except (UnsafeLayerError, LayerFormatError):
+                continue  # a later entry turned an ancestor into something else
+            if pfd is None:
+                continue
+            st = lstat_at(pfd, comps[-1])
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                os.utime(comps[-1], ns=(atime, mtime), dir_fd=pfd, follow_symlinks=False)
+
+
+def normalize(name: str, entry: str) -> tuple[str, ...]:
+    """Split a tar path into components relative to root.
+
+    Leading "/" and "./" are dropped (absolute names live inside root, as in containerd);
+    ".." that would climb above root is an escape.
+    """
+    comps: list[str] = []
+    for comp in name.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not comps:
+                raise UnsafeLayerError(entry, f"path {name!r} climbs out of root")
+            comps.pop()
+            continue
+        comps.append(comp)
+    return tuple(comps)
+
+
+def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    # tarfile decodes PAX values as UTF-8 with surrogateescape; this restores binary values.
+    return [
+        (key[len(_XATTR_PAX_PREFIX) :], value.encode("utf-8", "surrogateescape"))
+        for key, value in m.pax_headers.items()
+        if key.startswith(_XATTR_PAX_PREFIX)
+    ]
+
+
+def _times(m: tarfile.TarInfo) -> tuple[int, int]:
+    """(atime, mtime) in ns; PAX strings are parsed exactly, tarfile's floats lose precision."""
+    mtime = _pax_ns(m.pax_headers.get("mtime"))
+    if mtime is None:
+        mtime = int(m.mtime) * 1_000_000_000 if float(m.mtime).is_integer() else int(m.mtime * 1e9)
+    atime = _pax_ns(m.pax_headers.get("atime"))
+    return (mtime if atime is None else atime), mtime
+
+
+def _pax_ns(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(decimal.Decimal(value).scaleb(9).to_integral_value(decimal.ROUND_FLOOR))
+    except (decimal.InvalidOperation, ValueError):
+        return None

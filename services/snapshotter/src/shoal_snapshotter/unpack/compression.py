@@ -1,0 +1,256 @@
+"""Streaming decompression of layer blobs (gzip, zstd or plain tar)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zlib
+from typing import BinaryIO, Protocol, cast
+
+from .errors import LayerFormatError
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_XZ_MAGIC = b"\xfd7zX"
+_BZIP2_MAGIC = b"BZh"
+
+_ALIASES = {
+    "gzip": "gzip",
+    "gz": "gzip",
+    "zstd": "zstd",
+    "zst": "zstd",
+    "none": "none",
+    "tar": "none",
+    "identity": "none",
+}
+
+_BUFFER = 1 << 16
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes | None: ...
+
+
+def open_decompressed(stream: BinaryIO, compression: str | None = None) -> BinaryIO:
+    """Wrap `stream` in a reader yielding the tar bytes.
+
+    `compression` is "gzip", "zstd", "none" (or an alias), or None to sniff the magic bytes.
+    Decompression errors, including truncation, surface as LayerFormatError from read().
+    The caller's stream is never closed.
+    """
+    source: _Readable
+    if compression is None:
+        head = _read_upto(stream, 4)
+        source = _Prefixed(head, stream)
+        if head.startswith(GZIP_MAGIC):
+            kind = "gzip"
+        elif head == ZSTD_MAGIC:
+            kind = "zstd"
+        elif head == _XZ_MAGIC:
+            raise LayerFormatError("unsupported layer compression: xz")
+        elif head.startswith(_BZIP2_MAGIC):
+            raise LayerFormatError("unsupported layer compression: bzip2")
+        else:
+            kind = "none"
+    else:
+        try:
+            kind = _ALIASES[compression.lower()]
+        except KeyError:
+            raise LayerFormatError(f"unsupported layer compression: {compression!r}") from None
+        source = stream
+
+    if kind == "gzip":
+        inner: _Readable = gzip.GzipFile(fileobj=cast(BinaryIO, source), mode="rb")
+        errors: tuple[type[BaseException], ...] = (EOFError, zlib.error, gzip.BadGzipFile)
+    elif kind == "zstd":
+        inner, errors = _open_zstd(source)
+    else:
+        inner, errors = source, ()
+    return cast(BinaryIO, io.BufferedReader(_Guarded(inner, errors, kind), _BUFFER))
+
+
+def _read_upto(stream: BinaryIO, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = stream.read(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _open_zstd(source: _Readable) -> tuple[_Readable, tuple[type[BaseException], ...]]:
+    try:
+        import zstandard
+    except ImportError:
+        raise LayerFormatError(
+            "zstd-compressed layer, but the 'zstandard' package is not installed"
+        ) from None
+    tracked = _ZstdTracked(source)
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        tracked, read_across_frames=True, closefd=False
+    )
+    return reader, (zstandard.ZstdError,)
+
+
+class _Prefixed(io.RawIOBase):
+    """Replays the sniffed magic bytes, then the rest of the source."""
+
+    def __init__(self, prefix: bytes, source: BinaryIO) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self._prefix:
+            if size is None or size < 0:
+                data, self._prefix = self._prefix + self._source.read(), b""
+                return data
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            return data
+        return self._source.read(-1 if size is None else size)
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class _Guarded(io.RawIOBase):
+    """Turns decompressor exceptions into LayerFormatError; never closes the inner stream."""
+
+    def __init__(
+        self, inner: _Readable, errors: tuple[type[BaseException], ...], kind: str
+    ) -> None:
+        super().__init__()
+        self._inner = inner
+        self._errors = errors
+        self._kind = kind
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            data = self._inner.read(-1 if size is None else size)
+        except self._errors as e:
+            raise LayerFormatError(f"corrupt {self._kind} stream: {e}") from e
+        return bytes(data or b"")
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class _ZstdTracked(io.RawIOBase):
+    """Feeds the compressed bytes through a frame walker on their way to the decompressor.
+
+    zstandard's stream reader reports a plain EOF when the input stops inside a frame, which
+    would let a truncated blob pass as a shorter layer; the walker notices instead.
+    """
+
+    def __init__(self, source: _Readable) -> None:
+        super().__init__()
+        self._source = source
+        self._frames = ZstdFrameWalker()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._source.read(-1 if size is None else size) or b""
+        if data:
+            self._frames.feed(data)
+        else:
+            self._frames.finish()
+        return bytes(data)
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+_ZSTD_FRAME = 0xFD2FB528
+_SKIPPABLE_MASK = 0xFFFFFFF0
+_SKIPPABLE = 0x184D2A50
+# Header field sizes per walker state.
+_NEED = {"magic": 4, "descriptor": 1, "block": 3, "skippable": 4}
+
+
+class ZstdFrameWalker:
+    """Tracks zstd frame structure (RFC 8878) from headers alone, without decompressing."""
+
+    def __init__(self) -> None:
+        self._state = "magic"
+        self._header = bytearray()
+        self._skip = 0
+        self._after_skip = "magic"
+        self._checksum = False
+        self.frames = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end:
+            if self._skip:
+                take = min(self._skip, end - pos)
+                self._skip -= take
+                pos += take
+                if not self._skip:
+                    self._state = self._after_skip
+                continue
+            need = _NEED[self._state] - len(self._header)
+            take = min(need, end - pos)
+            self._header += view[pos : pos + take]
+            pos += take
+            if take == need:
+                header = bytes(self._header)
+                self._header.clear()
+                self._on_header(header)
+
+    def finish(self) -> None:
+        """Raise unless the input ended exactly between frames."""
+        if self._state != "magic" or self._header or self._skip:
+            raise LayerFormatError("corrupt zstd stream: input ends inside a frame")
+        if not self.frames:
+            raise LayerFormatError("corrupt zstd stream: no frames")
+
+    def _skip_then(self, n: int, state: str) -> None:
+        if n:
+            self._skip, self._after_skip = n, state
+        self._state = state
+
+    def _on_header(self, header: bytes) -> None:
+        value = int.from_bytes(header, "little")
+        if self._state == "magic":
+            if value == _ZSTD_FRAME:
+                self._state = "descriptor"
+            elif value & _SKIPPABLE_MASK == _SKIPPABLE:
+                self._state = "skippable"
+            else:
+                raise LayerFormatError("corrupt zstd stream: bad frame magic")
+        elif self._state == "skippable":
+            self._skip_then(value, "magic")
+        elif self._state == "descriptor":
+            fcs_flag, single_segment = value >> 6, (value >> 5) & 1
+            if value & 0x08:
+                raise LayerFormatError("corrupt zstd stream: reserved header bit set")
+            self._checksum = bool(value & 0x04)
+            rest = (0 if single_segment else 1) + (0, 1, 2, 4)[value & 0x03]
+            rest += (single_segment, 2, 4, 8)[fcs_flag]
+            self._skip_then(rest, "block")
+        else:  # block header
+            last, block_type, size = value & 1, (value >> 1) & 3, value >> 3
+            if block_type == 3:
+                raise LayerFormatError("corrupt zstd stream: reserved block type")
+            payload = 1 if block_type == 1 else size
+            if last:
+                self.frames += 1
+                self._skip_then(payload + (4 if self._checksum else 0), "magic")
+            else:
+                self._skip_then(payload, "block")
