@@ -131,3 +131,29 @@ class PullProgress(Event):
     layers: list[LayerProgress]
     finished: bool = False
     error: str = ""
+
+
+class ContentInfoRequest(Message):
+    digest: str
+
+
+class ContentInfo(Message):
+    digest: str
+    size: int
+
+
+class ContentReadRequest(Message):
+    """Read part of a committed blob (other services stream blobs this way)."""
+
+    digest: str
+    offset: int = 0
+    # At most MAX_CONTENT_READ bytes per request: replies stay well under NATS' 1 MiB payload.
+    size: int = 512 * 1024
+
+
+class ContentReadReply(Message):
+    data: bytes
+    total: int  # the blob's size
+
+
+MAX_CONTENT_READ = 512 * 1024

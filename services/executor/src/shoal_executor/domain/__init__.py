@@ -1,0 +1,1 @@
+"""Domain logic of the executor: OCI specs, bundles, pod sandboxes."""

@@ -1,0 +1,111 @@
+"""Users and groups as the container will see them: /etc/passwd and /etc/group read from
+inside the rootfs, with symlinks resolved *within* the rootfs (an image must not make us
+read host files)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from shoal_common.errors import Invalid
+
+MAX_SYMLINKS = 40
+MAX_FILE = 4 << 20
+
+
+def resolve_in_root(root: str, path: str) -> str:
+    """The host path of `path` inside `root`, following symlinks as if root were `/`."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, name)
+        if os.path.islink(candidate):
+            hops += 1
+            if hops > MAX_SYMLINKS:
+                raise Invalid(f"too many symlinks resolving {path} in the rootfs")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        resolved.append(name)
+    return os.path.join(root, *resolved)
+
+
+def read_in_root(root: str, path: str) -> str | None:
+    host = resolve_in_root(root, path)
+    try:
+        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not os.path.isfile(f"/proc/self/fd/{fd}"):
+            return None
+        return os.read(fd, MAX_FILE).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class User:
+    uid: int
+    gid: int
+    additional_gids: list[int] = field(default_factory=list)
+    home: str = "/"
+    name: str = ""
+
+
+def _entries(text: str | None, width: int) -> list[list[str]]:
+    out = []
+    for line in (text or "").splitlines():
+        if line and not line.startswith("#"):
+            fields = line.split(":")
+            if len(fields) >= width:
+                out.append(fields)
+    return out
+
+
+def resolve_user(root: str, user: str, *, group: int | None = None,
+                 supplemental: list[int] | None = None) -> User:
+    """Resolve an image/CRI user spec ("", "name", "uid", "uid:gid", "name:group") against
+    the rootfs' passwd and group files, as runc/containerd do."""
+    passwd = _entries(read_in_root(root, "/etc/passwd"), 7)
+    groups = _entries(read_in_root(root, "/etc/group"), 4)
+    name_part, _, group_part = (user or "0").partition(":")
+    entry = None
+    if name_part.isdigit():
+        uid = int(name_part)
+        entry = next((p for p in passwd if p[2] == name_part), None)
+    else:
+        entry = next((p for p in passwd if p[0] == name_part), None)
+        if entry is None:
+            raise Invalid(f"user {name_part!r} not found in the image's /etc/passwd")
+        uid = int(entry[2])
+    gid = int(entry[3]) if entry else 0
+    if group_part:
+        if group_part.isdigit():
+            gid = int(group_part)
+        else:
+            found = next((g for g in groups if g[0] == group_part), None)
+            if found is None:
+                raise Invalid(f"group {group_part!r} not found in the image's /etc/group")
+            gid = int(found[2])
+    if group is not None:
+        gid = group
+    username = entry[0] if entry else ""
+    additional = sorted({int(g[2]) for g in groups
+                         if username and username in g[3].split(",") and g[2].isdigit()}
+                        - {gid})
+    for extra in supplemental or []:
+        if extra not in additional and extra != gid:
+            additional.append(extra)
+    home = entry[5] if entry and entry[5] else "/"
+    return User(uid=uid, gid=gid, additional_gids=additional, home=home, name=username)
+
+
