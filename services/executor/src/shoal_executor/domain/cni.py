@@ -1,0 +1,174 @@
+"""Pod networking with the real CNI plugins (Debian's containernetworking-plugins).
+
+The CNI protocol is small — run a plugin binary with CNI_* environment variables and the
+network config on stdin, read a JSON result — so it is spoken here directly; there is no
+maintained Python CNI library. A conflist's plugins are chained as the spec says: ADD runs
+them in order, each given the previous result; DEL runs them in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from shoal_common.errors import FailedPrecondition, Internal
+
+log = structlog.get_logger("shoal.executor.cni")
+
+DEFAULT_CONFLIST_NAME = "10-shoal.conflist"
+PLUGIN_TIMEOUT = 60.0
+
+
+def default_conflist(subnet: str, bridge: str = "shoal0") -> dict[str, Any]:
+    """bridge + host-local IPAM, portmap for hostPort mappings (what kubelet expects)."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": "shoal",
+        "plugins": [
+            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": True,
+             "hairpinMode": True,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
+                      "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }
+
+
+@dataclass
+class NetworkConfig:
+    name: str
+    version: str
+    plugins: list[dict[str, Any]]
+    source: str  # the file it came from
+
+
+@dataclass
+class AttachResult:
+    ip: str = ""
+    ips: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def load_network(conf_dir: Path) -> NetworkConfig:
+    """The first usable config in the directory (lexical order, as kubelet's CNI does)."""
+    problems = []
+    files = sorted(p for p in conf_dir.glob("*") if p.suffix in (".conflist", ".conf", ".json"))
+    for path in files:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            problems.append(f"{path.name}: {exc}")
+            continue
+        if "plugins" in doc:
+            plugins = doc["plugins"]
+        elif "type" in doc:  # a single-plugin .conf
+            plugins = [doc]
+        else:
+            problems.append(f"{path.name}: neither a conflist nor a plugin config")
+            continue
+        if not doc.get("name") or not plugins:
+            problems.append(f"{path.name}: no name or no plugins")
+            continue
+        return NetworkConfig(doc["name"], doc.get("cniVersion", "0.4.0"), plugins, str(path))
+    detail = "; ".join(problems) if problems else "no config files"
+    raise FailedPrecondition(f"no usable CNI network config in {conf_dir} ({detail})")
+
+
+class Cni:
+    def __init__(self, conf_dir: Path, bin_dirs: list[str]) -> None:
+        self.conf_dir = conf_dir
+        self.bin_dirs = bin_dirs
+
+    def network(self) -> NetworkConfig:
+        return load_network(self.conf_dir)
+
+    def _binary(self, plugin_type: str) -> str:
+        for directory in self.bin_dirs:
+            path = os.path.join(directory, plugin_type)
+            if os.access(path, os.X_OK):
+                return path
+        raise FailedPrecondition(f"CNI plugin {plugin_type!r} not found in "
+                                 f"{':'.join(self.bin_dirs)}")
+
+    async def _invoke(self, command: str, net: NetworkConfig, plugin: dict[str, Any],
+                      container_id: str, netns: str, ifname: str,
+                      prev: dict[str, Any] | None,
+                      runtime_config: dict[str, Any]) -> dict[str, Any]:
+        conf = dict(plugin)
+        conf["name"] = net.name
+        conf["cniVersion"] = net.version
+        if prev is not None:
+            conf["prevResult"] = prev
+        wanted = plugin.get("capabilities") or {}
+        rc = {k: v for k, v in runtime_config.items() if wanted.get(k)}
+        if rc:
+            conf["runtimeConfig"] = rc
+        env = {
+            "CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
+            "CNI_IFNAME": ifname, "CNI_PATH": ":".join(self.bin_dirs),
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        }
+        binary = self._binary(plugin["type"])
+        proc = await asyncio.create_subprocess_exec(
+            binary, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env)
+        try:
+            async with asyncio.timeout(PLUGIN_TIMEOUT):
+                out, err = await proc.communicate(json.dumps(conf).encode())
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise Internal(f"CNI plugin {plugin['type']} {command} timed out") from None
+        if proc.returncode != 0:
+            try:
+                detail = json.loads(out)
+                message = f"{detail.get('msg', '')} {detail.get('details', '')}".strip()
+            except ValueError:
+                message = (out or err).decode(errors="replace").strip()
+            raise Internal(f"CNI plugin {plugin['type']} {command} failed: {message}")
+        if not out.strip():
+            return prev or {}
+        try:
+            return json.loads(out)  # type: ignore[no-any-return]
+        except ValueError:
+            raise Internal(f"CNI plugin {plugin['type']} returned invalid JSON") from None
+
+    async def add(self, container_id: str, netns: str, *, ifname: str = "eth0",
+                  runtime_config: dict[str, Any] | None = None) -> AttachResult:
+        net = self.network()
+        result: dict[str, Any] | None = None
+        done: list[dict[str, Any]] = []
+        try:
+            for plugin in net.plugins:
+                result = await self._invoke("ADD", net, plugin, container_id, netns, ifname,
+                                            result, runtime_config or {})
+                done.append(plugin)
+        except Exception:
+            # Undo what was attached so far; a half-plumbed pod leaks IPs and iptables rules.
+            await self._delete(net, done, container_id, netns, ifname, runtime_config or {})
+            raise
+        ips = [ip["address"].split("/")[0] for ip in (result or {}).get("ips", [])]
+        return AttachResult(ip=ips[0] if ips else "", ips=ips, raw=result or {})
+
+    async def delete(self, container_id: str, netns: str, *, ifname: str = "eth0",
+                     runtime_config: dict[str, Any] | None = None) -> None:
+        net = self.network()
+        await self._delete(net, net.plugins, container_id, netns, ifname, runtime_config or {})
+
+    async def _delete(self, net: NetworkConfig, plugins: list[dict[str, Any]],
+                      container_id: str, netns: str, ifname: str,
+                      runtime_config: dict[str, Any]) -> None:
+        errors = []
+        for plugin in reversed(plugins):
+            try:
+                await self._invoke("DEL", net, plugin, container_id, netns, ifname, None,
+                                   runtime_config)
+            except Internal as exc:
+                errors.append(exc.message)
+        if errors:
+            raise Internal("; ".join(errors))

@@ -1,0 +1,45 @@
+"""Named network namespaces (/var/run/netns/<name>) through iproute2, and loopback up.
+
+`ip netns add` bind-mounts a fresh namespace so it outlives any process in it; that is what
+lets the executor restart without the pod losing its network."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from shoal_common.errors import Internal
+
+NETNS_DIR = "/var/run/netns"
+
+
+def netns_path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+async def _ip(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+async def create(name: str) -> str:
+    path = netns_path(name)
+    if os.path.exists(path):
+        return path  # idempotent: a retried sandbox create keeps its namespace
+    code, out = await _ip("netns", "add", name)
+    if code != 0:
+        raise Internal(f"ip netns add {name}: {out}")
+    code, out = await _ip("-n", name, "link", "set", "lo", "up")
+    if code != 0:
+        raise Internal(f"bringing lo up in {name}: {out}")
+    return path
+
+
+async def delete(name: str) -> None:
+    if not os.path.exists(netns_path(name)):
+        return
+    code, out = await _ip("netns", "delete", name)
+    if code != 0 and os.path.exists(netns_path(name)):
+        raise Internal(f"ip netns delete {name}: {out}")
