@@ -49,3 +49,19 @@ def test_event_subject_escapes_dotted_namespace() -> None:
     subject = subjects.event("n1", "k8s.io", "images.create")
     assert subject == "shoal.v1.n1.events.k8s%2Eio.images.create"
     assert subjects.parse_event(subject) == ("n1", "k8s.io", "images.create")
+
+
+def test_every_message_module_declares_valid_types() -> None:
+    import importlib
+    import pkgutil
+
+    import shoal_common.messages as pkg
+    from shoal_common.messages import Event, Message
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"shoal_common.messages.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Message | Event):
+                msgspec.msgpack.Decoder(value)  # builds the type's decoder
+            if isinstance(value, type) and issubclass(value, Event) and value is not Event:
+                assert value.TOPIC, f"{value.__name__} has no TOPIC"

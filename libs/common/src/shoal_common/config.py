@@ -100,6 +100,14 @@ class PullerConfig(ServiceConfig):
 class ExecutorConfig(ServiceConfig):
     # The default OCI runtime binary (looked up in PATH unless absolute).
     runtime_path: str = "runc"
+    # Pod networking: the first config (lexical order) in the conf dir is used; empty =
+    # <state_root>/executor/cni/net.d, where Shoal installs its default bridge network
+    # (pod_subnet on bridge `cni_bridge`) when the directory holds no config.
+    cni_conf_dir: str = ""
+    cni_bin_dirs: list[str] = msgspec.field(default_factory=lambda: ["/usr/lib/cni",
+                                                                   "/opt/cni/bin"])
+    pod_subnet: str = "10.88.0.0/16"
+    cni_bridge: str = "shoal0"
 
 
 class SupervisorConfig(ServiceConfig):

@@ -1,21 +1,84 @@
-"""Bus edge of the executor: the commands it serves on shoal.v1.<node>.tasks.<verb>.
+"""Bus edge of the executor: commands on shoal.v1.<node>.tasks.<verb>.
 
-Owns: OCI bundles, runc, pod sandboxes.
+Owns: OCI bundles, runc, pod sandboxes (namespaces, CNI).
 Every replica also answers the runner's built-in `health` and `ping`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from shoal_common.bus import RequestContext, Router
-from shoal_common.messages import RuntimeStatusReply, RuntimeStatusRequest
+from shoal_common.errors import ShoalError
+from shoal_common.messages import ComponentStatus, Empty, RuntimeStatusReply, RuntimeStatusRequest
+from shoal_common.messages.monitor import TaskState
+from shoal_common.messages.tasks import (
+    ContainerCreateReply,
+    ContainerCreateRequest,
+    ContainerIdRequest,
+    ContainerStopRequest,
+    SandboxCreateRequest,
+    SandboxIdRequest,
+    SandboxInfo,
+)
 from shoal_common.probe import probe_binary
 
-router: Router[Any] = Router()
+from shoal_executor.app import ExecutorApp
+
+router: Router[ExecutorApp] = Router()
+Ctx = RequestContext[ExecutorApp]
 
 
 @router.command("status")
-async def status(ctx: RequestContext[Any], req: RuntimeStatusRequest) -> RuntimeStatusReply:
-    """Ready when runc can be run; the gateway folds this into CRI Status."""
-    component = await probe_binary("runc", ctx.bus.config.services.executor.runtime_path)
-    return RuntimeStatusReply(ready=component.ok, components=[component])
+async def status(ctx: Ctx, req: RuntimeStatusRequest) -> RuntimeStatusReply:
+    """runc must run; the `cni` component says whether pod networking is usable."""
+    runc = await probe_binary("runc", ctx.bus.config.services.executor.runtime_path)
+    try:
+        net = ctx.app.cni.network()
+        cni = ComponentStatus(name="cni", path=net.source, ok=True, version=net.version)
+    except ShoalError as exc:
+        cni = ComponentStatus(name="cni", path=str(ctx.app.cni.conf_dir), ok=False,
+                              error=exc.message)
+    return RuntimeStatusReply(ready=runc.ok, components=[runc, cni])
+
+
+@router.command("sandbox.create")
+async def sandbox_create(ctx: Ctx, req: SandboxCreateRequest) -> SandboxInfo:
+    return await ctx.app.runtime.create_sandbox(req.id, req.config, req.pause_image_config,
+                                                req.rootfs, ctx.namespace)
+
+
+@router.command("sandbox.status")
+async def sandbox_status(ctx: Ctx, req: SandboxIdRequest) -> SandboxInfo:
+    return await ctx.app.runtime.sandbox_status(req.id)
+
+
+@router.command("sandbox.stop")
+async def sandbox_stop(ctx: Ctx, req: SandboxIdRequest) -> SandboxInfo:
+    return await ctx.app.runtime.stop_sandbox(req.id, ctx.namespace)
+
+
+@router.command("sandbox.remove")
+async def sandbox_remove(ctx: Ctx, req: SandboxIdRequest) -> Empty:
+    await ctx.app.runtime.remove_sandbox(req.id, ctx.namespace)
+    return Empty()
+
+
+@router.command("container.create")
+async def container_create(ctx: Ctx, req: ContainerCreateRequest) -> ContainerCreateReply:
+    return await ctx.app.runtime.create_container(req.id, req.sandbox_id, req.config,
+                                                  req.sandbox_config, req.image_config,
+                                                  req.rootfs, ctx.namespace)
+
+
+@router.command("container.start")
+async def container_start(ctx: Ctx, req: ContainerIdRequest) -> TaskState:
+    return await ctx.app.runtime.start_container(req.id, ctx.namespace)
+
+
+@router.command("container.stop")
+async def container_stop(ctx: Ctx, req: ContainerStopRequest) -> TaskState:
+    return await ctx.app.runtime.stop_container(req.id, req.timeout, ctx.namespace)
+
+
+@router.command("container.remove")
+async def container_remove(ctx: Ctx, req: ContainerIdRequest) -> Empty:
+    await ctx.app.runtime.remove_container(req.id, ctx.namespace)
+    return Empty()

@@ -7,7 +7,9 @@ import msgspec
 
 class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A command request or reply body. Unknown fields are ignored (newer senders), while a
-    wrong type or a missing required field is refused with an `invalid` reply."""
+    wrong type or a missing required field is refused with an `invalid` reply.
+
+    msgspec does not pass `kw_only` on to subclasses: declare required fields first."""
 
 
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True):

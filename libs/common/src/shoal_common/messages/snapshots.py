@@ -17,10 +17,10 @@ class Mount(Message):
 
 class SnapshotInfo(Message):
     key: str
-    parent: str = ""
     kind: str  # "active", "view" or "committed"
     created: float
     updated: float
+    parent: str = ""
     labels: dict[str, str] = {}
 
 

@@ -65,6 +65,15 @@ class PodContext:
     resolv_conf_path: str = ""
     hosts_path: str = ""
     shm_path: str = ""
+    host_network: bool = False
+    host_pid: bool = False
+    host_ipc: bool = False
+
+    @classmethod
+    def of(cls, sandbox_id: str, config: cri.PodSandboxConfig, **paths: str) -> PodContext:
+        opts = config.linux.security_context.namespace_options
+        return cls(sandbox_id, config, host_network=opts.network == cri.NODE,
+                   host_pid=opts.pid == cri.NODE, host_ipc=opts.ipc == cri.NODE, **paths)
 
 
 @dataclass
@@ -266,19 +275,24 @@ def build_spec(pod: PodContext, ctr: ContainerContext) -> dict[str, Any]:
 
     namespaces: list[dict[str, str]] = [{"type": "mount"}]
     ns_opts = sec.namespace_options if sec is not None else None
-    for kind, path in (("network", pod.netns_path), ("ipc", pod.ipc_ns_path),
-                       ("uts", pod.uts_ns_path)):
-        if ctr.is_sandbox and kind != "network":
-            namespaces.append({"type": kind})
-        elif path:
+    # The pause container creates the pod's IPC and UTS namespaces; containers join them
+    # (by the pause process' /proc/<pid>/ns paths). The network namespace is the named
+    # one the executor made for CNI. NODE mode means the host's: no namespace entry.
+    for kind, path, host in (("network", pod.netns_path, pod.host_network),
+                             ("ipc", pod.ipc_ns_path, pod.host_ipc),
+                             ("uts", pod.uts_ns_path, pod.host_network)):
+        if host:
+            continue
+        if path and (kind == "network" or not ctr.is_sandbox):
             namespaces.append({"type": kind, "path": path})
-        elif kind != "network" or not _host_network(pod):
+        else:
             namespaces.append({"type": kind})
     pid_mode = ns_opts.pid if ns_opts is not None else cri.CONTAINER
-    if pid_mode == cri.POD and pod.pid_ns_path and not ctr.is_sandbox:
-        namespaces.append({"type": "pid", "path": pod.pid_ns_path})
-    elif pid_mode != cri.NODE:
-        namespaces.append({"type": "pid"})
+    if not pod.host_pid:
+        if pid_mode == cri.POD and pod.pid_ns_path and not ctr.is_sandbox:
+            namespaces.append({"type": "pid", "path": pod.pid_ns_path})
+        else:
+            namespaces.append({"type": "pid"})
 
     devices = [{"allow": False, "access": "rwm"}]
     devices += [{"allow": True, "type": "c", "major": major, "access": "rwm",
@@ -356,18 +370,11 @@ def build_spec(pod: PodContext, ctr: ContainerContext) -> dict[str, Any]:
         "ociVersion": OCI_VERSION,
         "process": process,
         "root": {"path": ctr.rootfs, "readonly": bool(sec and sec.readonly_rootfs)},
-        "hostname": hostname if not _host_network(pod) or ctr.is_sandbox else "",
+        "hostname": hostname if not pod.host_network else "",
         "mounts": mounts,
         "annotations": annotations,
         "linux": linux,
     }
-
-
-def _host_network(pod: PodContext) -> bool:
-    linux = pod.config.linux if pod.config.HasField("linux") else None
-    if linux is None or not linux.HasField("security_context"):
-        return False
-    return linux.security_context.namespace_options.network == cri.NODE
 
 
 def stop_signal(cfg: cri.ContainerConfig, image_config: dict[str, Any]) -> int:

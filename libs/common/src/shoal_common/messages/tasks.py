@@ -1,0 +1,58 @@
+"""Executor commands (`shoal.v1.<node>.tasks.<verb>`): pod sandboxes and containers.
+
+The CRI's own configs travel as their protobuf encoding (`bytes` fields below): the
+`runtime.v1` schema is already declared once, by the CRI, and the executor — which turns
+them into OCI specs — decodes them with the same generated types kubelet uses."""
+
+from __future__ import annotations
+
+from shoal_common.messages.base import Message
+from shoal_common.messages.snapshots import Mount
+
+
+class SandboxCreateRequest(Message):
+    id: str  # caller-chosen; a retry with the same id returns the existing sandbox
+    config: bytes  # runtime.v1 PodSandboxConfig
+    pause_image_config: bytes  # the pause image's config JSON
+    rootfs: list[Mount]  # the pause container's snapshot
+    runtime_handler: str = ""
+
+
+class SandboxInfo(Message):
+    id: str
+    state: str  # "ready" or "notready"
+    ip: str = ""
+    additional_ips: list[str] = []
+    netns_path: str = ""  # "" for host network
+    pid: int = 0  # the pause process
+    created_at: float = 0.0
+
+
+class SandboxIdRequest(Message):
+    id: str
+
+
+class ContainerCreateRequest(Message):
+    id: str  # caller-chosen; a retry with the same id returns the existing container
+    sandbox_id: str
+    config: bytes  # runtime.v1 ContainerConfig
+    sandbox_config: bytes  # runtime.v1 PodSandboxConfig of its pod
+    image_config: bytes  # the image config JSON
+    rootfs: list[Mount]  # the container's writable snapshot
+    runtime_handler: str = ""
+
+
+class ContainerCreateReply(Message):
+    id: str
+    pid: int
+    bundle: str
+    stop_signal: int
+
+
+class ContainerStopRequest(Message):
+    id: str
+    timeout: float = 10.0  # then SIGKILL
+
+
+class ContainerIdRequest(Message):
+    id: str

@@ -1,0 +1,52 @@
+"""The executor's application state, built at start and closed at stop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from shoal_common.service import ServiceContext
+
+from shoal_executor.domain.cni import DEFAULT_CONFLIST_NAME, Cni, default_conflist
+from shoal_executor.domain.runtime import Runtime, RuntimeSettings
+from shoal_executor.store.records import Records
+
+log = structlog.get_logger("shoal.executor")
+
+
+@dataclass
+class ExecutorApp:
+    runtime: Runtime
+    cni: Cni
+
+
+def install_default_network(conf_dir: Path, subnet: str, bridge: str) -> None:
+    """Only into Shoal's own conf dir, and only when it holds no config: an operator's
+    CNI config is always honoured."""
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    if any(conf_dir.glob("*.conf*")) or any(conf_dir.glob("*.json")):
+        return
+    path = conf_dir / DEFAULT_CONFLIST_NAME
+    path.write_text(json.dumps(default_conflist(subnet, bridge), indent=2) + "\n")
+    log.info("installed the default CNI network", path=str(path), subnet=subnet)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(ctx: ServiceContext) -> AsyncIterator[ExecutorApp]:
+    cfg = ctx.config.services.executor
+    conf_dir = Path(cfg.cni_conf_dir) if cfg.cni_conf_dir else ctx.state_dir / "cni" / "net.d"
+    if not cfg.cni_conf_dir:
+        install_default_network(conf_dir, cfg.pod_subnet, cfg.cni_bridge)
+    cni = Cni(conf_dir, cfg.cni_bin_dirs)
+    records = Records(ctx.state_dir / "executor.db")
+    await records.open()
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    runtime = Runtime(RuntimeSettings(ctx.run_dir, cfg.runtime_path, cni), records, ctx.bus)
+    try:
+        yield ExecutorApp(runtime, cni)
+    finally:
+        await records.close()

@@ -1,0 +1,332 @@
+"""Pod sandboxes and containers: namespaces, CNI, rootfs mounts, OCI bundles, and the
+monitors (through the supervisor) that run them.
+
+Every step is idempotent by the caller's id, so a command retried after a crash of the
+executor finishes what the first attempt began instead of doing it twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cri_api.v1 import api_pb2 as cri
+from google.protobuf.message import DecodeError
+from shoal_common.bus import Bus
+from shoal_common.errors import FailedPrecondition, Invalid, NotFound, ShoalError
+from shoal_common.messages.monitor import (
+    MonitorCreateRequest,
+    StopRequest,
+    TaskIdRequest,
+    TaskState,
+)
+from shoal_common.messages.snapshots import Mount
+from shoal_common.messages.tasks import ContainerCreateReply, SandboxInfo
+
+from shoal_executor.domain import mounts, netns
+from shoal_executor.domain.cni import Cni
+from shoal_executor.domain.spec import ContainerContext, PodContext, build_spec, stop_signal
+from shoal_executor.store.records import ContainerRecord, Records, SandboxRecord
+
+log = structlog.get_logger("shoal.executor")
+
+DEFAULT_CGROUP_PARENT = "/shoal"
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+SHM_SIZE = "65536k"
+MONITOR_TIMEOUT = 60.0
+
+
+def decode_proto(cls: Any, data: bytes, what: str) -> Any:
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise Invalid(f"{what} is not a valid runtime.v1 message: {exc}") from None
+    return msg
+
+
+def _json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data) if data else {}
+    except ValueError as exc:
+        raise Invalid(f"{what} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise Invalid(f"{what} is not a JSON object")
+    return doc
+
+
+def resolv_conf(dns: cri.DNSConfig | None) -> str:
+    if dns is None or not (dns.servers or dns.searches or dns.options):
+        try:
+            return Path("/etc/resolv.conf").read_text()
+        except OSError:
+            return ""
+    lines = [f"nameserver {s}" for s in dns.servers]
+    if dns.searches:
+        lines.append("search " + " ".join(dns.searches))
+    if dns.options:
+        lines.append("options " + " ".join(dns.options))
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class RuntimeSettings:
+    run_dir: Path  # <run_root>/executor
+    runtime_path: str
+    cni: Cni
+    namespace: str = "k8s.io"
+
+
+class Runtime:
+    def __init__(self, settings: RuntimeSettings, records: Records, bus: Bus) -> None:
+        self.s = settings
+        self.records = records
+        self.bus = bus
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.s.run_dir / "sandboxes" / sandbox_id
+
+    def _bundle_dir(self, container_id: str) -> Path:
+        return self.s.run_dir / "bundles" / container_id
+
+    async def _monitor(self, verb: str, message: Any, namespace: str) -> TaskState:
+        return await self.bus.request("monitor", verb, message, TaskState, namespace=namespace,
+                                      attempt_timeout=MONITOR_TIMEOUT, retries=1)
+
+    async def _write_bundle(self, container_id: str, spec: dict[str, Any]) -> Path:
+        bundle = self._bundle_dir(container_id)
+        bundle.mkdir(parents=True, exist_ok=True)
+        tmp = bundle / "config.json.tmp"
+        tmp.write_text(json.dumps(spec, indent=1))
+        tmp.replace(bundle / "config.json")
+        return bundle
+
+    # -- sandboxes ---------------------------------------------------------------------
+
+    async def create_sandbox(self, sandbox_id: str, config_bytes: bytes, pause_config: bytes,
+                             rootfs: list[Mount], namespace: str) -> SandboxInfo:
+        existing = await self.records.sandbox(sandbox_id)
+        if existing is not None and existing.pid:
+            return self._info(existing)
+        config = decode_proto(cri.PodSandboxConfig, config_bytes, "PodSandboxConfig")
+        image_config = _json(pause_config, "pause image config")
+        pod_dir = self._sandbox_dir(sandbox_id)
+        pod_dir.mkdir(parents=True, exist_ok=True)
+        opts = config.linux.security_context.namespace_options
+        host_network = opts.network == cri.NODE
+        record = existing or SandboxRecord(
+            id=sandbox_id, created_at=time.time(), dir=str(pod_dir),
+            cgroup_parent=config.linux.cgroup_parent or DEFAULT_CGROUP_PARENT)
+        record.runtime_config = {"portMappings": [
+            {"hostPort": p.host_port, "containerPort": p.container_port,
+             "protocol": cri.Protocol.Name(p.protocol).lower(),
+             **({"hostIP": p.host_ip} if p.host_ip else {})}
+            for p in config.port_mappings if p.host_port]}
+        await self.records.put_sandbox(record)  # remembered before anything is set up
+        try:
+            if not host_network:
+                record.netns_name = f"shoal-{sandbox_id[:32]}"
+                record.netns_path = await netns.create(record.netns_name)
+                await self.records.put_sandbox(record)
+                attached = await self.s.cni.add(sandbox_id, record.netns_path,
+                                                runtime_config=record.runtime_config)
+                record.ips = attached.ips
+            hostname = config.hostname or (os.uname().nodename if host_network else "")
+            (pod_dir / "hostname").write_text(hostname + "\n")
+            (pod_dir / "resolv.conf").write_text(
+                resolv_conf(config.dns_config if config.HasField("dns_config") else None))
+            (pod_dir / "hosts").write_text(
+                HOSTS + (f"{record.ips[0]}\t{hostname}\n" if record.ips and hostname else ""))
+            shm = pod_dir / "shm"
+            shm.mkdir(exist_ok=True)
+            if not mounts.is_mountpoint(str(shm)) and opts.ipc != cri.NODE:
+                code, out = await mounts._run("mount", "-t", "tmpfs", "-o",
+                                              f"nosuid,nodev,noexec,mode=1777,size={SHM_SIZE}",
+                                              "shm", str(shm))
+                if code != 0:
+                    raise FailedPrecondition(f"mounting the pod's /dev/shm: {out}")
+            pause_id = sandbox_id
+            rootfs_dir = self._bundle_dir(pause_id) / "rootfs"
+            await mounts.mount_all(rootfs, str(rootfs_dir))
+            pod = PodContext.of(sandbox_id, config, netns_path=record.netns_path)
+            pause_cfg = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="pause"))
+            sec = config.linux.security_context
+            pause_cfg.linux.security_context.namespace_options.CopyFrom(sec.namespace_options)
+            if sec.HasField("run_as_user"):
+                pause_cfg.linux.security_context.run_as_user.CopyFrom(sec.run_as_user)
+            pause_cfg.linux.security_context.readonly_rootfs = sec.readonly_rootfs
+            pause_cfg.linux.security_context.privileged = sec.privileged
+            spec = build_spec(pod, ContainerContext(
+                pause_id, pause_cfg, image_config, str(rootfs_dir),
+                f"{record.cgroup_parent}/{pause_id}", is_sandbox=True))
+            bundle = await self._write_bundle(pause_id, spec)
+            state = await self._monitor("create", MonitorCreateRequest(
+                id=pause_id, bundle=str(bundle), runtime=self.s.runtime_path,
+                sandbox_id=sandbox_id, cgroup_path=spec["linux"]["cgroupsPath"]), namespace)
+            if state.state == "created":
+                state = await self._monitor("start", TaskIdRequest(id=pause_id), namespace)
+            record.pid = state.pid
+            record.state = "ready"
+            await self.records.put_sandbox(record)
+        except BaseException:
+            log.warning("sandbox setup failed; tearing down", sandbox=sandbox_id)
+            await self._teardown(record, namespace, forget=False)
+            raise
+        log.info("sandbox ready", sandbox=sandbox_id, ip=record.ips[0] if record.ips else "",
+                 pid=record.pid)
+        return self._info(record)
+
+    def _info(self, r: SandboxRecord) -> SandboxInfo:
+        return SandboxInfo(id=r.id, state=r.state, ip=r.ips[0] if r.ips else "",
+                           additional_ips=r.ips[1:], netns_path=r.netns_path, pid=r.pid,
+                           created_at=r.created_at)
+
+    async def sandbox_status(self, sandbox_id: str) -> SandboxInfo:
+        record = await self.records.sandbox(sandbox_id)
+        if record is None:
+            raise NotFound(f"sandbox {sandbox_id} not found")
+        return self._info(record)
+
+    async def stop_sandbox(self, sandbox_id: str, namespace: str) -> SandboxInfo:
+        """Stop every container of the pod and the pause process, detach the network.
+        Idempotent; the namespace and files stay until remove."""
+        record = await self.records.sandbox(sandbox_id)
+        if record is None:
+            raise NotFound(f"sandbox {sandbox_id} not found")
+        for ctr in await self.records.containers_of(sandbox_id):
+            await self.stop_container(ctr.id, 0.0, namespace)
+        try:
+            await self._monitor("stop", StopRequest(id=sandbox_id, timeout=0.0), namespace)
+        except NotFound:
+            pass
+        if record.netns_path and record.state != "notready":
+            try:
+                await self.s.cni.delete(sandbox_id, record.netns_path,
+                                        runtime_config=record.runtime_config)
+            except ShoalError as exc:
+                log.warning("CNI DEL failed", sandbox=sandbox_id, error=exc.message)
+        record.state = "notready"
+        await self.records.put_sandbox(record)
+        return self._info(record)
+
+    async def remove_sandbox(self, sandbox_id: str, namespace: str) -> None:
+        record = await self.records.sandbox(sandbox_id)
+        if record is None:
+            return
+        if record.state != "notready":
+            await self.stop_sandbox(sandbox_id, namespace)
+        for ctr in await self.records.containers_of(sandbox_id):
+            await self.remove_container(ctr.id, namespace)
+        await self._teardown(record, namespace, forget=True)
+
+    async def _teardown(self, record: SandboxRecord, namespace: str, forget: bool) -> None:
+        """Remove every trace of a sandbox: monitor, rootfs mount, shm, netns, files."""
+        try:
+            await self._monitor("delete", TaskIdRequest(id=record.id), namespace)
+        except ShoalError as exc:
+            if not isinstance(exc, NotFound):
+                log.warning("deleting the pause task", sandbox=record.id, error=exc.message)
+        if record.netns_path and record.state == "ready":
+            try:
+                await self.s.cni.delete(record.id, record.netns_path,
+                                        runtime_config=record.runtime_config)
+            except ShoalError:
+                pass
+        await mounts.unmount(str(self._bundle_dir(record.id) / "rootfs"))
+        await mounts.unmount(str(self._sandbox_dir(record.id) / "shm"))
+        if record.netns_name:
+            await netns.delete(record.netns_name)
+        shutil.rmtree(self._bundle_dir(record.id), ignore_errors=True)
+        shutil.rmtree(self._sandbox_dir(record.id), ignore_errors=True)
+        if forget:
+            await self.records.delete_sandbox(record.id)
+        else:
+            record.state, record.pid = "notready", 0
+            await self.records.put_sandbox(record)
+
+    # -- containers --------------------------------------------------------------------
+
+    async def create_container(self, container_id: str, sandbox_id: str, config_bytes: bytes,
+                               sandbox_config: bytes, image_config: bytes,
+                               rootfs: list[Mount], namespace: str) -> ContainerCreateReply:
+        existing = await self.records.container(container_id)
+        if existing is not None:
+            return ContainerCreateReply(id=container_id, pid=existing.pid,
+                                        bundle=existing.bundle,
+                                        stop_signal=existing.stop_signal)
+        sandbox = await self.records.sandbox(sandbox_id)
+        if sandbox is None:
+            raise NotFound(f"sandbox {sandbox_id} not found")
+        if sandbox.state != "ready" or not sandbox.pid:
+            raise FailedPrecondition(f"sandbox {sandbox_id} is not ready")
+        config = decode_proto(cri.ContainerConfig, config_bytes, "ContainerConfig")
+        pod_config = decode_proto(cri.PodSandboxConfig, sandbox_config, "PodSandboxConfig")
+        image = _json(image_config, "image config")
+        bundle_dir = self._bundle_dir(container_id)
+        rootfs_dir = bundle_dir / "rootfs"
+        pod_dir = self._sandbox_dir(sandbox_id)
+        proc = f"/proc/{sandbox.pid}/ns"
+        pod = PodContext.of(sandbox_id, pod_config, netns_path=sandbox.netns_path,
+                            pid_ns_path=f"{proc}/pid", ipc_ns_path=f"{proc}/ipc",
+                            uts_ns_path=f"{proc}/uts",
+                            hostname_path=str(pod_dir / "hostname"),
+                            resolv_conf_path=str(pod_dir / "resolv.conf"),
+                            hosts_path=str(pod_dir / "hosts"),
+                            shm_path=str(pod_dir / "shm") if not pod_config.linux.
+                            security_context.namespace_options.ipc == cri.NODE else "")
+        await mounts.mount_all(rootfs, str(rootfs_dir))
+        try:
+            spec = build_spec(pod, ContainerContext(
+                container_id, config, image, str(rootfs_dir),
+                f"{sandbox.cgroup_parent}/{container_id}"))
+            bundle = await self._write_bundle(container_id, spec)
+            state = await self._monitor("create", MonitorCreateRequest(
+                id=container_id, bundle=str(bundle), log_path=config.log_path,
+                runtime=self.s.runtime_path, tty=config.tty, stdin=config.stdin,
+                stdin_once=config.stdin_once, sandbox_id=sandbox_id,
+                cgroup_path=spec["linux"]["cgroupsPath"]), namespace)
+        except BaseException:
+            await mounts.unmount(str(rootfs_dir))
+            shutil.rmtree(bundle_dir, ignore_errors=True)
+            raise
+        signal = stop_signal(config, image)
+        await self.records.put_container(ContainerRecord(container_id, sandbox_id, str(bundle),
+                                                         signal, state.pid))
+        return ContainerCreateReply(id=container_id, pid=state.pid, bundle=str(bundle),
+                                    stop_signal=signal)
+
+    async def start_container(self, container_id: str, namespace: str) -> TaskState:
+        if await self.records.container(container_id) is None:
+            raise NotFound(f"container {container_id} not found")
+        return await self._monitor("start", TaskIdRequest(id=container_id), namespace)
+
+    async def stop_container(self, container_id: str, timeout: float,
+                             namespace: str) -> TaskState:
+        record = await self.records.container(container_id)
+        if record is None:
+            raise NotFound(f"container {container_id} not found")
+        return await self.bus.request(
+            "monitor", "stop", StopRequest(id=container_id, signal=record.stop_signal,
+                                           timeout=timeout),
+            TaskState, namespace=namespace, attempt_timeout=timeout + MONITOR_TIMEOUT,
+            retries=1)
+
+    async def remove_container(self, container_id: str, namespace: str) -> None:
+        record = await self.records.container(container_id)
+        if record is None:
+            return
+        try:
+            await self._monitor("delete", TaskIdRequest(id=container_id), namespace)
+        except NotFound:
+            pass
+        bundle = Path(record.bundle)
+        await mounts.unmount(str(bundle / "rootfs"))
+        shutil.rmtree(bundle, ignore_errors=True)
+        await self.records.delete_container(container_id)

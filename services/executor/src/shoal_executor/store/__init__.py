@@ -1,0 +1,1 @@
+"""Storage of the executor: sandboxes and containers it set up (SQLite), bundles on disk."""
