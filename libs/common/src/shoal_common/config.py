@@ -130,6 +130,8 @@ class ServicesConfig(_Section):
 class CriConfig(_Section):
     # Empty = <run_root>/cri.sock
     socket: str = ""
+    # The image every pod's pause process runs from (pulled on first use).
+    sandbox_image: str = "registry.k8s.io/pause:3.9"
 
 
 class LauncherConfig(_Section):

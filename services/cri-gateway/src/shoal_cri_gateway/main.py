@@ -7,18 +7,24 @@ from collections.abc import AsyncIterator
 
 from shoal_common.service import ServiceContext, ServiceSpec, run_service
 
+from shoal_cri_gateway.domain.pods import Pods
 from shoal_cri_gateway.grpc_api.server import CriServer
 from shoal_cri_gateway.handlers import router
+from shoal_cri_gateway.store.metadata import Metadata
 
 
 @contextlib.asynccontextmanager
 async def lifespan(ctx: ServiceContext) -> AsyncIterator[CriServer]:
-    server = CriServer(ctx.config.cri_socket, ctx.bus)
+    metadata = Metadata(ctx.state_dir / "metadata.db")
+    await metadata.open()
+    pods = Pods(ctx.bus, metadata, ctx.config.cri.sandbox_image)
+    server = CriServer(ctx.config.cri_socket, ctx.bus, pods)
     await server.start()
     try:
         yield server
     finally:
         await server.stop(grace=ctx.config.service("cri-gateway").shutdown_timeout)
+        await metadata.close()
 
 
 def main() -> None:

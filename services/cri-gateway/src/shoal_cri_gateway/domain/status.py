@@ -28,14 +28,18 @@ class Condition:
     message: str = ""
 
 
-async def _problem(bus: Bus, service: str) -> str | None:
-    """None when `service` is ready, else why not."""
+async def _problem(bus: Bus, service: str,
+                   components: dict[str, object]) -> str | None:
+    """None when `service` is ready, else why not. Fills `components` for verbose Status."""
     subject = BY_NAME[service].subject
     try:
         if service in ("executor", "supervisor"):
             status = await bus.request(subject, "status", RuntimeStatusRequest(),
                                        RuntimeStatusReply, attempt_timeout=PROBE_TIMEOUT,
                                        retries=1)
+            for c in status.components:
+                components[c.name] = {"path": c.path, "ok": c.ok, "version": c.version,
+                                      "error": c.error}
             if not status.ready:
                 return f"{service}: " + "; ".join(c.error for c in status.components if not c.ok)
         else:
@@ -46,13 +50,20 @@ async def _problem(bus: Bus, service: str) -> str | None:
     return None
 
 
-async def runtime_conditions(bus: Bus) -> list[Condition]:
-    """RuntimeReady needs every service on the container path up, and runc and conmon usable."""
+async def runtime_conditions(bus: Bus) -> tuple[list[Condition], dict[str, object]]:
+    """RuntimeReady needs every service on the container path up, and runc and conmon
+    usable; NetworkReady needs a usable CNI config (the executor's `cni` component)."""
+    components: dict[str, object] = {}
     needed = ("puller", "snapshotter", "executor", "supervisor")
-    problems = [p for p in await asyncio.gather(*(_problem(bus, s) for s in needed)) if p]
+    problems = [p for p in await asyncio.gather(*(_problem(bus, s, components)
+                                                  for s in needed)) if p]
     runtime = (Condition(RUNTIME_READY, True) if not problems else
                Condition(RUNTIME_READY, False, "ServicesUnavailable", "; ".join(problems)))
-    # Pod networking (CNI) is not built yet; say so rather than claim readiness.
-    network = Condition(NETWORK_READY, False, "NetworkPluginNotReady",
-                        "CNI networking is not implemented in this version of Shoal")
-    return [runtime, network]
+    cni = components.get("cni")
+    if isinstance(cni, dict) and cni.get("ok"):
+        network = Condition(NETWORK_READY, True)
+    else:
+        why = cni.get("error") if isinstance(cni, dict) else "the executor did not answer"
+        network = Condition(NETWORK_READY, False, "NetworkPluginNotReady",
+                            f"Network plugin returns error: cni config uninitialized ({why})")
+    return [runtime, network], components

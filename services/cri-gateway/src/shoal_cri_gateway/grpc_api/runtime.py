@@ -2,23 +2,67 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 from shoal_common import __version__
 from shoal_common.bus import Bus
+from shoal_common.errors import Invalid
+from shoal_common.messages.monitor import (
+    ExecSyncReply,
+    ExecSyncRequest,
+    Resources,
+    StatsReply,
+    StatsRequest,
+    TaskIdRequest,
+    TaskState,
+    TaskStats,
+    UpdateRequest,
+)
 
+from shoal_cri_gateway.domain.pods import NAMESPACE, Pods, gather_states
 from shoal_cri_gateway.domain.status import runtime_conditions
 from shoal_cri_gateway.grpc_api.rpc import rpc
+from shoal_cri_gateway.store.metadata import ContainerRecord, PodRecord
 
 KUBE_API_VERSION = "0.1.0"  # what kubelet expects in VersionResponse.version
 RUNTIME_NAME = "shoal"
 RUNTIME_API_VERSION = "v1"
 
+CONTAINER_STATES = {"created": cri.CONTAINER_CREATED, "running": cri.CONTAINER_RUNNING,
+                    "stopped": cri.CONTAINER_EXITED}
+
+
+def _selected(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _pod_metadata(p: PodRecord) -> cri.PodSandboxMetadata:
+    return cri.PodSandboxMetadata(name=p.name, uid=p.uid, namespace=p.namespace,
+                                  attempt=p.attempt)
+
+
+def _ctr_metadata(c: ContainerRecord) -> cri.ContainerMetadata:
+    return cri.ContainerMetadata(name=c.name, attempt=c.attempt)
+
+
+def _container_state(task: TaskState | None) -> int:
+    return CONTAINER_STATES.get(task.state, cri.CONTAINER_UNKNOWN) if task else \
+        cri.CONTAINER_UNKNOWN
+
 
 class RuntimeService(cri_grpc.RuntimeServiceServicer):
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, pods: Pods) -> None:
         self.bus = bus
+        self.pods = pods
+
+    async def _monitor(self, verb: str, message: object, reply: type) -> object:
+        return await self.bus.request("monitor", verb, message, reply,  # type: ignore[arg-type]
+                                      namespace=NAMESPACE)
+
+    # -- runtime -----------------------------------------------------------------------
 
     @rpc
     async def Version(self, request: cri.VersionRequest,
@@ -30,7 +74,234 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     @rpc
     async def Status(self, request: cri.StatusRequest,
                      context: grpc.aio.ServicerContext) -> cri.StatusResponse:
-        conditions = await runtime_conditions(self.bus)
-        return cri.StatusResponse(status=cri.RuntimeStatus(conditions=[
+        conditions, components = await runtime_conditions(self.bus)
+        response = cri.StatusResponse(status=cri.RuntimeStatus(conditions=[
             cri.RuntimeCondition(type=c.type, status=c.status, reason=c.reason,
-                                 message=c.message) for c in conditions]))
+                                 message=c.message) for c in conditions]),
+            runtime_handlers=[cri.RuntimeHandler(name="runc")])
+        if request.verbose:
+            response.info["components"] = json.dumps(components)
+            response.info["version"] = json.dumps({"shoal": __version__})
+        return response
+
+    @rpc
+    async def RuntimeConfig(self, request: cri.RuntimeConfigRequest,
+                            context: grpc.aio.ServicerContext) -> cri.RuntimeConfigResponse:
+        return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(
+            cgroup_driver=cri.CGROUPFS))
+
+    # -- pod sandboxes -----------------------------------------------------------------
+
+    @rpc
+    async def RunPodSandbox(self, request: cri.RunPodSandboxRequest,
+                            context: grpc.aio.ServicerContext) -> cri.RunPodSandboxResponse:
+        if request.runtime_handler not in ("", "runc"):
+            raise Invalid(f"unknown runtime handler {request.runtime_handler!r} (known: runc)")
+        pod = await self.pods.run(request.config, request.runtime_handler)
+        return cri.RunPodSandboxResponse(pod_sandbox_id=pod.id)
+
+    @rpc
+    async def StopPodSandbox(self, request: cri.StopPodSandboxRequest,
+                             context: grpc.aio.ServicerContext) -> cri.StopPodSandboxResponse:
+        await self.pods.stop(request.pod_sandbox_id)
+        return cri.StopPodSandboxResponse()
+
+    @rpc
+    async def RemovePodSandbox(self, request: cri.RemovePodSandboxRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> cri.RemovePodSandboxResponse:
+        await self.pods.remove(request.pod_sandbox_id)
+        return cri.RemovePodSandboxResponse()
+
+    @rpc
+    async def PodSandboxStatus(self, request: cri.PodSandboxStatusRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> cri.PodSandboxStatusResponse:
+        pod = await self.pods.meta.pod(request.pod_sandbox_id)
+        state = await self.pods.sandbox_state(pod)
+        config = cri.PodSandboxConfig()
+        config.ParseFromString(pod.config)
+        status = cri.PodSandboxStatus(
+            id=pod.id, metadata=_pod_metadata(pod),
+            state=cri.SANDBOX_READY if state == "ready" else cri.SANDBOX_NOTREADY,
+            created_at=pod.created_at_ns,
+            network=cri.PodSandboxNetworkStatus(ip=pod.ip, additional_ips=[
+                cri.PodIP(ip=ip) for ip in pod.additional_ips]),
+            linux=cri.LinuxPodSandboxStatus(namespaces=cri.Namespace(
+                options=config.linux.security_context.namespace_options)),
+            labels=pod.labels, annotations=pod.annotations,
+            runtime_handler=pod.runtime_handler)
+        response = cri.PodSandboxStatusResponse(status=status)
+        if request.verbose:
+            response.info["info"] = json.dumps({"netnsPath": pod.netns_path, "state": state,
+                                                "runtimeHandler": pod.runtime_handler or "runc"})
+        return response
+
+    @rpc
+    async def ListPodSandbox(self, request: cri.ListPodSandboxRequest,
+                             context: grpc.aio.ServicerContext) -> cri.ListPodSandboxResponse:
+        f = request.filter if request.HasField("filter") else None
+        pods = [p for p in await self.pods.meta.pods()
+                if f is None or ((not f.id or p.id.startswith(f.id))
+                                 and _selected(p.labels, dict(f.label_selector)))]
+        states = await gather_states(self.pods, pods)
+        items = []
+        for p in pods:
+            state = cri.SANDBOX_READY if states[p.id] == "ready" else cri.SANDBOX_NOTREADY
+            if f is not None and f.HasField("state") and f.state.state != state:
+                continue
+            items.append(cri.PodSandbox(id=p.id, metadata=_pod_metadata(p), state=state,
+                                        created_at=p.created_at_ns, labels=p.labels,
+                                        annotations=p.annotations,
+                                        runtime_handler=p.runtime_handler))
+        return cri.ListPodSandboxResponse(items=items)
+
+    # -- containers --------------------------------------------------------------------
+
+    @rpc
+    async def CreateContainer(self, request: cri.CreateContainerRequest,
+                              context: grpc.aio.ServicerContext) -> cri.CreateContainerResponse:
+        ctr = await self.pods.create_container(request.pod_sandbox_id, request.config,
+                                               request.sandbox_config)
+        return cri.CreateContainerResponse(container_id=ctr.id)
+
+    @rpc
+    async def StartContainer(self, request: cri.StartContainerRequest,
+                             context: grpc.aio.ServicerContext) -> cri.StartContainerResponse:
+        await self.pods.start_container(request.container_id)
+        return cri.StartContainerResponse()
+
+    @rpc
+    async def StopContainer(self, request: cri.StopContainerRequest,
+                            context: grpc.aio.ServicerContext) -> cri.StopContainerResponse:
+        await self.pods.stop_container(request.container_id, request.timeout)
+        return cri.StopContainerResponse()
+
+    @rpc
+    async def RemoveContainer(self, request: cri.RemoveContainerRequest,
+                              context: grpc.aio.ServicerContext) -> cri.RemoveContainerResponse:
+        await self.pods.remove_container(request.container_id)
+        return cri.RemoveContainerResponse()
+
+    @rpc
+    async def ContainerStatus(self, request: cri.ContainerStatusRequest,
+                              context: grpc.aio.ServicerContext) -> cri.ContainerStatusResponse:
+        ctr = await self.pods.meta.container(request.container_id)
+        task = await self.pods.task_state(ctr.id)
+        config = cri.ContainerConfig()
+        config.ParseFromString(ctr.config)
+        status = cri.ContainerStatus(
+            id=ctr.id, metadata=_ctr_metadata(ctr), state=_container_state(task),
+            created_at=ctr.created_at_ns, image=cri.ImageSpec(image=ctr.image),
+            image_ref=ctr.image_ref, image_id=ctr.image_id, labels=ctr.labels,
+            annotations=ctr.annotations, mounts=list(config.mounts), log_path=ctr.log_path)
+        if task is not None:
+            status.started_at = int(task.started_at * 1e9)
+            status.finished_at = int(task.finished_at * 1e9)
+            status.exit_code = task.exit_code
+            status.reason = task.reason
+            status.message = task.message
+        response = cri.ContainerStatusResponse(status=status)
+        if request.verbose:
+            response.info["info"] = json.dumps({
+                "sandboxID": ctr.pod_id, "pid": task.pid if task else 0,
+                "bundle": task.bundle if task else ""})
+        return response
+
+    @rpc
+    async def ListContainers(self, request: cri.ListContainersRequest,
+                             context: grpc.aio.ServicerContext) -> cri.ListContainersResponse:
+        f = request.filter if request.HasField("filter") else None
+        tasks = await self.pods.task_states()
+        out = []
+        for c in await self.pods.meta.containers():
+            state = _container_state(tasks.get(c.id))
+            if f is not None and (
+                    (f.id and not c.id.startswith(f.id))
+                    or (f.pod_sandbox_id and not c.pod_id.startswith(f.pod_sandbox_id))
+                    or (f.HasField("state") and f.state.state != state)
+                    or not _selected(c.labels, dict(f.label_selector))):
+                continue
+            out.append(cri.Container(id=c.id, pod_sandbox_id=c.pod_id,
+                                     metadata=_ctr_metadata(c),
+                                     image=cri.ImageSpec(image=c.image), image_ref=c.image_ref,
+                                     image_id=c.image_id, state=state,
+                                     created_at=c.created_at_ns, labels=c.labels,
+                                     annotations=c.annotations))
+        return cri.ListContainersResponse(containers=out)
+
+    @rpc
+    async def UpdateContainerResources(self, request: cri.UpdateContainerResourcesRequest,
+                                       context: grpc.aio.ServicerContext
+                                       ) -> cri.UpdateContainerResourcesResponse:
+        ctr = await self.pods.meta.container(request.container_id)
+        r = request.linux
+        await self._monitor("update", UpdateRequest(id=ctr.id, resources=Resources(
+            cpu_shares=r.cpu_shares, cpu_quota=r.cpu_quota, cpu_period=r.cpu_period,
+            cpuset_cpus=r.cpuset_cpus, cpuset_mems=r.cpuset_mems,
+            memory_limit=r.memory_limit_in_bytes)), TaskState)
+        return cri.UpdateContainerResourcesResponse()
+
+    @rpc
+    async def ReopenContainerLog(self, request: cri.ReopenContainerLogRequest,
+                                 context: grpc.aio.ServicerContext
+                                 ) -> cri.ReopenContainerLogResponse:
+        ctr = await self.pods.meta.container(request.container_id)
+        await self._monitor("reopen_log", TaskIdRequest(id=ctr.id), TaskState)
+        return cri.ReopenContainerLogResponse()
+
+    @rpc
+    async def ExecSync(self, request: cri.ExecSyncRequest,
+                       context: grpc.aio.ServicerContext) -> cri.ExecSyncResponse:
+        ctr = await self.pods.meta.container(request.container_id)
+        if not request.cmd:
+            raise Invalid("ExecSync: cmd is empty")
+        reply = await self.bus.request(
+            "monitor", "exec_sync", ExecSyncRequest(id=ctr.id, cmd=list(request.cmd),
+                                                    timeout=float(request.timeout)),
+            ExecSyncReply, namespace=NAMESPACE,
+            attempt_timeout=(request.timeout or 3600) + 30, retries=0)
+        return cri.ExecSyncResponse(stdout=reply.stdout, stderr=reply.stderr,
+                                    exit_code=reply.exit_code)
+
+    # -- stats -------------------------------------------------------------------------
+
+    def _stats(self, c: ContainerRecord, s: TaskStats) -> cri.ContainerStats:
+        stats = cri.ContainerStats(attributes=cri.ContainerAttributes(
+            id=c.id, metadata=_ctr_metadata(c), labels=c.labels, annotations=c.annotations))
+        stats.cpu.timestamp = s.timestamp_ns
+        stats.cpu.usage_core_nano_seconds.value = s.cpu_usage_ns
+        stats.memory.timestamp = s.timestamp_ns
+        stats.memory.working_set_bytes.value = s.memory_working_set_bytes
+        stats.memory.usage_bytes.value = s.memory_usage_bytes
+        return stats
+
+    async def _all_stats(self, ids: list[str]) -> dict[str, TaskStats]:
+        reply = await self.bus.request("monitor", "stats", StatsRequest(ids=ids), StatsReply,
+                                       namespace=NAMESPACE)
+        return {s.id: s for s in reply.stats}
+
+    @rpc
+    async def ContainerStats(self, request: cri.ContainerStatsRequest,
+                             context: grpc.aio.ServicerContext) -> cri.ContainerStatsResponse:
+        ctr = await self.pods.meta.container(request.container_id)
+        stats = (await self._all_stats([ctr.id])).get(ctr.id)
+        if stats is None:
+            raise Invalid(f"container {ctr.id} has no stats (not running?)")
+        return cri.ContainerStatsResponse(stats=self._stats(ctr, stats))
+
+    @rpc
+    async def ListContainerStats(self, request: cri.ListContainerStatsRequest,
+                                 context: grpc.aio.ServicerContext
+                                 ) -> cri.ListContainerStatsResponse:
+        f = request.filter if request.HasField("filter") else None
+        ctrs = [c for c in await self.pods.meta.containers()
+                if f is None or ((not f.id or c.id.startswith(f.id))
+                                 and (not f.pod_sandbox_id
+                                      or c.pod_id.startswith(f.pod_sandbox_id))
+                                 and _selected(c.labels, dict(f.label_selector)))]
+        stats = await self._all_stats([c.id for c in ctrs])
+        return cri.ListContainerStatsResponse(
+            stats=[self._stats(c, stats[c.id]) for c in ctrs if c.id in stats])
+
+

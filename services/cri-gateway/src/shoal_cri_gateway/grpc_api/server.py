@@ -10,6 +10,7 @@ import structlog
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 from shoal_common.bus import Bus
 
+from shoal_cri_gateway.domain.pods import Pods
 from shoal_cri_gateway.grpc_api.images import ImageService
 from shoal_cri_gateway.grpc_api.runtime import RuntimeService
 
@@ -20,9 +21,10 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 
 class CriServer:
-    def __init__(self, socket_path: str, bus: Bus) -> None:
+    def __init__(self, socket_path: str, bus: Bus, pods: Pods) -> None:
         self.socket_path = socket_path
         self.bus = bus
+        self.pods = pods
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -35,7 +37,7 @@ class CriServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ])
-        cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.bus), server)
+        cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.bus, self.pods), server)
         cri_grpc.add_ImageServiceServicer_to_server(ImageService(self.bus), server)
         old = os.umask(0o077)  # the socket is born owner-only; no window with wider modes
         try:

@@ -1,0 +1,1 @@
+"""Storage of the gateway: CRI pod and container metadata (SQLite)."""

@@ -1,0 +1,175 @@
+"""Pod sandbox and container metadata, as the CRI reports it back to kubelet.
+
+Runtime state (running, exit codes) is not stored here: it is asked of the supervisor,
+which owns it, so a restarted gateway never reports stale state."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal_common.errors import AlreadyExists, NotFound
+from shoal_common.sqlite import Database
+
+MIGRATIONS = ["""
+CREATE TABLE pods(
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_at_ns INTEGER NOT NULL,
+    config BLOB NOT NULL,
+    labels TEXT NOT NULL,
+    annotations TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    additional_ips TEXT NOT NULL,
+    netns_path TEXT NOT NULL,
+    runtime_handler TEXT NOT NULL,
+    UNIQUE(name, namespace, uid, attempt)
+);
+CREATE TABLE containers(
+    id TEXT PRIMARY KEY,
+    pod_id TEXT NOT NULL REFERENCES pods(id),
+    name TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    created_at_ns INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    image_ref TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    config BLOB NOT NULL,
+    labels TEXT NOT NULL,
+    annotations TEXT NOT NULL,
+    log_path TEXT NOT NULL,
+    UNIQUE(pod_id, name, attempt)
+);
+CREATE INDEX containers_by_pod ON containers(pod_id)
+"""]
+
+
+@dataclass
+class PodRecord:
+    id: str
+    name: str
+    uid: str
+    namespace: str
+    attempt: int
+    state: str  # "ready", "notready"
+    created_at_ns: int
+    config: bytes
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    ip: str = ""
+    additional_ips: list[str] = field(default_factory=list)
+    netns_path: str = ""
+    runtime_handler: str = ""
+
+
+@dataclass
+class ContainerRecord:
+    id: str
+    pod_id: str
+    name: str
+    attempt: int
+    created_at_ns: int
+    image: str  # as the CRI asked for it
+    image_ref: str  # repo digest kubelet shows as imageID
+    image_id: str  # config digest
+    config: bytes
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    log_path: str = ""
+
+
+def _pod(row: sqlite3.Row) -> PodRecord:
+    d = dict(row)
+    for key in ("labels", "annotations", "additional_ips"):
+        d[key] = json.loads(d[key])
+    return PodRecord(**d)
+
+
+def _ctr(row: sqlite3.Row) -> ContainerRecord:
+    d = dict(row)
+    for key in ("labels", "annotations"):
+        d[key] = json.loads(d[key])
+    return ContainerRecord(**d)
+
+
+class Metadata:
+    def __init__(self, path: Path) -> None:
+        self.db = Database(path, MIGRATIONS)
+
+    async def open(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def add_pod(self, p: PodRecord) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            try:
+                c.execute("INSERT INTO pods VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+                    p.id, p.name, p.uid, p.namespace, p.attempt, p.state, p.created_at_ns,
+                    p.config, json.dumps(p.labels), json.dumps(p.annotations), p.ip,
+                    json.dumps(p.additional_ips), p.netns_path, p.runtime_handler))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"pod sandbox {p.namespace}/{p.name} (uid {p.uid}, attempt "
+                                    f"{p.attempt}) already exists") from None
+        await self.db.transaction(tx)
+
+    async def update_pod(self, p: PodRecord) -> None:
+        await self.db.transaction(lambda c: c.execute(
+            "UPDATE pods SET state=?, ip=?, additional_ips=?, netns_path=? WHERE id=?",
+            (p.state, p.ip, json.dumps(p.additional_ips), p.netns_path, p.id)))
+
+    async def pod(self, pod_id: str) -> PodRecord:
+        """By full id or unique prefix (crictl passes short ids)."""
+        rows = await self.db.run(lambda c: c.execute(
+            "SELECT * FROM pods WHERE id LIKE ? LIMIT 2", (f"{pod_id}%",)).fetchall())
+        if len(rows) != 1 or not pod_id:
+            raise NotFound(f"pod sandbox {pod_id!r} not found")
+        return _pod(rows[0])
+
+    async def pods(self) -> list[PodRecord]:
+        rows = await self.db.run(lambda c: c.execute(
+            "SELECT * FROM pods ORDER BY created_at_ns").fetchall())
+        return [_pod(r) for r in rows]
+
+    async def delete_pod(self, pod_id: str) -> None:
+        await self.db.transaction(lambda c: c.execute("DELETE FROM pods WHERE id=?", (pod_id,)))
+
+    async def add_container(self, r: ContainerRecord) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            try:
+                c.execute("INSERT INTO containers VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", (
+                    r.id, r.pod_id, r.name, r.attempt, r.created_at_ns, r.image, r.image_ref,
+                    r.image_id, r.config, json.dumps(r.labels), json.dumps(r.annotations),
+                    r.log_path))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"container {r.name} (attempt {r.attempt}) already exists "
+                                    f"in pod {r.pod_id}") from None
+        await self.db.transaction(tx)
+
+    async def container(self, container_id: str) -> ContainerRecord:
+        rows = await self.db.run(lambda c: c.execute(
+            "SELECT * FROM containers WHERE id LIKE ? LIMIT 2", (f"{container_id}%",)).fetchall())
+        if len(rows) != 1 or not container_id:
+            raise NotFound(f"container {container_id!r} not found")
+        return _ctr(rows[0])
+
+    async def containers(self, pod_id: str | None = None) -> list[ContainerRecord]:
+        if pod_id is None:
+            rows = await self.db.run(lambda c: c.execute(
+                "SELECT * FROM containers ORDER BY created_at_ns").fetchall())
+        else:
+            rows = await self.db.run(lambda c: c.execute(
+                "SELECT * FROM containers WHERE pod_id=? ORDER BY created_at_ns",
+                (pod_id,)).fetchall())
+        return [_ctr(r) for r in rows]
+
+    async def delete_container(self, container_id: str) -> None:
+        await self.db.transaction(lambda c: c.execute(
+            "DELETE FROM containers WHERE id=?", (container_id,)))
