@@ -1,13 +1,70 @@
-"""Bus edge of the puller: the commands it serves on shoal.v1.<node>.images.<verb>.
+"""Bus edge of the puller: commands on shoal.v1.<node>.images.<verb>.
 
-Owns: content store, image records, registry access.
-Domain commands arrive with their issues; every replica already
-answers the runner's built-in `health` and `ping`."""
+Owns: the content store, image records, registry access.
+Every replica also answers the runner's built-in `health` and `ping`."""
 
 from __future__ import annotations
 
-from typing import Any
+from shoal_common.bus import RequestContext, Router
+from shoal_common.errors import Invalid
+from shoal_common.messages.images import (
+    MAX_CONTENT_READ,
+    ContentInfo,
+    ContentInfoRequest,
+    ContentReadReply,
+    ContentReadRequest,
+    ContentUsageReply,
+    ContentUsageRequest,
+    ImageGetRequest,
+    ImageInfo,
+    ImageListReply,
+    ImageListRequest,
+    ImageRemoveReply,
+    ImageRemoveRequest,
+    PullReply,
+    PullRequest,
+)
 
-from shoal_common.bus import Router
+from shoal_puller.app import PullerApp
 
-router: Router[Any] = Router()
+router: Router[PullerApp] = Router()
+Ctx = RequestContext[PullerApp]
+
+
+@router.command("pull")
+async def pull(ctx: Ctx, req: PullRequest) -> PullReply:
+    return PullReply(image=await ctx.app.puller.pull(ctx.namespace, req))
+
+
+@router.command("get")
+async def get(ctx: Ctx, req: ImageGetRequest) -> ImageInfo:
+    return await ctx.app.catalog.get(ctx.namespace, req.ref, req.with_config)
+
+
+@router.command("list")
+async def list_images(ctx: Ctx, req: ImageListRequest) -> ImageListReply:
+    return ImageListReply(images=await ctx.app.catalog.list(ctx.namespace, req.ref,
+                                                               req.with_config))
+
+
+@router.command("remove")
+async def remove(ctx: Ctx, req: ImageRemoveRequest) -> ImageRemoveReply:
+    return await ctx.app.catalog.remove(ctx.namespace, req.ref)
+
+
+@router.command("usage")
+async def usage(ctx: Ctx, req: ContentUsageRequest) -> ContentUsageReply:
+    return ctx.app.catalog.usage()
+
+
+@router.command("content.info")
+async def content_info(ctx: Ctx, req: ContentInfoRequest) -> ContentInfo:
+    return ContentInfo(digest=req.digest, size=ctx.app.catalog.content.size(req.digest))
+
+
+@router.command("content.read")
+async def content_read(ctx: Ctx, req: ContentReadRequest) -> ContentReadReply:
+    if req.offset < 0 or not 0 < req.size <= MAX_CONTENT_READ:
+        raise Invalid(f"content.read: offset must be >= 0 and size in 1..{MAX_CONTENT_READ}")
+    data, total = await ctx.app.catalog.content.read_range(req.digest, req.offset, req.size)
+    return ContentReadReply(data=data, total=total)

@@ -143,6 +143,20 @@ class ContentStore:
         except FileNotFoundError:
             raise NotFound(f"blob {digest} is not in the content store") from None
 
+    async def read_range(self, digest: str, offset: int, size: int) -> tuple[bytes, int]:
+        """(up to `size` bytes at `offset`, the blob's total size), read off the loop."""
+
+        def read() -> tuple[bytes, int]:
+            try:
+                with open(self.blob_path(digest), "rb") as fh:
+                    total = os.fstat(fh.fileno()).st_size
+                    fh.seek(offset)
+                    return fh.read(size), total
+            except FileNotFoundError:
+                raise NotFound(f"blob {digest} is not in the content store") from None
+
+        return await asyncio.to_thread(read)
+
     def ingest_size(self, digest: str) -> int:
         """Bytes of a blob being written right now (by anyone on the node), for progress."""
         try:

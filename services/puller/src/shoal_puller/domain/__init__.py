@@ -1,0 +1,1 @@
+"""Domain logic of the puller: pulling images, removing them, garbage collection."""

@@ -1,0 +1,18 @@
+"""Puller metrics (registry-level ones live in registry/metrics.py)."""
+
+from prometheus_client import Counter, Histogram
+
+PULL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+PULLS = Counter("shoal_puller_pulls_total", "Image pulls, by outcome (ok or error code).",
+                ["outcome"])
+PULL_SECONDS = Histogram("shoal_puller_pull_seconds", "Whole pull time (resolve to record).",
+                         buckets=PULL_BUCKETS)
+FETCH_SECONDS = Histogram("shoal_puller_fetch_seconds",
+                          "Time fetching an image's layers (unpack is measured by the "
+                          "snapshotter).", buckets=PULL_BUCKETS)
+FETCHED_BYTES = Counter("shoal_puller_layer_bytes_fetched_total",
+                        "Layer bytes written to the content store from registries.")
+RESUMED = Counter("shoal_puller_resumed_downloads_total",
+                  "Layer downloads resumed from a partial ingest file.")
+GC_DELETED = Counter("shoal_puller_gc_blobs_deleted_total", "Blobs removed by garbage collection.")

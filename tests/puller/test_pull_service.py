@@ -1,0 +1,135 @@
+"""The puller process under faults: stalls, dropped connections, kill -9 mid-download,
+and garbage collection that never takes a blob from an in-flight pull."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from faulty_registry import FaultyRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from shoal_common.bus import Bus
+from shoal_common.errors import Unavailable
+from shoal_common.messages.images import PullReply, PullRequest
+from shoal_puller.store.content import ContentStore
+from shoal_puller.store.images import ImageStore, ManifestRecord
+from support.images import LayerBuilder, build_image, push
+from support.processes import ServiceProcess, ServiceSet
+from support.registry import Registry
+
+pytestmark = pytest.mark.e2e
+
+
+def metric(sp: ServiceProcess, name: str) -> float:
+    text = urllib.request.urlopen(f"http://{sp.metrics_addr}/metrics", timeout=5).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name)
+
+
+def big_image(tag: str) -> tuple[object, int]:
+    # Random, so gzip cannot shrink it: the blob is ~6 MB on the wire.
+    layer = LayerBuilder().file(f"{tag}.bin", os.urandom(6 * 1024 * 1024)).build()
+    return build_image([layer], cmd=["true"]), layer.size
+
+
+async def pull(bus: Bus, ref: str, timeout: float = 60) -> PullReply:
+    return await bus.request("images", "pull", PullRequest(ref=ref, pull_id=uuid.uuid4().hex),
+                             PullReply, namespace="k8s.io", timeout=timeout,
+                             attempt_timeout=timeout, retries=0)
+
+
+async def start_puller(services: ServiceSet, *sets: str) -> ServiceProcess:
+    extra = [a for s in sets for a in ("--set", s)]
+    sp = services.start("puller", extra=extra)
+    await asyncio.to_thread(services.wait_serving, sp)
+    return sp
+
+
+async def test_a_stalled_download_fails_clearly_instead_of_hanging(
+        services: ServiceSet, registry: Registry, front: FaultyRegistry, bus: Bus) -> None:
+    image, _ = big_image("stall")
+    push(registry.url, "faults/stall", "1", image)
+    front.stall(r"/blobs/sha256:" + image.layers[0].digest.split(":")[1], after=200_000,
+                seconds=30)
+    await start_puller(services, "services.puller.progress_window=2",
+                       "services.puller.min_progress_bytes=10000")
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="stalled"):
+        await pull(bus, f"{front.host}/faults/stall:1")
+    assert time.monotonic() - started < 20
+
+
+async def test_dropped_connections_resume_within_a_pull(
+        services: ServiceSet, registry: Registry, front: FaultyRegistry, bus: Bus) -> None:
+    image, size = big_image("cut")
+    push(registry.url, "faults/cut", "1", image)
+    blob = r"/blobs/sha256:" + image.layers[0].digest.split(":")[1]
+    front.cut(blob, after=1_000_000, times=2)
+    sp = await start_puller(services)
+    reply = await pull(bus, f"{front.host}/faults/cut:1")
+    assert reply.image.id == image.config_digest
+    ranges = [s.headers.get("Range") for s in front.seen(blob)]
+    assert ranges[0] is None and ranges[1] and ranges[2], ranges
+    assert metric(sp, "shoal_puller_layer_bytes_fetched_total") == size
+
+
+async def test_kill_9_mid_download_then_restart_resumes_from_the_ingest(
+        services: ServiceSet, registry: Registry, front: FaultyRegistry, bus: Bus) -> None:
+    image, size = big_image("kill")
+    push(registry.url, "faults/kill", "1", image)
+    blob = r"/blobs/sha256:" + image.layers[0].digest.split(":")[1]
+    front.stall(blob, after=2_000_000, seconds=60)
+    first = await start_puller(services)
+    attempt = asyncio.create_task(pull(bus, f"{front.host}/faults/kill:1", timeout=120))
+    ingest = services.node.state_root / "puller" / "content" / "ingest"
+    data = ingest / (image.layers[0].digest.split(":")[1] + ".data")
+    for _ in range(200):
+        if data.exists() and data.stat().st_size >= 2_000_000:
+            break
+        await asyncio.sleep(0.05)
+    assert data.stat().st_size >= 2_000_000
+    await asyncio.to_thread(first.kill9)
+    attempt.cancel()
+    second = await start_puller(services)
+    reply = await pull(bus, f"{front.host}/faults/kill:1")
+    assert reply.image.id == image.config_digest
+    assert metric(second, "shoal_puller_resumed_downloads_total") == 1
+    fetched = metric(second, "shoal_puller_layer_bytes_fetched_total")
+    assert fetched == size - 2_000_000
+    blobs = services.node.state_root / "puller" / "content" / "blobs" / "sha256"
+    assert (blobs / image.layers[0].digest.split(":")[1]).stat().st_size == size
+    assert not data.exists()
+
+
+async def test_gc_never_takes_a_leased_blob(tmp_path: Path) -> None:
+    content = ContentStore(tmp_path / "content")
+    images = ImageStore(tmp_path / "meta.db")
+    await images.open()
+    try:
+        data = os.urandom(1000)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        await images.lease("pull-1", [digest], ttl=60)
+        await content.put(digest, data)
+        assert await images.unreferenced([digest]) == []
+        await images.drop_lease("pull-1")
+        assert await images.unreferenced([digest]) == [digest]
+        # Once a name references it, it is kept without a lease too.
+        await images.put("k8s.io", ["r/x:1"], digest, "m", ManifestRecord(
+            digest=digest, media_type="m", config_digest=digest, size=1000, layers=[]),
+            [digest])
+        assert await images.unreferenced([digest]) == []
+        # Expired leases stop protecting (a crashed pull does not pin blobs forever).
+        await images.lease("pull-2", ["sha256:" + "0" * 64], ttl=-1)
+        assert await images.unreferenced(["sha256:" + "0" * 64]) == ["sha256:" + "0" * 64]
+        # A blob whose lock is held (being written) is never deleted.
+        async with content.writer("sha256:" + "1" * 64, 10):
+            with content.try_locked("sha256:" + "1" * 64) as got:
+                assert not got
+    finally:
+        await images.close()
