@@ -67,3 +67,31 @@ def test_example_config_documents_the_defaults() -> None:
     loaded = msgspec.to_builtins(load_config(str(example), env={}))
     defaults = msgspec.to_builtins(load_config(env={}))
     assert loaded == defaults
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ('services.puller.registries."https://docker.io".mirrors=[]',
+     'registries."https://docker.io": \'https://docker.io\' is not a registry host '
+     "(name the registry as image references do"),
+    ('services.puller.registries."docker.io/library".plain_http=true',
+     "is not a registry host"),
+    ('services.puller.registries."docker.io".mirrors=["mirror.local:5000"]',
+     'mirrors[0]: \'mirror.local:5000\' is not an http:// or https:// URL'),
+    ('services.puller.registries."docker.io".ca_file="/nonexistent/ca.pem"',
+     "ca_file: /nonexistent/ca.pem: no such file"),
+    ('services.puller.registries."docker.io".mirros=[]', "mirros: unknown key"),
+    ("services.puller.max_concurrent_downloads=0", "max_concurrent_downloads: must be >= 1"),
+])
+def test_malformed_registry_settings_are_refused_loudly(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides=[override])
+    assert message in str(info.value)
+
+
+def test_registry_settings_accepted() -> None:
+    cfg = load_config(env={}, overrides=[
+        'services.puller.registries."docker.io".mirrors=["http://127.0.0.1:5000", '
+        '"https://mirror.example/prefix"]',
+        'services.puller.registries."localhost:5000".plain_http=true'])
+    assert cfg.services.puller.registries["docker.io"].mirrors[1] == "https://mirror.example/prefix"
+    assert cfg.services.puller.registries["localhost:5000"].plain_http

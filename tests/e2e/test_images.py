@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shoal_common import subjects
 from shoal_common.bus import Bus
 from shoal_common.messages.images import ImageCreate, ImageDelete
+from support.faulty_registry import FaultyRegistry
 from support.images import LayerBuilder, build_image, build_index, busybox_image, push
 from support.processes import ServiceSet
 from support.registry import Registry
@@ -129,7 +130,7 @@ async def test_same_image_pulled_concurrently_by_two_replicas_downloads_once(
     async with channel(services) as ch:
         images = cri_grpc.ImageServiceStub(ch)
         results = await asyncio.gather(*(images.PullImage(cri.PullImageRequest(
-            image=cri.ImageSpec(image=ref))) for _ in range(4)))
+            image=cri.ImageSpec(image=ref))) for _ in range(10)))
     assert {r.image_ref for r in results} == {image.config_digest}
     pullers = [sp for sp in services if sp.service == "puller"]
     fetched = sum(metric_total(sp.metrics_addr, "shoal_puller_layer_bytes_fetched_total")
@@ -216,3 +217,73 @@ async def test_shoal_pull_images_rmi_cli(services: ServiceSet, registry: Registr
     assert removed.returncode == 0 and "Untagged:" in removed.stdout
     missing = await asyncio.to_thread(shoal, "rmi", f"{registry.host}/e2e/cli")
     assert missing.returncode == 1 and "not found" in missing.stderr
+
+
+async def test_gzip_zstd_and_uncompressed_layers(services: ServiceSet, registry: Registry,
+                                                 bus: Bus) -> None:
+    layers = [LayerBuilder().file(f"{kind}.txt", str(kind).encode() * 1000).build(
+        compression=kind) for kind in ("gzip", "zstd", None)]
+    image = build_image(layers, cmd=["true"])
+    push(registry.url, "e2e/compressions", "1", image)
+    await start(services, "puller", "cri-gateway")
+    async with channel(services) as ch:
+        images = cri_grpc.ImageServiceStub(ch)
+        got = await images.PullImage(cri.PullImageRequest(
+            image=cri.ImageSpec(image=f"{registry.host}/e2e/compressions:1")))
+        status = await images.ImageStatus(cri.ImageStatusRequest(
+            image=cri.ImageSpec(image=got.image_ref), verbose=True))
+    media = [layer["mediaType"] for layer in json.loads(status.info["info"])["layers"]]
+    assert media == [layer.media_type for layer in layers]
+    assert media[1].endswith("+zstd") and media[2].endswith(".tar")
+
+
+async def test_basic_auth_htpasswd_registry(services: ServiceSet, tmp_path: Path) -> None:
+    import base64
+    import crypt  # bcrypt through libxcrypt: what the registry's htpasswd needs
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"alice:{crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
+    creds = {"Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode()}
+    with Registry(tmp_path / "storage", auth={"htpasswd": {
+            "realm": "shoal-test", "path": str(htpasswd)}}) as private:
+        image = build_image([LayerBuilder().file("secret", b"private").build()], cmd=["x"])
+        push(private.url, "private/img", "1", image, headers=creds)
+        await start(services, "puller", "cri-gateway")
+        ref = cri.ImageSpec(image=f"{private.host}/private/img:1")
+        async with channel(services) as ch:
+            images = cri_grpc.ImageServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await images.PullImage(cri.PullImageRequest(image=ref))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await images.PullImage(cri.PullImageRequest(image=ref, auth=cri.AuthConfig(
+                    username="alice", password="wrong")))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            got = await images.PullImage(cri.PullImageRequest(image=ref, auth=cri.AuthConfig(
+                username="alice", password="s3cret")))
+            assert got.image_ref == image.config_digest
+            auth_field = base64.b64encode(b"alice:s3cret").decode()
+            await images.RemoveImage(cri.RemoveImageRequest(image=ref))
+            got = await images.PullImage(cri.PullImageRequest(image=ref, auth=cri.AuthConfig(
+                auth=auth_field)))
+            assert got.image_ref == image.config_digest
+
+
+async def test_corrupted_blob_is_rejected(services: ServiceSet, registry: Registry,
+                                          bus: Bus) -> None:
+
+    image = build_image([LayerBuilder().file("x", b"original content" * 100).build()])
+    push(registry.url, "e2e/corrupt", "1", image)
+    async with FaultyRegistry(registry.url) as front:
+        front.tamper(r"/blobs/" + image.layers[0].digest,
+                     lambda data: data[:-1] + bytes([data[-1] ^ 0xFF]))
+        await start(services, "puller", "cri-gateway")
+        async with channel(services) as ch:
+            images = cri_grpc.ImageServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await images.PullImage(cri.PullImageRequest(
+                    image=cri.ImageSpec(image=f"{front.host}/e2e/corrupt:1")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bad content" in (err.value.details() or "")
+    blobs = services.node.state_root / "puller" / "content" / "blobs" / "sha256"
+    assert not (blobs / image.layers[0].digest.removeprefix("sha256:")).exists()

@@ -123,3 +123,24 @@ def test_status_reports_down_services(tmp_path: Path, nats_url: str) -> None:
     result = status(["--node-id", "nobody-here", "--nats-url", nats_url, "--wait", "0.3"])
     assert result.returncode == 1
     assert result.stdout.count("DOWN") == len(SERVICES)
+
+
+def test_up_with_external_nats_starts_no_server(tmp_path: Path, nats_url: str) -> None:
+    argv = [SHOAL, "up", "--node-id", "extnode", "--nats-url", nats_url,
+            "--state-root", str(tmp_path / "state"), "--run-root", str(tmp_path / "run"),
+            "--set", "launcher.metrics_addr=127.0.0.1:0",
+            *(a for s in SERVICES for a in ("--set",
+                                             f"services.{s.config_key}.metrics_addr=127.0.0.1:0"))]
+    out_path = tmp_path / "up.out"
+    with open(out_path, "wb") as out:
+        up = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "Press Ctrl-C" in out_path.read_text() or up.poll() is not None,
+                 60, "shoal up to report ready")
+        assert f"{nats_url} (external)" in out_path.read_text()
+        assert not (tmp_path / "state" / "nats").exists()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+    assert pids_mentioning(str(tmp_path)) == []

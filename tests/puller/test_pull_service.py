@@ -12,13 +12,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from faulty_registry import FaultyRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from shoal_common.bus import Bus
 from shoal_common.errors import Unavailable
 from shoal_common.messages.images import PullReply, PullRequest
 from shoal_puller.store.content import ContentStore
 from shoal_puller.store.images import ImageStore, ManifestRecord
+from support.faulty_registry import FaultyRegistry
 from support.images import LayerBuilder, build_image, push
 from support.processes import ServiceProcess, ServiceSet
 from support.registry import Registry

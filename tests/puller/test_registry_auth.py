@@ -9,7 +9,6 @@ from urllib.parse import parse_qs
 
 import pytest
 from aiohttp import web
-from faulty_registry import FaultyRegistry, MakeClient, Pushed, TokenServer, basic_gate
 from shoal_common.config import RegistryHostConfig
 from shoal_common.errors import FailedPrecondition, Invalid
 from shoal_puller.registry import Credentials, parse_reference
@@ -20,6 +19,7 @@ from shoal_puller.registry.auth import (
     parse_challenges,
     registry_host_key,
 )
+from support.faulty_registry import FaultyRegistry, MakeClient, Pushed, TokenServer, basic_gate
 
 # ------------------------------------------------------------------------------- units
 

@@ -11,16 +11,6 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from faulty_registry import (
-    BlobStorage,
-    FaultyRegistry,
-    MakeClient,
-    Pushed,
-    TokenServer,
-    basic_gate,
-    collect,
-    sha256,
-)
 from prometheus_client import REGISTRY as PROMETHEUS
 from shoal_common.config import RegistryHostConfig
 from shoal_common.errors import FailedPrecondition, Invalid, NotFound, ShoalError, Unavailable
@@ -34,6 +24,16 @@ from shoal_puller.registry import (
     RegistryClient,
     parse_reference,
     select_manifest,
+)
+from support.faulty_registry import (
+    BlobStorage,
+    FaultyRegistry,
+    MakeClient,
+    Pushed,
+    TokenServer,
+    basic_gate,
+    collect,
+    sha256,
 )
 from support.ports import free_port
 from support.registry import Registry

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Self
 
 Schema = Literal["oci", "docker"]
-Compression = Literal["gzip"] | None
+Compression = Literal["gzip", "zstd"] | None
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -115,6 +115,11 @@ class Layer:
         if compression == "gzip":
             blob = gzip.compress(tar, compresslevel=6, mtime=0)
             default_type = OCI_LAYER_GZIP
+        elif compression == "zstd":
+            import zstandard  # only needed for zstd layers
+
+            blob = zstandard.ZstdCompressor(level=3).compress(tar)
+            default_type = OCI_LAYER_TAR + "+zstd"
         elif compression is None:
             blob = tar
             default_type = OCI_LAYER_TAR

@@ -23,6 +23,7 @@ from typing import Self
 import aiohttp
 from aiohttp import web
 from shoal_puller.registry import RegistryClient
+
 from support.images import Image, Index
 
 _PROXIED_HEADERS = ("Content-Type", "Docker-Content-Digest", "Content-Range", "Location",
