@@ -48,7 +48,7 @@ async def test_cri_image_service_round_trip(services: ServiceSet, registry: Regi
                                             bus: Bus) -> None:
     image = busybox_image(user="1000", cmd=["sh"])
     digest = push(registry.url, "e2e/busybox", "1.0", image)
-    await start(services, "puller", "cri-gateway")
+    await start(services, "puller", "snapshotter", "cri-gateway")
     ref = f"{registry.host}/e2e/busybox:1.0"
     js = bus.nc.jetstream()
     events = await js.subscribe(subjects.event_filter(services.node.node_id, "k8s.io"),
@@ -77,8 +77,15 @@ async def test_cri_image_service_round_trip(services: ServiceSet, registry: Regi
             filter=cri.ImageFilter(image=cri.ImageSpec(image=ref))))
         assert [i.id for i in filtered.images] == [image.config_digest]
 
-        fs = await images.ImageFsInfo(cri.ImageFsInfoRequest())
-        assert fs.image_filesystems[0].used_bytes.value >= img.size
+        # The snapshotter unpacks on images.create; the image fs is its state dir.
+        snapshots = services.node.state_root / "snapshotter"
+        for _ in range(100):
+            fs = await images.ImageFsInfo(cri.ImageFsInfoRequest())
+            if fs.image_filesystems[0].used_bytes.value > 1_000_000:
+                break
+            await asyncio.sleep(0.1)
+        assert fs.image_filesystems[0].used_bytes.value > 1_000_000  # busybox, unpacked
+        assert fs.image_filesystems[0].fs_id.mountpoint == str(snapshots)
 
         missing = await images.ImageStatus(cri.ImageStatusRequest(
             image=cri.ImageSpec(image=f"{registry.host}/e2e/absent:1")))

@@ -97,6 +97,17 @@ class PullerConfig(ServiceConfig):
     registries: dict[str, RegistryHostConfig] = {}
 
 
+class SnapshotterConfig(ServiceConfig):
+    # auto (overlayfs where the kernel mounts it, else native), overlayfs, native
+    driver: str = "auto"
+    # Unpack images as soon as images.create/update arrive (off: only on `unpack` requests).
+    consume_events: bool = True
+    events_ack_wait: float = 30.0  # an unacknowledged event is redelivered after this
+    events_max_deliver: int = 6
+    event_concurrency: int = 4
+    unpack_workers: int = 4
+
+
 class ExecutorConfig(ServiceConfig):
     # The default OCI runtime binary (looked up in PATH unless absolute).
     runtime_path: str = "runc"
@@ -121,7 +132,7 @@ def _svc(cls: type[ServiceConfig] = ServiceConfig) -> Any:
 
 class ServicesConfig(_Section):
     puller: PullerConfig = _svc(PullerConfig)
-    snapshotter: ServiceConfig = _svc()
+    snapshotter: SnapshotterConfig = _svc(SnapshotterConfig)
     executor: ExecutorConfig = _svc(ExecutorConfig)
     supervisor: SupervisorConfig = _svc(SupervisorConfig)
     cri_gateway: ServiceConfig = _svc()
@@ -266,6 +277,13 @@ def _validate(cfg: Config) -> None:
         if section.shutdown_timeout < 0:
             raise bad(f"{key}.shutdown_timeout", "must be >= 0")
     _validate_puller(cfg.services.puller)
+    snap = cfg.services.snapshotter
+    if snap.driver not in {"auto", "overlayfs", "native"}:
+        raise ConfigError(f"config key services.snapshotter.driver: {snap.driver!r} is not one "
+                          "of auto, overlayfs, native")
+    for key in ("events_ack_wait", "events_max_deliver", "event_concurrency", "unpack_workers"):
+        if getattr(snap, key) <= 0:
+            raise ConfigError(f"config key services.snapshotter.{key}: must be > 0")
     _check_addr(cfg.launcher.metrics_addr, "launcher.metrics_addr")
     _check_addr(cfg.nats.embedded.listen, "nats.embedded.listen")
     if cfg.log.level.lower() not in {"debug", "info", "warning", "error"}:

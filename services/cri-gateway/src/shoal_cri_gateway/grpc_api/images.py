@@ -11,8 +11,6 @@ from cri_api.v1 import api_pb2_grpc as cri_grpc
 from shoal_common.bus import Bus
 from shoal_common.errors import Invalid, NotFound
 from shoal_common.messages.images import (
-    ContentUsageReply,
-    ContentUsageRequest,
     ImageGetRequest,
     ImageInfo,
     ImageListReply,
@@ -23,6 +21,7 @@ from shoal_common.messages.images import (
     PullRequest,
     RegistryAuth,
 )
+from shoal_common.messages.snapshots import FsUsageReply, FsUsageRequest
 
 from shoal_cri_gateway.grpc_api.rpc import rpc
 
@@ -133,8 +132,9 @@ class ImageService(cri_grpc.ImageServiceServicer):
     @rpc
     async def ImageFsInfo(self, request: cri.ImageFsInfoRequest,
                           context: grpc.aio.ServicerContext) -> cri.ImageFsInfoResponse:
-        usage = await self.bus.request("images", "usage", ContentUsageRequest(),
-                                       ContentUsageReply)
+        # Like containerd: the image filesystem is where the snapshotter keeps the
+        # unpacked layers (the compressed blobs are a cache of the registry).
+        usage = await self.bus.request("snapshots", "fsusage", FsUsageRequest(), FsUsageReply)
         fs = cri.FilesystemUsage(timestamp=usage.timestamp_ns,
                                  fs_id=cri.FilesystemIdentifier(mountpoint=usage.mountpoint))
         fs.used_bytes.value = usage.used_bytes

@@ -1,0 +1,1 @@
+"""Snapshotter domain: snapshots, drivers, layer unpack, image references."""

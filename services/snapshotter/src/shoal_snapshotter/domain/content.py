@@ -1,0 +1,138 @@
+"""Reading layer blobs from the content store (the puller) as a stream a thread can consume.
+
+The layer applier is synchronous and runs in a worker thread; blob chunks arrive over the
+bus on the event loop. `Prefetcher` keeps a few `content.read` requests in flight ahead of
+the reader (so the applier rarely waits a round trip), and `ThreadReader` is the file-like
+object the thread reads, each refill handed to the loop with run_coroutine_threadsafe.
+Memory stays bounded by `ahead` chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import io
+from typing import Protocol
+
+from shoal_common.bus import Bus
+from shoal_common.errors import Internal
+from shoal_common.messages.images import (
+    MAX_CONTENT_READ,
+    ContentInfo,
+    ContentInfoRequest,
+    ContentReadReply,
+    ContentReadRequest,
+)
+
+
+class ContentSource(Protocol):
+    async def size(self, digest: str) -> int: ...
+
+    async def read(self, digest: str, offset: int, size: int) -> bytes: ...
+
+
+class BusContent:
+    """The puller's content store over `images.content.info` / `images.content.read`."""
+
+    def __init__(self, bus: Bus, namespace: str, *, timeout: float = 30.0) -> None:
+        self.bus = bus
+        self.namespace = namespace
+        self.timeout = timeout
+
+    async def size(self, digest: str) -> int:
+        reply = await self.bus.request("images", "content.info", ContentInfoRequest(digest=digest),
+                                       ContentInfo, namespace=self.namespace)
+        return reply.size
+
+    async def read(self, digest: str, offset: int, size: int) -> bytes:
+        reply = await self.bus.request(
+            "images", "content.read", ContentReadRequest(digest=digest, offset=offset, size=size),
+            ContentReadReply, namespace=self.namespace, timeout=self.timeout)
+        return reply.data
+
+
+class Prefetcher:
+    """Hands out a blob's bytes in order, keeping up to `ahead` reads in flight."""
+
+    def __init__(self, source: ContentSource, digest: str, total: int, *,
+                 chunk: int = MAX_CONTENT_READ, ahead: int = 4) -> None:
+        self.source = source
+        self.digest = digest
+        self.total = total
+        self.chunk = chunk
+        self.ahead = ahead
+        self._next = 0
+        self._pending: collections.deque[tuple[int, asyncio.Task[bytes]]] = collections.deque()
+
+    def _fill(self) -> None:
+        while self._next < self.total and len(self._pending) < self.ahead:
+            size = min(self.chunk, self.total - self._next)
+            task = asyncio.create_task(self.source.read(self.digest, self._next, size))
+            self._pending.append((self._next, task))
+            self._next += size
+
+    async def next(self) -> bytes:
+        """The next chunk, b"" at the end."""
+        self._fill()
+        if not self._pending:
+            return b""
+        offset, task = self._pending.popleft()
+        data = await task
+        expected = min(self.chunk, self.total - offset)
+        if len(data) != expected:
+            raise Internal(f"content {self.digest}: read at {offset} returned {len(data)} "
+                           f"bytes, expected {expected}")
+        self._fill()
+        return data
+
+    def close(self) -> None:
+        for _, task in self._pending:
+            task.cancel()
+        self._pending.clear()
+
+
+class ThreadReader(io.RawIOBase):
+    """A blocking, readable stream over a Prefetcher, for use off the event loop only."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fetch: Prefetcher) -> None:
+        super().__init__()
+        self._loop = loop
+        self._fetch = fetch
+        self._buf = memoryview(b"")
+        self._eof = False
+        self._aborted = False
+        self._current: concurrent.futures.Future[bytes] | None = None
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        """Make the reading thread fail at its next read (called from the loop)."""
+        self._aborted = True
+        if self._current is not None:
+            self._current.cancel()
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            if self._eof:
+                return 0
+            if self._aborted:
+                raise Internal("layer read aborted")
+            self._current = asyncio.run_coroutine_threadsafe(self._fetch.next(), self._loop)
+            try:
+                data = self._current.result()
+            except concurrent.futures.CancelledError:
+                raise Internal("layer read aborted") from None
+            finally:
+                self._current = None
+            if not data:
+                self._eof = True
+                return 0
+            self._buf = memoryview(data)
+            self.bytes_read += len(data)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n

@@ -1,0 +1,1 @@
+"""Snapshotter storage: snapshot metadata and image references in SQLite."""
