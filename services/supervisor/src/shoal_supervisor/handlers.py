@@ -5,17 +5,87 @@ Every replica also answers the runner's built-in `health` and `ping`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from shoal_common.bus import RequestContext, Router
 from shoal_common.messages import RuntimeStatusReply, RuntimeStatusRequest
+from shoal_common.messages.monitor import (
+    ExecSyncReply,
+    ExecSyncRequest,
+    KillRequest,
+    MonitorCreateRequest,
+    StatsReply,
+    StatsRequest,
+    StopRequest,
+    TaskIdRequest,
+    TaskListReply,
+    TaskListRequest,
+    TaskState,
+    UpdateRequest,
+)
 from shoal_common.probe import probe_binary
 
-router: Router[Any] = Router()
+from shoal_supervisor.app import SupervisorApp
+
+router: Router[SupervisorApp] = Router()
+Ctx = RequestContext[SupervisorApp]
 
 
 @router.command("status")
-async def status(ctx: RequestContext[Any], req: RuntimeStatusRequest) -> RuntimeStatusReply:
+async def status(ctx: Ctx, req: RuntimeStatusRequest) -> RuntimeStatusReply:
     """Ready when conmon can be run; the gateway folds this into CRI Status."""
     component = await probe_binary("conmon", ctx.bus.config.services.supervisor.conmon_path)
     return RuntimeStatusReply(ready=component.ok, components=[component])
+
+
+@router.command("create")
+async def create(ctx: Ctx, req: MonitorCreateRequest) -> TaskState:
+    return await ctx.app.tasks.create(ctx.namespace, req, ctx.remaining())
+
+
+@router.command("start")
+async def start(ctx: Ctx, req: TaskIdRequest) -> TaskState:
+    return await ctx.app.tasks.start(req.id)
+
+
+@router.command("state", quiet=True)
+async def state(ctx: Ctx, req: TaskIdRequest) -> TaskState:
+    return await ctx.app.tasks.state(req.id)
+
+
+@router.command("list", quiet=True)
+async def list_tasks(ctx: Ctx, req: TaskListRequest) -> TaskListReply:
+    return TaskListReply(tasks=await ctx.app.tasks.list_tasks(req.sandbox_id))
+
+
+@router.command("kill")
+async def kill(ctx: Ctx, req: KillRequest) -> TaskState:
+    return await ctx.app.tasks.kill(req.id, req.signal, req.all)
+
+
+@router.command("stop")
+async def stop(ctx: Ctx, req: StopRequest) -> TaskState:
+    return await ctx.app.tasks.stop(req.id, req.signal, req.timeout, ctx.remaining())
+
+
+@router.command("delete")
+async def delete(ctx: Ctx, req: TaskIdRequest) -> TaskState:
+    return await ctx.app.tasks.delete(req.id)
+
+
+@router.command("exec_sync")
+async def exec_sync(ctx: Ctx, req: ExecSyncRequest) -> ExecSyncReply:
+    return await ctx.app.tasks.exec_sync(req)
+
+
+@router.command("update")
+async def update(ctx: Ctx, req: UpdateRequest) -> TaskState:
+    return await ctx.app.tasks.update(req.id, req.resources)
+
+
+@router.command("stats", quiet=True)
+async def stats(ctx: Ctx, req: StatsRequest) -> StatsReply:
+    return StatsReply(stats=await ctx.app.tasks.stats(req.ids))
+
+
+@router.command("reopen_log")
+async def reopen_log(ctx: Ctx, req: TaskIdRequest) -> TaskState:
+    return await ctx.app.tasks.reopen_log(req.id)

@@ -323,6 +323,9 @@ class Runtime:
         if record is None:
             return
         try:
+            # The CRI removes running containers too: kill first (a no-op once stopped).
+            await self._monitor("stop", StopRequest(id=container_id, signal=9, timeout=0.0),
+                                namespace)
             await self._monitor("delete", TaskIdRequest(id=container_id), namespace)
         except NotFound:
             pass

@@ -1,0 +1,40 @@
+"""The supervisor's application state, built at start and closed at stop."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from shoal_common.messages import Event
+from shoal_common.service import ServiceContext
+
+from shoal_supervisor.domain.tasks import Layout, TaskManager
+from shoal_supervisor.store.tasks import TaskStore
+
+
+@dataclass
+class SupervisorApp:
+    tasks: TaskManager
+
+
+@contextlib.asynccontextmanager
+async def lifespan(ctx: ServiceContext) -> AsyncIterator[SupervisorApp]:
+    layout = Layout(ctx.state_dir, ctx.run_dir)
+    layout.make()  # before the database file goes in it
+    store = TaskStore(layout.db)
+    await store.open()
+
+    async def publish(event: Event, namespace: str, event_id: str) -> None:
+        await ctx.bus.publish_event(event, namespace=namespace, event_id=event_id)
+
+    manager = TaskManager(store, layout, ctx.config.services.supervisor.conmon_path, publish)
+    try:
+        # Reconciles before the first command is served: exits that happened while no
+        # supervisor ran are recorded (and published) now.
+        await manager.open()
+        yield SupervisorApp(manager)
+    finally:
+        # Containers and their conmons keep running; only our watches stop.
+        await manager.close()
+        await store.close()

@@ -1,0 +1,1 @@
+"""How the supervisor runs containers: conmon + the OCI runtime, exits, OOM, cgroup stats."""

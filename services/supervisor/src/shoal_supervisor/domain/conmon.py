@@ -1,0 +1,304 @@
+"""Driving conmon (Debian's, 2.1.x), the per-container monitor CRI-O uses.
+
+How we talk to it (from conmon's --help, its behaviour, and what it writes):
+- `_OCI_SYNCPIPE=<fd>` with `--api-version 1`: conmon writes one JSON line
+  `{"data": <pid>}` once `runtime create` (or `exec`) succeeded, or
+  `{"data": -1, "message": "<the runtime's stderr>"}` when it failed. For `--exec` a second
+  line carries the exit code (`{"data": -1, "message": "command timed out"}` on `--timeout`).
+  This is how a create learns the container pid or the runtime's own error, without polling.
+- Without `--sync` conmon double-forks and calls setsid(): the monitor and the container
+  outlive the process that started them (a supervisor killed with -9 loses nothing).
+  It ignores SIGPIPE, so our closing the sync pipe early does not hurt it.
+- When the container exits it writes the code to `<persist-dir>/exit` and then
+  `<exit-dir>/<cid>` (atomically: a temp file renamed into place), after draining the
+  container's output into the log. Both directories must exist beforehand.
+- On cgroup v1 it registers its own OOM eventfd and touches `<persist-dir>/oom` (and `oom`
+  in its working directory, so we start it in the task's run directory).
+- The `ctl` FIFO it creates in the bundle takes `<type> <height> <width>\\n` lines:
+  type 1 resizes the terminal, type 2 reopens the log file (CRI ReopenContainerLog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import math
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoal_common.errors import FailedPrecondition, Internal
+
+from shoal_supervisor.domain.metrics import timed
+from shoal_supervisor.domain.runtime import runtime_message
+
+CTL_REOPEN_LOG = 2
+TIMED_OUT_MESSAGE = "command timed out"
+CONMON_LOG = "conmon.log"  # conmon's own stderr before it detaches from it
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    task_id: str
+    bundle: Path
+    runtime: str  # resolved runtime binary
+    runtime_root: str
+    log_path: str  # "" = no log
+    tty: bool
+    stdin: bool
+    stdin_once: bool
+    task_dir: Path  # pid files and conmon's stderr
+    persist_dir: Path
+    exit_dir: Path
+    socket_dir: Path
+
+
+@dataclass(frozen=True)
+class Created:
+    pid: int
+    conmon_pid: int
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+
+
+class _SyncPipe:
+    """The pipe conmon reports on; our end is read without blocking the event loop."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        self._reader: asyncio.StreamReader | None = None
+        self._transport: asyncio.ReadTransport | None = None
+
+    def child_env(self) -> dict[str, str]:
+        return {**os.environ, "_OCI_SYNCPIPE": str(self.write_fd)}
+
+    async def spawned(self) -> None:
+        """The child has its copy: close ours, so EOF means conmon is gone."""
+        os.close(self.write_fd)
+        self.write_fd = -1
+        loop = asyncio.get_running_loop()
+        self._reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(self._reader)
+        self._transport, _ = await loop.connect_read_pipe(
+            lambda: protocol, os.fdopen(self.read_fd, "rb", buffering=0))
+
+    async def message(self) -> dict[str, Any] | None:
+        """The next JSON line, or None at EOF."""
+        assert self._reader is not None
+        line = await self._reader.readline()
+        if not line:
+            return None
+        try:
+            msg: dict[str, Any] = json.loads(line)
+        except json.JSONDecodeError:
+            raise Internal(f"conmon sent an unreadable sync message: {line[:200]!r}") from None
+        return msg
+
+    def close(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+        if self._transport is not None:
+            self._transport.close()
+        elif self.read_fd >= 0:
+            os.close(self.read_fd)
+        self.read_fd = -1
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:].strip()
+    except OSError:
+        return ""
+
+
+def alive(pid: int, task_id: str) -> bool:
+    """Whether `pid` is still the conmon of `task_id` (not a zombie, not a reused pid)."""
+    if pid <= 0:
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and argv[0].endswith(b"conmon") and task_id.encode() in argv
+
+
+def read_pid(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+class Conmon:
+    def __init__(self, path: str, log_level: str = "info") -> None:
+        self.path = path
+        self.log_level = log_level
+
+    async def create(self, spec: CreateSpec, timeout: float) -> Created:
+        """Start a detached conmon that runs `runtime create`; return once the container
+        exists (its init waits for `runtime start`) or raise with the runtime's error."""
+        argv = [
+            self.path, "--api-version", "1",
+            "--cid", spec.task_id, "--cuuid", spec.task_id, "--name", spec.task_id,
+            "--runtime", spec.runtime, "--bundle", str(spec.bundle),
+            "--conmon-pidfile", str(spec.task_dir / "conmon.pid"),
+            "--container-pidfile", str(spec.task_dir / "container.pid"),
+            # k8s-file is the CRI format: "<RFC3339Nano> <stdout|stderr> <P|F> <line>".
+            "--log-path", f"k8s-file:{spec.log_path}" if spec.log_path else "none:",
+            "--exit-dir", str(spec.exit_dir),
+            "--persist-dir", str(spec.persist_dir),
+            "--socket-dir-path", str(spec.socket_dir),
+            "--runtime-arg", f"--root={spec.runtime_root}",
+            "--log-level", self.log_level,
+        ]
+        if spec.tty:
+            argv.append("--terminal")
+        if spec.stdin:
+            argv.append("--stdin")
+            if not spec.stdin_once:
+                argv.append("--leave-stdin-open")
+        conmon_log = spec.task_dir / CONMON_LOG
+        pipe = _SyncPipe()
+        try:
+            with timed("create"):
+                proc = await _spawn(argv, conmon_log, pipe, spec.task_dir)
+                # The first conmon exits as soon as it forked the monitor (or failed early).
+                await proc.wait()
+                conmon_pid = read_pid(spec.task_dir / "conmon.pid")
+                try:
+                    async with asyncio.timeout(timeout):
+                        msg = await pipe.message()
+                except TimeoutError:
+                    _kill(conmon_pid)
+                    raise Internal(f"conmon did not report on {spec.task_id} within "
+                                   f"{timeout:.0f}s") from None
+        finally:
+            pipe.close()
+        if msg is None:
+            why = _tail(conmon_log) or f"exit status {proc.returncode}"
+            raise Internal(f"conmon failed to create {spec.task_id}: {why}")
+        pid = int(msg.get("data", -1))
+        if pid <= 0:
+            text = runtime_message(str(msg.get("message", ""))) or "no error text"
+            raise FailedPrecondition(f"{Path(spec.runtime).name} create {spec.task_id} "
+                                     f"failed: {text}")
+        return Created(pid=pid, conmon_pid=conmon_pid)
+
+    async def exec_sync(self, task_id: str, runtime: str, runtime_root: str,
+                        process: dict[str, Any], work_dir: Path, *, tty: bool,
+                        timeout: float) -> ExecResult:
+        """Run a process in the container under a foreground conmon (`--sync`), which
+        enforces the timeout (it kills the process group) and writes the output as a CRI
+        log that we read back."""
+        spec_path = work_dir / "process.json"
+        spec_path.write_text(json.dumps(process))
+        log_path = work_dir / "exec.log"
+        argv = [
+            self.path, "--api-version", "1",
+            "--cid", task_id, "--cuuid", f"{task_id}-{work_dir.name}", "--name", task_id,
+            "--runtime", runtime, "--exec", "--exec-process-spec", str(spec_path),
+            "--container-pidfile", str(work_dir / "exec.pid"),
+            "--log-path", f"k8s-file:{log_path}",
+            "--runtime-arg", f"--root={runtime_root}",
+            "--log-level", self.log_level, "--sync",
+        ]
+        if tty:
+            argv.append("--terminal")
+        if timeout > 0:
+            argv += ["--timeout", str(max(1, math.ceil(timeout)))]
+        conmon_log = work_dir / CONMON_LOG
+        pipe = _SyncPipe()
+        exec_pid = 0
+        proc: asyncio.subprocess.Process | None = None
+        try:
+            with timed("exec"):
+                proc = await _spawn(argv, conmon_log, pipe, work_dir)
+                started = await pipe.message()
+                if started is None or int(started.get("data", -1)) <= 0:
+                    await proc.wait()
+                    text = (runtime_message(str(started.get("message", ""))) if started
+                            else _tail(conmon_log)) or f"conmon exit status {proc.returncode}"
+                    raise FailedPrecondition(f"exec in {task_id} failed: {text}")
+                exec_pid = int(started["data"])
+                finished = await pipe.message()
+                await proc.wait()
+        except BaseException:
+            # Cancelled (the caller's deadline) or failed: stop the process, then conmon.
+            _kill(exec_pid)
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await asyncio.shield(proc.wait())
+            raise
+        finally:
+            pipe.close()
+        if finished is None:
+            raise Internal(f"conmon exec in {task_id} ended without an exit code: "
+                           f"{_tail(conmon_log) or proc.returncode}")
+        timed_out = finished.get("message") == TIMED_OUT_MESSAGE
+        stdout, stderr = read_cri_log(log_path)
+        return ExecResult(int(finished.get("data", -1)), stdout, stderr, timed_out)
+
+
+def read_cri_log(path: Path) -> tuple[bytes, bytes]:
+    """Rebuild stdout and stderr from a CRI log: F ends a line, P continues it."""
+    streams: dict[bytes, bytearray] = {b"stdout": bytearray(), b"stderr": bytearray()}
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return b"", b""
+    for line in data.split(b"\n"):
+        parts = line.split(b" ", 3)
+        if len(parts) < 3 or parts[1] not in streams:
+            continue
+        out = streams[parts[1]]
+        out += parts[3] if len(parts) > 3 else b""
+        if parts[2] == b"F":
+            out += b"\n"
+    return bytes(streams[b"stdout"]), bytes(streams[b"stderr"])
+
+
+def reopen_log(bundle: Path) -> None:
+    """Ask the container's conmon to reopen its log file (after a rotation)."""
+    try:
+        fd = os.open(bundle / "ctl", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.ENOENT):  # no reader: conmon has exited
+            raise FailedPrecondition("the container's monitor is not running") from None
+        raise
+    try:
+        os.write(fd, f"{CTL_REOPEN_LOG} 0 0\n".encode())
+    finally:
+        os.close(fd)
+
+
+async def _spawn(argv: list[str], log_path: Path, pipe: _SyncPipe,
+                 cwd: Path) -> asyncio.subprocess.Process:
+    """Start conmon with the sync pipe, its own stderr to `log_path` (what it says before
+    it detaches from it is all we get to explain an early failure)."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+            pass_fds=(pipe.write_fd,), env=pipe.child_env(), cwd=cwd)
+    finally:
+        os.close(log_fd)
+    await pipe.spawned()
+    return proc
+
+
+def _kill(pid: int) -> None:
+    if pid > 0:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,202 @@
+"""Pods and containers end to end through the CRI socket: real gateway, executor,
+supervisor (conmon + runc), snapshotter, puller, CNI plugins and registry."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2 as cri
+from cri_api.v1 import api_pb2_grpc as cri_grpc
+from support.images import busybox_image, pause_image, push
+from support.processes import ServiceProcess, ServiceSet
+from support.registry import Registry
+
+pytestmark = pytest.mark.e2e
+_subnets = itertools.count(40)
+
+
+class Cri:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.runtime = cri_grpc.RuntimeServiceStub(channel)
+        self.images = cri_grpc.ImageServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def images(registry: Registry) -> dict[str, str]:
+    push(registry.url, "pods/pause", "1", pause_image())
+    push(registry.url, "pods/busybox", "1", busybox_image())
+    return {"pause": f"{registry.host}/pods/pause:1", "busybox": f"{registry.host}/pods/busybox:1"}
+
+
+async def start_shoal(services: ServiceSet, images: dict[str, str]) -> dict[str, ServiceProcess]:
+    n = next(_subnets)
+    common = ["--set", f'cri.sandbox_image="{images["pause"]}"',
+              "--set", f'services.executor.pod_subnet="10.{n}.0.0/24"',
+              "--set", f'services.executor.cni_bridge="shoalt{n}"']
+    procs = {name: services.start(name, extra=common) for name in (
+        "puller", "snapshotter", "executor", "supervisor", "cri-gateway")}
+    for sp in procs.values():
+        await asyncio.to_thread(services.wait_serving, sp)
+    return procs
+
+
+@pytest.fixture
+async def shoal(services: ServiceSet, images: dict[str, str]) -> AsyncIterator[Cri]:
+    await start_shoal(services, images)
+    async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
+        api = Cri(channel)
+        yield api
+        # Leave nothing behind: pods (and their containers), netns, mounts.
+        pods = await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest())
+        for pod in pods.items:
+            await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
+            await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(
+                pod_sandbox_id=pod.id))
+
+
+def pod_config(tmp: Path, name: str = "web") -> cri.PodSandboxConfig:
+    logs = tmp / f"logs-{name}"
+    logs.mkdir(exist_ok=True)
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, uid=uuid.uuid4().hex, namespace="default"),
+        hostname=name, log_directory=str(logs),
+        dns_config=cri.DNSConfig(servers=["10.96.0.10"], searches=["default.svc"]),
+        labels={"app": name})
+
+
+def container_config(image: str, *command: str, name: str = "main") -> cri.ContainerConfig:
+    return cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
+                               image=cri.ImageSpec(image=image), command=list(command),
+                               log_path=f"{name}.log", labels={"c": name})
+
+
+async def wait_state(api: Cri, cid: str, state: int, timeout: float = 20) -> cri.ContainerStatus:
+    end = time.monotonic() + timeout
+    while True:
+        status = (await api.runtime.ContainerStatus(cri.ContainerStatusRequest(
+            container_id=cid))).status
+        if status.state == state or time.monotonic() > end:
+            return status
+        await asyncio.sleep(0.1)
+
+
+async def test_pod_and_container_lifecycle(shoal: Cri, images: dict[str, str],
+                                           tmp_path: Path) -> None:
+    api = shoal
+    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
+    config = pod_config(tmp_path)
+    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+              ).pod_sandbox_id
+    status = (await api.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
+        pod_sandbox_id=pod_id))).status
+    assert status.state == cri.SANDBOX_READY
+    assert status.network.ip.startswith("10.")
+    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod_id, sandbox_config=config, config=container_config(
+            images["busybox"], "sh", "-c",
+            "echo hello; echo oops >&2; cat /etc/resolv.conf; hostname; sleep 3600"))
+    )).container_id
+    created = await wait_state(api, cid, cri.CONTAINER_CREATED)
+    assert created.state == cri.CONTAINER_CREATED
+    await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+    running = await wait_state(api, cid, cri.CONTAINER_RUNNING)
+    assert running.state == cri.CONTAINER_RUNNING and running.started_at > 0
+    log_file = Path(config.log_directory) / "main.log"
+    for _ in range(50):
+        if log_file.exists() and "default.svc" in log_file.read_text():
+            break
+        await asyncio.sleep(0.1)
+    lines = log_file.read_text().splitlines()
+    assert any(line.split(" ", 3)[1:] == ["stdout", "F", "hello"] for line in lines), lines
+    assert any(line.split(" ", 3)[1:] == ["stderr", "F", "oops"] for line in lines), lines
+    assert any(line.endswith("nameserver 10.96.0.10") for line in lines)
+    assert any(line.endswith(" web") for line in lines)
+
+    out = await api.runtime.ExecSync(cri.ExecSyncRequest(container_id=cid,
+                                                         cmd=["sh", "-c", "echo hi; exit 7"],
+                                                         timeout=10))
+    assert out.stdout == b"hi\n" and out.exit_code == 7
+
+    listed = await api.runtime.ListContainers(cri.ListContainersRequest(
+        filter=cri.ContainerFilter(pod_sandbox_id=pod_id)))
+    assert [c.id for c in listed.containers] == [cid]
+    stats = await api.runtime.ContainerStats(cri.ContainerStatsRequest(container_id=cid))
+    assert stats.stats.memory.working_set_bytes.value > 0
+
+    await api.runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=2))
+    stopped = await wait_state(api, cid, cri.CONTAINER_EXITED)
+    assert stopped.state == cri.CONTAINER_EXITED
+    assert stopped.finished_at >= stopped.started_at
+    await api.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    status = (await api.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
+        pod_sandbox_id=pod_id))).status
+    assert status.state == cri.SANDBOX_NOTREADY
+    await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert not any(name.startswith(f"shoal-{pod_id[:32]}")
+                   for name in os.listdir("/var/run/netns"))
+    pods = await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest())
+    assert pod_id not in [p.id for p in pods.items]
+
+
+async def test_exit_codes_and_reasons(shoal: Cri, images: dict[str, str],
+                                      tmp_path: Path) -> None:
+    api = shoal
+    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
+    config = pod_config(tmp_path, "jobs")
+    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+              ).pod_sandbox_id
+    results = {}
+    for name, script in (("ok", "exit 0"), ("bad", "exit 3")):
+        cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod_id, sandbox_config=config,
+            config=container_config(images["busybox"], "sh", "-c", script, name=name))
+        )).container_id
+        await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+        results[name] = await wait_state(api, cid, cri.CONTAINER_EXITED)
+    assert (results["ok"].exit_code, results["ok"].reason) == (0, "Completed")
+    assert (results["bad"].exit_code, results["bad"].reason) == (3, "Error")
+    # RemoveContainer on a running container kills and removes it (CRI semantics).
+    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod_id, sandbox_config=config,
+        config=container_config(images["busybox"], "sleep", "3600", name="long")))
+    ).container_id
+    await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+    await api.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
+    listed = await api.runtime.ListContainers(cri.ListContainersRequest())
+    assert cid not in [c.id for c in listed.containers]
+
+
+async def test_bad_requests_get_clear_errors(shoal: Cri, images: dict[str, str],
+                                             tmp_path: Path) -> None:
+    api = shoal
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(
+            config=cri.PodSandboxConfig()))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.runtime.StartContainer(cri.StartContainerRequest(container_id="nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    config = pod_config(tmp_path, "errs")
+    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+              ).pod_sandbox_id
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod_id, sandbox_config=config,
+            config=container_config(f"{images['busybox']}-never-pulled", "true")))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,43 @@
+"""Fixtures for the supervisor tests (helpers in supervisor_harness.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from shoal_common.bus import Bus
+from supervisor_harness import Harness
+from support.processes import Node, ServiceSet
+
+
+@pytest.fixture(scope="session")
+def base_spec(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`runc spec`'s default config.json, adjusted per container by the harness."""
+    if shutil.which("runc") is None or shutil.which("conmon") is None:
+        pytest.skip("runc and conmon are required")
+    if os.geteuid() != 0:
+        pytest.skip("running containers needs root")
+    where = tmp_path_factory.mktemp("spec")
+    subprocess.run(["runc", "spec"], cwd=where, check=True)
+    return json.loads((where / "config.json").read_text())
+
+
+@pytest.fixture
+async def sup(node: Node, services: ServiceSet, bus: Bus, base_spec: dict[str, Any],
+              tmp_path: Path) -> AsyncIterator[Harness]:
+    harness = Harness(node, services, bus, base_spec, tmp_path)
+    try:
+        yield harness
+    finally:
+        await harness.close_subscriptions()
+        await asyncio.to_thread(services.stop_all)
+        await asyncio.to_thread(harness.cleanup)
+
+
