@@ -196,8 +196,11 @@ class Puller:
 
     async def _fetch_layers(self, namespace: str, req: PullRequest, ref: Reference,
                             creds: Credentials | None, layers: list[_Layer]) -> None:
+        # Largest first: with a bound on parallel downloads, a big layer started last would
+        # make the whole pull wait for it alone (the semaphore admits in start order).
+        order = sorted(layers, key=lambda layer: layer.size, reverse=True)
         downloads = asyncio.ensure_future(asyncio.gather(
-            *(self._fetch_layer(ref, creds, layer) for layer in layers)))
+            *(self._fetch_layer(ref, creds, layer) for layer in order)))
         watch = asyncio.create_task(self._watch(namespace, req, str(ref), layers, downloads))
         try:
             await downloads
