@@ -110,8 +110,10 @@ class SnapshotterConfig(ServiceConfig):
 
 
 class ExecutorConfig(ServiceConfig):
-    # The default OCI runtime binary (looked up in PATH unless absolute).
+    # The default OCI runtime binary (looked up in PATH unless absolute): handler "runc".
     runtime_path: str = "runc"
+    # More CRI runtime handlers: name → OCI runtime binary, e.g. {crun = "/usr/bin/crun"}.
+    runtime_handlers: dict[str, str] = {}
     # Pod networking: the first config (lexical order) in the conf dir is used; empty =
     # <state_root>/executor/cni/net.d, where Shoal installs its default bridge network
     # (pod_subnet on bridge `cni_bridge`) when the directory holds no config.

@@ -45,7 +45,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[ExecutorApp]:
     records = Records(ctx.state_dir / "executor.db")
     await records.open()
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    runtime = Runtime(RuntimeSettings(ctx.run_dir, cfg.runtime_path, cni), records, ctx.bus)
+    runtime = Runtime(RuntimeSettings(ctx.run_dir, cfg.runtime_path, cni,
+                                      dict(cfg.runtime_handlers)), records, ctx.bus)
     try:
         yield ExecutorApp(runtime, cni)
     finally:

@@ -36,13 +36,14 @@ async def status(ctx: Ctx, req: RuntimeStatusRequest) -> RuntimeStatusReply:
     except ShoalError as exc:
         cni = ComponentStatus(name="cni", path=str(ctx.app.cni.conf_dir), ok=False,
                               error=exc.message)
-    return RuntimeStatusReply(ready=runc.ok, components=[runc, cni])
+    return RuntimeStatusReply(ready=runc.ok, components=[runc, cni],
+                              handlers=["runc", *sorted(ctx.app.runtime.s.handlers)])
 
 
 @router.command("sandbox.create")
 async def sandbox_create(ctx: Ctx, req: SandboxCreateRequest) -> SandboxInfo:
     return await ctx.app.runtime.create_sandbox(req.id, req.config, req.pause_image_config,
-                                                req.rootfs, ctx.namespace)
+                                                req.rootfs, ctx.namespace, req.runtime_handler)
 
 
 @router.command("sandbox.status")
@@ -65,7 +66,8 @@ async def sandbox_remove(ctx: Ctx, req: SandboxIdRequest) -> Empty:
 async def container_create(ctx: Ctx, req: ContainerCreateRequest) -> ContainerCreateReply:
     return await ctx.app.runtime.create_container(req.id, req.sandbox_id, req.config,
                                                   req.sandbox_config, req.image_config,
-                                                  req.rootfs, ctx.namespace)
+                                                  req.rootfs, ctx.namespace,
+                                                  req.runtime_handler)
 
 
 @router.command("container.start")

@@ -22,3 +22,4 @@ class RuntimeStatusRequest(Message):
 class RuntimeStatusReply(Message):
     ready: bool
     components: list[ComponentStatus] = []
+    handlers: list[str] = []  # CRI runtime handlers this service can run

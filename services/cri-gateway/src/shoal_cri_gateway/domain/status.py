@@ -37,6 +37,8 @@ async def _problem(bus: Bus, service: str,
             status = await bus.request(subject, "status", RuntimeStatusRequest(),
                                        RuntimeStatusReply, attempt_timeout=PROBE_TIMEOUT,
                                        retries=1)
+            if service == "executor":
+                components["handlers"] = status.handlers or ["runc"]
             for c in status.components:
                 components[c.name] = {"path": c.path, "ok": c.ok, "version": c.version,
                                       "error": c.error}

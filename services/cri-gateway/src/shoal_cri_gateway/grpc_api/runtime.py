@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 from shoal_common import __version__
 from shoal_common.bus import Bus
-from shoal_common.errors import Invalid
+from shoal_common.errors import Invalid, NotFound, ShoalError
 from shoal_common.messages.monitor import (
     ExecSyncReply,
     ExecSyncRequest,
@@ -21,6 +23,7 @@ from shoal_common.messages.monitor import (
     TaskStats,
     UpdateRequest,
 )
+from shoal_common.messages.snapshots import SnapshotKeyRequest, SnapshotUsage
 
 from shoal_cri_gateway.domain.pods import NAMESPACE, Pods, gather_states
 from shoal_cri_gateway.domain.status import runtime_conditions
@@ -78,7 +81,8 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         response = cri.StatusResponse(status=cri.RuntimeStatus(conditions=[
             cri.RuntimeCondition(type=c.type, status=c.status, reason=c.reason,
                                  message=c.message) for c in conditions]),
-            runtime_handlers=[cri.RuntimeHandler(name="runc")])
+            runtime_handlers=[cri.RuntimeHandler(name=h) for h in components.get(
+                "handlers", ["runc"])])  # type: ignore[union-attr]
         if request.verbose:
             response.info["components"] = json.dumps(components)
             response.info["version"] = json.dumps({"shoal": __version__})
@@ -95,8 +99,6 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     @rpc
     async def RunPodSandbox(self, request: cri.RunPodSandboxRequest,
                             context: grpc.aio.ServicerContext) -> cri.RunPodSandboxResponse:
-        if request.runtime_handler not in ("", "runc"):
-            raise Invalid(f"unknown runtime handler {request.runtime_handler!r} (known: runc)")
         pod = await self.pods.run(request.config, request.runtime_handler)
         return cri.RunPodSandboxResponse(pod_sandbox_id=pod.id)
 
@@ -266,7 +268,8 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
 
     # -- stats -------------------------------------------------------------------------
 
-    def _stats(self, c: ContainerRecord, s: TaskStats) -> cri.ContainerStats:
+    def _stats(self, c: ContainerRecord, s: TaskStats,
+               layer: SnapshotUsage | None) -> cri.ContainerStats:
         stats = cri.ContainerStats(attributes=cri.ContainerAttributes(
             id=c.id, metadata=_ctr_metadata(c), labels=c.labels, annotations=c.annotations))
         stats.cpu.timestamp = s.timestamp_ns
@@ -274,6 +277,11 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         stats.memory.timestamp = s.timestamp_ns
         stats.memory.working_set_bytes.value = s.memory_working_set_bytes
         stats.memory.usage_bytes.value = s.memory_usage_bytes
+        if layer is not None:
+            stats.writable_layer.timestamp = s.timestamp_ns
+            stats.writable_layer.fs_id.mountpoint = "/"
+            stats.writable_layer.used_bytes.value = layer.size
+            stats.writable_layer.inodes_used.value = layer.inodes
         return stats
 
     async def _all_stats(self, ids: list[str]) -> dict[str, TaskStats]:
@@ -281,14 +289,30 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
                                        namespace=NAMESPACE)
         return {s.id: s for s in reply.stats}
 
+    async def _layer_usage(self, container_id: str) -> SnapshotUsage | None:
+        """The container's writable layer (its snapshot's own files)."""
+        try:
+            return await self.bus.request("snapshots", "usage",
+                                          SnapshotKeyRequest(key=container_id), SnapshotUsage,
+                                          namespace=NAMESPACE)
+        except ShoalError:
+            return None
+
+    async def _container_stats(self, ctrs: list[ContainerRecord]) -> list[cri.ContainerStats]:
+        stats = await self._all_stats([c.id for c in ctrs])
+        present = [c for c in ctrs if c.id in stats]
+        layers = await asyncio.gather(*(self._layer_usage(c.id) for c in present))
+        return [self._stats(c, stats[c.id], layer)
+                for c, layer in zip(present, layers, strict=True)]
+
     @rpc
     async def ContainerStats(self, request: cri.ContainerStatsRequest,
                              context: grpc.aio.ServicerContext) -> cri.ContainerStatsResponse:
         ctr = await self.pods.meta.container(request.container_id)
-        stats = (await self._all_stats([ctr.id])).get(ctr.id)
-        if stats is None:
-            raise Invalid(f"container {ctr.id} has no stats (not running?)")
-        return cri.ContainerStatsResponse(stats=self._stats(ctr, stats))
+        stats = await self._container_stats([ctr])
+        if not stats:
+            raise NotFound(f"container {ctr.id} has no stats (it is not running)")
+        return cri.ContainerStatsResponse(stats=stats[0])
 
     @rpc
     async def ListContainerStats(self, request: cri.ListContainerStatsRequest,
@@ -300,8 +324,41 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
                                  and (not f.pod_sandbox_id
                                       or c.pod_id.startswith(f.pod_sandbox_id))
                                  and _selected(c.labels, dict(f.label_selector)))]
-        stats = await self._all_stats([c.id for c in ctrs])
-        return cri.ListContainerStatsResponse(
-            stats=[self._stats(c, stats[c.id]) for c in ctrs if c.id in stats])
+        return cri.ListContainerStatsResponse(stats=await self._container_stats(ctrs))
+
+    async def _pod_stats(self, pod: PodRecord) -> cri.PodSandboxStats:
+        """A pod's usage is the sum of its containers' (the pause process is negligible)."""
+        ctrs = await self._container_stats(await self.pods.meta.containers(pod.id))
+        now = time.time_ns()
+        stats = cri.PodSandboxStats(attributes=cri.PodSandboxAttributes(
+            id=pod.id, metadata=_pod_metadata(pod), labels=pod.labels,
+            annotations=pod.annotations))
+        linux = stats.linux
+        linux.cpu.timestamp = now
+        linux.cpu.usage_core_nano_seconds.value = sum(
+            c.cpu.usage_core_nano_seconds.value for c in ctrs)
+        linux.memory.timestamp = now
+        linux.memory.working_set_bytes.value = sum(
+            c.memory.working_set_bytes.value for c in ctrs)
+        linux.memory.usage_bytes.value = sum(c.memory.usage_bytes.value for c in ctrs)
+        linux.containers.extend(ctrs)
+        return stats
+
+    @rpc
+    async def PodSandboxStats(self, request: cri.PodSandboxStatsRequest,
+                              context: grpc.aio.ServicerContext) -> cri.PodSandboxStatsResponse:
+        pod = await self.pods.meta.pod(request.pod_sandbox_id)
+        return cri.PodSandboxStatsResponse(stats=await self._pod_stats(pod))
+
+    @rpc
+    async def ListPodSandboxStats(self, request: cri.ListPodSandboxStatsRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> cri.ListPodSandboxStatsResponse:
+        f = request.filter if request.HasField("filter") else None
+        pods = [p for p in await self.pods.meta.pods()
+                if f is None or ((not f.id or p.id.startswith(f.id))
+                                 and _selected(p.labels, dict(f.label_selector)))]
+        return cri.ListPodSandboxStatsResponse(
+            stats=[await self._pod_stats(p) for p in pods])
 
 

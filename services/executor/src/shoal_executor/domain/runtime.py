@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,16 @@ class RuntimeSettings:
     run_dir: Path  # <run_root>/executor
     runtime_path: str
     cni: Cni
-    namespace: str = "k8s.io"
+    handlers: dict[str, str] = field(default_factory=dict)  # extra CRI runtime handlers
+
+    def runtime_for(self, handler: str) -> str:
+        """The OCI runtime binary of a CRI runtime handler ("" and "runc": the default)."""
+        if handler in ("", "runc"):
+            return self.runtime_path
+        if handler in self.handlers:
+            return self.handlers[handler]
+        known = ", ".join(["runc", *sorted(self.handlers)])
+        raise Invalid(f"unknown runtime handler {handler!r} (configured: {known})")
 
 
 class Runtime:
@@ -111,10 +120,12 @@ class Runtime:
     # -- sandboxes ---------------------------------------------------------------------
 
     async def create_sandbox(self, sandbox_id: str, config_bytes: bytes, pause_config: bytes,
-                             rootfs: list[Mount], namespace: str) -> SandboxInfo:
+                             rootfs: list[Mount], namespace: str,
+                             handler: str = "") -> SandboxInfo:
         existing = await self.records.sandbox(sandbox_id)
         if existing is not None and existing.pid:
             return self._info(existing)
+        runtime = self.s.runtime_for(handler)
         config = decode_proto(cri.PodSandboxConfig, config_bytes, "PodSandboxConfig")
         image_config = _json(pause_config, "pause image config")
         pod_dir = self._sandbox_dir(sandbox_id)
@@ -168,7 +179,7 @@ class Runtime:
                 f"{record.cgroup_parent}/{pause_id}", is_sandbox=True))
             bundle = await self._write_bundle(pause_id, spec)
             state = await self._monitor("create", MonitorCreateRequest(
-                id=pause_id, bundle=str(bundle), runtime=self.s.runtime_path,
+                id=pause_id, bundle=str(bundle), runtime=runtime,
                 sandbox_id=sandbox_id, cgroup_path=spec["linux"]["cgroupsPath"]), namespace)
             if state.state == "created":
                 state = await self._monitor("start", TaskIdRequest(id=pause_id), namespace)
@@ -255,7 +266,8 @@ class Runtime:
 
     async def create_container(self, container_id: str, sandbox_id: str, config_bytes: bytes,
                                sandbox_config: bytes, image_config: bytes,
-                               rootfs: list[Mount], namespace: str) -> ContainerCreateReply:
+                               rootfs: list[Mount], namespace: str,
+                               handler: str = "") -> ContainerCreateReply:
         existing = await self.records.container(container_id)
         if existing is not None:
             return ContainerCreateReply(id=container_id, pid=existing.pid,
@@ -266,6 +278,7 @@ class Runtime:
             raise NotFound(f"sandbox {sandbox_id} not found")
         if sandbox.state != "ready" or not sandbox.pid:
             raise FailedPrecondition(f"sandbox {sandbox_id} is not ready")
+        runtime = self.s.runtime_for(handler)
         config = decode_proto(cri.ContainerConfig, config_bytes, "ContainerConfig")
         pod_config = decode_proto(cri.PodSandboxConfig, sandbox_config, "PodSandboxConfig")
         image = _json(image_config, "image config")
@@ -289,7 +302,7 @@ class Runtime:
             bundle = await self._write_bundle(container_id, spec)
             state = await self._monitor("create", MonitorCreateRequest(
                 id=container_id, bundle=str(bundle), log_path=config.log_path,
-                runtime=self.s.runtime_path, tty=config.tty, stdin=config.stdin,
+                runtime=runtime, tty=config.tty, stdin=config.stdin,
                 stdin_once=config.stdin_once, sandbox_id=sandbox_id,
                 cgroup_path=spec["linux"]["cgroupsPath"]), namespace)
         except BaseException:

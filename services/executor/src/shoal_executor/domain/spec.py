@@ -51,6 +51,17 @@ DEFAULT_DEVICES = [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2
                    (10, 200)]
 
 
+SWAP_ACCOUNTING = os.path.exists("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes")
+
+
+def own_oom_score_adj() -> int:
+    try:
+        with open("/proc/self/oom_score_adj") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return 0
+
+
 @dataclass
 class PodContext:
     """What the container needs of its pod."""
@@ -241,7 +252,9 @@ def build_spec(pod: PodContext, ctr: ContainerContext) -> dict[str, Any]:
         "noNewPrivileges": bool(sec and sec.no_new_privs),
     }
     if res is not None and res.oom_score_adj:
-        process["oomScoreAdj"] = res.oom_score_adj
+        # Without CAP_SYS_RESOURCE a process cannot lower its OOM score below its parent's
+        # (runc then fails obscurely); clamp as containerd's restrict_oom_score_adj does.
+        process["oomScoreAdj"] = max(res.oom_score_adj, own_oom_score_adj())
 
     readonly_sys = not privileged
     mounts = _default_mounts(readonly_sys)
@@ -336,6 +349,9 @@ def build_spec(pod: PodContext, ctr: ContainerContext) -> dict[str, Any]:
             resources["memory"] = {"limit": res.memory_limit_in_bytes}
             if res.memory_swap_limit_in_bytes:
                 resources["memory"]["swap"] = res.memory_swap_limit_in_bytes
+            elif SWAP_ACCOUNTING:
+                # No swap beyond the limit: exceeding it OOM-kills, as kubelet expects.
+                resources["memory"]["swap"] = res.memory_limit_in_bytes
         if res.hugepage_limits:
             resources["hugepageLimits"] = [{"pageSize": h.page_size, "limit": h.limit}
                                            for h in res.hugepage_limits]

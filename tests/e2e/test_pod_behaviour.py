@@ -1,0 +1,262 @@
+"""What kubelet relies on, seen from inside real containers: networking in and between pods,
+security context, limits, logs, stop escalation, exec timeouts, and restarts of Shoal's own
+services while containers run."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2 as cri
+from cri_api.v1 import api_pb2_grpc as cri_grpc
+from support.images import busybox_image, pause_image, push
+from support.processes import ServiceProcess, ServiceSet, pids_mentioning
+from support.registry import Registry
+
+pytestmark = pytest.mark.e2e
+_subnets = itertools.count(60)
+SERVICES = ("puller", "snapshotter", "executor", "supervisor", "cri-gateway")
+
+
+@pytest.fixture(scope="module")
+def images(registry: Registry) -> dict[str, str]:
+    push(registry.url, "behaviour/pause", "1", pause_image())
+    push(registry.url, "behaviour/busybox", "1", busybox_image())
+    return {"pause": f"{registry.host}/behaviour/pause:1",
+            "busybox": f"{registry.host}/behaviour/busybox:1"}
+
+
+@dataclass
+class Shoal:
+    services: ServiceSet
+    extra: list[str]
+    runtime: cri_grpc.RuntimeServiceStub
+    images: cri_grpc.ImageServiceStub
+    procs: dict[str, ServiceProcess] = field(default_factory=dict)
+    tmp: Path = Path("/tmp")
+
+    async def restart(self, name: str) -> None:
+        """kill -9 a service, then start it again under the same replica id."""
+        sp = self.procs[name]
+        await asyncio.to_thread(sp.kill9)
+        new = self.services.start(name, replica=sp.replica, extra=self.extra)
+        await asyncio.to_thread(self.services.wait_serving, new)
+        self.procs[name] = new
+
+    async def pod(self, name: str) -> tuple[str, cri.PodSandboxConfig]:
+        logs = self.tmp / f"logs-{name}-{uuid.uuid4().hex[:6]}"
+        logs.mkdir()
+        config = cri.PodSandboxConfig(
+            metadata=cri.PodSandboxMetadata(name=name, uid=uuid.uuid4().hex,
+                                            namespace="default"),
+            hostname=name, log_directory=str(logs))
+        reply = await self.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+        return reply.pod_sandbox_id, config
+
+    async def run(self, pod: tuple[str, cri.PodSandboxConfig], name: str, *command: str,
+                  image: str, **kw: object) -> str:
+        config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
+                                     image=cri.ImageSpec(image=image), command=list(command),
+                                     log_path=f"{name}.log", **kw)  # type: ignore[arg-type]
+        cid = (await self.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod[0], sandbox_config=pod[1], config=config))).container_id
+        await self.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+        return cid
+
+    async def status(self, cid: str) -> cri.ContainerStatus:
+        return (await self.runtime.ContainerStatus(cri.ContainerStatusRequest(
+            container_id=cid))).status
+
+    async def wait_exit(self, cid: str, timeout: float = 30) -> cri.ContainerStatus:
+        end = time.monotonic() + timeout
+        while (status := await self.status(cid)).state != cri.CONTAINER_EXITED:
+            assert time.monotonic() < end, f"{cid} did not exit: {status}"
+            await asyncio.sleep(0.1)
+        return status
+
+    def log(self, pod: tuple[str, cri.PodSandboxConfig], name: str) -> str:
+        path = Path(pod[1].log_directory) / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    async def exec(self, cid: str, *cmd: str, timeout: int = 10) -> cri.ExecSyncResponse:
+        return await self.runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=list(cmd),
+                                                               timeout=timeout))
+
+
+@pytest.fixture
+async def shoal(services: ServiceSet, images: dict[str, str],
+                tmp_path: Path) -> AsyncIterator[Shoal]:
+    n = next(_subnets)
+    extra = ["--set", f'cri.sandbox_image="{images["pause"]}"',
+             "--set", f'services.executor.pod_subnet="10.{n}.0.0/24"',
+             "--set", f'services.executor.cni_bridge="shoalb{n}"']
+    procs = {name: services.start(name, extra=extra) for name in SERVICES}
+    for sp in procs.values():
+        await asyncio.to_thread(services.wait_serving, sp)
+    async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
+        api = Shoal(services, extra, cri_grpc.RuntimeServiceStub(channel),
+                    cri_grpc.ImageServiceStub(channel), procs, tmp_path)
+        await api.images.PullImage(cri.PullImageRequest(
+            image=cri.ImageSpec(image=images["busybox"])))
+        yield api
+        for pod in (await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest())).items:
+            await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
+            await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(
+                pod_sandbox_id=pod.id))
+    root = str(services.node.root)
+    # Nothing of the pods is left: mounts, conmon monitors, network namespaces, cgroups.
+    mounts = Path("/proc/self/mounts").read_text()
+    assert root not in mounts, [m for m in mounts.splitlines() if root in m]
+    conmons = [p for p in pids_mentioning(root)
+               if b"conmon" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert conmons == []
+    assert not [n for n in os.listdir("/var/run/netns")
+                if n.startswith("shoal-") and n[6:] in mounts]
+    subprocess.run(["ip", "link", "delete", f"shoalb{n}"], capture_output=True)
+
+
+async def test_localhost_in_a_pod_and_pod_ip_between_pods(shoal: Shoal,
+                                                          images: dict[str, str]) -> None:
+    bb = images["busybox"]
+    pod_a = await shoal.pod("server")
+    server = await shoal.run(pod_a, "server", "sh", "-c",
+                             "while true; do echo hello-from-a | nc -l -p 8080; done", image=bb)
+    client = await shoal.run(pod_a, "client", "sleep", "3600", image=bb)
+    out = b""
+    for _ in range(50):  # the server may need a moment to listen
+        out = (await shoal.exec(client, "nc", "127.0.0.1", "8080")).stdout
+        if out:
+            break
+        await asyncio.sleep(0.1)
+    assert out == b"hello-from-a\n"
+    ip = (await shoal.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
+        pod_sandbox_id=pod_a[0]))).status.network.ip
+    pod_b = await shoal.pod("other")
+    other = await shoal.run(pod_b, "other", "sleep", "3600", image=bb)
+    reply = await shoal.exec(other, "nc", ip, "8080")
+    assert reply.stdout == b"hello-from-a\n", reply
+    assert (await shoal.status(server)).state == cri.CONTAINER_RUNNING
+    pod_stats = (await shoal.runtime.PodSandboxStats(cri.PodSandboxStatsRequest(
+        pod_sandbox_id=pod_a[0]))).stats
+    assert {c.attributes.id for c in pod_stats.linux.containers} == {server, client}
+    assert pod_stats.linux.memory.working_set_bytes.value > 0
+    layer = pod_stats.linux.containers[0].writable_layer
+    assert layer.inodes_used.value >= 0 and layer.timestamp > 0
+    listed = await shoal.runtime.ListPodSandboxStats(cri.ListPodSandboxStatsRequest())
+    assert {s.attributes.id for s in listed.stats} == {pod_a[0], pod_b[0]}
+
+
+async def test_security_context_and_config_seen_from_inside(shoal: Shoal,
+                                                            images: dict[str, str]) -> None:
+    pod = await shoal.pod("inside")
+    sec = cri.LinuxContainerSecurityContext(
+        run_as_user=cri.Int64Value(value=1000), readonly_rootfs=True,
+        capabilities=cri.Capability(drop_capabilities=["ALL"], add_capabilities=["NET_RAW"]))
+    cid = await shoal.run(
+        pod, "inside", "sh", "-c",
+        'id -u; pwd; echo "$GREETING"; echo "$0 $1"; touch /x 2>/dev/null || echo read-only; '
+        "grep CapBnd /proc/self/status; sleep 3600", "arg-one",
+        image=images["busybox"], working_dir="/tmp",
+        envs=[cri.KeyValue(key="GREETING", value="hi there")],
+        linux=cri.LinuxContainerConfig(security_context=sec))
+    for _ in range(50):
+        if "CapBnd" in shoal.log(pod, "inside"):
+            break
+        await asyncio.sleep(0.1)
+    lines = [line.split(" ", 3)[3] for line in shoal.log(pod, "inside").splitlines()]
+    # `sh -c SCRIPT ARG`: the first argument after the script is $0.
+    assert lines[:5] == ["1000", "/tmp", "hi there", "arg-one ", "read-only"], lines
+    # The bounding set is what the container may ever have: only CAP_NET_RAW (bit 13).
+    # (Its effective set is empty: a non-root process loses capabilities on exec.)
+    assert lines[5].split()[-1] == f"{1 << 13:016x}"
+    assert (await shoal.status(cid)).state == cri.CONTAINER_RUNNING
+
+
+async def test_memory_limit_exceeded_is_oomkilled(shoal: Shoal, images: dict[str, str]) -> None:
+    pod = await shoal.pod("hog")
+    cid = await shoal.run(pod, "hog", "sh", "-c",
+                          'x=$(head -c 64000000 /dev/zero | tr "\\0" a); echo survived',
+                          image=images["busybox"], linux=cri.LinuxContainerConfig(
+                              resources=cri.LinuxContainerResources(
+                                  memory_limit_in_bytes=16 << 20)))
+    status = await shoal.wait_exit(cid)
+    assert (status.reason, status.exit_code) == ("OOMKilled", 137)
+
+
+async def test_logs_format_with_partial_lines(shoal: Shoal, images: dict[str, str]) -> None:
+    pod = await shoal.pod("logs")
+    long_line = "x" * 20000  # longer than conmon's buffer: written as P fragments then F
+    cid = await shoal.run(pod, "logs", "sh", "-c",
+                          f"printf 'start '; sleep 0.3; echo end; echo {long_line}; "
+                          "echo err >&2", image=images["busybox"])
+    await shoal.wait_exit(cid)
+    entries = [line.split(" ", 3) for line in shoal.log(pod, "logs").splitlines()]
+    for stamp, stream, tag, _ in entries:
+        assert stream in ("stdout", "stderr") and tag in ("P", "F")
+        assert stamp[4] == "-" and stamp[10] == "T"  # RFC 3339
+    # Reassembling P fragments up to their F gives back the lines the program wrote.
+    lines, partial = [], ""
+    for _, stream, tag, text in entries:
+        if stream != "stdout":
+            continue
+        partial += text
+        if tag == "F":
+            lines.append(partial)
+            partial = ""
+    assert lines == ["start end", long_line]
+    assert any(tag == "P" for _, _, tag, _ in entries)
+    assert ["stderr", "F", "err"] in [e[1:] for e in entries]
+
+
+async def test_stop_escalates_to_sigkill_and_exec_times_out(shoal: Shoal,
+                                                            images: dict[str, str]) -> None:
+    pod = await shoal.pod("stubborn")
+    cid = await shoal.run(pod, "stubborn", "sh", "-c", "trap '' TERM; while true; do sleep 1; "
+                          "done", image=images["busybox"])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await shoal.exec(cid, "sleep", "10", timeout=1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    started = time.monotonic()
+    await shoal.runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=1))
+    status = await shoal.wait_exit(cid)
+    assert time.monotonic() - started < 10
+    assert status.exit_code == 137  # SIGKILL after the timeout
+
+
+@pytest.mark.parametrize("service", ["executor", "supervisor", "cri-gateway"])
+async def test_kill_9_of_a_service_loses_nothing(shoal: Shoal, images: dict[str, str],
+                                                 service: str) -> None:
+    pod = await shoal.pod(f"survive-{service}")
+    runner = await shoal.run(pod, "runner", "sh", "-c",
+                             "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done",
+                             image=images["busybox"])
+    quitter = await shoal.run(pod, "quitter", "sh", "-c", "sleep 2; exit 5",
+                              image=images["busybox"])
+    before = await shoal.status(runner)
+    verbose = await shoal.runtime.ContainerStatus(cri.ContainerStatusRequest(
+        container_id=runner, verbose=True))
+    pid_file = Path(f"/proc/{json.loads(verbose.info['info'])['pid']}")
+    await asyncio.sleep(0.5)
+    await shoal.restart(service)  # the quitter exits while (or just after) it is down
+    await asyncio.sleep(2.5)
+    after = await shoal.status(runner)
+    assert after.state == cri.CONTAINER_RUNNING and after.started_at == before.started_at
+    assert pid_file.exists()  # the very same process kept running
+    done = await shoal.wait_exit(quitter)
+    assert (done.exit_code, done.reason) == (5, "Error")
+    ticks = [int(line.rsplit(" ", 1)[1]) for line in shoal.log(pod, "runner").splitlines()]
+    assert ticks == list(range(len(ticks))) and len(ticks) > 10  # no gap, no repeat
+    stats = await shoal.runtime.ContainerStats(cri.ContainerStatsRequest(container_id=runner))
+    assert stats.stats.cpu.usage_core_nano_seconds.value > 0
+    out = await shoal.exec(runner, "echo", "still here")
+    assert out.stdout == b"still here\n"
