@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -44,6 +43,7 @@ class Shoal:
     images: cri_grpc.ImageServiceStub
     procs: dict[str, ServiceProcess] = field(default_factory=dict)
     tmp: Path = Path("/tmp")
+    ids: list[str] = field(default_factory=list)  # every pod and container made
 
     async def restart(self, name: str) -> None:
         """kill -9 a service, then start it again under the same replica id."""
@@ -61,6 +61,7 @@ class Shoal:
                                             namespace="default"),
             hostname=name, log_directory=str(logs))
         reply = await self.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+        self.ids.append(reply.pod_sandbox_id)
         return reply.pod_sandbox_id, config
 
     async def run(self, pod: tuple[str, cri.PodSandboxConfig], name: str, *command: str,
@@ -70,6 +71,7 @@ class Shoal:
                                      log_path=f"{name}.log", **kw)  # type: ignore[arg-type]
         cid = (await self.runtime.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod[0], sandbox_config=pod[1], config=config))).container_id
+        self.ids.append(cid)
         await self.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
         return cid
 
@@ -120,8 +122,9 @@ async def shoal(services: ServiceSet, images: dict[str, str],
     conmons = [p for p in pids_mentioning(root)
                if b"conmon" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert conmons == []
-    assert not [n for n in os.listdir("/var/run/netns")
-                if n.startswith("shoal-") and n[6:] in mounts]
+    for made in api.ids:
+        assert not Path(f"/sys/fs/cgroup/memory/shoal/{made}").exists()
+        assert not Path(f"/var/run/netns/shoal-{made[:32]}").exists()
     subprocess.run(["ip", "link", "delete", f"shoalb{n}"], capture_output=True)
 
 
