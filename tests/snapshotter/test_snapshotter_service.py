@@ -211,7 +211,7 @@ async def test_unpack_by_events_and_requests(node: Node, services: ServiceSet, b
         assert "etc/shoal-owned" in err.value.message and "evil:1" in err.value.message
         await bus.publish_event(image_event("evil:2", [evil]), namespace=NS)
         await eventually(lambda: metric(
-            sp, "shoal_snapshotter_events_handled_total", topic="images.create", outcome="term"),
+            sp, "shoal_bus_events_consumed_total", topic="images.create", outcome="term"),
             what="the unsafe image's event terminated")
         assert not Path("/etc/shoal-owned").exists()
         assert [k for k, kind, _ in db_rows(node) if kind != "committed"] == []
@@ -264,7 +264,7 @@ async def test_kill_9_mid_unpack_then_redelivery_completes_it(
         await eventually(lambda: events.committed == chains, timeout=20,
                          what="big layer committed after redelivery")
         await eventually(lambda: metric(
-            second, "shoal_snapshotter_events_handled_total", topic="images.create",
+            second, "shoal_bus_events_consumed_total", topic="images.create",
             outcome="ack"),
             what="event acked")
         rows = db_rows(node)

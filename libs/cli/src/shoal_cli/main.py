@@ -1,4 +1,6 @@
-"""The `shoal` command: launcher (`shoal up`) and client (`shoal status`, `shoal ping`)."""
+"""The `shoal` command: launcher (`shoal up`), bus client (`shoal status`, `ping`, `pull`,
+`images`, `rmi`) and CRI client (`shoal run`, `ps`, `pods`, `logs`, `exec`, `stop`, `rm`,
+`inspect`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from shoal_common.config import Config, ConfigError, load_config
 from shoal_common.errors import ShoalError
 from shoal_common.logging import configure_logging
 
-from shoal_cli import client, images
+from shoal_cli import client, images, pods
 from shoal_cli.launcher import Launcher
 
 
@@ -60,9 +62,54 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--user", default="", help="registry credentials USER:PASSWORD")
     im = sub.add_parser("images", parents=[common, ns], help="list images")
     im.add_argument("-q", "--quiet", action="store_true", help="only image ids")
-    rm = sub.add_parser("rmi", parents=[common, ns], help="remove images")
-    rm.add_argument("images", nargs="+")
+    rmi = sub.add_parser("rmi", parents=[common, ns], help="remove images")
+    rmi.add_argument("images", nargs="+")
+    _add_pod_commands(sub, common)
     return parser
+
+
+def _add_pod_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                      common: argparse.ArgumentParser) -> None:
+    """CRI client commands (module pods), like crictl's; ids may be unique prefixes."""
+    run = sub.add_parser("run", parents=[common],
+                         help="run a command in a new pod, following its output")
+    run.add_argument("--name", help="pod and container name (default: generated)")
+    run.add_argument("--pull", action="store_true", help="pull the image even if present")
+    run.add_argument("--rm", action="store_true", help="remove the pod when it exits")
+    run.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("-w", "--workdir", metavar="DIR")
+    run.add_argument("--user", metavar="USER[:GID]", help="uid or user name, optional gid")
+    run.add_argument("--memory", metavar="BYTES", help="memory limit (k, m, g suffixes)")
+    run.add_argument("-p", "--publish", action="append", default=[],
+                     metavar="[IP:]HOSTPORT:CONTAINERPORT[/PROTO]")
+    run.add_argument("image")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="replaces the image's CMD")
+    ps = sub.add_parser("ps", parents=[common], help="list containers")
+    ps.add_argument("-a", "--all", action="store_true", help="also those not running")
+    ps.add_argument("-q", "--quiet", action="store_true", help="only full ids")
+    ps.add_argument("--name", help="only containers whose name matches this regex")
+    ps.add_argument("--pod", help="only containers of this pod (id or prefix)")
+    pd = sub.add_parser("pods", parents=[common], help="list pod sandboxes")
+    pd.add_argument("-q", "--quiet", action="store_true", help="only full ids")
+    lg = sub.add_parser("logs", parents=[common], help="print a container's log")
+    lg.add_argument("-f", "--follow", action="store_true",
+                    help="keep printing until the container exits")
+    lg.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    lg.add_argument("container")
+    ex = sub.add_parser("exec", parents=[common], help="run a command in a container")
+    ex.add_argument("--timeout", type=int, default=0, help="seconds (default: none)")
+    ex.add_argument("container")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER)
+    st = sub.add_parser("stop", parents=[common], help="stop containers or pods")
+    st.add_argument("-t", "--timeout", type=int, default=10,
+                    help="seconds between the stop signal and SIGKILL (default 10)")
+    st.add_argument("ids", nargs="+", metavar="ID")
+    rm = sub.add_parser("rm", parents=[common], help="remove containers or pods")
+    rm.add_argument("-f", "--force", action="store_true", help="stop running containers")
+    rm.add_argument("ids", nargs="+", metavar="ID")
+    ins = sub.add_parser("inspect", parents=[common],
+                         help="status of containers or pods as JSON")
+    ins.add_argument("ids", nargs="+", metavar="ID")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -91,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(asyncio.run(client.status(config, args.wait)))
     if args.command == "ping":
         sys.exit(asyncio.run(client.ping(config, args.service, args.count)))
+    if args.command in pods.COMMANDS:
+        sys.exit(asyncio.run(pods.main(config, args)))
     sys.exit(asyncio.run(_images_command(config, args)))
 
 

@@ -172,7 +172,7 @@ class LogFile:
         if self.file is None:
             if st is None:
                 return data
-            self.file = open(self.path, "rb")  # noqa: SIM115 - kept open while following
+            self.file = open(self.path, "rb")  # kept open while following
             self.inode = os.fstat(self.file.fileno()).st_ino
         elif st is not None and st.st_size < self.file.tell():
             self.file.seek(0)  # truncated in place

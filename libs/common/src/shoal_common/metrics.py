@@ -39,6 +39,9 @@ REQUEST_SECONDS = Histogram(
 EVENTS_PUBLISHED = Counter(
     "shoal_bus_events_published_total", "Events published to JetStream, by topic and outcome.",
     ["topic", "outcome"])
+EVENTS_CONSUMED = Counter(
+    "shoal_bus_events_consumed_total", "Events handled from JetStream, by topic and outcome "
+    "(ack, nak: retried later, term: given up).", ["topic", "outcome"])
 BUS_RECONNECTS = Counter("shoal_bus_reconnects_total", "Reconnections to NATS.")
 
 

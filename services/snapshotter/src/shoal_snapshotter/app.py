@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import structlog
 from shoal_common.bus import DEFAULT_NAMESPACE
+from shoal_common.consumer import EventConsumer
 from shoal_common.messages import Event
 from shoal_common.messages.snapshots import FsUsageReply
 from shoal_common.service import ServiceContext
@@ -25,7 +26,7 @@ from shoal_snapshotter.domain.images import Images
 from shoal_snapshotter.domain.locks import ChainLocks
 from shoal_snapshotter.domain.snapshots import Snapshots
 from shoal_snapshotter.domain.unpack import Unpacker
-from shoal_snapshotter.events import TOPICS, EventConsumer, image_event_handler, is_permanent
+from shoal_snapshotter.events import TOPICS, image_event_handler, is_permanent
 from shoal_snapshotter.store import metadata as md
 
 log = structlog.get_logger("shoal.snapshotter")

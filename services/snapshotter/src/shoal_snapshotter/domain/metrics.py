@@ -30,10 +30,6 @@ FS_USED_BYTES = Gauge(
 FS_USED_INODES = Gauge(
     "shoal_snapshotter_fs_used_inodes",
     "Inodes used by the snapshotter's state directory, as of the last fsusage.")
-EVENTS_HANDLED = Counter(
-    "shoal_snapshotter_events_handled_total",
-    "Image events consumed, by topic and outcome (ack, nak: retried later, term: given up).",
-    ["topic", "outcome"])
 
 
 class SnapshotsByKind(Collector):
