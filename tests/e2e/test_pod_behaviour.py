@@ -263,3 +263,34 @@ async def test_kill_9_of_a_service_loses_nothing(shoal: Shoal, images: dict[str,
     assert stats.stats.cpu.usage_core_nano_seconds.value > 0
     out = await shoal.exec(runner, "echo", "still here")
     assert out.stdout == b"still here\n"
+
+
+async def test_container_events_arrive_in_order_for_a_containers_life(
+        shoal: Shoal, images: dict[str, str]) -> None:
+    pod = await shoal.pod("events")
+    stream = shoal.runtime.GetContainerEvents(cri.GetEventsRequest())
+    received: list[cri.ContainerEventResponse] = []
+
+    async def collect() -> None:
+        async for event in stream:
+            received.append(event)
+
+    collector = asyncio.create_task(collect())
+    await asyncio.sleep(0.5)  # the stream subscribes before anything happens
+    cid = await shoal.run(pod, "short", "sh", "-c", "exit 2", image=images["busybox"])
+    await shoal.wait_exit(cid)
+    await shoal.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
+    for _ in range(50):
+        if any(e.container_id == cid and e.container_event_type == cri.CONTAINER_DELETED_EVENT
+               for e in received):
+            break
+        await asyncio.sleep(0.1)
+    stream.cancel()
+    collector.cancel()
+    mine = [e for e in received if e.container_id == cid]
+    assert [e.container_event_type for e in mine] == [
+        cri.CONTAINER_CREATED_EVENT, cri.CONTAINER_STARTED_EVENT, cri.CONTAINER_STOPPED_EVENT,
+        cri.CONTAINER_DELETED_EVENT]
+    assert mine[0].pod_sandbox_status.id == pod[0]
+    stopped = next(s for s in mine[2].containers_statuses if s.id == cid)
+    assert stopped.state == cri.CONTAINER_EXITED and stopped.exit_code == 2

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 
 import grpc
+import nats.errors
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
-from shoal_common import __version__
+from nats.js.api import DeliverPolicy
+from shoal_common import __version__, codec, subjects
 from shoal_common.bus import Bus
 from shoal_common.errors import Invalid, NotFound, ShoalError
 from shoal_common.messages.monitor import (
@@ -18,21 +22,35 @@ from shoal_common.messages.monitor import (
     Resources,
     StatsReply,
     StatsRequest,
+    TaskCreated,
+    TaskDeleted,
+    TaskExited,
     TaskIdRequest,
+    TaskStarted,
     TaskState,
     TaskStats,
     UpdateRequest,
 )
 from shoal_common.messages.snapshots import SnapshotKeyRequest, SnapshotUsage
+from shoal_common.tracing import bind_trace, new_trace_id
 
 from shoal_cri_gateway.domain.pods import NAMESPACE, Pods, gather_states
 from shoal_cri_gateway.domain.status import runtime_conditions
-from shoal_cri_gateway.grpc_api.rpc import rpc
+from shoal_cri_gateway.grpc_api.rpc import CRI_REQUESTS, rpc
 from shoal_cri_gateway.store.metadata import ContainerRecord, PodRecord
 
 KUBE_API_VERSION = "0.1.0"  # what kubelet expects in VersionResponse.version
 RUNTIME_NAME = "shoal"
 RUNTIME_API_VERSION = "v1"
+
+# Task event → CRI container event type (and the message type to decode it with).
+TASK_EVENTS: dict[str, tuple[int, type[TaskCreated | TaskStarted | TaskExited | TaskDeleted]]] = {
+    TaskCreated.TOPIC: (cri.CONTAINER_CREATED_EVENT, TaskCreated),
+    TaskStarted.TOPIC: (cri.CONTAINER_STARTED_EVENT, TaskStarted),
+    TaskExited.TOPIC: (cri.CONTAINER_STOPPED_EVENT, TaskExited),
+    TaskDeleted.TOPIC: (cri.CONTAINER_DELETED_EVENT, TaskDeleted),
+}
+
 
 CONTAINER_STATES = {"created": cri.CONTAINER_CREATED, "running": cri.CONTAINER_RUNNING,
                     "stopped": cri.CONTAINER_EXITED}
@@ -54,6 +72,38 @@ def _ctr_metadata(c: ContainerRecord) -> cri.ContainerMetadata:
 def _container_state(task: TaskState | None) -> int:
     return CONTAINER_STATES.get(task.state, cri.CONTAINER_UNKNOWN) if task else \
         cri.CONTAINER_UNKNOWN
+
+
+def _pod_status(pod: PodRecord, state: str) -> cri.PodSandboxStatus:
+    config = cri.PodSandboxConfig()
+    config.ParseFromString(pod.config)
+    return cri.PodSandboxStatus(
+        id=pod.id, metadata=_pod_metadata(pod),
+        state=cri.SANDBOX_READY if state == "ready" else cri.SANDBOX_NOTREADY,
+        created_at=pod.created_at_ns,
+        network=cri.PodSandboxNetworkStatus(ip=pod.ip, additional_ips=[
+            cri.PodIP(ip=ip) for ip in pod.additional_ips]),
+        linux=cri.LinuxPodSandboxStatus(namespaces=cri.Namespace(
+            options=config.linux.security_context.namespace_options)),
+        labels=pod.labels, annotations=pod.annotations,
+        runtime_handler=pod.runtime_handler)
+
+
+def _container_status(ctr: ContainerRecord, task: TaskState | None) -> cri.ContainerStatus:
+    config = cri.ContainerConfig()
+    config.ParseFromString(ctr.config)
+    status = cri.ContainerStatus(
+        id=ctr.id, metadata=_ctr_metadata(ctr), state=_container_state(task),
+        created_at=ctr.created_at_ns, image=cri.ImageSpec(image=ctr.image),
+        image_ref=ctr.image_ref, image_id=ctr.image_id, labels=ctr.labels,
+        annotations=ctr.annotations, mounts=list(config.mounts), log_path=ctr.log_path)
+    if task is not None:
+        status.started_at = int(task.started_at * 1e9)
+        status.finished_at = int(task.finished_at * 1e9)
+        status.exit_code = task.exit_code
+        status.reason = task.reason
+        status.message = task.message
+    return status
 
 
 class RuntimeService(cri_grpc.RuntimeServiceServicer):
@@ -121,18 +171,7 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
                                ) -> cri.PodSandboxStatusResponse:
         pod = await self.pods.meta.pod(request.pod_sandbox_id)
         state = await self.pods.sandbox_state(pod)
-        config = cri.PodSandboxConfig()
-        config.ParseFromString(pod.config)
-        status = cri.PodSandboxStatus(
-            id=pod.id, metadata=_pod_metadata(pod),
-            state=cri.SANDBOX_READY if state == "ready" else cri.SANDBOX_NOTREADY,
-            created_at=pod.created_at_ns,
-            network=cri.PodSandboxNetworkStatus(ip=pod.ip, additional_ips=[
-                cri.PodIP(ip=ip) for ip in pod.additional_ips]),
-            linux=cri.LinuxPodSandboxStatus(namespaces=cri.Namespace(
-                options=config.linux.security_context.namespace_options)),
-            labels=pod.labels, annotations=pod.annotations,
-            runtime_handler=pod.runtime_handler)
+        status = _pod_status(pod, state)
         response = cri.PodSandboxStatusResponse(status=status)
         if request.verbose:
             response.info["info"] = json.dumps({"netnsPath": pod.netns_path, "state": state,
@@ -190,19 +229,7 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
                               context: grpc.aio.ServicerContext) -> cri.ContainerStatusResponse:
         ctr = await self.pods.meta.container(request.container_id)
         task = await self.pods.task_state(ctr.id)
-        config = cri.ContainerConfig()
-        config.ParseFromString(ctr.config)
-        status = cri.ContainerStatus(
-            id=ctr.id, metadata=_ctr_metadata(ctr), state=_container_state(task),
-            created_at=ctr.created_at_ns, image=cri.ImageSpec(image=ctr.image),
-            image_ref=ctr.image_ref, image_id=ctr.image_id, labels=ctr.labels,
-            annotations=ctr.annotations, mounts=list(config.mounts), log_path=ctr.log_path)
-        if task is not None:
-            status.started_at = int(task.started_at * 1e9)
-            status.finished_at = int(task.finished_at * 1e9)
-            status.exit_code = task.exit_code
-            status.reason = task.reason
-            status.message = task.message
+        status = _container_status(ctr, task)
         response = cri.ContainerStatusResponse(status=status)
         if request.verbose:
             response.info["info"] = json.dumps({
@@ -362,3 +389,51 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             stats=[await self._pod_stats(p) for p in pods])
 
 
+
+    # -- events ------------------------------------------------------------------------
+
+    async def GetContainerEvents(self, request: cri.GetEventsRequest,
+                                 context: grpc.aio.ServicerContext
+                                 ) -> AsyncIterator[cri.ContainerEventResponse]:
+        """Live container lifecycle events (kubelet's evented PLEG), fed from the task
+        events the supervisor publishes to JetStream, each with its pod's statuses."""
+        trace_id = new_trace_id()
+        bind_trace(trace_id, rpc="GetContainerEvents")
+        CRI_REQUESTS.labels("GetContainerEvents", "OK").inc()
+        sub = await self.bus.js.subscribe(
+            subjects.event_filter(self.bus.node, NAMESPACE, "tasks.>"), ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=3600)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                _, _, topic = subjects.parse_event(msg.subject)
+                if topic not in TASK_EVENTS:
+                    continue
+                kind, event_type = TASK_EVENTS[topic]
+                event = await self._event(kind, codec.decode(msg.data, event_type).id)
+                if event is not None:
+                    yield event
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def _event(self, kind: int, task_id: str) -> cri.ContainerEventResponse | None:
+        event = cri.ContainerEventResponse(container_id=task_id, container_event_type=kind,
+                                           created_at=time.time_ns())
+        try:
+            try:
+                ctr = await self.pods.meta.container(task_id)
+                pod_id = ctr.pod_id
+            except NotFound:
+                pod_id = task_id  # a pod's own pause task
+            pod = await self.pods.meta.pod(pod_id)
+        except NotFound:
+            return event if kind == cri.CONTAINER_DELETED_EVENT else None
+        event.pod_sandbox_status.CopyFrom(_pod_status(pod, await self.pods.sandbox_state(pod)))
+        tasks = await self.pods.task_states()
+        for c in await self.pods.meta.containers(pod.id):
+            event.containers_statuses.append(_container_status(c, tasks.get(c.id)))
+        return event
