@@ -294,3 +294,29 @@ async def test_container_events_arrive_in_order_for_a_containers_life(
     assert mine[0].pod_sandbox_status.id == pod[0]
     stopped = next(s for s in mine[2].containers_statuses if s.id == cid)
     assert stopped.state == cri.CONTAINER_EXITED and stopped.exit_code == 2
+
+
+async def test_operator_metrics_move_with_pods(shoal: Shoal, images: dict[str, str]) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape(service: str) -> dict[str, float]:
+        addr = shoal.procs[service].metrics_addr
+        text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
+        return {f"{s.name}{sorted(s.labels.items())}": s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    pod = await shoal.pod("metrics")
+    await shoal.run(pod, "m", "sleep", "3600", image=images["busybox"])
+    gateway = scrape("cri-gateway")
+    assert gateway["shoal_cri_pod_start_seconds_count[]"] >= 1
+    assert gateway["shoal_cri_pods[('state', 'ready')]"] >= 1
+    assert gateway["shoal_cri_requests_total[('code', 'OK'), ('rpc', 'RunPodSandbox')]"] >= 1
+    supervisor = scrape("supervisor")
+    assert supervisor["shoal_supervisor_tasks[('state', 'running')]"] >= 2  # pause + m
+    puller = scrape("puller")
+    assert puller["shoal_puller_content_bytes[]"] > 0
+    snapshotter = scrape("snapshotter")
+    assert snapshotter["shoal_bus_events_consumer_pending[('consumer', "
+                       f"'snapshotter-{shoal.services.node.node_id}')]"] >= 0

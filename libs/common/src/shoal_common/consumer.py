@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from shoal_common.errors import FailedPrecondition, Invalid, NotFound
 from shoal_common.tracing import bind_trace, new_trace_id
 
 log = structlog.get_logger("shoal.events")
+LAG_INTERVAL = 5.0  # seconds between consumer_info calls for the lag gauge
 
 
 def permanent_by_default(exc: BaseException) -> bool:
@@ -100,9 +102,22 @@ class EventConsumer:
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
 
+    async def _report_lag(self) -> None:
+        stream = self.bus.config.events.stream
+        try:
+            info = await self.bus.js.consumer_info(stream, self.durable, timeout=2)
+        except (nats.errors.Error, TimeoutError):
+            return
+        metrics.EVENTS_PENDING.labels(self.durable).set(
+            (info.num_pending or 0) + (info.num_ack_pending or 0))
+
     async def _fetch_loop(self, sub: nats.js.JetStreamContext.PullSubscription) -> None:
+        lag_checked = 0.0
         try:
             while not self._stopping.is_set():
+                if time.monotonic() - lag_checked > LAG_INTERVAL:
+                    lag_checked = time.monotonic()
+                    await self._report_lag()
                 await self._slots.acquire()
                 try:
                     msgs = await sub.fetch(1, timeout=1.0)

@@ -42,6 +42,10 @@ EVENTS_PUBLISHED = Counter(
 EVENTS_CONSUMED = Counter(
     "shoal_bus_events_consumed_total", "Events handled from JetStream, by topic and outcome "
     "(ack, nak: retried later, term: given up).", ["topic", "outcome"])
+EVENTS_PENDING = Gauge(
+    "shoal_bus_events_consumer_pending", "JetStream consumer lag: events in the stream not yet "
+    "delivered to this durable consumer, plus those delivered but not acknowledged.",
+    ["consumer"])
 BUS_RECONNECTS = Counter("shoal_bus_reconnects_total", "Reconnections to NATS.")
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from shoal_common.service import ServiceContext, ServiceSpec, run_service
 
+from shoal_cri_gateway.domain.metrics import PodsByState
 from shoal_cri_gateway.domain.pods import Pods
 from shoal_cri_gateway.grpc_api.server import CriServer
 from shoal_cri_gateway.handlers import router
@@ -17,6 +18,7 @@ from shoal_cri_gateway.store.metadata import Metadata
 async def lifespan(ctx: ServiceContext) -> AsyncIterator[CriServer]:
     metadata = Metadata(ctx.state_dir / "metadata.db")
     await metadata.open()
+    PodsByState(ctx.state_dir / "metadata.db").register()
     pods = Pods(ctx.bus, metadata, ctx.config.cri.sandbox_image)
     server = CriServer(ctx.config.cri_socket, ctx.bus, pods)
     await server.start()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from shoal_common.messages import Event
 from shoal_common.service import ServiceContext
 
+from shoal_puller.domain import metrics
 from shoal_puller.domain.catalog import Catalog
 from shoal_puller.domain.pull import Puller, PullSettings
 from shoal_puller.registry import Platform, RegistryClient
@@ -26,6 +27,7 @@ class PullerApp:
 async def lifespan(ctx: ServiceContext) -> AsyncIterator[PullerApp]:
     cfg = ctx.config.services.puller
     content = ContentStore(ctx.state_dir / "content")
+    metrics.register_content(content.usage)
     images = ImageStore(ctx.state_dir / "metadata.db")
     await images.open()
 

@@ -36,6 +36,7 @@ from shoal_common.messages.tasks import (
     SandboxInfo,
 )
 
+from shoal_cri_gateway.domain import metrics
 from shoal_cri_gateway.store.metadata import ContainerRecord, Metadata, PodRecord
 
 log = structlog.get_logger("shoal.cri")
@@ -53,6 +54,7 @@ class Pods:
         self.bus = bus
         self.meta = metadata
         self.sandbox_image = sandbox_image
+        self._started_pods: set[str] = set()
 
     async def image(self, ref: str, pull: bool) -> ImageInfo:
         try:
@@ -189,6 +191,13 @@ class Pods:
         ctr = await self.meta.container(container_id)
         await self.bus.request("tasks", "container.start", ContainerIdRequest(id=ctr.id),
                                TaskState, namespace=NAMESPACE, attempt_timeout=60, retries=0)
+        if ctr.pod_id not in self._started_pods:
+            # Pod start latency ends at the pod's first container start (this gateway's view:
+            # a restarted gateway does not observe pods started before it).
+            self._started_pods.add(ctr.pod_id)
+            pod = await self.meta.pod(ctr.pod_id)
+            metrics.POD_START_SECONDS.observe(max(0.0, (time.time_ns() - pod.created_at_ns)
+                                                  / 1e9))
 
     async def stop_container(self, container_id: str, timeout: int) -> None:
         ctr = await self.meta.container(container_id)
