@@ -21,6 +21,7 @@ from pathlib import Path
 
 import structlog
 from prometheus_client import Counter, Gauge
+from shoal_common import nats_auth
 from shoal_common.bus import Bus
 from shoal_common.catalog import SERVICES, ServiceInfo
 from shoal_common.config import Config, parse_addr
@@ -81,6 +82,7 @@ class Launcher:
         self.nats: asyncio.subprocess.Process | None = None
         self.stopping = False
         self.metrics = MetricsServer(config.launcher.metrics_addr)
+        self.auth_dir = Path(config.nats_store_dir) / "auth"
 
     # -- NATS ----------------------------------------------------------------------------
 
@@ -93,8 +95,22 @@ class Launcher:
         store.mkdir(parents=True, exist_ok=True)
         log_file = Path(self.config.run_root) / "nats" / "nats-server.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        argv = [nats_server_binary(), "-a", host, "-p", str(port), "-js", "-sd", str(store),
-                "-n", f"shoal-{self.config.node_id}", "-l", str(log_file)]
+        emb = self.config.nats.embedded
+        passwords = None
+        if emb.auth:
+            passwords = nats_auth.ensure_passwords(self.auth_dir)
+            # The launcher itself acts as the admin user.
+            self.config.nats.user = nats_auth.ADMIN
+            self.config.nats.password_file = str(nats_auth.password_file(self.auth_dir,
+                                                                         nats_auth.ADMIN))
+        conf_file = log_file.parent / "nats-server.conf"
+        conf_file.write_text(nats_auth.server_config(
+            listen_host=host, port=port, store_dir=str(store),
+            server_name=f"shoal-{self.config.node_id}", node=self.config.node_id,
+            stream=self.config.events.stream, passwords=passwords,
+            tls_cert=emb.tls_cert, tls_key=emb.tls_key))
+        conf_file.chmod(0o600)  # it holds the passwords
+        argv = [nats_server_binary(), "-c", str(conf_file), "-l", str(log_file)]
         self.nats = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
             preexec_fn=_die_with_parent)
@@ -124,6 +140,10 @@ class Launcher:
                 "--metrics-addr", metrics_addr]
         if self.config_path:
             argv += ["--config", self.config_path]
+        if not self.external_nats and cfg.nats.embedded.auth:
+            user = svc.name
+            argv += ["--set", f'nats.user="{user}"', "--set",
+                     f'nats.password_file="{nats_auth.password_file(self.auth_dir, user)}"']
         for item in self.overrides:
             argv += ["--set", item]
         return argv

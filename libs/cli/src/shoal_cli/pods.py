@@ -50,9 +50,18 @@ class Cri:
 
 @asynccontextmanager
 async def connect(socket_path: str) -> AsyncIterator[Cri]:
-    if not os.path.exists(socket_path):
+    hint = "start it with `shoal up`, or point --run-root/--config at its socket"
+    try:
+        _, writer = await asyncio.open_unix_connection(socket_path)
+        writer.close()
+    except (FileNotFoundError, NotADirectoryError):
         raise CliError(f"Shoal is not running: no CRI socket at {socket_path} "
-                       "(start it with `shoal up`, or point --run-root/--config at it)")
+                       f"({hint})") from None
+    except ConnectionRefusedError:
+        raise CliError(f"Shoal is not running: nothing listens on {socket_path} "
+                       f"({hint})") from None
+    except PermissionError:
+        raise CliError(f"no permission to use {socket_path} (it is root's)") from None
     async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
@@ -384,7 +393,13 @@ class Run:
 
         async def finished() -> bool:
             nonlocal status
-            status = (await container_status(self.api, self.container_id)).status
+            try:
+                status = (await container_status(self.api, self.container_id)).status
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                raise CliError(f"container {self.container_id[:SHORT]} was removed "
+                               "(its exit code went with it)") from None
             return exited(status.state)
 
         log = LogFile(log_path)
@@ -432,7 +447,11 @@ async def ps(api: Cri, config: Config, args: argparse.Namespace) -> int:
         f.state.state = cri.CONTAINER_RUNNING
     ctrs = (await api.runtime.ListContainers(cri.ListContainersRequest(filter=f))).containers
     if args.name:
-        ctrs = [c for c in ctrs if re.search(args.name, c.metadata.name)]
+        try:
+            pattern = re.compile(args.name)
+        except re.error as exc:
+            raise CliError(f"--name {args.name!r}: {exc}") from None
+        ctrs = [c for c in ctrs if pattern.search(c.metadata.name)]
     ctrs = sorted(ctrs, key=lambda c: c.created_at, reverse=True)
     if args.quiet:
         for c in ctrs:
@@ -559,7 +578,9 @@ def _with_info(response: Message, info: dict[str, str]) -> dict[str, object]:
             parsed[key] = json.loads(value)
         except ValueError:
             parsed[key] = value
-    return {"status": MessageToDict(response), "info": parsed}
+    # Zero values too (state SANDBOX_READY, exitCode 0 are the proto defaults).
+    return {"status": MessageToDict(response, always_print_fields_with_no_presence=True),
+            "info": parsed}
 
 
 async def inspect(api: Cri, config: Config, args: argparse.Namespace) -> int:

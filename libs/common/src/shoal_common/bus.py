@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ssl
 import time
 import typing
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import nats
@@ -25,7 +27,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-from shoal_common import codec, headers, metrics, subjects
+from shoal_common import codec, headers, metrics, nats_auth, subjects
 from shoal_common.config import Config
 from shoal_common.errors import (
     RETRYABLE,
@@ -139,13 +141,29 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc))
 
+        cfg = self.config.nats
+        auth: dict[str, Any] = {}
+        if cfg.user:
+            try:
+                password = Path(cfg.password_file).read_text().strip() if cfg.password_file \
+                    else ""
+            except OSError as exc:
+                raise Unavailable(f"NATS password file {cfg.password_file}: "
+                                  f"{exc.strerror}") from None
+            auth = {"user": cfg.user, "password": password,
+                    "inbox_prefix": nats_auth.inbox_prefix(cfg.user)}
+        if cfg.tls_ca:
+            context = ssl.create_default_context(cafile=cfg.tls_ca)
+            if cfg.tls_cert:
+                context.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+            auth["tls"] = context
         give_up = time.monotonic() + wait
         delay = 0.1
         while True:
             try:
                 await self.nc.connect(
-                    servers=self.config.nats.url.split(","),
-                    name=f"shoal-{self.service}-{self.replica}",
+                    servers=cfg.url.split(","),
+                    name=f"shoal-{self.service}-{self.replica}", **auth,
                     connect_timeout=self.config.nats.connect_timeout,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,

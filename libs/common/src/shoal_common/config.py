@@ -39,6 +39,12 @@ class EmbeddedNatsConfig(_Section):
     listen: str = "127.0.0.1:4222"
     # JetStream storage; empty = <state_root>/nats.
     store_dir: str = ""
+    # Per-service users with subject permissions (deploy/nats/README.md); passwords are
+    # generated into <store_dir>/auth/ (root only) on first start.
+    auth: bool = True
+    # TLS for the embedded server (both set, PEM): clients then need nats.tls_ca.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 class NatsConfig(_Section):
@@ -47,6 +53,13 @@ class NatsConfig(_Section):
     # Per attempt: a replica that died mid-request is detected by this timeout, then retried.
     request_timeout: float = 10.0
     request_retries: int = 2
+    # Credentials of this process (empty user = none). `shoal up` passes each service its
+    # own; the CLI uses the admin user's file under <store_dir>/auth/ when it exists.
+    user: str = ""
+    password_file: str = ""
+    tls_ca: str = ""  # CA that signed the server's certificate (turns TLS on)
+    tls_cert: str = ""  # client certificate and key, if the server asks for them
+    tls_key: str = ""
     embedded: EmbeddedNatsConfig = msgspec.field(default_factory=EmbeddedNatsConfig)
 
 
@@ -146,6 +159,11 @@ class CriConfig(_Section):
     socket: str = ""
     # The image every pod's pause process runs from (pulled on first use).
     sandbox_image: str = "registry.k8s.io/pause:3.9"
+    # The streaming server (Exec/Attach/PortForward URLs). Loopback by default: kubelet,
+    # on the same node, proxies streams to it; port 0 = any free port, chosen at start.
+    stream_addr: str = "127.0.0.1:0"
+    # A stream with no traffic either way for this many seconds is closed (kubelet's 4 h).
+    stream_idle_timeout: float = 4 * 3600.0
 
 
 class LauncherConfig(_Section):
@@ -288,6 +306,9 @@ def _validate(cfg: Config) -> None:
         if getattr(snap, key) <= 0:
             raise ConfigError(f"config key services.snapshotter.{key}: must be > 0")
     _check_addr(cfg.launcher.metrics_addr, "launcher.metrics_addr")
+    _check_addr(cfg.cri.stream_addr, "cri.stream_addr")
+    if cfg.cri.stream_idle_timeout <= 0:
+        raise bad("cri.stream_idle_timeout", "must be > 0")
     _check_addr(cfg.nats.embedded.listen, "nats.embedded.listen")
     if cfg.log.level.lower() not in {"debug", "info", "warning", "error"}:
         raise bad("log.level", f"{cfg.log.level!r} is not one of debug, info, warning, error")

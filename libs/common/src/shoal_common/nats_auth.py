@@ -1,0 +1,85 @@
+"""The secured bus: one NATS user per service, each allowed only its own subjects.
+
+A service may serve only its own command subjects and publish only its own events; only the
+gateway (and the admin user of the CLI and launcher) may send commands to the executor and
+supervisor; only the snapshotter and the gateway may read the events stream. Replies travel
+on per-user inbox prefixes (`_INBOX_<user>.`), so no user can read another's replies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+ADMIN = "admin"
+SERVICE_USERS = ("puller", "snapshotter", "executor", "supervisor", "cri-gateway")
+JS_API = "$JS.API"
+
+
+def inbox_prefix(user: str) -> str:
+    return f"_INBOX_{user}" if user else "_INBOX"
+
+
+def _perms(node: str, stream: str, user: str) -> dict[str, Any]:
+    n = node
+    own = {"puller": "images", "snapshotter": "snapshots", "executor": "tasks",
+           "supervisor": "monitor", "cri-gateway": "cri"}[user]
+    events = {"puller": ["images", "content"], "snapshotter": ["snapshots"],
+              "executor": [], "supervisor": ["tasks"], "cri-gateway": []}[user]
+    publish = [f"shoal.v1.{n}.events.*.{topic}.>" for topic in events]
+    # Every service makes sure the events stream exists.
+    publish += [f"{JS_API}.STREAM.INFO.{stream}", f"{JS_API}.STREAM.CREATE.{stream}"]
+    if user == "snapshotter":
+        publish += [f"shoal.v1.{n}.images.content.>"]  # reads blobs from the puller
+        durable = f"snapshotter-{n}"
+        publish += [f"{JS_API}.CONSUMER.*.{stream}.{durable}",
+                    f"{JS_API}.CONSUMER.*.{stream}.{durable}.>",
+                    f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}",
+                    f"$JS.ACK.{stream}.{durable}.>"]
+    if user == "executor":
+        publish += [f"shoal.v1.{n}.monitor.>"]
+    if user == "cri-gateway":
+        publish += [f"shoal.v1.{n}.>", f"{JS_API}.CONSUMER.>", "$JS.FC.>", "$JS.ACK.>"]
+    subscribe = [f"shoal.v1.{n}.{own}.>", f"{inbox_prefix(user)}.>"]
+    return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe},
+            "allow_responses": True}
+
+
+def server_config(*, listen_host: str, port: int, store_dir: str, server_name: str,
+                  node: str, stream: str, passwords: dict[str, str] | None,
+                  tls_cert: str = "", tls_key: str = "") -> str:
+    """A nats-server config (JSON is valid nats-server config syntax)."""
+    conf: dict[str, Any] = {
+        "server_name": server_name, "host": listen_host, "port": port,
+        "jetstream": {"store_dir": store_dir},
+    }
+    if tls_cert and tls_key:
+        conf["tls"] = {"cert_file": tls_cert, "key_file": tls_key}
+    if passwords is not None:
+        users = [{"user": ADMIN, "password": passwords[ADMIN]}]  # everything
+        users += [{"user": u, "password": passwords[u], "permissions": _perms(node, stream, u)}
+                  for u in SERVICE_USERS]
+        conf["authorization"] = {"users": users}
+    return json.dumps(conf, indent=2) + "\n"
+
+
+def ensure_passwords(auth_dir: Path) -> dict[str, str]:
+    """Random passwords per user, created once and kept (root-only files)."""
+    auth_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(auth_dir, 0o700)
+    out = {}
+    for user in (ADMIN, *SERVICE_USERS):
+        path = auth_dir / f"{user}.password"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(24))
+        out[user] = path.read_text().strip()
+    return out
+
+
+def password_file(auth_dir: Path, user: str) -> Path:
+    return auth_dir / f"{user}.password"
