@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     rmi = sub.add_parser("rmi", parents=[common, ns], help="remove images")
     rmi.add_argument("images", nargs="+")
     _add_pod_commands(sub, common)
+    ev = sub.add_parser("events", parents=[common], help="tail events (live or replayed)")
+    ev.add_argument("--topic", action="append", default=[],
+                    help="e.g. images.create, tasks.exit (repeatable; default all)")
+    ev.add_argument("-n", "--namespace", help="only this namespace (e.g. k8s.io)")
+    ev.add_argument("--all-nodes", action="store_true",
+                    help="every node sharing this NATS, not only --node-id")
+    ev.add_argument("--since", help="replay from a time: 10m, 2h, or ISO 8601")
+    ev.add_argument("-f", "--follow", action="store_true",
+                    help="keep tailing (default when --since is not given)")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
 
@@ -153,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(asyncio.run(client.status(config, args.wait)))
     if args.command == "ping":
         sys.exit(asyncio.run(client.ping(config, args.service, args.count)))
+    if args.command == "events":
+        sys.exit(asyncio.run(_events_command(config, args)))
     sys.exit(asyncio.run(_images_command(config, args)))
 
 
@@ -169,5 +181,20 @@ async def _images_command(config: Config, args: argparse.Namespace) -> int:
     except ShoalError as exc:
         print(f"shoal {args.command}: {exc.message}", file=sys.stderr)
         return 1
+    finally:
+        await bus.close()
+
+
+async def _events_command(config: Config, args: argparse.Namespace) -> int:
+    from shoal_cli import client, events
+
+    bus = await client.connect(config)
+    try:
+        return await events.tail(config, bus, all_nodes=args.all_nodes,
+                                 namespace=args.namespace, topics=args.topic,
+                                 since=args.since, follow=args.follow or not args.since,
+                                 as_json=args.json)
+    except KeyboardInterrupt:
+        return 0
     finally:
         await bus.close()
