@@ -13,8 +13,8 @@ WITH_TEST=0
 
 APT_PACKAGES=(runc conmon containernetworking-plugins iproute2 iptables busybox-static catatonit
               ca-certificates python3 python3-venv)
-# The test suite runs a real OCI registry.
-(( WITH_TEST )) && APT_PACKAGES+=(docker-registry)
+# The test suite runs a real OCI registry and a real Prometheus (tests/ops).
+(( WITH_TEST )) && APT_PACKAGES+=(docker-registry prometheus)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -79,6 +79,12 @@ def test_up_serves_restarts_and_stops_cleanly(tmp_path: Path) -> None:
         assert len(urls) == 1 + len(SERVICES) + 1  # launcher, each service, 2nd puller
         for url in urls:
             assert metrics_of(url)
+        # Prometheus file-SD targets name the addresses really bound (port 0 configured).
+        import json
+
+        groups = json.loads((tmp_path / "run" / "prometheus-targets.json").read_text())
+        targets = {t for g in groups for t in g["targets"]}
+        assert {u.removeprefix("http://").removesuffix("/metrics") for u in urls} == targets
 
         client = [*common, "--nats-url", f"nats://127.0.0.1:{nats_port}"]
         result = status(client)

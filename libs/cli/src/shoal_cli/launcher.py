@@ -197,13 +197,15 @@ class Launcher:
         raise ShoalError(f"not healthy within {self.config.launcher.ready_timeout:.0f} s: "
                          f"{missing}")
 
-    def write_prometheus_targets(self) -> Path:
-        """File-SD targets for deploy/prometheus: one group per service."""
+    def write_prometheus_targets(self, health: dict[str, HealthReply]) -> Path:
+        """File-SD targets for deploy/prometheus: one group per service, with the addresses
+        the replicas really bound (a configured port 0 means any free port)."""
         groups = [{"targets": [self.metrics.addr],
                    "labels": {"job": "shoal", "service": "launcher",
                               "node": self.config.node_id}}]
         for svc in SERVICES:
-            addrs = [c.metrics_addr for c in self.children if c.service == svc.name]
+            addrs = [health[c.name].metrics_addr if c.name in health else c.metrics_addr
+                     for c in self.children if c.service == svc.name]
             groups.append({"targets": addrs, "labels": {
                 "job": "shoal", "service": svc.name, "node": self.config.node_id}})
         path = Path(self.config.run_root) / "prometheus-targets.json"
@@ -222,6 +224,9 @@ class Launcher:
         Path(self.config.run_root).mkdir(parents=True, exist_ok=True)
         Path(self.config.state_root).mkdir(parents=True, exist_ok=True)
         self.metrics.start()
+        for svc in SERVICES:  # present from the start, so rate() sees the first restart
+            RESTARTS.labels(svc.name)
+            CHILDREN_UP.labels(svc.name)
         bus = Bus(self.config, service="launcher", replica=f"launcher-{os.getpid()}")
         try:
             if not self.external_nats:
@@ -235,7 +240,7 @@ class Launcher:
             done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if ready in done:
                 health = ready.result()
-                targets = self.write_prometheus_targets()
+                targets = self.write_prometheus_targets(health)
                 self.print_summary(health, targets)
                 await stop.wait()
             else:

@@ -17,6 +17,7 @@ FETCH_SECONDS = Histogram("shoal_puller_fetch_seconds",
                           "snapshotter).", buckets=PULL_BUCKETS)
 FETCHED_BYTES = Counter("shoal_puller_layer_bytes_fetched_total",
                         "Layer bytes written to the content store from registries.")
+PULLS.labels("ok")  # so rate() sees the first successful pull
 RESUMED = Counter("shoal_puller_resumed_downloads_total",
                   "Layer downloads resumed from a partial ingest file.")
 GC_DELETED = Counter("shoal_puller_gc_blobs_deleted_total", "Blobs removed by garbage collection.")

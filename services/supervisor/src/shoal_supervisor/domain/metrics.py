@@ -35,3 +35,6 @@ def timed(op: str) -> Iterator[None]:
 def set_task_counts(counts: dict[str, int]) -> None:
     for state in STATES:
         TASKS.labels(state).set(counts.get(state, 0))
+
+for _reason in ("Completed", "Error", "OOMKilled"):
+    EXITS.labels(_reason)  # present at 0, so rate() sees the first exit of each reason
