@@ -4,7 +4,6 @@ supervisor (conmon + runc), snapshotter, puller, CNI plugins and registry."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import time
 import uuid
@@ -14,38 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
-from cri_api.v1 import api_pb2_grpc as cri_grpc
-from support.images import busybox_image, pause_image, push
-from support.processes import ServiceProcess, ServiceSet
-from support.registry import Registry
+from support.processes import ServiceSet
+from support.shoal import Cri, images_fixture, remove_all_pods, start_shoal  # noqa: F401
 
 pytestmark = pytest.mark.e2e
-_subnets = itertools.count(40)
-
-
-class Cri:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.runtime = cri_grpc.RuntimeServiceStub(channel)
-        self.images = cri_grpc.ImageServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def images(registry: Registry) -> dict[str, str]:
-    push(registry.url, "pods/pause", "1", pause_image())
-    push(registry.url, "pods/busybox", "1", busybox_image())
-    return {"pause": f"{registry.host}/pods/pause:1", "busybox": f"{registry.host}/pods/busybox:1"}
-
-
-async def start_shoal(services: ServiceSet, images: dict[str, str]) -> dict[str, ServiceProcess]:
-    n = next(_subnets)
-    common = ["--set", f'cri.sandbox_image="{images["pause"]}"',
-              "--set", f'services.executor.pod_subnet="10.{n}.0.0/24"',
-              "--set", f'services.executor.cni_bridge="shoalt{n}"']
-    procs = {name: services.start(name, extra=common) for name in (
-        "puller", "snapshotter", "executor", "supervisor", "cri-gateway")}
-    for sp in procs.values():
-        await asyncio.to_thread(services.wait_serving, sp)
-    return procs
 
 
 @pytest.fixture
@@ -54,12 +25,7 @@ async def shoal(services: ServiceSet, images: dict[str, str]) -> AsyncIterator[C
     async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
         api = Cri(channel)
         yield api
-        # Leave nothing behind: pods (and their containers), netns, mounts.
-        pods = await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest())
-        for pod in pods.items:
-            await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
-            await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(
-                pod_sandbox_id=pod.id))
+        await remove_all_pods(api)
 
 
 def pod_config(tmp: Path, name: str = "web") -> cri.PodSandboxConfig:

@@ -339,13 +339,15 @@ class Run:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.on_signal)
         try:
+            # Ctrl-C is looked at between steps until the container exists.
             await self._pull(args.image, args.pull)
             if not self.interrupts:
                 pod_config = await self._run_pod(name, ports)
-            if not self.interrupts:
-                self.container_id = (await self.api.runtime.CreateContainer(
-                    cri.CreateContainerRequest(pod_sandbox_id=self.pod_id, config=ctr_config,
-                                               sandbox_config=pod_config))).container_id
+                if not self.interrupts:
+                    self.container_id = (await self.api.runtime.CreateContainer(
+                        cri.CreateContainerRequest(pod_sandbox_id=self.pod_id,
+                                                   config=ctr_config,
+                                                   sandbox_config=pod_config))).container_id
             if self.interrupts:
                 # Ctrl-C before the container ran: nothing of this run is worth keeping.
                 await self._cleanup(always=True)
@@ -499,9 +501,9 @@ async def logs(api: Cri, config: Config, args: argparse.Namespace) -> int:
     decoder = LogDecoder()
     log = LogFile(status.log_path)
     try:
-        if args.tail is not None:
+        if args.tail is not None and args.tail >= 0:  # (negative: all, like crictl)
             lines = decoder.feed(log.read_new()) + ([] if args.follow else decoder.flush())
-            for stream, text in lines[-args.tail:] if args.tail > 0 else []:
+            for stream, text in lines[len(lines) - args.tail:] if args.tail else []:
                 _write(stream, text)
         await follow(log, finished, decoder)
     finally:
