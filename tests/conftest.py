@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -30,7 +31,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 @pytest.fixture
 def node(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Node:
     """A fresh node id per test: subjects are node-scoped, so tests never see each other."""
-    return Node(f"t{next(_node_ids)}", nats_url, tmp_path_factory.mktemp("node"))
+    # The pid keeps concurrent test runs on one machine (one NATS each) apart in logs and
+    # in anything named after the node.
+    return Node(f"t{os.getpid()}-{next(_node_ids)}", nats_url,
+                tmp_path_factory.mktemp("node"))
 
 
 @pytest.fixture
