@@ -39,7 +39,7 @@ R = TypeVar("R", bound=Message)
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "echo", "sleep", "cat", "head", "tr", "dd", "true", "false", "env", "printf",
-           "kill", "ls", "wc", "seq")
+           "kill", "ls", "wc", "seq", "stty")
 CGROUP_PARENT = "shoal-test"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 EVENT_TYPES: dict[str, type[Event]] = {

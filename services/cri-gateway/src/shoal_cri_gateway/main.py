@@ -9,9 +9,11 @@ from shoal_common.service import ServiceContext, ServiceSpec, run_service
 
 from shoal_cri_gateway.domain.metrics import PodsByState
 from shoal_cri_gateway.domain.pods import Pods
+from shoal_cri_gateway.domain.streams import StreamRuntime
 from shoal_cri_gateway.grpc_api.server import CriServer
 from shoal_cri_gateway.handlers import router
 from shoal_cri_gateway.store.metadata import Metadata
+from shoal_cri_gateway.streaming.server import StreamServer
 
 
 @contextlib.asynccontextmanager
@@ -20,12 +22,16 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[CriServer]:
     await metadata.open()
     PodsByState(ctx.state_dir / "metadata.db").register()
     pods = Pods(ctx.bus, metadata, ctx.config.cri.sandbox_image)
-    server = CriServer(ctx.config.cri_socket, ctx.bus, pods)
-    await server.start()
+    streams = StreamServer(ctx.config.cri.stream_addr, StreamRuntime(ctx.bus, pods),
+                           ctx.config.cri.stream_idle_timeout)
+    server = CriServer(ctx.config.cri_socket, ctx.bus, pods, streams)
     try:
+        await streams.start()
+        await server.start()
         yield server
     finally:
         await server.stop(grace=ctx.config.service("cri-gateway").shutdown_timeout)
+        await streams.stop()
         await metadata.close()
 
 

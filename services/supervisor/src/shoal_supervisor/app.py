@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from shoal_common.messages import Event
 from shoal_common.service import ServiceContext
 
+from shoal_supervisor.domain.execs import ExecSessions
 from shoal_supervisor.domain.tasks import Layout, TaskManager
 from shoal_supervisor.store.tasks import TaskStore
 
@@ -16,6 +17,7 @@ from shoal_supervisor.store.tasks import TaskStore
 @dataclass
 class SupervisorApp:
     tasks: TaskManager
+    execs: ExecSessions
 
 
 @contextlib.asynccontextmanager
@@ -33,7 +35,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SupervisorApp]:
         # Reconciles before the first command is served: exits that happened while no
         # supervisor ran are recorded (and published) now.
         await manager.open()
-        yield SupervisorApp(manager)
+        conmon_path = ctx.config.services.supervisor.conmon_path
+        yield SupervisorApp(manager, ExecSessions(manager, layout, conmon_path))
     finally:
         # Containers and their conmons keep running; only our watches stop.
         await manager.close()

@@ -6,7 +6,7 @@ Every replica also answers the runner's built-in `health` and `ping`."""
 from __future__ import annotations
 
 from shoal_common.bus import RequestContext, Router
-from shoal_common.messages import RuntimeStatusReply, RuntimeStatusRequest
+from shoal_common.messages import Empty, RuntimeStatusReply, RuntimeStatusRequest
 from shoal_common.messages.monitor import (
     ExecSyncReply,
     ExecSyncRequest,
@@ -20,6 +20,15 @@ from shoal_common.messages.monitor import (
     TaskListRequest,
     TaskState,
     UpdateRequest,
+)
+from shoal_common.messages.streams import (
+    AttachInfo,
+    ExecCreateRequest,
+    ExecExit,
+    ExecIdRequest,
+    ExecSession,
+    ExecStarted,
+    ResizeRequest,
 )
 from shoal_common.probe import probe_binary
 
@@ -89,3 +98,38 @@ async def stats(ctx: Ctx, req: StatsRequest) -> StatsReply:
 @router.command("reopen_log")
 async def reopen_log(ctx: Ctx, req: TaskIdRequest) -> TaskState:
     return await ctx.app.tasks.reopen_log(req.id)
+
+
+# -- interactive streams (the gateway's streaming server) ---------------------------------
+
+
+@router.command("exec_create")
+async def exec_create(ctx: Ctx, req: ExecCreateRequest) -> ExecSession:
+    return await ctx.app.execs.create(req, ctx.remaining())
+
+
+@router.command("exec_start")
+async def exec_start(ctx: Ctx, req: ExecIdRequest) -> ExecStarted:
+    return await ctx.app.execs.start(req, ctx.remaining())
+
+
+@router.command("exec_wait")
+async def exec_wait(ctx: Ctx, req: ExecIdRequest) -> ExecExit:
+    return await ctx.app.execs.wait(req, ctx.remaining())
+
+
+@router.command("exec_remove")
+async def exec_remove(ctx: Ctx, req: ExecIdRequest) -> Empty:
+    await ctx.app.execs.remove(req)
+    return Empty()
+
+
+@router.command("attach")
+async def attach(ctx: Ctx, req: TaskIdRequest) -> AttachInfo:
+    return await ctx.app.execs.attach(req.id)
+
+
+@router.command("resize")
+async def resize(ctx: Ctx, req: ResizeRequest) -> Empty:
+    await ctx.app.execs.resize(req)
+    return Empty()

@@ -38,6 +38,7 @@ from shoal_cri_gateway.domain.pods import NAMESPACE, Pods, gather_states
 from shoal_cri_gateway.domain.status import runtime_conditions
 from shoal_cri_gateway.grpc_api.rpc import CRI_REQUESTS, rpc
 from shoal_cri_gateway.store.metadata import ContainerRecord, PodRecord
+from shoal_cri_gateway.streaming.server import StreamServer
 
 KUBE_API_VERSION = "0.1.0"  # what kubelet expects in VersionResponse.version
 RUNTIME_NAME = "shoal"
@@ -54,6 +55,16 @@ TASK_EVENTS: dict[str, tuple[int, type[TaskCreated | TaskStarted | TaskExited | 
 
 CONTAINER_STATES = {"created": cri.CONTAINER_CREATED, "running": cri.CONTAINER_RUNNING,
                     "stopped": cri.CONTAINER_EXITED}
+
+
+def _check_streams(rpc_name: str, request: cri.ExecRequest | cri.AttachRequest) -> None:
+    """kubelet's rules for a remote command request."""
+    if not request.container_id:
+        raise Invalid(f"{rpc_name}: container_id is required")
+    if request.tty and request.stderr:
+        raise Invalid(f"{rpc_name}: tty and stderr cannot both be true")
+    if not (request.stdin or request.stdout or request.stderr):
+        raise Invalid(f"{rpc_name}: one of stdin, stdout, or stderr must be set")
 
 
 def _selected(labels: dict[str, str], selector: dict[str, str]) -> bool:
@@ -107,9 +118,10 @@ def _container_status(ctr: ContainerRecord, task: TaskState | None) -> cri.Conta
 
 
 class RuntimeService(cri_grpc.RuntimeServiceServicer):
-    def __init__(self, bus: Bus, pods: Pods) -> None:
+    def __init__(self, bus: Bus, pods: Pods, streams: StreamServer) -> None:
         self.bus = bus
         self.pods = pods
+        self.streams = streams
 
     async def _monitor(self, verb: str, message: object, reply: type) -> object:
         return await self.bus.request("monitor", verb, message, reply,  # type: ignore[arg-type]
@@ -292,6 +304,34 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             attempt_timeout=(request.timeout or 3600) + 30, retries=0)
         return cri.ExecSyncResponse(stdout=reply.stdout, stderr=reply.stderr,
                                     exit_code=reply.exit_code)
+
+    # -- streaming (answered with a URL on the streaming server) ------------------------
+
+    @rpc
+    async def Exec(self, request: cri.ExecRequest,
+                   context: grpc.aio.ServicerContext) -> cri.ExecResponse:
+        _check_streams("Exec", request)
+        if not request.cmd:
+            raise Invalid("Exec: cmd is empty")
+        await self.streams.runtime.running_container(request.container_id)
+        return cri.ExecResponse(url=self.streams.url("exec", request))
+
+    @rpc
+    async def Attach(self, request: cri.AttachRequest,
+                     context: grpc.aio.ServicerContext) -> cri.AttachResponse:
+        _check_streams("Attach", request)
+        await self.streams.runtime.running_container(request.container_id)
+        return cri.AttachResponse(url=self.streams.url("attach", request))
+
+    @rpc
+    async def PortForward(self, request: cri.PortForwardRequest,
+                          context: grpc.aio.ServicerContext) -> cri.PortForwardResponse:
+        if not request.pod_sandbox_id:
+            raise Invalid("PortForward: pod_sandbox_id is required")
+        if any(not 0 < p < 65536 for p in request.port):
+            raise Invalid(f"PortForward: ports must be 1-65535, got {list(request.port)}")
+        await self.streams.runtime.ready_pod(request.pod_sandbox_id)
+        return cri.PortForwardResponse(url=self.streams.url("portforward", request))
 
     # -- stats -------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from shoal_common.bus import Bus
 from shoal_cri_gateway.domain.pods import Pods
 from shoal_cri_gateway.grpc_api.images import ImageService
 from shoal_cri_gateway.grpc_api.runtime import RuntimeService
+from shoal_cri_gateway.streaming.server import StreamServer
 
 log = structlog.get_logger("shoal.cri")
 
@@ -21,10 +22,11 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 
 class CriServer:
-    def __init__(self, socket_path: str, bus: Bus, pods: Pods) -> None:
+    def __init__(self, socket_path: str, bus: Bus, pods: Pods, streams: StreamServer) -> None:
         self.socket_path = socket_path
         self.bus = bus
         self.pods = pods
+        self.streams = streams
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -37,7 +39,8 @@ class CriServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ])
-        cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.bus, self.pods), server)
+        runtime = RuntimeService(self.bus, self.pods, self.streams)
+        cri_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
         cri_grpc.add_ImageServiceServicer_to_server(ImageService(self.bus), server)
         old = os.umask(0o077)  # the socket is born owner-only; no window with wider modes
         try:

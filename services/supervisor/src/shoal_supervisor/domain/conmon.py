@@ -16,6 +16,15 @@ How we talk to it (from conmon's --help, its behaviour, and what it writes):
   in its working directory, so we start it in the task's run directory).
 - The `ctl` FIFO it creates in the bundle takes `<type> <height> <width>\\n` lines:
   type 1 resizes the terminal, type 2 reopens the log file (CRI ReopenContainerLog).
+- Whenever it has a bundle it listens on `<socket-dir-path>/<cuuid>/attach` (the directory
+  is a symlink it makes to the bundle, keeping the path short): a SOCK_SEQPACKET socket
+  where each output packet is the stream byte (2 stdout, 3 stderr) and the data, and what a
+  client sends goes to the container's stdin (with `--stdin`); a client shutting down its
+  side closes that stdin unless `--leave-stdin-open`.
+- `--exec --exec-attach` (an interactive exec) takes two more pipes: `_OCI_ATTACHPIPE`,
+  where it writes `{"data": 0}` once its attach socket listens, and `_OCI_STARTPIPE`, which
+  it reads twice: before it forks at all, and again before it runs `runtime exec`, so a
+  client can connect first and miss no output.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from shoal_common.errors import FailedPrecondition, Internal
 from shoal_supervisor.domain.metrics import timed
 from shoal_supervisor.domain.runtime import runtime_message
 
+CTL_RESIZE = 1
 CTL_REOPEN_LOG = 2
 TIMED_OUT_MESSAGE = "command timed out"
 CONMON_LOG = "conmon.log"  # conmon's own stderr before it detaches from it
@@ -54,6 +64,33 @@ class CreateSpec:
     persist_dir: Path
     exit_dir: Path
     socket_dir: Path
+
+
+@dataclass(frozen=True)
+class AttachedExecSpec:
+    """An interactive exec: its files live in `session_dir` (the bundle conmon is given, so
+    the attach socket, `ctl` and `winsz` go there), its pipes to us are FIFOs in it."""
+
+    task_id: str
+    exec_id: str  # conmon's --cuuid: names the attach socket's directory
+    runtime: str
+    runtime_root: str
+    session_dir: Path
+    socket_dir: Path
+    tty: bool
+    stdin: bool
+
+    @property
+    def start_fifo(self) -> Path:
+        return self.session_dir / "start"
+
+    @property
+    def sync_fifo(self) -> Path:
+        return self.session_dir / "sync"
+
+    @property
+    def attach_socket(self) -> Path:
+        return self.socket_dir / self.exec_id / "attach"
 
 
 @dataclass(frozen=True)
@@ -114,7 +151,7 @@ class _SyncPipe:
         self.read_fd = -1
 
 
-def _tail(path: Path, limit: int = 2000) -> str:
+def tail(path: Path, limit: int = 2000) -> str:
     try:
         return path.read_text(errors="replace")[-limit:].strip()
     except OSError:
@@ -185,7 +222,7 @@ class Conmon:
         finally:
             pipe.close()
         if msg is None:
-            why = _tail(conmon_log) or f"exit status {proc.returncode}"
+            why = tail(conmon_log) or f"exit status {proc.returncode}"
             raise Internal(f"conmon failed to create {spec.task_id}: {why}")
         pid = int(msg.get("data", -1))
         if pid <= 0:
@@ -227,7 +264,7 @@ class Conmon:
                 if started is None or int(started.get("data", -1)) <= 0:
                     await proc.wait()
                     text = (runtime_message(str(started.get("message", ""))) if started
-                            else _tail(conmon_log)) or f"conmon exit status {proc.returncode}"
+                            else tail(conmon_log)) or f"conmon exit status {proc.returncode}"
                     raise FailedPrecondition(f"exec in {task_id} failed: {text}")
                 exec_pid = int(started["data"])
                 finished = await pipe.message()
@@ -243,10 +280,73 @@ class Conmon:
             pipe.close()
         if finished is None:
             raise Internal(f"conmon exec in {task_id} ended without an exit code: "
-                           f"{_tail(conmon_log) or proc.returncode}")
+                           f"{tail(conmon_log) or proc.returncode}")
         timed_out = finished.get("message") == TIMED_OUT_MESSAGE
         stdout, stderr = read_cri_log(log_path)
         return ExecResult(int(finished.get("data", -1)), stdout, stderr, timed_out)
+
+
+    async def exec_attached(self, spec: AttachedExecSpec, process: dict[str, Any],
+                            timeout: float) -> int:
+        """Start a detached conmon for an interactive exec and return its pid once its attach
+        socket listens; the process itself waits for a write to the start FIFO.
+
+        The start and sync pipes are FIFOs in the session directory that conmon holds open
+        read-write: whichever supervisor replica handles `exec_start` can then release it
+        and read its report, and the FIFO never reads as closed while conmon lives."""
+        d = spec.session_dir
+        (d / "process.json").write_text(json.dumps(process))
+        os.mkfifo(spec.start_fifo, 0o600)
+        os.mkfifo(spec.sync_fifo, 0o600)
+        argv = [
+            self.path, "--api-version", "1",
+            "--cid", spec.task_id, "--cuuid", spec.exec_id, "--name", spec.task_id,
+            "--runtime", spec.runtime, "--exec", "--exec-attach",
+            "--exec-process-spec", str(d / "process.json"), "--bundle", str(d),
+            "--socket-dir-path", str(spec.socket_dir),
+            "--container-pidfile", str(d / "exec.pid"), "--conmon-pidfile", str(d / "conmon.pid"),
+            # conmon writes the exit code to <persist-dir>/exit: any replica can read it.
+            "--persist-dir", str(d), "--log-path", "none:",
+            "--runtime-arg", f"--root={spec.runtime_root}", "--log-level", self.log_level,
+        ]
+        if spec.tty:
+            argv.append("--terminal")
+        if spec.stdin:
+            argv.append("--stdin")  # not --leave-stdin-open: our shutdown is the process's EOF
+        start_fd = os.open(spec.start_fifo, os.O_RDWR | os.O_CLOEXEC)
+        sync_fd = os.open(spec.sync_fifo, os.O_RDWR | os.O_CLOEXEC)
+        attach = _SyncPipe()
+        log_fd = os.open(d / CONMON_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                         0o600)
+        try:
+            # The first start message: conmon reads it before it forks, so it is consumed
+            # long before the attach socket exists and the second one can be written.
+            os.write(start_fd, b"0\n")
+            env = {**os.environ, "_OCI_SYNCPIPE": str(sync_fd), "_OCI_STARTPIPE": str(start_fd),
+                   "_OCI_ATTACHPIPE": str(attach.write_fd)}
+            with timed("exec"):
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                    pass_fds=(start_fd, sync_fd, attach.write_fd), env=env, cwd=d)
+                await attach.spawned()
+                await proc.wait()  # the first conmon exits once it forked the monitor
+                conmon_pid = read_pid(d / "conmon.pid")
+                try:
+                    async with asyncio.timeout(timeout):
+                        msg = await attach.message()
+                except TimeoutError:
+                    _kill(conmon_pid)
+                    raise Internal(f"conmon did not open the attach socket of exec "
+                                   f"{spec.exec_id} within {timeout:.0f}s") from None
+        finally:
+            for fd in (start_fd, sync_fd, log_fd):
+                os.close(fd)
+            attach.close()
+        if msg is None or int(msg.get("data", -1)) != 0:
+            why = (str(msg.get("message", "")) if msg else "") or tail(d / CONMON_LOG)
+            raise Internal(f"conmon failed to prepare exec {spec.exec_id} in {spec.task_id}: "
+                           f"{why or f'exit status {proc.returncode}'}")
+        return conmon_pid
 
 
 def read_cri_log(path: Path) -> tuple[bytes, bytes]:
@@ -269,14 +369,24 @@ def read_cri_log(path: Path) -> tuple[bytes, bytes]:
 
 def reopen_log(bundle: Path) -> None:
     """Ask the container's conmon to reopen its log file (after a rotation)."""
+    _control(bundle, f"{CTL_REOPEN_LOG} 0 0\n")
+
+
+def resize(bundle: Path, height: int, width: int) -> None:
+    """Set the terminal size of the process conmon runs from `bundle` (a container's bundle
+    or an exec session's directory)."""
+    _control(bundle, f"{CTL_RESIZE} {height} {width}\n")
+
+
+def _control(bundle: Path, line: str) -> None:
     try:
         fd = os.open(bundle / "ctl", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.ENXIO, errno.ENOENT):  # no reader: conmon has exited
-            raise FailedPrecondition("the container's monitor is not running") from None
+            raise FailedPrecondition("the process's monitor is not running") from None
         raise
     try:
-        os.write(fd, f"{CTL_REOPEN_LOG} 0 0\n".encode())
+        os.write(fd, line.encode())
     finally:
         os.close(fd)
 

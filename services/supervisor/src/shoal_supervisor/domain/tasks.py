@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import os
 import shutil
 import signal
@@ -55,6 +54,7 @@ from shoal_common.messages.monitor import (
 from shoal_supervisor.domain import cgroups, conmon
 from shoal_supervisor.domain.cgroups import Cgroup, OomEventFd
 from shoal_supervisor.domain.conmon import Conmon, CreateSpec
+from shoal_supervisor.domain.execs import discard_sessions, exec_process, poll_until
 from shoal_supervisor.domain.inotify import IN_CLOSE_WRITE, IN_MOVED_TO, IN_Q_OVERFLOW, Inotify
 from shoal_supervisor.domain.metrics import EXITS, OOMS, set_task_counts
 from shoal_supervisor.domain.runtime import Runtime
@@ -436,6 +436,10 @@ class TaskManager:
 
     # -- commands --------------------------------------------------------------------------
 
+    async def record(self, task_id: str) -> TaskRecord:
+        """The task's record (exits already written taken into account); NotFound if none."""
+        return await self._get(task_id)
+
     async def _get(self, task_id: str) -> TaskRecord:
         """The task, with an exit that conmon already wrote taken into account."""
         task = await self.store.get(task_id)
@@ -654,6 +658,8 @@ class TaskManager:
     def _remove_files(self, task: TaskRecord) -> None:
         (self.layout.exit_dir / task.id).unlink(missing_ok=True)
         shutil.rmtree(self.layout.persist_dir(task.id), ignore_errors=True)
+        # Exec sessions live in the task's directory; their conmons and socket links go too.
+        discard_sessions(self.layout.task_dir(task.id), self.layout.socket_dir)
         shutil.rmtree(self.layout.task_dir(task.id), ignore_errors=True)
         (self.layout.socket_dir / task.id).unlink(missing_ok=True)
         # What conmon made in the bundle (control FIFOs, attach socket); nothing else.
@@ -675,7 +681,7 @@ class TaskManager:
         conmon_path = shutil.which(self.conmon_path)
         if conmon_path is None:
             raise FailedPrecondition(f"conmon {self.conmon_path!r} not found")
-        process = self._exec_process(task, req)
+        process = exec_process(task, req.cmd, req.env, req.tty)
         work_dir = self.layout.task_dir(task.id) / f"exec-{uuid.uuid4().hex[:12]}"
         work_dir.mkdir(parents=True)
         try:
@@ -688,23 +694,6 @@ class TaskManager:
             raise DeadlineExceeded(f"exec in {req.id} timed out after {req.timeout:g}s")
         return ExecSyncReply(exit_code=result.exit_code, stdout=result.stdout,
                              stderr=result.stderr)
-
-    @staticmethod
-    def _exec_process(task: TaskRecord, req: ExecSyncRequest) -> dict[str, Any]:
-        """The container's own process settings (user, caps, cwd, env, profiles) with the
-        exec's command, terminal and extra environment, as `runtime exec --process` takes."""
-        try:
-            config = json.loads((Path(task.bundle) / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FailedPrecondition(f"cannot read {task.bundle}/config.json: {exc}") from None
-        process: dict[str, Any] = dict(config.get("process") or {})
-        process.pop("consoleSize", None)
-        process["args"] = list(req.cmd)
-        process["terminal"] = req.tty
-        env = {e.split("=", 1)[0]: e for e in process.get("env") or []}
-        env.update({e.split("=", 1)[0]: e for e in req.env})
-        process["env"] = list(env.values())
-        return process
 
     async def update(self, task_id: str, resources: Resources) -> TaskState:
         task = await self._get(task_id)
@@ -753,17 +742,6 @@ class TaskManager:
         # the reply means the old file is no longer written.
         await poll_until(lambda: _inode(log_path) not in (before, None), 2.0, 0.01)
         return task.to_state()
-
-
-async def poll_until(done: Callable[[], bool], timeout: float, interval: float) -> bool:
-    """For states only the file system shows (a process gone, a file replaced)."""
-    end = time.monotonic() + timeout
-    while True:
-        if done():
-            return True
-        if time.monotonic() >= end:
-            return False
-        await asyncio.sleep(interval)
 
 
 def _inode(path: Path) -> int | None:

@@ -1,0 +1,290 @@
+"""Interactive exec sessions (CRI Exec behind the gateway's streaming server), attach to a
+container's own monitor, and terminal resize.
+
+A session is a directory, `<task dir>/exec/<exec id>/`, and a detached conmon started with
+`--exec --exec-attach` whose bundle is that directory (so its attach socket, `ctl` and
+`winsz` FIFOs and its `exit` file land there). Its start and sync pipes are FIFOs there
+too, so every step after `create` reads only files: any supervisor replica can start,
+wait for, resize or remove a session another one created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from shoal_common.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Invalid,
+    NotFound,
+)
+from shoal_common.messages.streams import (
+    AttachInfo,
+    ExecCreateRequest,
+    ExecExit,
+    ExecIdRequest,
+    ExecSession,
+    ExecStarted,
+    ResizeRequest,
+)
+
+from shoal_supervisor.domain import conmon
+from shoal_supervisor.domain.conmon import AttachedExecSpec, Conmon
+from shoal_supervisor.domain.runtime import runtime_message
+from shoal_supervisor.store.tasks import RUNNING, TaskRecord
+
+if TYPE_CHECKING:
+    from shoal_supervisor.domain.tasks import Layout, TaskManager
+
+
+async def poll_until(done: Callable[[], bool], timeout: float, interval: float) -> bool:
+    """For states only the file system shows (a process gone, a file replaced)."""
+    end = time.monotonic() + timeout
+    while True:
+        if done():
+            return True
+        if time.monotonic() >= end:
+            return False
+        await asyncio.sleep(interval)
+
+log = structlog.get_logger("shoal.supervisor")
+
+_EXEC_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PREPARE_TIMEOUT = 30.0  # conmon up to its attach socket
+START_TIMEOUT = 60.0  # `runtime exec` run and reported
+REMOVE_GRACE = 2.0  # for conmon to record the exit of a killed exec before it is killed too
+
+
+def exec_process(task: TaskRecord, cmd: list[str], env: list[str], tty: bool,
+                 console: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The container's own process settings (user, caps, cwd, env, profiles) with the
+    exec's command, terminal and extra environment, as `runtime exec --process` takes."""
+    try:
+        config = json.loads((Path(task.bundle) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FailedPrecondition(f"cannot read {task.bundle}/config.json: {exc}") from None
+    process: dict[str, Any] = dict(config.get("process") or {})
+    process.pop("consoleSize", None)
+    if tty and console:
+        # runc sizes the new terminal at once: no window in which the process sees 0x0.
+        process["consoleSize"] = {"height": console[0], "width": console[1]}
+    process["args"] = list(cmd)
+    process["terminal"] = tty
+    merged = {e.split("=", 1)[0]: e for e in process.get("env") or []}
+    merged.update({e.split("=", 1)[0]: e for e in env})
+    process["env"] = list(merged.values())
+    return process
+
+
+def sessions_dir(task_dir: Path) -> Path:
+    return task_dir / "exec"
+
+
+def discard_sessions(task_dir: Path, socket_dir: Path) -> None:
+    """Before a task's files go: stop every conmon of its exec sessions (one still waiting
+    to be started would wait forever) and remove their attach-socket links."""
+    root = sessions_dir(task_dir)
+    if not root.is_dir():
+        return
+    for session in root.iterdir():
+        _kill(conmon.read_pid(session / "conmon.pid"), session.name)
+        (socket_dir / session.name).unlink(missing_ok=True)
+
+
+def _kill(conmon_pid: int, exec_id: str) -> None:
+    if conmon.alive(conmon_pid, exec_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(conmon_pid, signal.SIGKILL)
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
+
+
+async def _first_line(fd: int, timeout: float) -> dict[str, Any] | None:
+    """The first JSON line conmon writes to its sync FIFO (our read end `fd`, closed here),
+    or None once it has exited: conmon holds the FIFO open, so EOF means conmon is gone."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    try:
+        async with asyncio.timeout(timeout):
+            line = await reader.readline()
+    finally:
+        transport.close()
+    if not line:
+        return None
+    try:
+        msg: dict[str, Any] = json.loads(line)
+    except json.JSONDecodeError:
+        return {"data": -1, "message": f"unreadable report from conmon: {line[:200]!r}"}
+    return msg
+
+
+class ExecSessions:
+    def __init__(self, tasks: TaskManager, layout: Layout, conmon_path: str) -> None:
+        self.tasks = tasks
+        self.layout = layout
+        self.conmon_path = conmon_path
+
+    def _dir(self, task_id: str, exec_id: str) -> Path:
+        if not _EXEC_ID_RE.match(exec_id):
+            raise Invalid(f"exec id {exec_id!r} is not valid (1-64 of A-Z a-z 0-9 _ -)")
+        return sessions_dir(self.layout.task_dir(task_id)) / exec_id
+
+    def _existing(self, task_id: str, exec_id: str) -> Path:
+        d = self._dir(task_id, exec_id)
+        if not d.is_dir():
+            raise NotFound(f"exec session {exec_id} of task {task_id} not found")
+        return d
+
+    async def _running(self, task_id: str) -> TaskRecord:
+        task = await self.tasks.record(task_id)
+        if task.state != RUNNING:
+            raise FailedPrecondition(f"container {task_id} is not running ({task.state})")
+        return task
+
+    async def create(self, req: ExecCreateRequest, budget: float) -> ExecSession:
+        if not req.cmd:
+            raise Invalid("exec: cmd is empty")
+        d = self._dir(req.id, req.exec_id)
+        task = await self._running(req.id)
+        conmon_path = shutil.which(self.conmon_path)
+        if conmon_path is None:
+            raise FailedPrecondition(f"conmon {self.conmon_path!r} not found")
+        spec = AttachedExecSpec(
+            task_id=task.id, exec_id=req.exec_id, runtime=task.runtime,
+            runtime_root=task.runtime_root, session_dir=d, socket_dir=self.layout.socket_dir,
+            tty=req.tty, stdin=req.stdin)
+        if d.exists():
+            # A retry of a create that got through: the same session, if it still waits.
+            if (conmon.alive(conmon.read_pid(d / "conmon.pid"), req.exec_id)
+                    and spec.attach_socket.exists()):
+                return ExecSession(exec_id=req.exec_id, attach_socket=str(spec.attach_socket))
+            raise AlreadyExists(f"exec session {req.exec_id} already exists")
+        d.mkdir(parents=True)
+        console = (req.height, req.width) if req.height > 0 and req.width > 0 else None
+        process = exec_process(task, req.cmd, req.env, req.tty, console)
+        try:
+            await Conmon(conmon_path).exec_attached(
+                spec, process, timeout=max(1.0, min(PREPARE_TIMEOUT, budget - 1)))
+        except BaseException:
+            self._discard(d, req.exec_id)
+            raise
+        log.info("exec session ready", task=task.id, exec_id=req.exec_id, tty=req.tty,
+                 stdin=req.stdin)
+        return ExecSession(exec_id=req.exec_id, attach_socket=str(spec.attach_socket))
+
+    async def start(self, req: ExecIdRequest, budget: float) -> ExecStarted:
+        d = self._existing(req.id, req.exec_id)
+        started = conmon.read_pid(d / "exec.pid")
+        if started > 0:
+            return ExecStarted(pid=started)  # a retry: already running (or ran)
+        # Open the report FIFO before releasing conmon: its report then cannot be lost.
+        sync_fd = os.open(d / "sync", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = os.open(d / "start", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            os.close(sync_fd)
+            if exc.errno in (errno.ENXIO, errno.ENOENT):  # no reader: conmon is gone
+                raise FailedPrecondition(f"exec session {req.exec_id} has ended") from None
+            raise
+        try:
+            os.write(fd, b"1\n")
+        finally:
+            os.close(fd)
+        try:
+            msg = await _first_line(sync_fd, max(1.0, min(START_TIMEOUT, budget - 1)))
+        except TimeoutError:
+            raise DeadlineExceeded(f"exec {req.exec_id} in {req.id} did not start") from None
+        pid = int(msg.get("data", -1)) if msg else -1
+        if pid <= 0:
+            why = (runtime_message(str(msg.get("message", ""))) if msg else "") or \
+                conmon.tail(d / conmon.CONMON_LOG) or "its monitor exited"
+            raise FailedPrecondition(f"exec in {req.id} failed: {why}")
+        log.info("exec started", task=req.id, exec_id=req.exec_id, pid=pid)
+        return ExecStarted(pid=pid)
+
+    async def wait(self, req: ExecIdRequest, budget: float) -> ExecExit:
+        """The exit code once conmon recorded it; the session is then forgotten."""
+        d = self._existing(req.id, req.exec_id)
+        conmon_pid = conmon.read_pid(d / "conmon.pid")
+        end = time.monotonic() + max(0.0, budget - 1)
+        while True:
+            code = _exit_code(d)
+            if code is None and not conmon.alive(conmon_pid, req.exec_id):
+                code = _exit_code(d)  # written just before it went
+                if code is None:
+                    why = conmon.tail(d / conmon.CONMON_LOG)
+                    self._discard(d, req.exec_id)
+                    raise FailedPrecondition(f"exec {req.exec_id} in {req.id} ended without "
+                                             f"an exit code{': ' + why if why else ''}")
+            if code is not None:
+                self._discard(d, req.exec_id)
+                log.info("exec exited", task=req.id, exec_id=req.exec_id, exit_code=code)
+                return ExecExit(exit_code=code)
+            if time.monotonic() >= end:
+                raise DeadlineExceeded(f"exec {req.exec_id} in {req.id} is still running")
+            await asyncio.sleep(0.02)
+
+    async def remove(self, req: ExecIdRequest) -> None:
+        """Kill the exec's process (if it runs) and forget the session; idempotent."""
+        d = self._dir(req.id, req.exec_id)
+        if not d.is_dir():
+            return
+        conmon_pid = conmon.read_pid(d / "conmon.pid")
+        pid = conmon.read_pid(d / "exec.pid")
+        # The exec's parent is its conmon (a subreaper): a check against a reused pid.
+        if pid > 0 and conmon_pid > 0 and _parent_of(pid) == conmon_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await poll_until(lambda: not conmon.alive(conmon_pid, req.exec_id), REMOVE_GRACE, 0.02)
+        self._discard(d, req.exec_id)
+        log.info("exec session removed", task=req.id, exec_id=req.exec_id)
+
+    def _discard(self, d: Path, exec_id: str) -> None:
+        _kill(conmon.read_pid(d / "conmon.pid"), exec_id)
+        (self.layout.socket_dir / exec_id).unlink(missing_ok=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+    async def attach(self, task_id: str) -> AttachInfo:
+        task = await self._running(task_id)
+        socket = self.layout.socket_dir / task.id / "attach"
+        if not socket.exists():
+            raise FailedPrecondition(f"container {task_id} has no attach socket")
+        return AttachInfo(attach_socket=str(socket), tty=task.tty, stdin=task.stdin,
+                          stdin_once=task.stdin_once)
+
+    async def resize(self, req: ResizeRequest) -> None:
+        if not (0 < req.height < 65536 and 0 < req.width < 65536):
+            raise Invalid(f"terminal size {req.width}x{req.height} is not valid")
+        if req.exec_id:
+            conmon.resize(self._existing(req.id, req.exec_id), req.height, req.width)
+        else:
+            task = await self._running(req.id)
+            conmon.resize(Path(task.bundle), req.height, req.width)
+
+
+def _exit_code(d: Path) -> int | None:
+    try:
+        return int((d / "exit").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
