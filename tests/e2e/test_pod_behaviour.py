@@ -320,3 +320,30 @@ async def test_operator_metrics_move_with_pods(shoal: Shoal, images: dict[str, s
     snapshotter = scrape("snapshotter")
     assert snapshotter["shoal_bus_events_consumer_pending[('consumer', "
                        f"'snapshotter-{shoal.services.node.node_id}')]"] >= 0
+
+
+async def test_every_rpc_answers(shoal: Shoal) -> None:
+    status = await shoal.runtime.Status(cri.StatusRequest(verbose=True))
+    assert {c.type: c.status for c in status.status.conditions} == {
+        "RuntimeReady": True, "NetworkReady": True}
+    versions = json.loads(status.info["version"])
+    assert versions["runc"].startswith("runc version") and versions["nats_server"]
+    assert "conmon" in versions["conmon"]
+    assert json.loads(status.info["config"])["node_id"] == shoal.services.node.node_id
+    assert [h.name for h in status.runtime_handlers] == ["runc"]
+    await shoal.runtime.UpdateRuntimeConfig(cri.UpdateRuntimeConfigRequest(
+        runtime_config=cri.RuntimeConfig(network_config=cri.NetworkConfig(
+            pod_cidr="10.244.0.0/16"))))
+    config = await shoal.runtime.RuntimeConfig(cri.RuntimeConfigRequest())
+    assert config.linux.cgroup_driver == cri.CGROUPFS
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await shoal.runtime.CheckpointContainer(cri.CheckpointContainerRequest(
+            container_id="x"))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "checkpoint" in (err.value.details() or "").lower()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await shoal.runtime.RunPodSandbox(cri.RunPodSandboxRequest(
+            config=cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(
+                name="h", uid="u", namespace="n")), runtime_handler="kata"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown runtime handler 'kata'" in (err.value.details() or "")

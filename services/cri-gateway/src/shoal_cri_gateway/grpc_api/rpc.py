@@ -55,6 +55,10 @@ def rpc(fn: Method[Req, Resp]) -> Method[Req, Resp]:
             log.info("rpc failed", code=code.name, error=exc.message)
             await context.abort(code, exc.message)
             raise  # unreachable: abort raises
+        except NotImplementedError as exc:
+            code = grpc.StatusCode.UNIMPLEMENTED
+            await context.abort(code, str(exc))
+            raise
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise

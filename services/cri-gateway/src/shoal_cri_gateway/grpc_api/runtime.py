@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import msgspec
 import nats.errors
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
@@ -117,6 +118,15 @@ def _container_status(ctr: ContainerRecord, task: TaskState | None) -> cri.Conta
     return status
 
 
+def _version_of(components: dict[str, object], name: str) -> str:
+    entry = components.get(name)
+    return str(entry.get("version", "")) if isinstance(entry, dict) else ""
+
+
+class Unimplemented(NotImplementedError):
+    """An RPC Shoal does not implement: answered UNIMPLEMENTED with this message."""
+
+
 class RuntimeService(cri_grpc.RuntimeServiceServicer):
     def __init__(self, bus: Bus, pods: Pods, streams: StreamServer) -> None:
         self.bus = bus
@@ -146,9 +156,53 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             runtime_handlers=[cri.RuntimeHandler(name=h) for h in components.get(
                 "handlers", ["runc"])])  # type: ignore[union-attr]
         if request.verbose:
+            config = msgspec.to_builtins(self.bus.config)
+            config["nats"].pop("password_file", None)  # where a secret lives stays private
+            response.info["config"] = json.dumps(config)
             response.info["components"] = json.dumps(components)
-            response.info["version"] = json.dumps({"shoal": __version__})
+            response.info["version"] = json.dumps({
+                "shoal": __version__,
+                "nats_server": str(self.bus.nc.connected_server_version or ""),
+                "runc": _version_of(components, "runc"),
+                "conmon": _version_of(components, "conmon"),
+                "cni": _version_of(components, "cni")})
         return response
+
+    @rpc
+    async def UpdateRuntimeConfig(self, request: cri.UpdateRuntimeConfigRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> cri.UpdateRuntimeConfigResponse:
+        # kubelet sends the node's pod CIDR here; Shoal's CNI config (host-local ranges)
+        # decides pod addresses, as containerd does when its CNI config has its own ranges.
+        return cri.UpdateRuntimeConfigResponse()
+
+    @rpc
+    async def CheckpointContainer(self, request: cri.CheckpointContainerRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> cri.CheckpointContainerResponse:
+        raise Unimplemented("CheckpointContainer: checkpoint/restore is not implemented in "
+                            "Shoal")
+
+    @rpc
+    async def ListMetricDescriptors(self, request: cri.ListMetricDescriptorsRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> cri.ListMetricDescriptorsResponse:
+        raise Unimplemented("ListMetricDescriptors: CRI-served metrics are not implemented; "
+                            "scrape each service's /metrics (docs/metrics.md)")
+
+    @rpc
+    async def ListPodSandboxMetrics(self, request: cri.ListPodSandboxMetricsRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> cri.ListPodSandboxMetricsResponse:
+        raise Unimplemented("ListPodSandboxMetrics: CRI-served metrics are not implemented; "
+                            "use ListPodSandboxStats or each service's /metrics")
+
+    @rpc
+    async def UpdatePodSandboxResources(self, request: cri.UpdatePodSandboxResourcesRequest,
+                                        context: grpc.aio.ServicerContext
+                                        ) -> cri.UpdatePodSandboxResourcesResponse:
+        raise Unimplemented("UpdatePodSandboxResources: pod-level resource updates are not "
+                            "implemented; UpdateContainerResources is")
 
     @rpc
     async def RuntimeConfig(self, request: cri.RuntimeConfigRequest,
