@@ -90,18 +90,20 @@ async def test_kill_9_mid_download_then_restart_resumes_from_the_ingest(
     ingest = services.node.state_root / "puller" / "content" / "ingest"
     data = ingest / (image.layers[0].digest.split(":")[1] + ".data")
     for _ in range(200):
-        if data.exists() and data.stat().st_size >= 2_000_000:
+        if data.exists() and data.stat().st_size >= 1_500_000:
             break
         await asyncio.sleep(0.05)
-    assert data.stat().st_size >= 2_000_000
+    await asyncio.sleep(0.3)  # the stall holds; whatever was written stays written
     await asyncio.to_thread(first.kill9)
+    kept = data.stat().st_size
+    assert kept >= 1_500_000
     attempt.cancel()
     second = await start_puller(services)
     reply = await pull(bus, f"{front.host}/faults/kill:1")
     assert reply.image.id == image.config_digest
     assert metric(second, "shoal_puller_resumed_downloads_total") == 1
     fetched = metric(second, "shoal_puller_layer_bytes_fetched_total")
-    assert fetched == size - 2_000_000
+    assert fetched == size - kept
     blobs = services.node.state_root / "puller" / "content" / "blobs" / "sha256"
     assert (blobs / image.layers[0].digest.split(":")[1]).stat().st_size == size
     assert not data.exists()

@@ -54,6 +54,9 @@ Publish = Callable[[Event, str, bool], Awaitable[None]]
 MAX_CONFIG_BYTES = 8 << 20
 PROGRESS_INTERVAL = 0.5
 LEASE_TTL = 3600.0
+# Bytes handed to the writer thread at a time: large enough to amortise the hop, small
+# enough that progress (read from the ingest file) and stall detection stay fine-grained.
+WRITE_BATCH = 256 << 10
 
 
 @dataclass
@@ -230,13 +233,22 @@ class Puller:
             if resumed:
                 metrics.RESUMED.inc()
             for attempt in range(2):
+                # Hashing, writing and the final fsync run in a worker thread (hashlib and
+                # os.write release the GIL): on the loop they would stall every other
+                # download and the bus while a layer is flushed.
+                pending = bytearray()
                 async for chunk in self.client.fetch_blob(ref, layer.digest, offset=w.offset,
                                                           creds=creds,
                                                           expected_size=layer.size):
-                    w.write(chunk)
+                    pending += chunk
                     metrics.FETCHED_BYTES.inc(len(chunk))
+                    if len(pending) >= WRITE_BATCH:
+                        await asyncio.to_thread(w.write, bytes(pending))
+                        pending.clear()
+                if pending:
+                    await asyncio.to_thread(w.write, bytes(pending))
                 try:
-                    w.commit()
+                    await asyncio.to_thread(w.commit)
                     break
                 except DigestMismatch as exc:
                     # A partial file from an earlier attempt may have been of other bytes
