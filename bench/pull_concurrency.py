@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import shlex
 import signal
@@ -39,22 +38,17 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import _harness
 import aiohttp
+from _harness import DOC, MB, REPO, cpu_ticks, interrupt, machine, process_cpu
 from aiohttp import web
+from shoal_common.bus import Bus
+from shoal_common.config import PullerConfig, load_config
+from shoal_common.messages.images import PullReply, PullRequest
+from support.nats import nats_server
+from support.processes import Node, ServiceProcess, ServiceSet
+from support.registry import Registry
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from shoal_common.bus import Bus  # noqa: E402
-from shoal_common.config import PullerConfig, load_config  # noqa: E402
-from shoal_common.messages.images import PullReply, PullRequest  # noqa: E402
-from support.images import OCI_LAYER_TAR, LayerBuilder, build_image, push  # noqa: E402
-from support.nats import nats_server  # noqa: E402
-from support.processes import Node, ServiceProcess, ServiceSet  # noqa: E402
-from support.registry import Registry  # noqa: E402
-
-MB = 1_000_000  # sizes and rates are decimal megabytes
-DOC = REPO / "docs" / "benchmarks.md"
 SECTION = "Layer download concurrency (puller)"
 CHUNK = 64 << 10
 TOLERANCE = 0.05  # "as good as the best": a median within 5 % of the best median
@@ -103,10 +97,7 @@ def push_random_image(registry_url: str, repository: str, tag: str,
     """Push an image whose layers are tars of one random (incompressible) file each.
     Uncompressed tar media type, so a layer is as big on the wire as it says (a gzip of
     random bytes would be no smaller)."""
-    layers = [LayerBuilder().file(f"layer{i}.bin", os.urandom(size)).build(compression=None)
-              for i, size in enumerate(sizes)]
-    assert all(layer.media_type == OCI_LAYER_TAR for layer in layers)
-    push(registry_url, repository, tag, build_image(layers, cmd=["true"]))
+    _harness.push_image(registry_url, repository, tag, _harness.random_layers(sizes))
 
 
 # --------------------------------------------------------------------------- proxy
@@ -220,12 +211,6 @@ class Run:
     image_bytes: int  # manifest + config + layers, as the puller reports
     puller_cpu: float  # CPU seconds the puller used during the pull
     bench_cpu: float  # CPU seconds this process (the proxy, mostly) used during the pull
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Bench:
@@ -378,32 +363,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    return (f"{os.cpu_count()} cores ({cpu}), {mem_kb / 2**20:.0f} GiB RAM, Linux "
-            f"{platform.release()}, {fs_type(Path('/tmp'))} at /tmp, "
-            f"Python {platform.python_version()}")
-
-
-def fs_type(path: Path) -> str:
-    best, kind = "", "unknown filesystem"
-    for line in Path("/proc/mounts").read_text().splitlines():
-        _, mount, fstype, *_ = line.split()
-        if str(path.resolve()).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
-            best, kind = mount, fstype
-    return kind
-
-
 def report(args: argparse.Namespace, bench: Bench, command: str, started: datetime,
            minutes: float, load: str) -> tuple[str, int]:
     """The markdown section for docs/benchmarks.md, and the chosen N."""
@@ -470,17 +429,7 @@ def report(args: argparse.Namespace, bench: Bench, command: str, started: dateti
 
 def update_doc(section: str) -> None:
     """Replace (or append) the section in docs/benchmarks.md, creating the file."""
-    if DOC.exists():
-        text = DOC.read_text()
-    else:
-        text = ("# Benchmarks\n\nBenchmarks are run by hand; each section says its command, "
-                f"date and machine. Numbers from this machine: {machine()}.\n")
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n")
+    _harness.update_doc(SECTION, section)
 
 
 # --------------------------------------------------------------------------- main
@@ -522,11 +471,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if len({s.name for s in args.shapes}) != len(args.shapes):
         p.error("shape names must differ")
     return args
-
-
-def interrupt(signum: int, frame: object) -> None:
-    """SIGTERM outside the event loop: unwind like Ctrl-C, so every process is stopped."""
-    raise KeyboardInterrupt
 
 
 async def bench_main(args: argparse.Namespace, root: Path, nats_url: str,
