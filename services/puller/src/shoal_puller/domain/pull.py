@@ -241,12 +241,14 @@ class Puller:
                                                           creds=creds,
                                                           expected_size=layer.size):
                     pending += chunk
-                    metrics.FETCHED_BYTES.inc(len(chunk))
                     if len(pending) >= WRITE_BATCH:
-                        await asyncio.to_thread(w.write, bytes(pending))
-                        pending.clear()
+                        # Hand the buffer over (no copy) and start a new one.
+                        batch, pending = pending, bytearray()
+                        metrics.FETCHED_BYTES.inc(len(batch))
+                        await asyncio.to_thread(w.write, batch)
                 if pending:
-                    await asyncio.to_thread(w.write, bytes(pending))
+                    metrics.FETCHED_BYTES.inc(len(pending))
+                    await asyncio.to_thread(w.write, pending)
                 try:
                     await asyncio.to_thread(w.commit)
                     break

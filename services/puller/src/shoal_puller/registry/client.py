@@ -56,7 +56,8 @@ INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 DOCKER_HUB_ENDPOINT = "https://registry-1.docker.io"
 # Manifests are small JSON; anything bigger is a broken or hostile registry.
 MAX_MANIFEST_SIZE = 4 << 20
-CHUNK_SIZE = 64 << 10
+# Reads of up to this much: fewer loop iterations per blob (each costs Python overhead).
+CHUNK_SIZE = 256 << 10
 MAX_REDIRECTS = 5
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Errors after which the same request may succeed: the network, not the request, failed.

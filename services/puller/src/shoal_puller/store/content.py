@@ -77,7 +77,7 @@ class Writer:
             hasher, size = hashlib.sha256(), 0
         self._fd, self._hash, self.offset = fd, hasher, size
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray) -> None:
         """Append; short writes are completed (disk writes of one chunk are brief)."""
         assert self._hash is not None
         if self.expected_size is not None and self.offset + len(chunk) > self.expected_size:
