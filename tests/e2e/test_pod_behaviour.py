@@ -347,3 +347,23 @@ async def test_every_rpc_answers(shoal: Shoal) -> None:
                 name="h", uid="u", namespace="n")), runtime_handler="kata"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown runtime handler 'kata'" in (err.value.details() or "")
+
+
+async def test_privileged_container_gets_what_this_host_can_grant(
+        shoal: Shoal, images: dict[str, str]) -> None:
+    """Root here lacks CAP_SYS_RESOURCE: a privileged container gets every capability the
+    runtime itself holds (as containerd does), not a set runc cannot apply."""
+    pod = await shoal.pod("priv")
+    cid = await shoal.run(pod, "priv", "sh", "-c", "grep CapBnd /proc/self/status; sleep 3600",
+                          image=images["busybox"], linux=cri.LinuxContainerConfig(
+                              security_context=cri.LinuxContainerSecurityContext(
+                                  privileged=True)))
+    for _ in range(50):
+        if "CapBnd" in shoal.log(pod, "priv"):
+            break
+        await asyncio.sleep(0.1)
+    inside = int(shoal.log(pod, "priv").split("CapBnd:")[1].split()[0], 16)
+    with open("/proc/self/status") as fh:
+        host = next(int(line.split()[1], 16) for line in fh if line.startswith("CapBnd:"))
+    assert inside == host
+    assert (await shoal.status(cid)).state == cri.CONTAINER_RUNNING

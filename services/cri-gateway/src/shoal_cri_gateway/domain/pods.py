@@ -44,9 +44,34 @@ log = structlog.get_logger("shoal.cri")
 NAMESPACE = "k8s.io"
 SETUP_TIMEOUT = 300.0  # pulling the pause image and unpacking may take a while
 
+# The legacy `seccomp_profile_path` (superseded by the `seccomp` SecurityProfile): these
+# names, or "localhost/<absolute path>". Anything else is refused, as containerd and CRI-O
+# do, rather than read as "no profile" (which would run the container unconfined).
+SECCOMP_PROFILE_NAMES = ("", "unconfined", "runtime/default", "docker/default")
+SECCOMP_LOCALHOST_PREFIX = "localhost/"
+
 
 def new_id() -> str:
     return uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex characters, like containerd's ids
+
+
+def check_security_context(config: cri.ContainerConfig) -> None:
+    """Refuse, before any work, the security contexts the CRI does not allow (containerd's
+    CRI plugin refuses the same): a group without a user to apply it to, and a legacy
+    seccomp profile path that is neither a known name nor `localhost/<path>`."""
+    if not config.HasField("linux") or not config.linux.HasField("security_context"):
+        return
+    sc = config.linux.security_context
+    if (sc.HasField("run_as_group") and not sc.HasField("run_as_user")
+            and not sc.run_as_username):
+        raise Invalid("CreateContainer: run_as_group is set without run_as_user or "
+                      "run_as_username")
+    path = sc.seccomp_profile_path
+    if (not sc.HasField("seccomp") and path not in SECCOMP_PROFILE_NAMES
+            and not path.startswith(SECCOMP_LOCALHOST_PREFIX)):
+        raise Invalid(f"CreateContainer: unsupported seccomp profile {path!r}: use "
+                      f"{', '.join(repr(n) for n in SECCOMP_PROFILE_NAMES[1:])} or "
+                      f"'{SECCOMP_LOCALHOST_PREFIX}<absolute path>'")
 
 
 class Pods:
@@ -162,6 +187,7 @@ class Pods:
             raise Invalid("CreateContainer: metadata name is required")
         if not config.image.image:
             raise Invalid("CreateContainer: image is required")
+        check_security_context(config)
         image = await self.image(config.image.image, pull=False)
         record = ContainerRecord(
             id=new_id(), pod_id=pod.id, name=config.metadata.name,

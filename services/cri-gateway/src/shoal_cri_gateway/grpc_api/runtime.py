@@ -13,6 +13,7 @@ import msgspec
 import nats.errors
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
+from nats.aio.client import ServerVersion
 from nats.js.api import DeliverPolicy
 from shoal_common import __version__, codec, subjects
 from shoal_common.bus import Bus
@@ -118,6 +119,19 @@ def _container_status(ctr: ContainerRecord, task: TaskState | None) -> cri.Conta
     return status
 
 
+def _nats_server_version(version: ServerVersion) -> str:
+    """The version the NATS server reports ("2.10.7"), or "" when unknown: str() of
+    nats-py's ServerVersion is its repr ("<nats server v2.10.7>"), and it reads
+    "0.0.0-unknown" while disconnected."""
+    try:
+        text = f"{version.major}.{version.minor}.{version.patch}"
+        pre, build = version.prerelease, version.build
+    except (AttributeError, TypeError, ValueError):
+        return ""
+    text += (f"-{pre}" if pre else "") + (f"+{build}" if build else "")
+    return "" if text == "0.0.0-unknown" else text
+
+
 def _version_of(components: dict[str, object], name: str) -> str:
     entry = components.get(name)
     return str(entry.get("version", "")) if isinstance(entry, dict) else ""
@@ -162,7 +176,7 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             response.info["components"] = json.dumps(components)
             response.info["version"] = json.dumps({
                 "shoal": __version__,
-                "nats_server": str(self.bus.nc.connected_server_version or ""),
+                "nats_server": _nats_server_version(self.bus.nc.connected_server_version),
                 "runc": _version_of(components, "runc"),
                 "conmon": _version_of(components, "conmon"),
                 "cni": _version_of(components, "cni")})

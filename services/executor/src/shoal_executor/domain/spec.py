@@ -40,6 +40,27 @@ ALL_CAPS = sorted({
     "CAP_SYS_RAWIO", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG",
     "CAP_WAKE_ALARM",
 })
+# Capability numbers (linux/capability.h), to read this process' bounding set.
+_CAP_NUMBERS = {name: i for i, name in enumerate([
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN",
+    "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON",
+    "CAP_BPF", "CAP_CHECKPOINT_RESTORE"])}
+
+
+def _grantable_caps() -> list[str]:
+    """ALL_CAPS that this process' bounding set holds (containerd's cap.Current())."""
+    with open("/proc/self/status") as fh:
+        bnd = next(int(line.split()[1], 16) for line in fh if line.startswith("CapBnd:"))
+    return [c for c in ALL_CAPS if bnd >> _CAP_NUMBERS[c] & 1]
+
+
+GRANTABLE_CAPS = _grantable_caps()
 MASKED_PATHS = [
     "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
     "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
@@ -122,7 +143,7 @@ def parse_signal(name: str) -> int:
 
 def _caps(ctx: cri.LinuxContainerSecurityContext | None, privileged: bool) -> list[str]:
     if privileged:
-        return list(ALL_CAPS)
+        return list(GRANTABLE_CAPS)
     caps = list(DEFAULT_CAPS)
     if ctx is None or not ctx.HasField("capabilities"):
         return caps
@@ -134,7 +155,7 @@ def _caps(ctx: cri.LinuxContainerSecurityContext | None, privileged: bool) -> li
     adds = [norm(c) for c in ctx.capabilities.add_capabilities]
     drops = [norm(c) for c in ctx.capabilities.drop_capabilities]
     if "CAP_ALL" in adds:
-        caps = list(ALL_CAPS)
+        caps = list(GRANTABLE_CAPS)
     else:
         caps += [c for c in adds if c not in caps]
     if "CAP_ALL" in drops:
