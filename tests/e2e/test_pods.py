@@ -77,7 +77,7 @@ async def test_pod_and_container_lifecycle(shoal: Cri, images: dict[str, str],
     assert running.state == cri.CONTAINER_RUNNING and running.started_at > 0
     log_file = Path(config.log_directory) / "main.log"
     for _ in range(50):
-        if log_file.exists() and "default.svc" in log_file.read_text():
+        if log_file.exists() and log_file.read_text().rstrip().endswith(" web"):
             break
         await asyncio.sleep(0.1)
     lines = log_file.read_text().splitlines()

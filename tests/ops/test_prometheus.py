@@ -86,7 +86,11 @@ def prom_get(base: str, path: str, params: list[tuple[str, str]] | None = None) 
         with _OPENER.open(url, timeout=10) as resp:
             body = json.load(resp)
     except urllib.error.HTTPError as exc:  # 400/422 carry a JSON error body
-        body = json.loads(exc.read() or b"{}")
+        raw = exc.read()
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:  # e.g. 503 "Service Unavailable" while Prometheus starts
+            raise PromError(f"HTTP {exc.code}: {raw[:200]!r}") from None
     if body.get("status") != "success":
         raise PromError(f"{body.get('errorType')}: {body.get('error')}")
     return body["data"]
