@@ -185,3 +185,34 @@ async def test_events_are_published_to_jetstream(services: ServiceSet, bus: Bus)
     with pytest.raises(nats.errors.TimeoutError):
         await sub.next_msg(timeout=0.5)  # the duplicate publish was de-duplicated
     await sub.unsubscribe()
+
+
+async def test_gateway_replicas_hand_the_cri_socket_over(services: ServiceSet) -> None:
+    """A unix socket has one owner: the second gateway replica stands by, stopping it
+    leaves the owner's socket alone, and killing the owner lets a standby take over."""
+    import grpc
+
+    owner = services.start("cri-gateway")
+    await asyncio.to_thread(services.wait_serving, owner)
+    standby = services.start("cri-gateway")
+    await asyncio.to_thread(services.wait_serving, standby)
+    third = services.start("cri-gateway")
+    await asyncio.to_thread(services.wait_serving, third)
+    assert "standing by" in standby.log_text() and "standing by" in third.log_text()
+
+    async def version() -> str:
+        async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as ch:
+            reply = await cri_grpc.RuntimeServiceStub(ch).Version(cri.VersionRequest(),
+                                                                  timeout=5)
+            return reply.runtime_name
+
+    assert await version() == "shoal"
+    assert await asyncio.to_thread(third.terminate) == 0  # a standby leaving...
+    assert await version() == "shoal"  # ...leaves the owner's socket in place
+    await asyncio.to_thread(owner.kill9)
+    for _ in range(50):
+        if "taking it over" in standby.log_text():
+            break
+        await asyncio.sleep(0.1)
+    assert "taking it over" in standby.log_text()
+    assert await version() == "shoal"

@@ -135,3 +135,19 @@ async def test_gc_never_takes_a_leased_blob(tmp_path: Path) -> None:
                 assert not got
     finally:
         await images.close()
+
+
+async def test_concurrent_leases_do_not_trip_sqlite(tmp_path: Path) -> None:
+    """Cursors returned by store calls used to be finalised on the loop thread, racing the
+    database thread ("bad parameter or other API misuse") under concurrent pulls."""
+    images = ImageStore(tmp_path / "meta.db")
+    await images.open()
+    try:
+        async def one(i: int) -> None:
+            await images.lease(f"pull-{i}", [f"sha256:{i:064x}"], ttl=60)
+            await images.drop_lease(f"pull-{i}")
+
+        for _ in range(10):
+            await asyncio.gather(*(one(i) for i in range(16)))
+    finally:
+        await images.close()

@@ -52,7 +52,17 @@ class Database:
         conn = self._conn
         if conn is None:
             raise RuntimeError(f"database {self.path} is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+
+        def call(c: sqlite3.Connection) -> T:
+            result = fn(c)
+            if isinstance(result, sqlite3.Cursor):
+                # A cursor must not outlive the call: finalised later on another thread it
+                # races the next statement ("bad parameter or other API misuse").
+                result.close()
+                return None  # type: ignore[return-value]
+            return result
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call, conn)
 
     async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` inside BEGIN IMMEDIATE ... COMMIT (rolled back if it raises)."""

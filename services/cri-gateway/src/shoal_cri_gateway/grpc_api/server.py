@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import socket
 from pathlib import Path
 
 import grpc
@@ -19,20 +22,54 @@ log = structlog.get_logger("shoal.cri")
 
 # kubelet sends large ListContainers/ListImages answers; containerd allows 16 MiB.
 MAX_MESSAGE = 16 * 1024 * 1024
+STANDBY_POLL = 1.0  # seconds between a standby replica's checks of the socket's owner
+
+
+def _someone_listens(path: Path) -> bool:
+    """True if a live process accepts connections on the unix socket at `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 class CriServer:
+    """One replica at a time owns the CRI socket (a unix socket cannot be shared); the
+    others stand by and take it over when the owner goes away, so kubelet never loses it
+    to a replica starting or stopping."""
+
     def __init__(self, socket_path: str, bus: Bus, pods: Pods, streams: StreamServer) -> None:
         self.socket_path = socket_path
         self.bus = bus
         self.pods = pods
         self.streams = streams
         self._server: grpc.aio.Server | None = None
+        self._inode: int | None = None  # of the socket file we bound
+        self._standby: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         path = Path(self.socket_path)
         # Startup/teardown of a local socket: blocking calls here are brief and happen once.
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_socket() and await asyncio.to_thread(_someone_listens, path):
+            log.info("another replica serves the CRI socket; standing by", socket=str(path))
+            self._standby = asyncio.create_task(self._take_over_when_free(path))
+            return
+        await self._serve(path)
+
+    async def _take_over_when_free(self, path: Path) -> None:
+        # Another process owns the socket: polling it is the only signal there is.
+        while await asyncio.to_thread(_someone_listens, path):  # noqa: ASYNC110
+            await asyncio.sleep(STANDBY_POLL)
+        log.info("the CRI socket's owner went away; taking it over", socket=str(path))
+        await self._serve(path)
+
+    async def _serve(self, path: Path) -> None:
         if path.is_socket():
             path.unlink()  # left by a replica that was killed
         server = grpc.aio.server(options=[
@@ -49,11 +86,20 @@ class CriServer:
         finally:
             os.umask(old)
         path.chmod(0o600)
+        self._inode = path.stat().st_ino
         self._server = server
         log.info("CRI socket ready", socket=str(path))
 
     async def stop(self, grace: float) -> None:
+        if self._standby is not None:
+            self._standby.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._standby
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        Path(self.socket_path).unlink(missing_ok=True)
+        path = Path(self.socket_path)
+        # Only our own socket: a standby replica may have taken the path over meanwhile.
+        with contextlib.suppress(FileNotFoundError):
+            if self._inode is not None and path.stat().st_ino == self._inode:
+                path.unlink()
