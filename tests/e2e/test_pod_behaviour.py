@@ -258,7 +258,7 @@ async def test_kill_9_of_a_service_loses_nothing(shoal: Shoal, images: dict[str,
     done = await shoal.wait_exit(quitter)
     assert (done.exit_code, done.reason) == (5, "Error")
     ticks = [int(line.rsplit(" ", 1)[1]) for line in shoal.log(pod, "runner").splitlines()]
-    assert ticks == list(range(len(ticks))) and len(ticks) > 10  # no gap, no repeat
+    assert ticks == list(range(len(ticks))) and len(ticks) >= 5  # no gap, no repeat
     stats = await shoal.runtime.ContainerStats(cri.ContainerStatsRequest(container_id=runner))
     assert stats.stats.cpu.usage_core_nano_seconds.value > 0
     out = await shoal.exec(runner, "echo", "still here")
