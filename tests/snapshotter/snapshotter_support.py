@@ -183,6 +183,17 @@ def mounted(mounts: list[Mount], target: Path) -> Iterator[Path]:
                 subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
+def workers_alive(root: Path) -> list[int]:
+    """Layer apply worker processes writing under `root`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"shoal_snapshotter.unpack.worker" in argv and any(
+                    a.startswith(bytes(root)) for a in argv):
+                found.append(int(pid))
+    return found
+
 
 async def eventually(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
     """Poll `predicate` (sync or async) until true."""

@@ -23,6 +23,7 @@ from shoal_common.messages import Event
 from shoal_common.messages.images import LayerInfo
 from shoal_common.messages.snapshots import SnapshotCommitted, SnapshotRemoved
 from shoal_common.sqlite import Database
+from shoal_snapshotter.domain import metrics
 from shoal_snapshotter.domain import mounts as sysmount
 from shoal_snapshotter.domain.drivers import (
     NativeDriver,
@@ -33,7 +34,7 @@ from shoal_snapshotter.domain.drivers import (
 from shoal_snapshotter.domain.images import Images
 from shoal_snapshotter.domain.locks import ChainLocks
 from shoal_snapshotter.domain.snapshots import LABEL_UNPACK, Snapshots
-from shoal_snapshotter.domain.unpack import Unpacker, chain_ids
+from shoal_snapshotter.domain.unpack import PROCESS_MIN_BYTES, Unpacker, chain_ids
 from shoal_snapshotter.store import metadata as md
 from snapshotter_support import (
     FakeContent,
@@ -42,6 +43,7 @@ from snapshotter_support import (
     mounted,
     mounted_paths,
     tree,
+    workers_alive,
     zstd_layer,
 )
 from support.images import Layer, LayerBuilder, busybox_layer
@@ -85,7 +87,8 @@ class Domain:
 
 
 @contextlib.asynccontextmanager
-async def open_domain(root: Path, driver: str) -> AsyncIterator[Domain]:
+async def open_domain(root: Path, driver: str, *, workers: int = 4,
+                      process_min_bytes: int = PROCESS_MIN_BYTES) -> AsyncIterator[Domain]:
     root.mkdir(parents=True, exist_ok=True)
     db = Database(root / "metadata.db", md.MIGRATIONS)
     await db.open()
@@ -97,7 +100,7 @@ async def open_domain(root: Path, driver: str) -> AsyncIterator[Domain]:
     snapshots = Snapshots(db, choose_driver(driver, root, None, False), root, publish)
     assert snapshots.driver.name == driver
     locks = ChainLocks(root / "locks")
-    unpacker = Unpacker(snapshots, locks)
+    unpacker = Unpacker(snapshots, locks, workers=workers, process_min_bytes=process_min_bytes)
     try:
         yield Domain(root, db, snapshots, unpacker, Images(snapshots, unpacker), locks, events)
     finally:
@@ -154,11 +157,51 @@ def device_layers() -> list[Layer]:
     return [l1.build(), l2.build(compression=None)]
 
 
+def lower_dir_layers() -> list[Layer]:
+    """What an upper layer keeps of lower directories, and deletions and re-creations inside
+    one layer: what a layer applied alone (in parallel) must get right after the fact."""
+    l1 = (LayerBuilder().dir("srv", mode=0o750, uid=5, gid=6, xattrs={"user.tag": "lower"})
+          .file("srv/old", "o").dir("srv/sub", mode=0o700, uid=7).file("srv/sub/x", "x")
+          .dir("etc", xattrs={"user.a": "1", "user.b": "2"}).file("etc/conf", "c")
+          .dir("gone", mode=0o711).file("gone/f", "f")
+          .dir("recreated", mode=0o700).file("recreated/lower", "l")
+          .file("file-then-dir", "f").dir("dir-then-file").file("dir-then-file/x", "x")
+          .dir("opq", mode=0o701, uid=3, xattrs={"user.o": "lower"}).file("opq/lower", "l")
+          .dir("opq/sub", mode=0o700).file("opq/sub/lower", "l"))
+    l2 = (LayerBuilder(sort=False)
+          # implied parents: owner, mode and xattrs of the lower directories
+          .file("srv/sub/new", "n")
+          # listed: its own owner and mode, the lower xattrs it does not set
+          .dir("etc", mode=0o755, xattrs={"user.b": "upper"}).file("etc/more", "m")
+          # deleted, then implied again in the same layer: a new, empty directory
+          .whiteout("gone").file("gone/again", "a")
+          # deleted, then listed again in the same layer
+          .whiteout("recreated").dir("recreated", mode=0o755).file("recreated/new", "n")
+          # a file replaced by a directory and the other way round
+          .dir("file-then-dir", mode=0o700).file("file-then-dir/in", "i")
+          .file("dir-then-file", "now a file")
+          # opaque marker first, then an implied directory below it: nothing from below
+          .opaque("opq").file("opq/sub/new", "n"))
+    l3 = (LayerBuilder(sort=False)
+          .file("srv/sub/top", "t")  # two levels of implied directories over two layers
+          .file("file-then-dir/in2", "i2").whiteout("etc/conf"))
+    return [l1.build(), l2.build(), l3.build(compression=None)]
+
+
+def root_opaque_layers() -> list[Layer]:
+    # overlayfs ignores an opaque root directory: the layer must be applied onto its parents.
+    l1 = LayerBuilder().dir("etc").file("etc/a", "a").file("b", "b")
+    l2 = LayerBuilder(sort=False).opaque("").file("kept", "k").dir("etc").file("etc/c", "c")
+    return [l1.build(), l2.build(), LayerBuilder().file("top", "t").build()]
+
+
 IMAGES = {
     "busybox": lambda: [busybox_layer()],
     "whiteouts": whiteout_layers,
     "hardlinks": hardlink_layers,
     "devices": device_layers,
+    "lower-dirs": lower_dir_layers,
+    "root-opaque": root_opaque_layers,
 }
 
 
@@ -476,3 +519,212 @@ async def test_usage_counts_blocks_and_inodes_once(tmp_path: Path) -> None:
         usage = await d.snapshots.usage(layer.diff_id)
         assert usage.inodes == 2  # fs/ and one file with two names
         assert 256 * 1024 <= usage.size < 256 * 1024 + 64 * 1024
+
+
+# -- parallel unpack (overlayfs) ------------------------------------------------------------
+
+def reapplied() -> float:
+    return metrics.LAYERS_REAPPLIED._value.get()  # type: ignore[attr-defined]
+
+
+async def committed_parents(d: Domain) -> dict[str, str]:
+    return {s.key: s.parent for s in await d.snapshots.list(kind="committed")}
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+async def test_parallel_unpack_matches_sequential_and_native(tmp_path: Path, image: str) -> None:
+    layers = IMAGES[image]()
+    trees = {}
+    for name, driver, workers, in_process in (
+            ("parallel", "overlayfs", 4, 0), ("sequential", "overlayfs", 1, PROCESS_MIN_BYTES),
+            ("native", "native", 4, PROCESS_MIN_BYTES)):
+        async with open_domain(tmp_path / name / "state", driver, workers=workers,
+                               process_min_bytes=in_process) as d:
+            reply = await d.unpack(image, layers)
+            assert reply.unpacked == len(layers)
+            trees[name] = await d.tree_of(reply.chain_id, links=False)
+            chains = chain_ids([x.diff_id for x in layers])
+            assert await committed_parents(d) == dict(zip(chains, ["", *chains[:-1]],
+                                                          strict=True))
+            assert await d.snapshots.list(kind="active") == []
+    assert trees["parallel"] == trees["native"]  # layers applied in worker processes
+    assert trees["sequential"] == trees["native"]  # in threads
+
+
+@by_driver
+async def test_lower_directories_and_deletions_inside_a_layer(domain: Domain) -> None:
+    reply = await domain.unpack("lower-dirs", lower_dir_layers())
+    files = await domain.tree_of(reply.chain_id)
+
+    def meta(path: str) -> tuple[str, int, int, dict[str, str]]:
+        rec = files[path]
+        return rec["mode"], rec["uid"], rec["gid"], rec["xattrs"]
+
+    assert meta("srv") == ("0o750", 5, 6, {"user.tag": b"lower".hex()})
+    assert meta("srv/sub")[:2] == ("0o700", 7)
+    assert sorted(p for p in files if p.startswith("srv/")) == [
+        "srv/old", "srv/sub", "srv/sub/new", "srv/sub/top", "srv/sub/x"]
+    assert meta("etc") == ("0o755", 0, 0, {"user.a": b"1".hex(), "user.b": b"upper".hex()})
+    assert sorted(p for p in files if p.startswith("etc/")) == ["etc/more"]
+    assert sorted(p for p in files if p.startswith("gone")) == ["gone", "gone/again"]
+    assert meta("gone")[:2] == ("0o755", 0)
+    assert sorted(p for p in files if p.startswith("recreated")) == ["recreated",
+                                                                     "recreated/new"]
+    assert files["file-then-dir"]["type"] == stat.S_IFDIR
+    assert sorted(p for p in files if p.startswith("file-then-dir/")) == [
+        "file-then-dir/in", "file-then-dir/in2"]
+    assert files["dir-then-file"]["type"] == stat.S_IFREG
+    assert not any(p.startswith("dir-then-file/") for p in files)
+    # opaque, with the lower directory's own metadata kept; nothing from below inside it
+    assert meta("opq") == ("0o701", 3, 0, {"user.o": b"lower".hex()})
+    assert sorted(p for p in files if p.startswith("opq/")) == ["opq/sub", "opq/sub/new"]
+    assert meta("opq/sub")[:2] == ("0o755", 0)
+
+
+async def test_hardlinks_to_lower_layers_fall_back(tmp_path: Path) -> None:
+    l1 = LayerBuilder().file("a", "A", mode=0o640, uid=7).dir("deep").file("deep/x", "X")
+    l2 = (LayerBuilder().file("big", os.urandom(1 << 20)).hardlink("b", "a")
+          .file("c", "C").hardlink("own", "c"))
+    l3 = LayerBuilder().dir("deep").hardlink("deep/y", "deep/x").hardlink("b2", "b")
+    l4 = LayerBuilder().file("top", "t")
+    layers = [l1.build(), l2.build(), l3.build(), l4.build()]
+    before = reapplied()
+    async with open_domain(tmp_path / "state", "overlayfs") as d:
+        reply = await d.unpack("links", layers)
+        assert reply.unpacked == 4
+        assert reapplied() - before == 2  # l2 and l3; l4 and l1 are applied alone
+        chains = chain_ids([x.diff_id for x in layers])
+        files = await d.tree_of(chains[1])
+        assert files["b"]["link_of"] == "a" and files["b"]["uid"] == 7
+        assert files["own"]["link_of"] == "c"
+        # On top, l3's copy-up of b (to link b2 to it) splits it from a, as overlayfs does.
+        files = await d.tree_of(reply.chain_id)
+        assert files["deep/y"]["link_of"] == "deep/x"
+        assert files["b2"]["link_of"] == "b" and files["b2"]["sha256"] == files["a"]["sha256"]
+        assert d.committed(SnapshotCommitted) == chains
+        # A hardlink to nothing at all is still refused once applied onto its parents.
+        bad = LayerBuilder().hardlink("h", "etc/missing").build()
+        with pytest.raises(Invalid) as err:
+            await d.unpack("bad", [layers[0], bad])
+        assert err.value.details["entry"] == "h"
+        assert await d.snapshots.list(kind="active") == []
+
+
+@by_driver
+async def test_implied_directory_over_a_lower_symlink_is_refused(domain: Domain,
+                                                                 tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    base = LayerBuilder().symlink("etc", str(outside)).build()
+    evil = LayerBuilder().file("etc/passwd", "owned").build()
+    with pytest.raises(Invalid) as err:
+        await domain.unpack("evil", [base, evil])
+    assert err.value.details["entry"] == "etc/passwd"
+    assert list(outside.iterdir()) == []
+    assert [s.key for s in await domain.snapshots.list()] == [base.diff_id]
+    assert not mounted_paths(domain.root)
+
+
+class GatedContent(FakeContent):
+    """Reads of one blob wait until `gate` is set."""
+
+    def __init__(self, layers: list[Layer], gated: Layer) -> None:
+        super().__init__(layers)
+        self.gated = gated.digest
+        self.gate = asyncio.Event()
+
+    async def read(self, digest: str, offset: int, size: int) -> bytes:
+        if digest == self.gated:
+            await self.gate.wait()
+        return await super().read(digest, offset, size)
+
+
+async def test_layers_apply_at_once_and_commit_in_chain_order(tmp_path: Path) -> None:
+    layers = [LayerBuilder().file(f"f{i}", os.urandom(1 << 20)).build() for i in range(4)]
+    chains = chain_ids([x.diff_id for x in layers])
+    content = GatedContent(layers, layers[0])
+    async with open_domain(tmp_path / "state", "overlayfs") as d:
+        task = asyncio.create_task(d.unpack("img", layers, content))
+        # The layers above are read to the end while the bottom one cannot start...
+        await eventually(lambda: all(content.full_reads(x) >= 1 for x in layers[1:]),
+                         what="upper layers read")
+        actives = await d.snapshots.list(kind="active")
+        assert sorted(s.labels[LABEL_UNPACK] for s in actives) == sorted(chains)
+        assert all(s.parent == "" for s in actives)  # prepared before their parents exist
+        await asyncio.sleep(0.2)
+        # ...and none is committed before the layer below it.
+        assert d.committed(SnapshotCommitted) == []
+        assert await d.snapshots.list(kind="committed") == []
+        content.gate.set()
+        reply = await task
+        assert reply.unpacked == 4
+        assert d.committed(SnapshotCommitted) == chains
+        assert await committed_parents(d) == dict(zip(chains, ["", *chains[:-1]], strict=True))
+
+
+@pytest.mark.parametrize("in_process", [PROCESS_MIN_BYTES, 0], ids=["threads", "processes"])
+async def test_a_failing_layer_stops_those_above_and_keeps_those_below(
+        tmp_path: Path, in_process: int) -> None:
+    good = [LayerBuilder().file(f"g{i}", os.urandom(256 << 10)).build() for i in range(2)]
+    evil = LayerBuilder(sort=False).symlink("etc", "/etc").file("etc/shoal-owned", "x").build()
+    above = LayerBuilder().file("above", os.urandom(4 << 20)).build(compression=None)
+    layers = [*good, evil, above]
+    async with open_domain(tmp_path / "state", "overlayfs", process_min_bytes=in_process) as d:
+        with pytest.raises(Invalid) as err:
+            await d.unpack("img", layers)
+        assert err.value.details["entry"] == "etc/shoal-owned"
+        chains = chain_ids([x.diff_id for x in layers])
+        assert d.committed(SnapshotCommitted) == chains[:2]
+        assert [(s.key, s.kind) for s in await d.snapshots.list()] == [
+            (c, "committed") for c in chains[:2]]
+        assert len(list((d.root / "snapshots").iterdir())) == 2
+        assert not Path("/etc/shoal-owned").exists()
+
+
+@pytest.mark.parametrize("in_process", [PROCESS_MIN_BYTES, 0], ids=["threads", "processes"])
+async def test_cancelled_parallel_unpack_leaves_only_whole_layers(tmp_path: Path,
+                                                                  in_process: int) -> None:
+    layers = [LayerBuilder().file(f"f{i}", os.urandom(2 << 20)).build(compression=None)
+              for i in range(4)]
+    content = FakeContent(layers)
+    content.delay = 0.05
+    async with open_domain(tmp_path / "state", "overlayfs", process_min_bytes=in_process) as d:
+        task = asyncio.create_task(d.unpack("img", layers, content))
+        await eventually(lambda: all(content.reads[x.digest] for x in layers),
+                         what="every layer being read")
+        assert len(await d.snapshots.list(kind="active")) == 4
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await d.snapshots.list(kind="active") == []
+        committed = [s.key for s in await d.snapshots.list(kind="committed")]
+        chains = chain_ids([x.diff_id for x in layers])
+        assert committed == chains[:len(committed)]
+        assert len(list((d.root / "snapshots").iterdir())) == len(committed)
+        assert not mounted_paths(d.root)
+        assert not workers_alive(d.root)
+        content.delay = 0
+        reply = await d.unpack("img", layers, content)
+        assert reply.unpacked == 4 - len(committed)
+        files = await d.tree_of(chains[-1])
+        assert sorted(p for p in files if p.startswith("f")) == ["f0", "f1", "f2", "f3"]
+
+
+async def test_worker_process_errors_map_like_thread_errors(tmp_path: Path) -> None:
+    base = LayerBuilder().file("f", "x" * 1000).build()
+    corrupt = FakeContent([base])
+    corrupt.blobs[base.digest] = base.blob[:-20] + b"\0" * 20  # same size, broken gzip
+    async with open_domain(tmp_path / "state", "overlayfs", process_min_bytes=0) as d:
+        with pytest.raises(Invalid, match="corrupt gzip"):
+            await d.unpack("img", [base], corrupt)
+        bad = LayerBuilder().file("g", "y").build()
+        wrong = LayerInfo(digest=bad.digest, diff_id=base.diff_id, chain_id=base.diff_id,
+                          size=bad.size, media_type=bad.media_type)
+        with pytest.raises(Invalid, match="diff ID"):
+            await d.images.unpack(NS, "img", [wrong], FakeContent([bad]))
+        evil = LayerBuilder(sort=False).symlink("etc", "/etc").file("etc/x", "x").build()
+        with pytest.raises(Invalid) as err:
+            await d.unpack("evil", [evil])
+        assert err.value.details["entry"] == "etc/x"
+        assert await d.snapshots.list() == []
+        assert not workers_alive(d.root)

@@ -48,6 +48,7 @@ from snapshotter_support import (
     node_config,
     serve_content,
     tree,
+    workers_alive,
 )
 from support.images import Layer, LayerBuilder, busybox_image, push
 from support.processes import Node, ServiceProcess, ServiceSet
@@ -236,7 +237,9 @@ async def test_kill_9_mid_unpack_then_redelivery_completes_it(
     content = FakeContent([base, big])
     events = await watch(bus, node)
     chains = [i.chain_id for i in layer_infos([base, big])]
-    env = {"events_ack_wait": "2"}
+    # One worker: layers are applied one after another, each through a mounted overlay of
+    # its parents (the parallel unpack has its own test below).
+    env = {"events_ack_wait": "2", "unpack_workers": "1"}
     snaps = node.state_root / "snapshotter" / "snapshots"
     async with serve_content(node, content):
         first = await start(services, **env)
@@ -273,6 +276,55 @@ async def test_kill_9_mid_unpack_then_redelivery_completes_it(
         files = await view_tree(bus, chains[1], node.root)
         assert files["big"]["sha256"] == hashlib.sha256(big_data).hexdigest()
         assert files["after"]["sha256"] == hashlib.sha256(b"after").hexdigest()
+    assert second.terminate() == 0
+
+
+async def test_kill_9_mid_parallel_unpack_leaves_no_half_layer(
+        node: Node, services: ServiceSet, bus: Bus) -> None:
+    base = LayerBuilder().file("base", "base").build()
+    data = [os.urandom(16 << 20) for _ in range(3)]
+    bigs = [LayerBuilder().file(f"big{i}", d).file(f"after{i}", "after").build(compression=None)
+            for i, d in enumerate(data)]
+    layers = [base, *bigs]
+    content = FakeContent(layers)
+    events = await watch(bus, node)
+    chains = [i.chain_id for i in layer_infos(layers)]
+    env = {"events_ack_wait": "2"}
+    snaps = node.state_root / "snapshotter" / "snapshots"
+
+    def actives() -> list[str]:
+        return [labels for _, kind, labels in db_rows(node) if kind == "active"]
+
+    async with serve_content(node, content):
+        first = await start(services, **env)
+        content.delay = 0.1  # every big layer reads for seconds
+        await bus.publish_event(image_event("big:1", layers), namespace=NS)
+        await eventually(lambda: all(content.reads[x.digest] >= 4 for x in bigs)
+                         and len(actives()) == 3, what="three layers being applied at once")
+        assert workers_alive(node.root)  # the big layers are applied in worker processes
+        first.kill9()
+        # ...which die with the snapshotter, so nothing writes into a snapshot after it.
+        await eventually(lambda: not workers_alive(node.root), what="workers gone")
+
+        # Whatever was committed is a bottom run of whole layers; the rest are active unpack
+        # snapshots, each labelled with its chain.
+        rows = db_rows(node)
+        committed = [k for k, kind, _ in rows if kind == "committed"]
+        assert committed == chains[:len(committed)] and len(committed) <= 1
+        assert sorted(actives()) == sorted(f'{{"shoal/unpack": "{c}"}}' for c in chains[1:])
+
+        content.delay = 0
+        second = await start(services, **env)
+        assert "removing unfinished unpack" in second.log_text()
+        await eventually(lambda: events.committed[-3:] == chains[1:], timeout=30,
+                         what="the big layers committed after redelivery")
+        assert [(k, kind) for k, kind, _ in db_rows(node)] == [(c, "committed") for c in chains]
+        assert len(list(snaps.iterdir())) == len(chains)
+        assert not mounted_paths(snaps)
+        files = await view_tree(bus, chains[-1], node.root)
+        for i, d in enumerate(data):
+            assert files[f"big{i}"]["sha256"] == hashlib.sha256(d).hexdigest()
+            assert files[f"after{i}"]["sha256"] == hashlib.sha256(b"after").hexdigest()
     assert second.terminate() == 0
 
 

@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 from shoal_snapshotter.unpack import (
     LayerFormatError,
+    LowerLayerNeeded,
     UnsafeLayerError,
     Whiteouts,
     apply_layer,
+    merge_lower_dirs,
 )
 from shoal_snapshotter.unpack.compression import ZstdFrameWalker
 from shoal_snapshotter.unpack.safe_fs import CACHE_DEPTH, DirCache, remove_tree
@@ -650,3 +652,81 @@ def test_overlay_mode_matches_native_under_real_overlayfs(tmp_path: Path) -> Non
     assert "etc/hosts" not in want and "var/lib" not in want and "dev/fifo" not in want
     assert sorted(p for p in want if p.startswith("opt/")) == [
         "opt/keep", "opt/keep/fresh", "opt/new"]
+
+
+# --- OVERLAY mode on a layer's own: what it defers to the lower layers -------------------------
+
+def test_overlay_mode_defers_what_needs_lower_layers(root: Path, outside: Path) -> None:
+    cases = {
+        "hardlink to a file of a lower layer": [hl("h", "etc/passwd")],
+        "hardlink through a directory of a lower layer": [d("x"), hl("x/h", "usr/bin/sh")],
+        "hardlink to a name this layer whited out": [f("t"), wh(".wh.t"), hl("h", "t")],
+        "opaque root": [wh(".wh..wh..opq"), f("kept")],
+    }
+    for what, entries in cases.items():
+        layer = root / what.replace(" ", "-")
+        layer.mkdir()
+        with pytest.raises(LowerLayerNeeded) as info:
+            apply(layer, *entries, mode=Whiteouts.OVERLAY)
+        assert info.value.entry == entries[-1][0].name or what == "opaque root", what
+        assert isinstance(info.value, UnsafeLayerError)  # refused by callers that don't retry
+    # Onto the merged tree the same hardlink is plainly unsafe, or fine.
+    (root / "native").mkdir()
+    with pytest.raises(UnsafeLayerError) as unsafe:
+        apply(root / "native", hl("h", "etc/passwd"), mode=Whiteouts.NATIVE)
+    assert not isinstance(unsafe.value, LowerLayerNeeded)
+    assert os.stat(outside / "passwd").st_nlink == 1
+
+
+def test_overlay_mode_tracks_directories_that_keep_lower_metadata(root: Path) -> None:
+    result = apply(root, f("a/b/f"), d("c", mode=0o700), f("c/x"), d("a"),
+                   f("gone/x"), wh(".wh.gone"), f("gone/y"),
+                   f("opq/sub/z"), wh("opq/.wh..wh..opq"), f("opq/late/z"),
+                   wh(".wh.re"), d("re"), f("file"), d("file"), mode=Whiteouts.OVERLAY)
+    # True: implied (owner, mode, xattrs from below); False: listed (xattrs from below).
+    assert result.lower_dirs == {("a",): False, ("a", "b"): True, ("c",): False,
+                                 ("opq",): True, ("opq", "sub"): True}
+    # Made where this layer deleted something: opaque, like the kernel's mkdir over a whiteout.
+    for opaque in ("gone", "re", "file", "opq"):
+        assert os.getxattr(root / opaque, "trusted.overlay.opaque") == b"y", opaque
+    for plain in ("a", "a/b", "c", "opq/sub", "opq/late"):
+        assert "trusted.overlay.opaque" not in os.listxattr(root / plain), plain
+
+
+def test_layer_alone_plus_lower_metadata_matches_native_under_real_overlayfs(
+        tmp_path: Path) -> None:
+    lower = [d("srv", mode=0o750, uid=5, gid=6, xattrs={"user.t": "low"}), f("srv/old"),
+             d("srv/sub", mode=0o700, uid=7), f("srv/sub/x"),
+             d("etc", xattrs={"user.a": "1", "user.b": "2"}), f("etc/conf"),
+             d("gone", mode=0o711), f("gone/f"), d("re", mode=0o700), f("re/lower"),
+             f("file"), sym("link", "srv")]
+    upper = [f("srv/sub/new"), d("etc", xattrs={"user.b": "up"}), f("etc/more"),
+             wh(".wh.gone"), f("gone/again"), wh(".wh.re"), d("re", mode=0o755),
+             f("re/new"), d("file", mode=0o700), f("file/in"), d("link"), f("link/in")]
+    l1, l2, native = tmp_path / "l1", tmp_path / "l2", tmp_path / "native"
+    for p in (l1, l2, native):
+        p.mkdir()
+    apply(l1, *lower, mode=Whiteouts.NATIVE)  # a bottom layer has nothing to hide
+    result = apply(l2, *upper, mode=Whiteouts.OVERLAY)
+    assert merge_lower_dirs(l2, l1, result.lower_dirs) == 3  # srv, srv/sub, etc
+    apply(native, *lower)
+    apply(native, *upper)
+    with overlay_mount([l2, l1], tmp_path) as merged:
+        got = listing(merged, mtime=False)
+    want = listing(native, mtime=False)
+    del got["."], want["."]
+    assert got == want
+    assert want["srv/sub"]["uid"] == 7 and want["etc"]["xattrs"] == {"user.a": b"1",
+                                                                     "user.b": b"up"}
+
+
+def test_implied_directory_over_a_lower_file_needs_the_lower_layers(tmp_path: Path) -> None:
+    l1, l2 = tmp_path / "l1", tmp_path / "l2"
+    l1.mkdir()
+    l2.mkdir()
+    apply(l1, f("etc"), sym("usr", "/usr"))
+    for entry in ("etc/x", "usr/lib/x"):
+        result = apply(l2, f(entry), mode=Whiteouts.OVERLAY)
+        with pytest.raises(LowerLayerNeeded) as info:
+            merge_lower_dirs(l2, l1, result.lower_dirs)
+        assert info.value.entry == entry.split("/")[0]

@@ -53,6 +53,10 @@ def _mkdir(path: Path, mode: int) -> None:
 
 class Driver(ABC):
     name: str
+    # Whether a layer's files can be written before its parents are final: true when a
+    # snapshot's directory holds only its own changes (overlayfs), not a copy of its
+    # parent's tree (native).
+    independent_layers = False
 
     @abstractmethod
     async def populate(self, snap_dir: Path, parents: list[Path]) -> None:
@@ -68,6 +72,11 @@ class Driver(ABC):
                    parents: list[Path]) -> contextlib.AbstractAsyncContextManager[Path]:
         """The directory to apply a layer into with native whiteouts: it shows the parent's
         full tree, and everything written there lands in this snapshot."""
+
+    def lower_view(self, snap_dir: Path,
+                   parents: list[Path]) -> contextlib.AbstractAsyncContextManager[Path]:
+        """A read-only view of the parents' merged tree (only with independent_layers)."""
+        raise NotImplementedError(f"the {self.name} driver has no separate layer directories")
 
 
 def _bind(source: Path, readonly: bool) -> list[Mount]:
@@ -93,6 +102,7 @@ class NativeDriver(Driver):
 
 class OverlayDriver(Driver):
     name = "overlayfs"
+    independent_layers = True
 
     def __init__(self, unpack_options: list[str]) -> None:
         # Extra options for our own unpack mounts (e.g. metacopy=off), found by the probe.
@@ -139,6 +149,24 @@ class OverlayDriver(Driver):
         options = ["index=off", *self.unpack_options, self._lowerdir(parents),
                    f"upperdir={fs_dir(snap_dir)}", f"workdir={work_dir(snap_dir)}"]
         await asyncio.to_thread(sysmount.mount, "overlay", target, "overlay", options)
+        try:
+            yield target
+        finally:
+            await asyncio.to_thread(_unmount_and_remove, target)
+
+    @contextlib.asynccontextmanager
+    async def lower_view(self, snap_dir: Path, parents: list[Path]) -> AsyncIterator[Path]:
+        if not parents:
+            raise ValueError("a layer without parents has no lower view")
+        if len(parents) == 1:
+            yield fs_dir(parents[0])  # committed, so nobody writes it any more
+            return
+        # Mounted where apply_root mounts, so removing the snapshot unmounts it if a crash
+        # left it behind; overlayfs without an upper dir is read-only.
+        target = mnt_dir(snap_dir)
+        target.mkdir(mode=0o700, exist_ok=True)
+        await asyncio.to_thread(sysmount.mount, "overlay", target, "overlay",
+                                ["index=off", self._lowerdir(parents)], sysmount.MS_RDONLY)
         try:
             yield target
         finally:

@@ -21,6 +21,10 @@ LAYERS_UNPACKED = Counter(
     "Layers an unpack went through, by outcome: ok (unpacked and committed), exists (already "
     "committed, skipped), unsafe (refused entry), invalid (bad blob or diff ID), error.",
     ["outcome"])
+LAYERS_REAPPLIED = Counter(
+    "shoal_snapshotter_layers_reapplied_total",
+    "Layers applied on their own, in parallel with the layers below, that had to be applied "
+    "again onto their parents' tree (a hardlink to a file of a lower layer, ...).")
 UNPACKED_BYTES = Counter(
     "shoal_snapshotter_unpacked_bytes_total",
     "Uncompressed layer bytes (tar stream) applied by committed unpacks.")

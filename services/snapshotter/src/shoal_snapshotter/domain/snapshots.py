@@ -99,6 +99,17 @@ class Snapshots:
     async def find(self, key: str) -> SnapshotRow | None:
         return await self.db.run(lambda c: md.get(c, key))
 
+    async def lineage(self, key: str) -> list[SnapshotRow]:
+        """Snapshot `key` and its ancestors, nearest first."""
+
+        def query(conn: sqlite3.Connection) -> list[SnapshotRow]:
+            row = md.get(conn, key)
+            if row is None:
+                raise NotFound(f"snapshot {key} not found")
+            return md.ancestors(conn, row.id)
+
+        return await self.db.run(query)
+
     async def stat(self, key: str) -> SnapshotInfo:
         _check_key(key)
         return info(await self.get(key))
@@ -213,7 +224,11 @@ class Snapshots:
     # -- commit / remove -----------------------------------------------------------------
 
     async def commit(self, name: str, key: str, labels: dict[str, str], *,
-                     internal: bool = False) -> SnapshotInfo:
+                     internal: bool = False, parent: str | None = None) -> SnapshotInfo:
+        """Commit active snapshot `key` as `name`. `parent` (internal): the committed layer
+        to put it on, for a snapshot prepared without one because its parent was not
+        committed yet (a layer unpacked in parallel); checked in the same transaction, so
+        no layer is ever committed before its parent."""
         _check_key(name, "name")
         _check_key(key)
         if not internal:
@@ -231,7 +246,17 @@ class Snapshots:
                                          "can be committed")
             if md.get(conn, name) is not None:
                 raise AlreadyExists(f"snapshot {name} already exists")
-            md.commit(conn, row.id, name=name, source_key=key, labels=labels, now=time.time())
+            parent_id = row.parent_id
+            if parent:
+                prow = md.get(conn, parent)
+                if prow is None or prow.kind != "committed":
+                    raise FailedPrecondition(f"snapshot {key} cannot be committed on {parent}:"
+                                             " that is not a committed snapshot")
+                if row.parent_id not in (None, prow.id):
+                    raise FailedPrecondition(f"snapshot {key} already has parent {row.parent}")
+                parent_id = prow.id
+            md.commit(conn, row.id, name=name, source_key=key, labels=labels, now=time.time(),
+                      parent_id=parent_id)
             committed = md.get_by_id(conn, row.id)
             assert committed is not None
             return committed
@@ -259,9 +284,11 @@ class Snapshots:
             await self.collect([row.parent], namespace)
 
     async def discard(self, row: SnapshotRow) -> None:
-        """Remove a snapshot we own (an unpack's active snapshot), children or not checked."""
-        await self.db.transaction(lambda c: md.delete(c, row.id))
-        await self.discard_dir(row.id)
+        """Remove a snapshot we own (an unpack's active snapshot), children or not checked.
+        Only while it is still active: an unpack cancelled while its commit went through
+        keeps the committed layer (others may already build on it)."""
+        if await self.db.transaction(lambda c: md.delete_active(c, row.id)):
+            await self.discard_dir(row.id)
 
     async def discard_dir(self, snap_id: int) -> None:
         """Remove a directory whose row is gone. A failure is logged, not raised: the removal

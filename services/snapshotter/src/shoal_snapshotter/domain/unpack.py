@@ -1,27 +1,42 @@
 """Unpacking an image's layers into committed snapshots keyed by chain ID.
 
-Per layer, in order: skip if its chain is committed; else, under the chain's lock, prepare an
-active snapshot on the parent chain (labelled `shoal/unpack`), stream the blob from the
-content store into the layer applier (in a worker thread), check the diff ID, flush, commit
-under the chain ID. Any failure or cancellation throws the active snapshot away, so a
-committed chain is always a whole layer; a crash leaves only an active snapshot that the
-next start (or the next unpack of that chain) removes.
+Per layer: skip if its chain is committed; else, under the chain's lock, prepare an active
+snapshot (labelled `shoal/unpack`), stream the blob from the content store into the layer
+applier (a worker thread for small layers, a child process for big ones: unpack.worker),
+check the diff ID, flush, commit under the chain ID. Any
+failure or cancellation throws the active snapshot away, so a committed chain is always a
+whole layer; a crash leaves only an active snapshot that the next start (or the next unpack
+of that chain) removes.
+
+Sequential (the native driver, whose layers copy their parent's tree, or one worker): each
+layer is prepared on its committed parent and applied onto the parent's full tree (for
+overlayfs through a mounted overlay), one after another.
+
+Parallel (overlayfs, whose layers are directories of their own changes): every layer is
+prepared without a parent and applied at once (up to `workers` at a time) into its own upper
+dir with overlay whiteouts; each then waits for the layer below to be committed, copies up
+what it keeps of the lower directories (unpack.lower), and is committed onto it, so layers
+are committed strictly in chain order (the commit transaction checks the parent). A layer
+that cannot be applied alone (a hardlink to a lower layer's file) is thrown away and applied
+again the sequential way once its parent is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
-import io
+import os
+import pickle
 import re
+import sys
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO
 
 import structlog
-from shoal_common.errors import FailedPrecondition, Invalid, ShoalError
+from shoal_common.errors import FailedPrecondition, Internal, Invalid, ShoalError
 from shoal_common.messages.images import LayerInfo
 from shoal_common.messages.snapshots import SnapshotCommitted, UnpackReply
 
@@ -31,18 +46,24 @@ from shoal_snapshotter.domain.drivers import fs_dir
 from shoal_snapshotter.domain.locks import ChainLocks
 from shoal_snapshotter.domain.mounts import syncfs
 from shoal_snapshotter.domain.snapshots import LABEL_LAYER, LABEL_UNPACK, Snapshots
+from shoal_snapshotter.store.metadata import SnapshotRow
 from shoal_snapshotter.unpack import (
     ApplyResult,
     LayerFormatError,
+    LowerLayerNeeded,
     UnsafeLayerError,
     Whiteouts,
-    apply_layer,
+    merge_lower_dirs,
 )
-from shoal_snapshotter.unpack.compression import open_decompressed
+from shoal_snapshotter.unpack.worker import apply_and_digest
 
 log = structlog.get_logger("shoal.snapshotter.unpack")
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Layers from this size (compressed) are applied in a child process, smaller ones in a
+# thread: a process costs about 0.2 s of interpreter start, but escapes the GIL.
+PROCESS_MIN_BYTES = 4 << 20
+_WORKER = "shoal_snapshotter.unpack.worker"
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -73,48 +94,26 @@ def check_layers(image: str, layers: list[LayerInfo]) -> list[str]:
     return chains
 
 
-class _Digesting(io.RawIOBase):
-    """Passes the uncompressed tar stream through sha256: the diff ID of what was applied."""
-
-    def __init__(self, inner: BinaryIO) -> None:
-        super().__init__()
-        self._inner = inner
-        self.sha = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self._inner.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.sha.update(data)
-        self.count += n
-        return n
-
-
-def _apply_sync(blob: BinaryIO, root: Path) -> tuple[ApplyResult, str, int]:
-    # The unpack module has no hook to see the decompressed bytes, so decompress here (magic
-    # sniffed: gzip, zstd or plain tar, whatever the media type claims), hash on the way,
-    # and hand apply_layer a plain tar. It reads its input to the end, so the hash covers
-    # every byte of the tar stream.
-    digesting = _Digesting(open_decompressed(blob, None))
-    result = apply_layer(digesting, root, whiteouts=Whiteouts.NATIVE, allow_devices=True,
-                         compression="none")
-    return result, "sha256:" + digesting.sha.hexdigest(), digesting.count
+class _BelowFailed(Exception):
+    """The layer below was not committed (it failed, or was cancelled): neither is this one.
+    Its own error is the one reported."""
 
 
 class Unpacker:
     def __init__(self, snapshots: Snapshots, locks: ChainLocks, *, workers: int = 4,
-                 ahead: int = 4) -> None:
+                 ahead: int = 4, process_min_bytes: int = PROCESS_MIN_BYTES) -> None:
         self.snapshots = snapshots
         self.locks = locks
         self.ahead = ahead
+        self.workers = max(1, workers)
+        self.process_min_bytes = process_min_bytes
         # Own pool: a burst of layer applies must not occupy the loop's default executor,
         # which the mounts, usage walks and the like share.
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.workers,
                                                            thread_name_prefix="unpack")
+        # Applies in flight, over every image: a layer waiting for one holds no thread, no
+        # prefetched chunks and no mount yet.
+        self._slots = asyncio.Semaphore(self.workers)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -122,13 +121,44 @@ class Unpacker:
     async def unpack(self, namespace: str, image: str, layers: list[LayerInfo],
                      source: ContentSource) -> UnpackReply:
         chains = check_layers(image, layers)
-        unpacked = 0
-        parent = ""
-        for layer, chain in zip(layers, chains, strict=True):
-            if await self._layer(namespace, image, layer, chain, parent, source):
-                unpacked += 1
-            parent = chain
-        return UnpackReply(chain_id=parent, unpacked=unpacked)
+        parents = ["", *chains[:-1]]
+        if self.snapshots.driver.independent_layers and self.workers > 1 and len(layers) > 1:
+            unpacked = await self._unpack_parallel(namespace, image, layers, chains, source)
+        else:
+            unpacked = 0
+            for layer, chain, parent in zip(layers, chains, parents, strict=True):
+                if await self._layer(namespace, image, layer, chain, parent, source, None):
+                    unpacked += 1
+        return UnpackReply(chain_id=chains[-1], unpacked=unpacked)
+
+    async def _unpack_parallel(self, namespace: str, image: str, layers: list[LayerInfo],
+                               chains: list[str], source: ContentSource) -> int:
+        tasks: list[asyncio.Task[bool]] = []
+        for i, (layer, chain) in enumerate(zip(layers, chains, strict=True)):
+            tasks.append(asyncio.create_task(self._layer(
+                namespace, image, layer, chain, chains[i - 1] if i else "", source,
+                tasks[-1] if tasks else None)))
+        try:
+            pending: set[asyncio.Task[bool]] = set(tasks)
+            while pending:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                failed = _first_failure(tasks)
+                if failed is not None:
+                    # The layers above cannot be committed now: stop them (each throws its
+                    # active snapshot away). Those below go on, as they would one by one.
+                    for task in tasks[failed + 1:]:
+                        task.cancel()
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            raise
+        failed = _first_failure(tasks)
+        if failed is not None:
+            exc = tasks[failed].exception()
+            assert exc is not None
+            raise exc
+        return sum(task.result() for task in tasks)
 
     async def _committed(self, chain: str) -> bool:
         row = await self.snapshots.find(chain)
@@ -140,8 +170,11 @@ class Unpacker:
         return True
 
     async def _layer(self, namespace: str, image: str, layer: LayerInfo, chain: str,
-                     parent: str, source: ContentSource) -> bool:
-        """Make sure `chain` is committed; True if this call unpacked it."""
+                     parent: str, source: ContentSource,
+                     below: asyncio.Task[bool] | None) -> bool:
+        """Make sure `chain` is committed; True if this call unpacked it. With `below` (the
+        parallel unpack's task for the parent chain) the layer is applied alone at once and
+        committed after the parent; without, the parent must already be committed."""
         if await self._committed(chain):
             metrics.LAYERS_UNPACKED.labels("exists").inc()
             return False
@@ -153,7 +186,14 @@ class Unpacker:
             await self._remove_dead_attempts(chain)
             started = time.perf_counter()
             try:
-                count = await self._unpack_layer(image, layer, chain, parent, source)
+                if below is None:
+                    count, how = await self._unpack_layer(image, layer, chain, parent,
+                                                          source), "onto parent"
+                else:
+                    count, how = await self._unpack_alone(image, layer, chain, parent, source,
+                                                          below)
+            except _BelowFailed:
+                raise
             except UnsafeLayerError as exc:
                 metrics.LAYERS_UNPACKED.labels("unsafe").inc()
                 raise Invalid(f"image {image}: layer {layer.digest} is unsafe and was refused: "
@@ -178,7 +218,7 @@ class Unpacker:
         metrics.UNPACK_SECONDS.observe(elapsed)
         metrics.UNPACKED_BYTES.inc(count)
         log.info("layer unpacked", image=image, chain_id=chain, digest=layer.digest,
-                 seconds=round(elapsed, 3), tar_bytes=count)
+                 seconds=round(elapsed, 3), tar_bytes=count, applied=how)
         await self.snapshots.announce(SnapshotCommitted(key=chain, parent=parent), namespace)
         return True
 
@@ -193,36 +233,98 @@ class Unpacker:
 
     async def _unpack_layer(self, image: str, layer: LayerInfo, chain: str, parent: str,
                             source: ContentSource) -> int:
+        """Apply the layer onto its committed parent's tree, then commit it."""
         key = f"unpack/{chain}/{uuid.uuid4().hex[:12]}"
         row, parents = await self.snapshots.create(key, parent, "active", {LABEL_UNPACK: chain})
         snap_dir = self.snapshots.snap_dir(row.id)
         try:
-            size = await source.size(layer.digest)
-            if size != layer.size:
-                raise Invalid(f"image {image}: layer {layer.digest} is {size} bytes in the "
-                              f"content store, the manifest says {layer.size}")
+            size = await self._size(image, layer, source)
             async with self.snapshots.driver.apply_root(
                     snap_dir, [self.snapshots.snap_dir(p.id) for p in parents]) as root:
-                _, diff_id, count = await self._apply(root, source, layer.digest, size)
-            if diff_id != layer.diff_id:
-                raise Invalid(f"image {image}: layer {layer.digest} uncompresses to diff ID "
-                              f"{diff_id}, the image config says {layer.diff_id}")
+                _, diff_id, count = await self._apply(root, source, layer.digest, size,
+                                                      Whiteouts.NATIVE)
+            _check_diff_id(image, layer, diff_id)
             await asyncio.to_thread(syncfs, fs_dir(snap_dir))
-            await self.snapshots.commit(chain, key, {LABEL_LAYER: layer.diff_id}, internal=True)
+            # Shielded: a cancellation must not tear a commit in flight (which would then
+            # be kept, see Snapshots.discard) from its outcome.
+            await asyncio.shield(self.snapshots.commit(chain, key, {LABEL_LAYER: layer.diff_id},
+                                                       internal=True))
         except BaseException:
-            try:
-                await asyncio.shield(self.snapshots.discard(row))
-            except Exception as exc:  # start-up cleanup will get it
-                log.warning("could not remove failed unpack", key=key, error=str(exc))
+            await self._discard(row, key)
             raise
         return count
 
-    async def _apply(self, root: Path, source: ContentSource, digest: str,
-                     size: int) -> tuple[ApplyResult, str, int]:
+    async def _unpack_alone(self, image: str, layer: LayerInfo, chain: str, parent: str,
+                            source: ContentSource, below: asyncio.Task[bool]) -> tuple[int, str]:
+        """Apply the layer into a snapshot of its own while the layers below are still being
+        unpacked; commit it onto `parent` once `below` has committed that."""
+        try:
+            return await self._apply_alone(image, layer, chain, parent, source, below), "alone"
+        except LowerLayerNeeded as exc:
+            # Not the layer's fault: applied onto its parent's tree it may well be fine.
+            metrics.LAYERS_REAPPLIED.inc()
+            log.info("layer needs the layers below; applying it again onto them", image=image,
+                     chain_id=chain, entry=exc.entry, reason=exc.reason)
+        await _wait_below(below)
+        return await self._unpack_layer(image, layer, chain, parent, source), "again onto parent"
+
+    async def _apply_alone(self, image: str, layer: LayerInfo, chain: str, parent: str,
+                           source: ContentSource, below: asyncio.Task[bool]) -> int:
+        key = f"unpack/{chain}/{uuid.uuid4().hex[:12]}"
+        # No parent yet (it may not be committed): an overlay layer's directory does not
+        # depend on it; the commit sets it.
+        row, _ = await self.snapshots.create(key, "", "active", {LABEL_UNPACK: chain})
+        snap_dir = self.snapshots.snap_dir(row.id)
+        try:
+            size = await self._size(image, layer, source)
+            result, diff_id, count = await self._apply(fs_dir(snap_dir), source, layer.digest,
+                                                       size, Whiteouts.OVERLAY)
+            _check_diff_id(image, layer, diff_id)
+            await _wait_below(below)
+            if result.lower_dirs:
+                parents = await self.snapshots.lineage(parent)
+                async with self.snapshots.driver.lower_view(
+                        snap_dir, [self.snapshots.snap_dir(p.id) for p in parents]) as lower:
+                    await asyncio.to_thread(merge_lower_dirs, fs_dir(snap_dir), lower,
+                                            result.lower_dirs)
+            await asyncio.to_thread(syncfs, fs_dir(snap_dir))
+            await asyncio.shield(self.snapshots.commit(chain, key, {LABEL_LAYER: layer.diff_id},
+                                                       internal=True, parent=parent))
+        except BaseException:
+            await self._discard(row, key)
+            raise
+        return count
+
+    async def _discard(self, row: SnapshotRow, key: str) -> None:
+        try:
+            await asyncio.shield(self.snapshots.discard(row))
+        except Exception as exc:  # start-up cleanup will get it
+            log.warning("could not remove failed unpack", key=key, error=str(exc))
+
+    @staticmethod
+    async def _size(image: str, layer: LayerInfo, source: ContentSource) -> int:
+        size = await source.size(layer.digest)
+        if size != layer.size:
+            raise Invalid(f"image {image}: layer {layer.digest} is {size} bytes in the "
+                          f"content store, the manifest says {layer.size}")
+        return size
+
+    async def _apply(self, root: Path, source: ContentSource, digest: str, size: int,
+                     whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
+        async with self._slots:
+            fetch = Prefetcher(source, digest, size, ahead=self.ahead)
+            try:
+                if size >= self.process_min_bytes:
+                    return await self._apply_in_process(root, fetch, whiteouts)
+                return await self._apply_in_thread(root, fetch, whiteouts)
+            finally:
+                fetch.close()
+
+    async def _apply_in_thread(self, root: Path, fetch: Prefetcher,
+                               whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
         loop = asyncio.get_running_loop()
-        fetch = Prefetcher(source, digest, size, ahead=self.ahead)
         reader = ThreadReader(loop, fetch)
-        fut = loop.run_in_executor(self._pool, _apply_sync, reader, root)
+        fut = loop.run_in_executor(self._pool, apply_and_digest, reader, root, whiteouts)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -231,5 +333,56 @@ class Unpacker:
             fetch.close()
             await asyncio.wait([fut])
             raise
-        finally:
-            fetch.close()
+
+    async def _apply_in_process(self, root: Path, fetch: Prefetcher,
+                                whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
+        proc = await asyncio.create_subprocess_exec(
+            # -P: no script or working directory on the path, only the installed code.
+            sys.executable, "-P", "-m", _WORKER, str(root), whiteouts.value, str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            try:
+                while chunk := await fetch.next():
+                    proc.stdin.write(chunk)
+                    await proc.stdin.drain()
+                proc.stdin.close()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the worker stopped reading (a refused entry): its outcome says why
+            out = await proc.stdout.read()
+            code = await proc.wait()
+        except BaseException:
+            # Dead before the snapshot is thrown away: nothing may write into it after.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            raise
+        if code != 0 or not out:
+            raise Internal(f"layer apply worker exited with status {code}")
+        kind, value = pickle.loads(out)  # our own child's answer
+        if kind == "error":
+            raise value
+        return value  # type: ignore[no-any-return]
+
+
+def _check_diff_id(image: str, layer: LayerInfo, diff_id: str) -> None:
+    if diff_id != layer.diff_id:
+        raise Invalid(f"image {image}: layer {layer.digest} uncompresses to diff ID "
+                      f"{diff_id}, the image config says {layer.diff_id}")
+
+
+def _first_failure(tasks: list[asyncio.Task[bool]]) -> int | None:
+    """The lowest layer whose task failed on its own (not because of the layer below)."""
+    for i, task in enumerate(tasks):
+        if task.done() and not task.cancelled():
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, _BelowFailed):
+                return i
+    return None
+
+
+async def _wait_below(below: asyncio.Task[bool]) -> None:
+    """Until the parallel unpack's task for the layer below is done (never cancelling it)."""
+    await asyncio.wait([below])
+    if below.cancelled() or below.exception() is not None:
+        raise _BelowFailed()

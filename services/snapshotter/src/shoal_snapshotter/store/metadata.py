@@ -120,14 +120,20 @@ def insert(conn: sqlite3.Connection, *, key: str, parent_id: int | None, kind: K
 
 
 def commit(conn: sqlite3.Connection, snap_id: int, *, name: str, source_key: str,
-           labels: dict[str, str], now: float) -> None:
+           labels: dict[str, str], now: float, parent_id: int | None) -> None:
     conn.execute("UPDATE snapshots SET key = ?, kind = 'committed', labels = ?, updated = ?, "
-                 "source_key = ? WHERE id = ?",
-                 (name, json.dumps(labels), now, source_key, snap_id))
+                 "source_key = ?, parent_id = ? WHERE id = ?",
+                 (name, json.dumps(labels), now, source_key, parent_id, snap_id))
 
 
 def delete(conn: sqlite3.Connection, snap_id: int) -> None:
     conn.execute("DELETE FROM snapshots WHERE id = ?", (snap_id,))
+
+
+def delete_active(conn: sqlite3.Connection, snap_id: int) -> bool:
+    """Delete the snapshot if it is (still) active; whether it was."""
+    cur = conn.execute("DELETE FROM snapshots WHERE id = ? AND kind = 'active'", (snap_id,))
+    return cur.rowcount > 0
 
 
 def has_children(conn: sqlite3.Connection, snap_id: int) -> bool:

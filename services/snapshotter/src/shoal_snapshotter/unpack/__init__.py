@@ -6,6 +6,15 @@ directory fds so that no entry can write, chmod, chown, link or delete outside t
 """
 
 from .apply import ApplyResult, Whiteouts, apply_layer
-from .errors import LayerFormatError, UnsafeLayerError
+from .errors import LayerFormatError, LowerLayerNeeded, UnsafeLayerError
+from .lower import merge_lower_dirs
 
-__all__ = ["ApplyResult", "LayerFormatError", "UnsafeLayerError", "Whiteouts", "apply_layer"]
+__all__ = [
+    "ApplyResult",
+    "LayerFormatError",
+    "LowerLayerNeeded",
+    "UnsafeLayerError",
+    "Whiteouts",
+    "apply_layer",
+    "merge_lower_dirs",
+]

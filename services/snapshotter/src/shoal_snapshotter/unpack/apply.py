@@ -8,21 +8,27 @@ import errno
 import os
 import stat
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import structlog
 
 from .compression import open_decompressed
-from .errors import LayerFormatError, UnsafeLayerError
-from .safe_fs import O_READ_DIR, DirCache, lstat_at, remove_at
+from .errors import LayerFormatError, LowerLayerNeeded, UnsafeLayerError
+from .safe_fs import (
+    O_READ_DIR,
+    OVERLAY_OPAQUE_XATTR,
+    DirCache,
+    is_whiteout,
+    lstat_at,
+    remove_at,
+)
 
 log = structlog.get_logger("shoal.snapshotter.unpack")
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
 WHITEOUT_OPAQUE = ".wh..wh..opq"
-OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
 _CHUNK = 1 << 20
 # Failures on which an xattr outside user.* is skipped (fs or privileges refuse it here).
@@ -42,6 +48,12 @@ class Whiteouts(enum.Enum):
 class ApplyResult:
     entries: int = 0  # tar members read, including whiteouts and skipped ones
     bytes_written: int = 0  # regular file content bytes
+    # OVERLAY mode: directories of the upper dir over which the lower layers' namesakes
+    # (if directories) still show, and so lend them what applying onto the merged tree would
+    # have kept: True = only implied by a deeper entry (owner, mode and xattrs come from
+    # below), False = listed by the layer (only the xattrs it did not set). For
+    # merge_lower_dirs once the lower layers are final.
+    lower_dirs: dict[tuple[str, ...], bool] = field(default_factory=dict)
 
 
 def apply_layer(
@@ -55,8 +67,11 @@ def apply_layer(
     """Apply the layer tar in `stream` onto the existing directory `root`.
 
     Raises UnsafeLayerError if an entry would touch anything outside root (nothing outside
-    is touched before that), LayerFormatError for a corrupt or unsupported stream. On any
-    error root is left half-applied and should be thrown away.
+    is touched before that), LayerFormatError for a corrupt or unsupported stream. OVERLAY
+    mode raises LowerLayerNeeded for an entry that cannot be applied without the lower
+    layers (a hardlink to a file that is not in this layer): apply the layer again onto the
+    merged tree, with NATIVE whiteouts. On any error root is left half-applied and should be
+    thrown away.
     """
     tar_stream = open_decompressed(stream, compression)
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -87,7 +102,11 @@ class _Applier:
         self.result = ApplyResult()
         self._native = whiteouts is Whiteouts.NATIVE
         self._allow_devices = allow_devices
-        self._dirs = DirCache(root_fd)
+        self._dirs = DirCache(root_fd, overlay=not self._native,
+                              on_mkdir=None if self._native else self._implied_dir)
+        # OVERLAY: directories of this layer that hide everything below them (opaque ones),
+        # so directories made under them take nothing from the lower layers.
+        self._hiding: set[tuple[str, ...]] = set()
         # Directory times are set last: writing their contents would bump them again.
         self._dir_times: dict[tuple[str, ...], tuple[int, int]] = {}
         # NATIVE: paths this layer wrote (and their ancestors), which an opaque marker keeps.
@@ -186,10 +205,38 @@ class _Applier:
             os.mkdir(base, 0o700, dir_fd=pfd)
         fd = os.open(base, O_READ_DIR, dir_fd=pfd)
         try:
+            if not self._native:
+                self._overlay_dir(fd, comps, st)
             self._fd_metadata(m, fd)
         finally:
             os.close(fd)
         self._dir_times[comps] = _times(m)
+
+    def _overlay_dir(self, fd: int, comps: tuple[str, ...], before: os.stat_result | None) -> None:
+        """Bookkeeping for a directory entry in OVERLAY mode; `before` is what the upper dir
+        had at that name."""
+        if before is None:
+            if not self._under_hiding(comps):
+                self.result.lower_dirs[comps] = False
+        elif not stat.S_ISDIR(before.st_mode):
+            # It replaces something this layer wrote (a whiteout, a file...), which hid the
+            # lower layers' namesake: the new directory must hide it too, as the kernel's
+            # mkdir over a whiteout does.
+            os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
+            self._hiding.add(comps)
+        elif comps in self.result.lower_dirs:
+            self.result.lower_dirs[comps] = False  # now listed: owner and mode are its own
+
+    def _implied_dir(self, comps: tuple[str, ...], replaced_whiteout: bool) -> None:
+        """DirCache made a directory the layer did not list (OVERLAY mode)."""
+        if replaced_whiteout:
+            self._hiding.add(comps)
+        elif not self._under_hiding(comps):
+            self.result.lower_dirs[comps] = True
+
+    def _under_hiding(self, comps: tuple[str, ...]) -> bool:
+        return bool(self._hiding) and any(comps[:i] in self._hiding
+                                          for i in range(1, len(comps)))
 
     def _regular(
         self, tar: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, comps: tuple[str, ...]
@@ -219,6 +266,10 @@ class _Applier:
             raise UnsafeLayerError(m.name, "hardlink to the root directory")
         tparent = self._dirs.get(target[:-1], create=False, entry=m.name)
         tst = lstat_at(tparent, target[-1]) if tparent is not None else None
+        if not self._native and (tst is None or is_whiteout(tst)):
+            # Maybe a file of a lower layer, which is not in this directory to link to.
+            raise LowerLayerNeeded(m.name, f"hardlink target {m.linkname!r} is not in this "
+                                   "layer")
         if tst is None:
             raise UnsafeLayerError(m.name, f"hardlink target {m.linkname!r} does not exist in root")
         if stat.S_ISDIR(tst.st_mode):
@@ -244,12 +295,15 @@ class _Applier:
         if base == WHITEOUT_OPAQUE:
             if self._native:
                 self._clear_opaque(m, parent)
-            else:
-                fd = os.open(".", O_READ_DIR, dir_fd=pfd)
-                try:
-                    os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
-                finally:
-                    os.close(fd)
+                return
+            if not parent:
+                raise LowerLayerNeeded(m.name, "overlayfs ignores an opaque root directory")
+            fd = os.open(".", O_READ_DIR, dir_fd=pfd)
+            try:
+                os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
+            finally:
+                os.close(fd)
+            self._hiding.add(parent)
             return
         name = base[len(WHITEOUT_PREFIX) :]
         if name in ("", ".", ".."):
@@ -292,10 +346,12 @@ class _Applier:
         """Remove whatever exists at comps (in directory pfd), keeping the caches right."""
         if remove_at(pfd, comps[-1]):
             self._dirs.invalidate(comps)
-            if self._dir_times:
-                depth = len(comps)
-                for key in [k for k in self._dir_times if k[:depth] == comps]:
-                    del self._dir_times[key]
+            depth = len(comps)
+            for tracked in (self._dir_times, self.result.lower_dirs):
+                for key in [k for k in tracked if k[:depth] == comps]:
+                    del tracked[key]
+            for key in [k for k in self._hiding if k[:depth] == comps]:
+                self._hiding.discard(key)
 
     def _mark_written(self, comps: tuple[str, ...]) -> None:
         if not self._native:

@@ -18,3 +18,18 @@ class UnsafeLayerError(Exception):
 
 class LayerFormatError(Exception):
     """The layer is not a readable (optionally compressed) tar stream."""
+
+
+class LowerLayerNeeded(UnsafeLayerError):
+    """OVERLAY mode only: an entry cannot be applied to the layer's own upper directory on
+    its own, because its effect depends on the files of the layers below (a hardlink whose
+    target is not in this layer, an opaque marker on the root, which overlayfs ignores).
+    Not necessarily a fault of the layer: apply it again onto the merged tree of its
+    parents, which decides. A subclass of UnsafeLayerError so that a caller that does not
+    do that refuses the layer, as it would refuse a hardlink to something that is not there.
+    """
+
+    def __init__(self, entry: str, reason: str) -> None:
+        Exception.__init__(self, f"layer entry {entry!r} needs the lower layers: {reason}")
+        self.entry = entry
+        self.reason = reason

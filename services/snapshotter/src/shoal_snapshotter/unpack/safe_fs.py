@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 from .errors import LayerFormatError, UnsafeLayerError
 
@@ -21,6 +22,18 @@ O_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # Directory levels whose fds are cached; deeper levels are walked from the deepest cached one.
 CACHE_DEPTH = 64
+
+# Marks an overlay upper directory whose lower namesakes are hidden.
+OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+
+# Called with the path of each directory DirCache creates and whether it replaced an
+# overlay whiteout (and so was made opaque).
+OnMkdir = Callable[[tuple[str, ...], bool], None]
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    """An overlayfs whiteout: a 0/0 character device."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
@@ -95,8 +108,12 @@ class DirCache:
     get()/invalidate()/close(). Callers must invalidate() every directory they remove.
     """
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, *, overlay: bool = False,
+                 on_mkdir: OnMkdir | None = None) -> None:
         self._root_fd = root_fd
+        # overlay: root is an overlay upper dir, where a whiteout means "deleted".
+        self._overlay = overlay
+        self._on_mkdir = on_mkdir
         self._names: list[str] = []
         self._fds: list[int] = []
         # Fd of the last directory deeper than CACHE_DEPTH, so fds stay bounded.
@@ -116,7 +133,7 @@ class DirCache:
         self._truncate(common)
         cur = self._fds[-1] if self._fds else self._root_fd
         for i in range(common, len(shallow)):
-            fd = _open_dir(cur, comps, i, create=create, entry=entry)
+            fd = self._open_dir(cur, comps, i, create=create, entry=entry)
             if fd is None:
                 return None
             self._names.append(comps[i])
@@ -132,7 +149,7 @@ class DirCache:
         fd, owned = cur, False
         try:
             for i in range(CACHE_DEPTH, len(comps)):
-                nxt = _open_dir(fd, comps, i, create=create, entry=entry)
+                nxt = self._open_dir(fd, comps, i, create=create, entry=entry)
                 if owned:
                     os.close(fd)
                     owned = False
@@ -168,33 +185,46 @@ class DirCache:
             os.close(self._deep[1])
             self._deep = None
 
-
-def _open_dir(
-    parent_fd: int, comps: tuple[str, ...], i: int, *, create: bool, entry: str
-) -> int | None:
-    name = comps[i]
-    try:
-        return os.open(name, O_PATH_DIR, dir_fd=parent_fd)
-    except FileNotFoundError:
-        if not create:
-            return None
-    except OSError as e:
-        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+    def _open_dir(
+        self, parent_fd: int, comps: tuple[str, ...], i: int, *, create: bool, entry: str
+    ) -> int | None:
+        name = comps[i]
+        replaces_whiteout = False
+        try:
+            return os.open(name, O_PATH_DIR, dir_fd=parent_fd)
+        except FileNotFoundError:
+            if not create:
+                return None
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            where = "/".join(comps[: i + 1])
+            st = lstat_at(parent_fd, name)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise UnsafeLayerError(
+                    entry, f"{where!r} is a symlink; paths never resolve through one"
+                ) from None
+            if not (self._overlay and st is not None and is_whiteout(st)):
+                raise LayerFormatError(
+                    f"layer entry {entry!r}: {where!r} is not a directory"
+                ) from None
+            # A whiteout this layer wrote: the name is deleted, so nothing is found below
+            # it, or a new directory is made there, opaque so the lower one stays hidden.
+            if not create:
+                return None
+            os.unlink(name, dir_fd=parent_fd)
+            replaces_whiteout = True
+        # Implicit parent missing from the tar: created like containerd does, 0755 root:root.
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+        fd = os.open(name, O_READ_DIR, dir_fd=parent_fd)
+        try:
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o755)
+            if replaces_whiteout:
+                os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
+            if self._on_mkdir is not None:
+                self._on_mkdir(comps[: i + 1], replaces_whiteout)
+        except BaseException:
+            os.close(fd)
             raise
-        where = "/".join(comps[: i + 1])
-        st = lstat_at(parent_fd, name)
-        if st is not None and stat.S_ISLNK(st.st_mode):
-            raise UnsafeLayerError(
-                entry, f"{where!r} is a symlink; paths never resolve through one"
-            ) from None
-        raise LayerFormatError(f"layer entry {entry!r}: {where!r} is not a directory") from None
-    # Implicit parent missing from the tar: created like containerd does, 0755 root:root.
-    os.mkdir(name, 0o700, dir_fd=parent_fd)
-    fd = os.open(name, O_READ_DIR, dir_fd=parent_fd)
-    try:
-        os.fchown(fd, 0, 0)
-        os.fchmod(fd, 0o755)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return fd
