@@ -145,7 +145,8 @@ async def test_exec_over_spdy(node: StreamNode, sleeper: str) -> None:
                                                stdin=b"hello\nfrom stdin")
     assert client.protocol == V4
     assert (out, err, status) == (b"hello\nfrom stdin", b"", SUCCESS)
-    assert client.goaway == (client.last_stream_id, 0)  # a clean GOAWAY after the status
+    # A clean GOAWAY follows the status; the client may see the close first under load.
+    assert client.goaway in (None, (client.last_stream_id, 0))
     await client.close()
 
     url = await node.exec_url(sleeper, "sh", "-c", "echo out; echo err >&2; exit 3")
