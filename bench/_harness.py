@@ -230,6 +230,18 @@ def percentile(values: Sequence[float], q: float) -> float:
 # --------------------------------------------------------------------------- docs
 
 
+def publish(section: str, met: bool | None, *, heading: str, root: Path,
+            update_docs: bool) -> None:
+    """Print a benchmark's markdown section and verdict, and write it into the docs if asked."""
+    print("\n" + section)
+    if met is not None:
+        print(f"target {'met' if met else 'NOT met'}")
+    if update_docs:
+        update_doc(heading, section)
+        print(f"wrote {DOC}")
+    print(f"raw results in {root / 'runs.json'}; state left in {root} (delete it by hand)")
+
+
 def update_doc(title: str, section: str) -> None:
     """Replace (or append) the `## title` section of docs/benchmarks.md."""
     if DOC.exists():

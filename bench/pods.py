@@ -627,13 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    for w, rts in bench.memory.items()},
         "profiles": bench.profiles}, indent=1))
     section, met = report(args, bench, command, meter, left)
-    print("\n" + section)
-    if met is not None:
-        print(f"target {'met' if met else 'NOT met'}")
-    if args.update_docs:
-        h.update_doc(SECTION, section)
-        print(f"wrote {h.DOC}")
-    print(f"raw results in {root / 'runs.json'}; state left in {root} (delete it by hand)")
+    h.publish(section, met, heading=SECTION, root=root, update_docs=args.update_docs)
     return 0
 
 

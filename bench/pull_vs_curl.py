@@ -256,12 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meter.stop()
     (root / "runs.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
     section, met = report(args, runs, command, meter)
-    print("\n" + section)
-    print(f"target {'met' if met else 'NOT met'}")
-    if args.update_docs:
-        h.update_doc(SECTION, section)
-        print(f"wrote {h.DOC}")
-    print(f"raw results in {root / 'runs.json'}; state left in {root} (delete it by hand)")
+    h.publish(section, met, heading=SECTION, root=root, update_docs=args.update_docs)
     return 0
 
 
