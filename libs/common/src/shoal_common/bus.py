@@ -44,6 +44,7 @@ from shoal_common.tracing import bind_trace, current_trace_id, deadline_var, new
 AppT = TypeVar("AppT")
 ReqT = TypeVar("ReqT", bound=Message)
 RepT = TypeVar("RepT", bound=Message)
+T = TypeVar("T")
 
 DEFAULT_NAMESPACE = "default"
 log = structlog.get_logger("shoal.bus")
@@ -405,8 +406,31 @@ class Bus:
 
     # -- events ------------------------------------------------------------------------------
 
+    async def until_jetstream_ready(self, what: str, op: Callable[[], Awaitable[T]], *,
+                                    wait: float = 60.0) -> T:
+        """Run a JetStream setup call, retrying while JetStream cannot answer yet: a NATS
+        cluster that just started has no meta leader for a few seconds, and a service
+        starting then should wait for it rather than exit."""
+        give_up = time.monotonic() + wait
+        delay = 0.2
+        while True:
+            try:
+                return await op()
+            except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.ServiceUnavailableError) as exc:
+                if time.monotonic() + delay > give_up:
+                    raise Unavailable(f"JetStream did not answer {what} within {wait:.0f}s: "
+                                      f"{exc or type(exc).__name__}") from exc
+                log.warning("JetStream not ready; retrying", what=what,
+                            error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def ensure_events_stream(self) -> None:
         """Create the events stream if missing (any service may be first to start)."""
+        await self.until_jetstream_ready("the events stream setup", self._ensure_events_stream)
+
+    async def _ensure_events_stream(self) -> None:
         ev = self.config.events
         try:
             await self.js.stream_info(ev.stream)

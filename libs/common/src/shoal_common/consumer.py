@@ -77,13 +77,17 @@ class EventConsumer:
             name=self.durable, durable_name=self.durable, filter_subjects=self.filters,
             ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.ack_wait, max_deliver=self.max_deliver, max_ack_pending=1024)
-        # Create-or-update: replicas race here harmlessly, and a changed ack_wait applies.
-        try:
-            await self.bus.js.add_consumer(stream, config)
-        except nats.js.errors.BadRequestError as exc:
-            # e.g. a setting the server cannot change on an existing consumer: use it as is.
-            log.warning("could not create or update the events consumer; binding to it",
-                        consumer=self.durable, error=exc.description)
+
+        async def create_or_update() -> None:
+            # Replicas race here harmlessly, and a changed ack_wait applies.
+            try:
+                await self.bus.js.add_consumer(stream, config)
+            except nats.js.errors.BadRequestError as exc:
+                # e.g. a setting the server cannot change on an existing consumer: use it.
+                log.warning("could not create or update the events consumer; binding to it",
+                            consumer=self.durable, error=exc.description)
+
+        await self.bus.until_jetstream_ready("the events consumer setup", create_or_update)
         sub = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=stream)
         self._loop_task = asyncio.create_task(self._fetch_loop(sub))
         log.info("consuming events", consumer=self.durable, subjects=self.filters)
