@@ -48,6 +48,7 @@ CTL_RESIZE = 1
 CTL_REOPEN_LOG = 2
 TIMED_OUT_MESSAGE = "command timed out"
 CONMON_LOG = "conmon.log"  # conmon's own stderr before it detaches from it
+EXEC_BACKSTOP_SECONDS = 10  # conmon's own exec timeout, after ours
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,12 @@ class Conmon:
                         process: dict[str, Any], work_dir: Path, *, tty: bool,
                         timeout: float) -> ExecResult:
         """Run a process in the container under a foreground conmon (`--sync`), which
-        enforces the timeout (it kills the process group) and writes the output as a CRI
-        log that we read back."""
+        writes the output as a CRI log that we read back.
+
+        The timeout is ours, not conmon's: conmon's own kills the process and exits without
+        reaping it, leaving a zombie in the pod until the host's init gets to it. We kill
+        the process group while conmon still lives, so conmon reaps it before we answer.
+        conmon keeps a later timeout as a backstop in case this process dies meanwhile."""
         spec_path = work_dir / "process.json"
         spec_path.write_text(json.dumps(process))
         log_path = work_dir / "exec.log"
@@ -252,10 +257,11 @@ class Conmon:
         if tty:
             argv.append("--terminal")
         if timeout > 0:
-            argv += ["--timeout", str(max(1, math.ceil(timeout)))]
+            argv += ["--timeout", str(math.ceil(timeout) + EXEC_BACKSTOP_SECONDS)]
         conmon_log = work_dir / CONMON_LOG
         pipe = _SyncPipe()
         exec_pid = 0
+        timed_out = False
         proc: asyncio.subprocess.Process | None = None
         try:
             with timed("exec"):
@@ -267,7 +273,13 @@ class Conmon:
                             else tail(conmon_log)) or f"conmon exit status {proc.returncode}"
                     raise FailedPrecondition(f"exec in {task_id} failed: {text}")
                 exec_pid = int(started["data"])
-                finished = await pipe.message()
+                try:
+                    async with asyncio.timeout(timeout if timeout > 0 else None):
+                        finished = await pipe.message()
+                except TimeoutError:
+                    timed_out = True
+                    _kill_group(exec_pid)
+                    finished = await pipe.message()  # conmon reaped it
                 await proc.wait()
         except BaseException:
             # Cancelled (the caller's deadline) or failed: stop the process, then conmon.
@@ -278,10 +290,11 @@ class Conmon:
             raise
         finally:
             pipe.close()
-        if finished is None:
+        if finished is None and not timed_out:
             raise Internal(f"conmon exec in {task_id} ended without an exit code: "
                            f"{tail(conmon_log) or proc.returncode}")
-        timed_out = finished.get("message") == TIMED_OUT_MESSAGE
+        finished = finished or {}
+        timed_out = timed_out or finished.get("message") == TIMED_OUT_MESSAGE
         stdout, stderr = read_cri_log(log_path)
         return ExecResult(int(finished.get("data", -1)), stdout, stderr, timed_out)
 
@@ -404,6 +417,22 @@ async def _spawn(argv: list[str], log_path: Path, pipe: _SyncPipe,
         os.close(log_fd)
     await pipe.spawned()
     return proc
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL an exec's process group (what it forked too), as conmon's timeout does; just
+    the process when it shares our group (never kill ourselves)."""
+    try:
+        group = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    if group > 1 and group != os.getpgrp():
+        try:
+            os.killpg(group, signal.SIGKILL)
+            return
+        except ProcessLookupError:
+            return
+    _kill(pid)
 
 
 def _kill(pid: int) -> None:
