@@ -159,6 +159,36 @@ async def test_localhost_in_a_pod_and_pod_ip_between_pods(shoal: Shoal,
     assert {s.attributes.id for s in listed.stats} == {pod_a[0], pod_b[0]}
 
 
+async def test_failed_sandbox_leaves_no_network_behind(shoal: Shoal) -> None:
+    """The pause container fails (runc cannot set a sysctl that does not exist) while CNI
+    ADD runs beside it: the pod's IP, veth and namespace are all given back."""
+    bridge = shoal.extra[-1].split('"')[1]
+    subnet_prefix = shoal.extra[-3].split('"')[1].rsplit(".", 2)[0] + "."
+    before = set(Path("/var/run/netns").iterdir()) if Path("/var/run/netns").exists() else set()
+    config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="broken", uid=uuid.uuid4().hex,
+                                        namespace="default"),
+        linux=cri.LinuxPodSandboxConfig(sysctls={"net.ipv4.shoal_no_such_sysctl": "1"}))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await shoal.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+    assert "shoal_no_such_sysctl" in (err.value.details() or "")
+    ipam = Path("/var/lib/cni/networks/shoal")
+    leased = [f.name for f in ipam.iterdir() if f.name.startswith(subnet_prefix)] \
+        if ipam.exists() else []
+    assert leased == []
+    veths = subprocess.run(["ip", "-o", "link", "show", "master", bridge],
+                           capture_output=True, text=True).stdout
+    assert veths.strip() == ""
+    after = set(Path("/var/run/netns").iterdir()) if Path("/var/run/netns").exists() else set()
+    assert after - before == set()
+    assert (await shoal.runtime.ListPodSandbox(cri.ListPodSandboxRequest())).items == []
+    # The network still works for the next pod.
+    pod = await shoal.pod("after-broken")
+    status = (await shoal.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
+        pod_sandbox_id=pod[0]))).status
+    assert status.network.ip.startswith(subnet_prefix)
+
+
 async def test_security_context_and_config_seen_from_inside(shoal: Shoal,
                                                             images: dict[str, str]) -> None:
     pod = await shoal.pod("inside")

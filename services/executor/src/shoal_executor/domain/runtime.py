@@ -6,6 +6,8 @@ executor finishes what the first attempt began instead of doing it twice."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +31,7 @@ from shoal_common.messages.snapshots import Mount
 from shoal_common.messages.tasks import ContainerCreateReply, SandboxInfo
 
 from shoal_executor.domain import mounts, netns
-from shoal_executor.domain.cni import Cni
+from shoal_executor.domain.cni import AttachResult, Cni
 from shoal_executor.domain.spec import ContainerContext, PodContext, build_spec, stop_signal
 from shoal_executor.store.records import ContainerRecord, Records, SandboxRecord
 
@@ -141,28 +143,25 @@ class Runtime:
              **({"hostIP": p.host_ip} if p.host_ip else {})}
             for p in config.port_mappings if p.host_port]}
         await self.records.put_sandbox(record)  # remembered before anything is set up
+        network: asyncio.Task[AttachResult] | None = None
         try:
             if not host_network:
                 record.netns_name = f"shoal-{sandbox_id[:32]}"
                 record.netns_path = await netns.create(record.netns_name)
                 await self.records.put_sandbox(record)
-                attached = await self.s.cni.add(sandbox_id, record.netns_path,
-                                                runtime_config=record.runtime_config)
-                record.ips = attached.ips
+                # CNI ADD (tens of ms of plugin runs) goes on while the pause container is
+                # created and started: neither needs the other, only the namespace.
+                network = asyncio.create_task(self.s.cni.add(
+                    sandbox_id, record.netns_path, runtime_config=record.runtime_config))
             hostname = config.hostname or (os.uname().nodename if host_network else "")
             (pod_dir / "hostname").write_text(hostname + "\n")
             (pod_dir / "resolv.conf").write_text(
                 resolv_conf(config.dns_config if config.HasField("dns_config") else None))
-            (pod_dir / "hosts").write_text(
-                HOSTS + (f"{record.ips[0]}\t{hostname}\n" if record.ips and hostname else ""))
             shm = pod_dir / "shm"
             shm.mkdir(exist_ok=True)
             if not mounts.is_mountpoint(str(shm)) and opts.ipc != cri.NODE:
-                code, out = await mounts._run("mount", "-t", "tmpfs", "-o",
-                                              f"nosuid,nodev,noexec,mode=1777,size={SHM_SIZE}",
-                                              "shm", str(shm))
-                if code != 0:
-                    raise FailedPrecondition(f"mounting the pod's /dev/shm: {out}")
+                mounts.mount_tmpfs(str(shm), ["nosuid", "nodev", "noexec", "mode=1777",
+                                              f"size={SHM_SIZE}"])
             pause_id = sandbox_id
             rootfs_dir = self._bundle_dir(pause_id) / "rootfs"
             await mounts.mount_all(rootfs, str(rootfs_dir))
@@ -183,11 +182,21 @@ class Runtime:
                 sandbox_id=sandbox_id, cgroup_path=spec["linux"]["cgroupsPath"]), namespace)
             if state.state == "created":
                 state = await self._monitor("start", TaskIdRequest(id=pause_id), namespace)
+            if network is not None:
+                record.ips = (await network).ips
+            # Containers bind-mount it; the pause container does not, so it can come last.
+            (pod_dir / "hosts").write_text(
+                HOSTS + (f"{record.ips[0]}\t{hostname}\n" if record.ips and hostname else ""))
             record.pid = state.pid
             record.state = "ready"
             await self.records.put_sandbox(record)
         except BaseException:
             log.warning("sandbox setup failed; tearing down", sandbox=sandbox_id)
+            if network is not None:
+                # Let a CNI ADD still running finish (cancelled midway it could not undo
+                # itself); the teardown's CNI DEL then gives back what it attached.
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(network)
             await self._teardown(record, namespace, forget=False)
             raise
         log.info("sandbox ready", sandbox=sandbox_id, ip=record.ips[0] if record.ips else "",
