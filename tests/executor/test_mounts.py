@@ -36,19 +36,31 @@ async def test_overlay_rootfs_mounts_and_unmounts(tmp_path: Path) -> None:
     await mounts.unmount(str(target))  # nothing mounted: a no-op
 
 
+def mounted_at(path: Path) -> int:
+    return sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines()
+               if line.split()[4] == str(path).replace(" ", "\\040"))
+
+
 async def test_read_only_bind_rootfs(tmp_path: Path) -> None:
-    source, target = tmp_path / "snap", tmp_path / "rootfs"
+    """A bind mount from the same filesystem (the native driver's rootfs), in a path with a
+    space: seen as mounted, mounted once, unmounted."""
+    source, target = tmp_path / "snap", tmp_path / "root fs"
     source.mkdir()
     (source / "f").write_text("x")
-    await mounts.mount_all([Mount(type="bind", source=str(source), options=["rbind", "ro"])],
-                           str(target))
+    bind = [Mount(type="bind", source=str(source), options=["rbind", "ro"])]
+    await mounts.mount_all(bind, str(target))
     try:
+        assert mounts.is_mountpoint(str(target))
+        await mounts.mount_all(bind, str(target))  # a retried create does not stack another
+        assert mounted_at(target) == 1
         assert (target / "f").read_text() == "x"
         with pytest.raises(OSError) as err:
             (target / "g").write_text("y")
         assert err.value.errno == errno.EROFS
     finally:
         await mounts.unmount(str(target))
+    assert mounted_at(target) == 0
+    assert not mounts.is_mountpoint(str(target))
 
 
 async def test_bad_mounts_fail_clearly(tmp_path: Path) -> None:

@@ -89,14 +89,16 @@ async def test_kill_9_mid_download_then_restart_resumes_from_the_ingest(
     attempt = asyncio.create_task(pull(bus, f"{front.host}/faults/kill:1", timeout=120))
     ingest = services.node.state_root / "puller" / "content" / "ingest"
     data = ingest / (image.layers[0].digest.split(":")[1] + ".data")
+    # Stalled at 2 MB: at least one write batch (1 MiB) reached the ingest file; the rest
+    # may still be in the killed process's memory.
     for _ in range(200):
-        if data.exists() and data.stat().st_size >= 1_500_000:
+        if data.exists() and data.stat().st_size >= 1_000_000:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)  # the stall holds; whatever was written stays written
     await asyncio.to_thread(first.kill9)
     kept = data.stat().st_size
-    assert kept >= 1_500_000
+    assert kept >= 1_000_000
     attempt.cancel()
     second = await start_puller(services)
     reply = await pull(bus, f"{front.host}/faults/kill:1")

@@ -65,8 +65,19 @@ def _umount(target: str, flags: int = 0) -> None:
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    for code in (b"\\040", b"\\011", b"\\012", b"\\134"):
+        field = field.replace(code, bytes([int(code[1:], 8)]))
+    return field
+
+
 def is_mountpoint(path: str) -> bool:
-    return os.path.ismount(path)
+    """From /proc/self/mountinfo: os.path.ismount compares device numbers, so it cannot see
+    a bind mount from the same filesystem (the native driver's rootfs)."""
+    wanted = os.fsencode(os.path.realpath(path))
+    with open("/proc/self/mountinfo", "rb") as fh:
+        return any(_unescape(line.split(b" ", 5)[4]) == wanted for line in fh)
 
 
 def mount_tmpfs(target: str, options: list[str]) -> None:

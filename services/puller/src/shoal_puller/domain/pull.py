@@ -54,9 +54,10 @@ Publish = Callable[[Event, str, bool], Awaitable[None]]
 MAX_CONFIG_BYTES = 8 << 20
 PROGRESS_INTERVAL = 0.5
 LEASE_TTL = 3600.0
-# Bytes handed to the writer thread at a time: large enough to amortise the hop, small
-# enough that progress (read from the ingest file) and stall detection stay fine-grained.
-WRITE_BATCH = 256 << 10
+# Bytes handed to the writer thread at a time: large enough to amortise the hop (fewer
+# thread switches), small enough that progress (read from the ingest file) and stall
+# detection stay fine-grained.
+WRITE_BATCH = 1 << 20
 
 
 @dataclass
@@ -235,20 +236,35 @@ class Puller:
             for attempt in range(2):
                 # Hashing, writing and the final fsync run in a worker thread (hashlib and
                 # os.write release the GIL): on the loop they would stall every other
-                # download and the bus while a layer is flushed.
-                pending = bytearray()
-                async for chunk in self.client.fetch_blob(ref, layer.digest, offset=w.offset,
-                                                          creds=creds,
-                                                          expected_size=layer.size):
-                    pending += chunk
-                    if len(pending) >= WRITE_BATCH:
-                        # Hand the buffer over (no copy) and start a new one.
-                        batch, pending = pending, bytearray()
-                        metrics.FETCHED_BYTES.inc(len(batch))
-                        await asyncio.to_thread(w.write, batch)
+                # download and the bus while a layer is flushed. One batch is written while
+                # the next is read, so the layer's download never waits for its disk.
+                pending: list[bytes] = []
+                pending_bytes = 0
+                writing: asyncio.Future[None] | None = None
+                try:
+                    async for chunk in self.client.fetch_blob(
+                            ref, layer.digest, offset=w.offset, creds=creds,
+                            expected_size=layer.size):
+                        pending.append(chunk)
+                        pending_bytes += len(chunk)
+                        if pending_bytes >= WRITE_BATCH:
+                            if writing is not None:
+                                await asyncio.shield(writing)
+                            metrics.FETCHED_BYTES.inc(pending_bytes)
+                            writing = asyncio.ensure_future(
+                                asyncio.to_thread(w.write_chunks, pending))
+                            pending, pending_bytes = [], 0
+                    if writing is not None:
+                        await asyncio.shield(writing)
+                finally:
+                    if writing is not None and not writing.done():
+                        # Failed or cancelled mid-download: the thread must be done with the
+                        # ingest file before it is closed or resumed (shield and wait never
+                        # cancel the write itself).
+                        await asyncio.wait({writing})
                 if pending:
-                    metrics.FETCHED_BYTES.inc(len(pending))
-                    await asyncio.to_thread(w.write, pending)
+                    metrics.FETCHED_BYTES.inc(pending_bytes)
+                    await asyncio.to_thread(w.write_chunks, pending)
                 try:
                     await asyncio.to_thread(w.commit)
                     break
