@@ -226,6 +226,67 @@ async def test_memory_limit_exceeded_is_oomkilled(shoal: Shoal, images: dict[str
     assert (status.reason, status.exit_code) == ("OOMKilled", 137)
 
 
+def _memory_cgroup_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return int(Path(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes").read_text())
+    raise AssertionError(f"process {pid} has no memory cgroup")
+
+
+async def test_container_status_reports_current_resources(
+        shoal: Shoal, images: dict[str, str]) -> None:
+    """As containerd 1.6+: ContainerStatus.resources is what CreateContainer gave, as
+    updated by each successful UpdateContainerResources, and survives a gateway restart."""
+    swap_paired = Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
+    pod = await shoal.pod("resources")
+    given = cri.LinuxContainerResources(
+        cpu_period=100000, cpu_quota=50000, cpu_shares=512, cpuset_cpus="0", cpuset_mems="0",
+        memory_limit_in_bytes=64 << 20, oom_score_adj=500)
+    cid = await shoal.run(pod, "limited", "sleep", "3600", image=images["busybox"],
+                          linux=cri.LinuxContainerConfig(resources=given))
+    expected = cri.LinuxContainerResources()
+    expected.CopyFrom(given)
+    if swap_paired:  # the executor gives no swap beyond the limit
+        expected.memory_swap_limit_in_bytes = 64 << 20
+    assert (await shoal.status(cid)).resources.linux == expected
+
+    # A partial update changes what it sets (0/"" keep the current value), as runc does.
+    await shoal.runtime.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
+        container_id=cid, linux=cri.LinuxContainerResources(
+            cpu_quota=80000, cpu_shares=1024, cpuset_cpus="0-1",
+            memory_limit_in_bytes=128 << 20)))
+    expected.cpu_quota, expected.cpu_shares, expected.cpuset_cpus = 80000, 1024, "0-1"
+    expected.memory_limit_in_bytes = 128 << 20
+    if swap_paired:
+        expected.memory_swap_limit_in_bytes = 128 << 20
+    assert (await shoal.status(cid)).resources.linux == expected
+    verbose = await shoal.runtime.ContainerStatus(cri.ContainerStatusRequest(
+        container_id=cid, verbose=True))
+    assert _memory_cgroup_limit(json.loads(verbose.info["info"])["pid"]) == 128 << 20
+
+    # An update the runtime refuses is not recorded.
+    with pytest.raises(grpc.aio.AioRpcError):
+        await shoal.runtime.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
+            container_id=cid, linux=cri.LinuxContainerResources(cpuset_cpus="64-127",
+                                                                 cpu_shares=2)))
+    assert (await shoal.status(cid)).resources.linux == expected
+
+    # The updated values are the gateway's durable metadata, not its memory.
+    await shoal.restart("cri-gateway")
+    after = await shoal.runtime.ContainerStatus(cri.ContainerStatusRequest(
+        container_id=cid), wait_for_ready=True, timeout=10)  # the channel reconnects
+    assert after.status.resources.linux == expected
+
+    # The OOM score is the one the container really got: the executor raises a request
+    # below its own score to it (a process may not go lower without CAP_SYS_RESOURCE).
+    floor = int(Path(f"/proc/{shoal.procs['executor'].proc.pid}/oom_score_adj").read_text())
+    low = await shoal.run(pod, "low", "sleep", "3600", image=images["busybox"],
+                          linux=cri.LinuxContainerConfig(resources=cri.LinuxContainerResources(
+                              oom_score_adj=-999)))
+    assert (await shoal.status(low)).resources.linux.oom_score_adj == max(-999, floor)
+
+
 async def test_logs_format_with_partial_lines(shoal: Shoal, images: dict[str, str]) -> None:
     pod = await shoal.pod("logs")
     long_line = "x" * 20000  # longer than conmon's buffer: written as P fragments then F

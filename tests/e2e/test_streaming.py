@@ -28,6 +28,7 @@ pytestmark = pytest.mark.e2e
 _subnets = itertools.count(120)
 SERVICES = ("puller", "snapshotter", "executor", "supervisor", "cri-gateway")
 V4, V3, V2, V1 = "v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io"
+V5 = "v5.channel.k8s.io"
 SUCCESS = b'{"metadata":{},"status":"Success"}'
 # WebSocket channels of the remote command protocol.
 STDIN, STDOUT, STDERR, ERROR, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
@@ -307,6 +308,80 @@ async def test_attach(node: StreamNode) -> None:
     got, _ = await ws_exec(url, V4)
     assert got[STDOUT] == b"".join(b"tick %d\n" % i for i in range(1, 6))
     assert got[ERROR] == SUCCESS
+
+
+async def _attach_url(node: StreamNode, cid: str) -> str:
+    return (await node.runtime.Attach(cri.AttachRequest(
+        container_id=cid, stdin=True, stdout=True, stderr=True))).url
+
+
+async def _state(node: StreamNode, cid: str) -> int:
+    return (await node.runtime.ContainerStatus(cri.ContainerStatusRequest(
+        container_id=cid))).status.state
+
+
+async def test_attach_session_ends_with_the_clients_stdin(node: StreamNode) -> None:
+    """containerd's rule (pkg/cri/io ContainerIO.Attach): when the client's stdin ends, a
+    container created stdin_once closes its stdin and the session streams on until it
+    exits; any other container keeps its stdin open for the next attach and the session
+    ends there, successfully."""
+    # Its loop ends (and the container exits) only if its stdin is closed.
+    script = 'while read line; do echo "echo:$line"; done; echo "stdin closed"'
+    keeper = await node.run("keeper", "sh", "-c", script, stdin=True, stdin_once=False)
+
+    client = await SpdyClient.connect(await _attach_url(node, keeper), [V4])
+    error = await client.open_stream({"streamType": "error"})
+    stdin = await client.open_stream({"streamType": "stdin"})
+    out = await client.open_stream({"streamType": "stdout"})
+    err = await client.open_stream({"streamType": "stderr"})
+    await stdin.send(b"one\n")
+    await out.read_until(b"echo:one\n")
+    await stdin.close()  # crictl attach -i whose own stdin ended
+    rest = await asyncio.gather(out.read_all(timeout=10), err.read_all(timeout=10),
+                                error.read_all(timeout=10))
+    assert rest == [b"", b"", SUCCESS]
+    assert out.fin_received and error.fin_received
+    await client.close()
+
+    # The container's stdin is still open: a second attach (WebSocket v5, whose client ends
+    # stdin on channel 255) is read by the same loop.
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(
+                (await _attach_url(node, keeper)).replace("http://", "ws://"),
+                protocols=(V5,)) as ws:
+            assert ws.protocol == V5
+            await ws.send_bytes(bytes([STDIN]) + b"two\n")
+            got: dict[int, bytes] = {}
+            closed = False
+            async with asyncio.timeout(10):
+                async for msg in ws:
+                    got[msg.data[0]] = got.get(msg.data[0], b"") + msg.data[1:]
+                    if got.get(STDOUT) == b"echo:two\n" and not closed:
+                        await ws.send_bytes(bytes([CLOSE, STDIN]))
+                        closed = True
+    assert got[STDOUT] == b"echo:two\n" and got[ERROR] == SUCCESS
+    await asyncio.sleep(0.3)
+    assert await _state(node, keeper) == cri.CONTAINER_RUNNING
+
+    # stdin_once: the end of the client's stdin is the container's; its output (what the
+    # script prints after its loop) still arrives, and the session ends when it exits.
+    once = await node.run("once", "sh", "-c", script, stdin=True, stdin_once=True)
+    client = await SpdyClient.connect(await _attach_url(node, once), [V4])
+    error = await client.open_stream({"streamType": "error"})
+    stdin = await client.open_stream({"streamType": "stdin"})
+    out = await client.open_stream({"streamType": "stdout"})
+    await client.open_stream({"streamType": "stderr"})
+    await stdin.send(b"three\n")
+    await out.read_until(b"echo:three\n")
+    await stdin.close()
+    assert await out.read_all(timeout=10) == b"stdin closed\n"
+    assert await error.read_all(timeout=10) == SUCCESS
+    await client.close()
+    for _ in range(50):
+        if await _state(node, once) == cri.CONTAINER_EXITED:
+            break
+        await asyncio.sleep(0.1)
+    assert await _state(node, once) == cri.CONTAINER_EXITED
 
 
 async def test_port_forward(node: StreamNode) -> None:

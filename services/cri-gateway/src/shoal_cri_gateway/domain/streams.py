@@ -191,16 +191,22 @@ class StreamRuntime:
         info = await self._monitor("attach", TaskIdRequest(id=container_id), AttachInfo)
         sock = _connect_attach(info.attach_socket)
         try:
-            # stdin goes on only where the container has one; closing it then closes the
-            # container's stdin if it was created stdin_once (conmon's --leave-stdin-open).
-            await self._pump(sock, io, container_id, "", stdin_open=info.stdin)
+            # stdin goes on only where the container has one; the client ending it closes
+            # the container's stdin if it was created stdin_once (conmon runs others with
+            # --leave-stdin-open). What happens to the session then is containerd's rule
+            # (pkg/cri/io ContainerIO.Attach): a stdin_once container without a terminal
+            # keeps streaming its output until it exits; otherwise the session ends there
+            # and the container runs on, its stdin open for the next attach.
+            await self._pump(sock, io, container_id, "", stdin_open=info.stdin,
+                             end_with_stdin=not (info.stdin_once and not info.tty))
         finally:
             sock.close()
 
     async def _pump(self, sock: socket.socket, io: ProcessIO, container_id: str, exec_id: str,
-                    *, stdin_open: bool) -> None:
+                    *, stdin_open: bool, end_with_stdin: bool = False) -> None:
         """Move bytes between the client and conmon until conmon closes the socket (the
-        process ended); input and resizes run alongside."""
+        process ended) or, with `end_with_stdin`, the client's stdin ends; input and
+        resizes run alongside."""
         loop = asyncio.get_running_loop()
 
         async def output() -> None:
@@ -218,8 +224,11 @@ class StreamRuntime:
                 for i in range(0, len(data), ATTACH_MAX_INPUT):
                     await loop.sock_sendall(sock, data[i:i + ATTACH_MAX_INPUT])
             if stdin_open:
+                # SHUT_WR: the process's stdin ends (unless conmon leaves it open). SHUT_RDWR
+                # also ends the output loop: recv gives what conmon already queued, then EOF,
+                # so nothing is cancelled mid-write to the client.
                 with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_WR)  # the process's stdin ends
+                    sock.shutdown(socket.SHUT_RDWR if end_with_stdin else socket.SHUT_WR)
 
         async def resizes() -> None:
             while True:

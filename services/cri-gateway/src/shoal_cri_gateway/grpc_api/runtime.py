@@ -36,6 +36,7 @@ from shoal_common.messages.monitor import (
 from shoal_common.messages.snapshots import SnapshotKeyRequest, SnapshotUsage
 from shoal_common.tracing import bind_trace, new_trace_id
 
+from shoal_cri_gateway.domain import resources
 from shoal_cri_gateway.domain.pods import NAMESPACE, Pods, gather_states
 from shoal_cri_gateway.domain.status import runtime_conditions
 from shoal_cri_gateway.grpc_api.rpc import CRI_REQUESTS, rpc
@@ -102,14 +103,17 @@ def _pod_status(pod: PodRecord, state: str) -> cri.PodSandboxStatus:
         runtime_handler=pod.runtime_handler)
 
 
-def _container_status(ctr: ContainerRecord, task: TaskState | None) -> cri.ContainerStatus:
+async def _container_status(ctr: ContainerRecord, task: TaskState | None
+                            ) -> cri.ContainerStatus:
     config = cri.ContainerConfig()
     config.ParseFromString(ctr.config)
+    created = await resources.base(ctr.config, task.bundle if task is not None else "")
     status = cri.ContainerStatus(
         id=ctr.id, metadata=_ctr_metadata(ctr), state=_container_state(task),
         created_at=ctr.created_at_ns, image=cri.ImageSpec(image=ctr.image),
         image_ref=ctr.image_ref, image_id=ctr.image_id, labels=ctr.labels,
-        annotations=ctr.annotations, mounts=list(config.mounts), log_path=ctr.log_path)
+        annotations=ctr.annotations, mounts=list(config.mounts), log_path=ctr.log_path,
+        resources=resources.current(created, ctr.updated_resources))
     if task is not None:
         status.started_at = int(task.started_at * 1e9)
         status.finished_at = int(task.finished_at * 1e9)
@@ -309,7 +313,7 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
                               context: grpc.aio.ServicerContext) -> cri.ContainerStatusResponse:
         ctr = await self.pods.meta.container(request.container_id)
         task = await self.pods.task_state(ctr.id)
-        status = _container_status(ctr, task)
+        status = await _container_status(ctr, task)
         response = cri.ContainerStatusResponse(status=status)
         if request.verbose:
             response.info["info"] = json.dumps({
@@ -349,6 +353,9 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             cpu_shares=r.cpu_shares, cpu_quota=r.cpu_quota, cpu_period=r.cpu_period,
             cpuset_cpus=r.cpuset_cpus, cpuset_mems=r.cpuset_mems,
             memory_limit=r.memory_limit_in_bytes)), TaskState)
+        # Recorded only once applied, as containerd updates its status after the task.
+        await self.pods.meta.update_resources(
+            ctr.id, lambda stored: resources.record_update(stored, r))
         return cri.UpdateContainerResourcesResponse()
 
     @rpc
@@ -542,6 +549,7 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             return event if kind == cri.CONTAINER_DELETED_EVENT else None
         event.pod_sandbox_status.CopyFrom(_pod_status(pod, await self.pods.sandbox_state(pod)))
         tasks = await self.pods.task_states()
-        for c in await self.pods.meta.containers(pod.id):
-            event.containers_statuses.append(_container_status(c, tasks.get(c.id)))
+        event.containers_statuses.extend(await asyncio.gather(*(
+            _container_status(c, tasks.get(c.id))
+            for c in await self.pods.meta.containers(pod.id))))
         return event

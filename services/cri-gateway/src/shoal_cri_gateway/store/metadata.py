@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,12 @@ CREATE TABLE containers(
     UNIQUE(pod_id, name, attempt)
 );
 CREATE INDEX containers_by_pod ON containers(pod_id)
+""",
+    # v2: what successful UpdateContainerResources calls changed (a serialized CRI
+    # LinuxContainerResources; NULL = nothing since create), so ContainerStatus reports the
+    # current resources across gateway restarts.
+    """
+ALTER TABLE containers ADD COLUMN updated_resources BLOB
 """]
 
 
@@ -82,6 +89,7 @@ class ContainerRecord:
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     log_path: str = ""
+    updated_resources: bytes | None = None
 
 
 def _pod(row: sqlite3.Row) -> PodRecord:
@@ -144,13 +152,32 @@ class Metadata:
     async def add_container(self, r: ContainerRecord) -> None:
         def tx(c: sqlite3.Connection) -> None:
             try:
-                c.execute("INSERT INTO containers VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", (
-                    r.id, r.pod_id, r.name, r.attempt, r.created_at_ns, r.image, r.image_ref,
-                    r.image_id, r.config, json.dumps(r.labels), json.dumps(r.annotations),
-                    r.log_path))
+                c.execute(
+                    "INSERT INTO containers(id, pod_id, name, attempt, created_at_ns, image, "
+                    "image_ref, image_id, config, labels, annotations, log_path, "
+                    "updated_resources) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+                        r.id, r.pod_id, r.name, r.attempt, r.created_at_ns, r.image,
+                        r.image_ref, r.image_id, r.config, json.dumps(r.labels),
+                        json.dumps(r.annotations), r.log_path, r.updated_resources))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"container {r.name} (attempt {r.attempt}) already exists "
                                     f"in pod {r.pod_id}") from None
+        await self.db.transaction(tx)
+
+    async def update_resources(self, container_id: str,
+                               change: Callable[[bytes | None], bytes | None]) -> None:
+        """Replace the container's updated resources with `change(current)` (None = keep),
+        read and written in one transaction so concurrent updates (other replicas too)
+        each build on the last. A container removed meanwhile is left alone."""
+        def tx(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT updated_resources FROM containers WHERE id=?",
+                            (container_id,)).fetchone()
+            if row is None:
+                return
+            new = change(row[0])
+            if new is not None:
+                c.execute("UPDATE containers SET updated_resources=? WHERE id=?",
+                          (new, container_id))
         await self.db.transaction(tx)
 
     async def container(self, container_id: str) -> ContainerRecord:
