@@ -58,6 +58,7 @@ DOCKER_HUB_ENDPOINT = "https://registry-1.docker.io"
 MAX_MANIFEST_SIZE = 4 << 20
 # Reads of up to this much: fewer loop iterations per blob (each costs Python overhead).
 CHUNK_SIZE = 256 << 10
+READ_BUFFER = 1 << 20
 MAX_REDIRECTS = 5
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Errors after which the same request may succeed: the network, not the request, failed.
@@ -200,7 +201,11 @@ class RegistryClient:
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             # Created lazily: aiohttp wants a running loop. No env proxies (trust_env off).
-            self._session = aiohttp.ClientSession(auto_decompress=False, trust_env=False)
+            # A 1 MiB read buffer: with aiohttp's 64 KiB default, a fast registry fills it
+            # several times per MiB and the socket's reading is paused and resumed each time
+            # (measured: ~0.38 s against 0.40-0.54 s for 200 MB over loopback).
+            self._session = aiohttp.ClientSession(auto_decompress=False, trust_env=False,
+                                                  read_bufsize=READ_BUFFER)
         return self._session
 
     async def close(self) -> None:
