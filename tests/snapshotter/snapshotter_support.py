@@ -58,15 +58,25 @@ class FakeContent:
     """Blobs by digest, read like the puller's content store; counts what is read. `delay`
     (seconds per read) makes an unpack slow enough to be caught in the middle."""
 
-    def __init__(self, layers: Sequence[Layer] = ()) -> None:
+    def __init__(self, layers: Sequence[Layer] = (), *, files: Path | None = None) -> None:
         self.blobs: dict[str, bytes] = {}
         self.reads: Counter[str] = Counter()
         self.delay = 0.0
+        # With `files`, each blob is also a file there, named in `info` as the puller names
+        # its blob files (for the snapshotter's local read); None: no path, bus reads only.
+        self.files = files
         self.add(*layers)
 
     def add(self, *layers: Layer) -> None:
         for layer in layers:
             self.blobs[layer.digest] = layer.blob
+            if self.files is not None:
+                self.files.mkdir(parents=True, exist_ok=True)
+                self.path(layer.digest).write_bytes(layer.blob)
+
+    def path(self, digest: str) -> Path:
+        assert self.files is not None
+        return self.files / digest.split(":")[1]
 
     def _blob(self, digest: str) -> bytes:
         try:
@@ -76,6 +86,10 @@ class FakeContent:
 
     async def size(self, digest: str) -> int:
         return len(self._blob(digest))
+
+    async def info(self, digest: str) -> ContentInfo:
+        return ContentInfo(digest=digest, size=await self.size(digest),
+                           path=str(self.path(digest)) if self.files is not None else "")
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
         blob = self._blob(digest)
@@ -96,7 +110,7 @@ async def serve_content(node: Node, content: FakeContent) -> AsyncIterator[Bus]:
 
     @router.command("content.info")
     async def info(ctx: RequestContext[FakeContent], req: ContentInfoRequest) -> ContentInfo:
-        return ContentInfo(digest=req.digest, size=await ctx.app.size(req.digest))
+        return await ctx.app.info(req.digest)
 
     @router.command("content.read")
     async def read(ctx: RequestContext[FakeContent], req: ContentReadRequest) -> ContentReadReply:

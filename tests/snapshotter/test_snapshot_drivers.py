@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import stat
 import subprocess
@@ -338,6 +339,30 @@ async def test_cancelled_unpack_leaves_nothing(domain: Domain) -> None:
     assert list((domain.root / "snapshots").iterdir()) == []
     content.delay = 0
     assert (await domain.unpack("img", [big], content)).unpacked == 1
+
+
+async def test_blob_files_on_this_machine_are_read_directly(tmp_path: Path) -> None:
+    """Where the content store names a blob file this process can open with the right size,
+    the unpack reads it (a worker process takes it as stdin, a thread reads it): no chunk
+    comes over the bus. A file of the wrong size, or none, falls back to the bus."""
+    big = LayerBuilder().file("big", os.urandom(5 << 20)).build(compression=None)
+    small = LayerBuilder().file("small", b"s" * 1000).symlink("link", "small").build()
+    content = FakeContent([big, small], files=tmp_path / "blobs")
+    async with open_domain(tmp_path / "state", "overlayfs") as d:
+        assert (await d.unpack("img", [big, small], content)).unpacked == 2
+        assert content.reads == {}
+        seen = await d.tree_of(top_chain([big, small]))
+        assert seen["small"]["sha256"] == hashlib.sha256(b"s" * 1000).hexdigest()
+        assert seen["link"]["target"] == "small"
+        assert "big" in seen
+        # Truncated (not the committed blob any more) and missing: read over the bus.
+        other = LayerBuilder().file("other", os.urandom(5 << 20)).build(compression=None)
+        gone = LayerBuilder().file("gone", b"g").build()
+        content.add(other, gone)
+        content.path(other.digest).write_bytes(other.blob[:100])
+        content.path(gone.digest).unlink()
+        assert (await d.unpack("img2", [other, gone], content)).unpacked == 2
+        assert content.full_reads(other) == 1 and content.reads[gone.digest] == 1
 
 
 async def test_concurrent_unpacks_of_one_chain_do_the_work_once(tmp_path: Path) -> None:

@@ -59,7 +59,9 @@ async def usage(ctx: Ctx, req: ContentUsageRequest) -> ContentUsageReply:
 
 @router.command("content.info")
 async def content_info(ctx: Ctx, req: ContentInfoRequest) -> ContentInfo:
-    return ContentInfo(digest=req.digest, size=ctx.app.catalog.content.size(req.digest))
+    content = ctx.app.catalog.content
+    return ContentInfo(digest=req.digest, size=content.size(req.digest),
+                       path=str(content.blob_path(req.digest)))
 
 
 @router.command("content.read")

@@ -140,6 +140,10 @@ class ContentInfoRequest(Message):
 class ContentInfo(Message):
     digest: str
     size: int
+    # Where the committed blob lies on this node, for a reader on the same machine that can
+    # open it (the snapshotter then reads the file instead of `content.read` chunks); ""
+    # when unknown. Opening it is optional: the bus read is always there.
+    path: str = ""
 
 
 class ContentReadRequest(Message):

@@ -13,6 +13,8 @@ import asyncio
 import collections
 import concurrent.futures
 import io
+import os
+import stat
 from typing import Protocol
 
 from shoal_common.bus import Bus
@@ -27,7 +29,7 @@ from shoal_common.messages.images import (
 
 
 class ContentSource(Protocol):
-    async def size(self, digest: str) -> int: ...
+    async def info(self, digest: str) -> ContentInfo: ...
 
     async def read(self, digest: str, offset: int, size: int) -> bytes: ...
 
@@ -40,10 +42,10 @@ class BusContent:
         self.namespace = namespace
         self.timeout = timeout
 
-    async def size(self, digest: str) -> int:
-        reply = await self.bus.request("images", "content.info", ContentInfoRequest(digest=digest),
-                                       ContentInfo, namespace=self.namespace)
-        return reply.size
+    async def info(self, digest: str) -> ContentInfo:
+        return await self.bus.request("images", "content.info",
+                                      ContentInfoRequest(digest=digest), ContentInfo,
+                                      namespace=self.namespace)
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
         reply = await self.bus.request(
@@ -136,3 +138,45 @@ class ThreadReader(io.RawIOBase):
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
         return n
+
+
+def open_local(path: str, size: int) -> int | None:
+    """A read-only descriptor of the committed blob at `path` when this process can open it
+    and it has the expected size, else None (another machine or mount namespace, or gone:
+    the caller reads over the bus). The puller commits a blob only once its digest is
+    checked, and never rewrites it, so the open file is the blob for as long as it is read
+    (even if it is deleted meanwhile)."""
+    if not path:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size == size:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+class LocalReader(io.RawIOBase):
+    """A blob file read by a worker thread, which `abort` stops at its next read."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._file = io.FileIO(fd, "rb", closefd=False)
+        self._aborted = False
+
+    def readable(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        self._aborted = True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._aborted:
+            raise Internal("layer read aborted")
+        return self._file.readinto(b) or 0

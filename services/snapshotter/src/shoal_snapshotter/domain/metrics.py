@@ -25,6 +25,11 @@ LAYERS_REAPPLIED = Counter(
     "shoal_snapshotter_layers_reapplied_total",
     "Layers applied on their own, in parallel with the layers below, that had to be applied "
     "again onto their parents' tree (a hardlink to a file of a lower layer, ...).")
+CONTENT_READS = Counter(
+    "shoal_snapshotter_layer_content_reads_total",
+    "Layer blobs read for an unpack, by how: local (the puller's blob file, on its machine) "
+    "or bus (images.content.read chunks).",
+    ["via"])
 UNPACKED_BYTES = Counter(
     "shoal_snapshotter_unpacked_bytes_total",
     "Uncompressed layer bytes (tar stream) applied by committed unpacks.")

@@ -37,11 +37,17 @@ from pathlib import Path
 
 import structlog
 from shoal_common.errors import FailedPrecondition, Internal, Invalid, ShoalError
-from shoal_common.messages.images import LayerInfo
+from shoal_common.messages.images import ContentInfo, LayerInfo
 from shoal_common.messages.snapshots import SnapshotCommitted, UnpackReply
 
 from shoal_snapshotter.domain import metrics
-from shoal_snapshotter.domain.content import ContentSource, Prefetcher, ThreadReader
+from shoal_snapshotter.domain.content import (
+    ContentSource,
+    LocalReader,
+    Prefetcher,
+    ThreadReader,
+    open_local,
+)
 from shoal_snapshotter.domain.drivers import fs_dir
 from shoal_snapshotter.domain.locks import ChainLocks
 from shoal_snapshotter.domain.mounts import syncfs
@@ -238,11 +244,10 @@ class Unpacker:
         row, parents = await self.snapshots.create(key, parent, "active", {LABEL_UNPACK: chain})
         snap_dir = self.snapshots.snap_dir(row.id)
         try:
-            size = await self._size(image, layer, source)
+            info = await self._info(image, layer, source)
             async with self.snapshots.driver.apply_root(
                     snap_dir, [self.snapshots.snap_dir(p.id) for p in parents]) as root:
-                _, diff_id, count = await self._apply(root, source, layer.digest, size,
-                                                      Whiteouts.NATIVE)
+                _, diff_id, count = await self._apply(root, source, info, Whiteouts.NATIVE)
             _check_diff_id(image, layer, diff_id)
             await asyncio.to_thread(syncfs, fs_dir(snap_dir))
             # Shielded: a cancellation must not tear a commit in flight (which would then
@@ -276,9 +281,9 @@ class Unpacker:
         row, _ = await self.snapshots.create(key, "", "active", {LABEL_UNPACK: chain})
         snap_dir = self.snapshots.snap_dir(row.id)
         try:
-            size = await self._size(image, layer, source)
-            result, diff_id, count = await self._apply(fs_dir(snap_dir), source, layer.digest,
-                                                       size, Whiteouts.OVERLAY)
+            info = await self._info(image, layer, source)
+            result, diff_id, count = await self._apply(fs_dir(snap_dir), source, info,
+                                                       Whiteouts.OVERLAY)
             _check_diff_id(image, layer, diff_id)
             await _wait_below(below)
             if result.lower_dirs:
@@ -302,53 +307,72 @@ class Unpacker:
             log.warning("could not remove failed unpack", key=key, error=str(exc))
 
     @staticmethod
-    async def _size(image: str, layer: LayerInfo, source: ContentSource) -> int:
-        size = await source.size(layer.digest)
-        if size != layer.size:
-            raise Invalid(f"image {image}: layer {layer.digest} is {size} bytes in the "
+    async def _info(image: str, layer: LayerInfo, source: ContentSource) -> ContentInfo:
+        info = await source.info(layer.digest)
+        if info.size != layer.size:
+            raise Invalid(f"image {image}: layer {layer.digest} is {info.size} bytes in the "
                           f"content store, the manifest says {layer.size}")
-        return size
+        return info
 
-    async def _apply(self, root: Path, source: ContentSource, digest: str, size: int,
+    async def _apply(self, root: Path, source: ContentSource, info: ContentInfo,
                      whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
         async with self._slots:
-            fetch = Prefetcher(source, digest, size, ahead=self.ahead)
+            in_process = info.size >= self.process_min_bytes
+            # On the puller's machine the blob is read from its file: no chunk crosses the
+            # bus, and a worker process reads it as its stdin directly.
+            local = open_local(info.path, info.size)
+            if local is not None:
+                metrics.CONTENT_READS.labels("local").inc()
+                try:
+                    if in_process:
+                        return await self._apply_in_process(root, whiteouts, stdin=local)
+                    return await self._apply_in_thread(root, LocalReader(local), whiteouts)
+                finally:
+                    os.close(local)
+            metrics.CONTENT_READS.labels("bus").inc()
+            fetch = Prefetcher(source, info.digest, info.size, ahead=self.ahead)
             try:
-                if size >= self.process_min_bytes:
-                    return await self._apply_in_process(root, fetch, whiteouts)
-                return await self._apply_in_thread(root, fetch, whiteouts)
+                if in_process:
+                    return await self._apply_in_process(root, whiteouts, fetch=fetch)
+                loop = asyncio.get_running_loop()
+                return await self._apply_in_thread(root, ThreadReader(loop, fetch), whiteouts)
             finally:
                 fetch.close()
 
-    async def _apply_in_thread(self, root: Path, fetch: Prefetcher,
+    async def _apply_in_thread(self, root: Path, reader: ThreadReader | LocalReader,
                                whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
         loop = asyncio.get_running_loop()
-        reader = ThreadReader(loop, fetch)
         fut = loop.run_in_executor(self._pool, apply_and_digest, reader, root, whiteouts)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
             # The thread must stop writing before the snapshot is thrown away.
             reader.abort()
-            fetch.close()
             await asyncio.wait([fut])
             raise
 
-    async def _apply_in_process(self, root: Path, fetch: Prefetcher,
-                                whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
+    async def _apply_in_process(self, root: Path, whiteouts: Whiteouts, *,
+                                stdin: int | None = None,
+                                fetch: Prefetcher | None = None
+                                ) -> tuple[ApplyResult, str, int]:
+        """The worker reads the blob from `stdin` (a file) or from what we relay from
+        `fetch`."""
         proc = await asyncio.create_subprocess_exec(
             # -P: no script or working directory on the path, only the installed code.
             sys.executable, "-P", "-m", _WORKER, str(root), whiteouts.value, str(os.getpid()),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        assert proc.stdin is not None and proc.stdout is not None
+            stdin=stdin if stdin is not None else asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
         try:
-            try:
-                while chunk := await fetch.next():
-                    proc.stdin.write(chunk)
-                    await proc.stdin.drain()
-                proc.stdin.close()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the worker stopped reading (a refused entry): its outcome says why
+            if fetch is not None:
+                assert proc.stdin is not None
+                try:
+                    while chunk := await fetch.next():
+                        proc.stdin.write(chunk)
+                        await proc.stdin.drain()
+                    proc.stdin.close()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the worker stopped reading (a refused entry): its outcome says why
             out = await proc.stdout.read()
             code = await proc.wait()
         except BaseException:
