@@ -58,13 +58,17 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # --------------------------------------------------------------------------- /proc
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc (0 once it is gone)."""
+def process_cpu(pid: int, *, children: bool = False) -> float:
+    """User + system CPU seconds of a process, from /proc (0 once it is gone); with
+    `children`, plus those of the children it has reaped (worker processes)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def process_rss(pid: int) -> int:
