@@ -57,7 +57,6 @@ DOCKER_HUB_ENDPOINT = "https://registry-1.docker.io"
 # Manifests are small JSON; anything bigger is a broken or hostile registry.
 MAX_MANIFEST_SIZE = 4 << 20
 # Reads of up to this much: fewer loop iterations per blob (each costs Python overhead).
-CHUNK_SIZE = 256 << 10
 READ_BUFFER = 1 << 20
 MAX_REDIRECTS = 5
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -568,7 +567,8 @@ class RegistryClient:
                                   f"{expected_size}")
                 size = expected_size if expected_size is not None else body.total
                 skip = body.skip
-                async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
+                # Each buffer as it was received: no re-joining into fixed-size chunks.
+                async for chunk, _ in resp.content.iter_chunks():
                     if skip:
                         # The server ignored Range: drop what the caller already has.
                         cut = min(skip, len(chunk))
