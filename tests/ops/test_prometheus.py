@@ -380,3 +380,16 @@ def test_dashboard_queries_parse_and_return_data(stack: Stack) -> None:
             if uids != {"${datasource}"}:
                 failures.append(f"{panel['title']}: datasource {uids}")
     assert not failures, "\n".join(failures)
+
+
+def test_every_shoal_metric_is_in_the_catalogue(stack: Stack) -> None:
+    """Every shoal_* series Prometheus scraped from the running services is documented in
+    docs/metrics.md (histogram suffixes folded into their family)."""
+    names = prom_get(stack.prom, "/api/v1/label/__name__/values")
+    doc = METRICS_DOC.read_text()
+    # `X_created` is prometheus_client's companion of counter `X_total` / histogram `X`.
+    families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in names
+                if n.startswith("shoal_") and not n.endswith("_created")}
+    assert len(families) >= 30
+    missing = sorted(f for f in families if f"`{f}`" not in doc)
+    assert missing == [], f"not in docs/metrics.md: {missing}"
