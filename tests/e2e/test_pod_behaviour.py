@@ -411,6 +411,9 @@ async def test_operator_metrics_move_with_pods(shoal: Shoal, images: dict[str, s
     snapshotter = scrape("snapshotter")
     assert snapshotter["shoal_bus_events_consumer_pending[('consumer', "
                        f"'snapshotter-{shoal.services.node.node_id}')]"] >= 0
+    # Puller and snapshotter share this machine: the layers were read from the blob files.
+    assert snapshotter["shoal_snapshotter_layer_content_reads_total[('via', 'local')]"] >= 1
+    assert "shoal_snapshotter_layer_content_reads_total[('via', 'bus')]" not in snapshotter
 
 
 async def test_every_rpc_answers(shoal: Shoal) -> None:

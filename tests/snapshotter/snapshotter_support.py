@@ -71,12 +71,12 @@ class FakeContent:
         for layer in layers:
             self.blobs[layer.digest] = layer.blob
             if self.files is not None:
-                self.files.mkdir(parents=True, exist_ok=True)
+                self.path(layer.digest).parent.mkdir(parents=True, exist_ok=True)
                 self.path(layer.digest).write_bytes(layer.blob)
 
     def path(self, digest: str) -> Path:
         assert self.files is not None
-        return self.files / digest.split(":")[1]
+        return self.files / "blobs" / "sha256" / digest.split(":")[1]
 
     def _blob(self, digest: str) -> bytes:
         try:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from shoal_common.errors import AlreadyExists, FailedPrecondition, Invalid, NotFound
 from shoal_common.messages import Event
-from shoal_common.messages.images import LayerInfo
+from shoal_common.messages.images import ContentInfo, LayerInfo
 from shoal_common.messages.snapshots import SnapshotCommitted, SnapshotRemoved
 from shoal_common.sqlite import Database
 from shoal_snapshotter.domain import metrics
@@ -363,6 +363,20 @@ async def test_blob_files_on_this_machine_are_read_directly(tmp_path: Path) -> N
         content.path(gone.digest).unlink()
         assert (await d.unpack("img2", [other, gone], content)).unpacked == 2
         assert content.full_reads(other) == 1 and content.reads[gone.digest] == 1
+        # A path that is not the content store's file of that digest is never opened.
+        third = LayerBuilder().file("third", b"3").build()
+        content.add(third)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.write_bytes(third.blob)
+        real_info = content.info
+
+        async def pointing_elsewhere(digest: str) -> ContentInfo:
+            info = await real_info(digest)
+            return ContentInfo(digest=info.digest, size=info.size, path=str(elsewhere))
+
+        content.info = pointing_elsewhere  # type: ignore[method-assign]
+        assert (await d.unpack("img3", [third], content)).unpacked == 1
+        assert content.reads[third.digest] == 1
 
 
 async def test_concurrent_unpacks_of_one_chain_do_the_work_once(tmp_path: Path) -> None:

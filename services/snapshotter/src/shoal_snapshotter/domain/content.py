@@ -15,6 +15,7 @@ import concurrent.futures
 import io
 import os
 import stat
+from pathlib import PurePosixPath
 from typing import Protocol
 
 from shoal_common.bus import Bus
@@ -140,14 +141,20 @@ class ThreadReader(io.RawIOBase):
         return n
 
 
-def open_local(path: str, size: int) -> int | None:
-    """A read-only descriptor of the committed blob at `path` when this process can open it
-    and it has the expected size, else None (another machine or mount namespace, or gone:
-    the caller reads over the bus). The puller commits a blob only once its digest is
+def open_local(info: ContentInfo) -> int | None:
+    """A read-only descriptor of the committed blob at `info.path` when this process can
+    open it and it has the expected size, else None (another machine or mount namespace, or
+    gone: the caller reads over the bus). The puller commits a blob only once its digest is
     checked, and never rewrites it, so the open file is the blob for as long as it is read
-    (even if it is deleted meanwhile)."""
-    if not path:
+    (even if it is deleted meanwhile). Only a content-store path named by the digest is
+    taken (`.../blobs/sha256/<hex>`): a reply cannot point the unpack at any other file."""
+    path = info.path
+    algorithm, _, hex_digest = info.digest.partition(":")
+    parts = PurePosixPath(path).parts
+    if not path or not os.path.isabs(path) or ".." in parts or \
+            parts[-3:] != ("blobs", algorithm, hex_digest):
         return None
+    size = info.size
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:

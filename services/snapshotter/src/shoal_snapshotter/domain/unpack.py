@@ -320,7 +320,7 @@ class Unpacker:
             in_process = info.size >= self.process_min_bytes
             # On the puller's machine the blob is read from its file: no chunk crosses the
             # bus, and a worker process reads it as its stdin directly.
-            local = open_local(info.path, info.size)
+            local = open_local(info)
             if local is not None:
                 metrics.CONTENT_READS.labels("local").inc()
                 try:
