@@ -149,6 +149,13 @@ class FaultyRegistry(_Server):
             return await self.proxy(request, path, stall=(after, seconds))
         self.add(pattern, action, times)
 
+    def trickle(self, pattern: str, bytes_per_second: int, *,
+                times: int | None = 1) -> None:
+        """Proxy, but send the body slowly (a slow registry that does make progress)."""
+        async def action(request: web.Request, path: str) -> web.StreamResponse:
+            return await self.proxy(request, path, rate=bytes_per_second)
+        self.add(pattern, action, times)
+
     def ignore_range(self, pattern: str, *, times: int | None = None) -> None:
         """Proxy without the Range header: the client gets 200 and the whole blob."""
         async def action(request: web.Request, path: str) -> web.StreamResponse:
@@ -190,7 +197,8 @@ class FaultyRegistry(_Server):
 
     async def proxy(self, request: web.Request, path: str, *, drop_range: bool = False,
                     cut_after: int | None = None, stall: tuple[int, float] | None = None,
-                    transform: Callable[[bytes], bytes] | None = None) -> web.StreamResponse:
+                    transform: Callable[[bytes], bytes] | None = None,
+                    rate: int | None = None) -> web.StreamResponse:
         if self.upstream is None:
             return web.json_response({"errors": [{"code": "NAME_UNKNOWN",
                                                   "message": "no upstream"}]}, status=404)
@@ -218,7 +226,7 @@ class FaultyRegistry(_Server):
                 resp.content_length = upstream.content_length
             await resp.prepare(request)
             try:
-                await self._relay(request, upstream, resp, cut_after, stall)
+                await self._relay(request, upstream, resp, cut_after, stall, rate)
             except ConnectionError:
                 pass  # the client gave up on us (e.g. its read timeout during a stall)
             return resp
@@ -226,9 +234,12 @@ class FaultyRegistry(_Server):
     @staticmethod
     async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
                      resp: web.StreamResponse, cut_after: int | None,
-                     stall: tuple[int, float] | None) -> None:
+                     stall: tuple[int, float] | None, rate: int | None = None) -> None:
         sent = 0
-        async for chunk in upstream.content.iter_chunked(16 << 10):
+        async for chunk in upstream.content.iter_chunked(16 << 10 if rate is None
+                                                         else max(1, rate // 10)):
+            if rate is not None:
+                await asyncio.sleep(len(chunk) / rate)
             if cut_after is not None and sent + len(chunk) >= cut_after:
                 await resp.write(chunk[: cut_after - sent])
                 # Mid-body, Content-Length promised more: the client sees a broken

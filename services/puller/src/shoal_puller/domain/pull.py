@@ -55,9 +55,11 @@ MAX_CONFIG_BYTES = 8 << 20
 PROGRESS_INTERVAL = 0.5
 LEASE_TTL = 3600.0
 # Bytes handed to the writer thread at a time: large enough to amortise the hop (fewer
-# thread switches), small enough that progress (read from the ingest file) and stall
-# detection stay fine-grained.
-WRITE_BATCH = 1 << 20
+# thread switches)...
+WRITE_BATCH = 2 << 20
+# ...or whatever has waited this long: progress and stall detection read the ingest file,
+# so a slow download must still reach it (and a kill loses at most this much of it).
+WRITE_AFTER = 1.0
 
 
 @dataclass
@@ -240,14 +242,18 @@ class Puller:
                 # the next is read, so the layer's download never waits for its disk.
                 pending: list[bytes] = []
                 pending_bytes = 0
+                pending_since = 0.0
                 writing: asyncio.Future[None] | None = None
                 try:
                     async for chunk in self.client.fetch_blob(
                             ref, layer.digest, offset=w.offset, creds=creds,
                             expected_size=layer.size):
+                        if not pending:
+                            pending_since = time.monotonic()
                         pending.append(chunk)
                         pending_bytes += len(chunk)
-                        if pending_bytes >= WRITE_BATCH:
+                        if pending_bytes >= WRITE_BATCH or \
+                                time.monotonic() - pending_since >= WRITE_AFTER:
                             if writing is not None:
                                 await asyncio.shield(writing)
                             metrics.FETCHED_BYTES.inc(pending_bytes)
