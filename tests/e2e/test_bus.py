@@ -12,13 +12,13 @@ from collections import Counter
 import msgspec
 import nats
 import pytest
-from conftest import node_config
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from shoal_common import headers, subjects
 from shoal_common.bus import Bus
 from shoal_common.catalog import SERVICES
+from shoal_common.config import load_config
 from shoal_common.errors import Invalid
 from shoal_common.messages import (
     ErrorBody,
@@ -241,7 +241,9 @@ async def test_service_waits_for_jetstream_instead_of_exiting(
                 await asyncio.sleep(0.2)
         with nats_server(root / "nats-js", port=port):
             await asyncio.to_thread(services.wait_serving, sp, 60)
-            client = Bus(node_config(node), service="test", replica="test")
+            client = Bus(load_config(env={}, flags={"node_id": node.node_id,
+                                                    "nats.url": node.nats_url}),
+                         service="test", replica="test")
             await client.connect(wait=10)
             try:
                 reply = await client.request("images", "ping", PingRequest(), PingReply)
