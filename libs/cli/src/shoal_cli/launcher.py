@@ -244,7 +244,10 @@ class Launcher:
                 self.print_summary(health, targets)
                 await stop.wait()
             else:
+                # Stopped before every service answered: let the health poll end before the
+                # bus it polls on is drained (its error would be logged as never retrieved).
                 ready.cancel()
+                await asyncio.gather(ready, return_exceptions=True)
             return 0
         except ShoalError as exc:
             print(f"shoal up: {exc.message}", file=sys.stderr)
