@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,7 @@ from shoal_common.errors import Internal, Invalid
 from shoal_common.messages.snapshots import Mount
 from shoal_executor.domain import mounts
 
-
-@pytest.fixture(autouse=True)
-def _root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("mount tests need root (the runtime does)")
+pytestmark = pytest.mark.usefixtures("root")
 
 
 async def test_overlay_rootfs_mounts_and_unmounts(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ from snapshotter_support import (
 )
 from support.images import Layer, LayerBuilder, busybox_layer
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, mknod)")
+pytestmark = pytest.mark.usefixtures("root")  # mounts, chown, mknod
 
 NS = "k8s.io"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import os
 import re
 import sqlite3
@@ -53,18 +52,9 @@ from snapshotter_support import (
 from support.images import Layer, LayerBuilder, busybox_image, push
 from support.processes import Node, ServiceProcess, ServiceSet
 
-pytestmark = [pytest.mark.e2e,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown)")]
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("root")]  # mounts, chown
 
 NS = "k8s.io"
-
-
-def _puller_importable() -> bool:
-    try:
-        return importlib.util.find_spec("shoal_puller.app") is not None and bool(
-            __import__("shoal_puller.app"))
-    except Exception:
-        return False
 
 
 @pytest.fixture(autouse=True)
@@ -385,7 +375,6 @@ async def test_replicas_share_image_events(node: Node, services: ServiceSet, bus
 
 # -- with the real puller -------------------------------------------------------------------
 
-@pytest.mark.skipif(not _puller_importable(), reason="the puller does not import yet")
 async def test_pull_then_unpack_with_the_real_puller(node: Node, services: ServiceSet, bus: Bus,
                                                      registry: object) -> None:
     image = busybox_image()

@@ -28,12 +28,7 @@ from shoal_snapshotter.unpack import (
 from shoal_snapshotter.unpack.compression import ZstdFrameWalker
 from shoal_snapshotter.unpack.safe_fs import CACHE_DEPTH, DirCache, remove_tree
 
-
-@pytest.fixture(autouse=True)
-def _root() -> None:
-    # Never skip: CI runs as root; elsewhere say why these cannot run.
-    if os.geteuid() != 0:
-        pytest.fail("needs root (chown, mknod, xattrs)", pytrace=False)
+pytestmark = pytest.mark.usefixtures("root")  # chown, mknod, xattrs
 
 MTIME = 1_600_000_000
 Entry = tuple[tarfile.TarInfo, bytes]

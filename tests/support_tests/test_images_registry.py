@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import tarfile
@@ -48,7 +47,7 @@ from support.registry import Registry, RegistryError
 pytestmark = pytest.mark.e2e
 
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+needs_root = pytest.mark.usefixtures("root")  # chroot
 
 
 @pytest.fixture(scope="module")
