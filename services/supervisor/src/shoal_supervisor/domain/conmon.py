@@ -213,13 +213,8 @@ class Conmon:
                 # The first conmon exits as soon as it forked the monitor (or failed early).
                 await proc.wait()
                 conmon_pid = read_pid(spec.task_dir / "conmon.pid")
-                try:
-                    async with asyncio.timeout(timeout):
-                        msg = await pipe.message()
-                except TimeoutError:
-                    _kill(conmon_pid)
-                    raise Internal(f"conmon did not report on {spec.task_id} within "
-                                   f"{timeout:.0f}s") from None
+                msg = await _report_within(pipe, timeout, conmon_pid,
+                                           f"report on {spec.task_id}")
         finally:
             pipe.close()
         if msg is None:
@@ -344,13 +339,8 @@ class Conmon:
                 await attach.spawned()
                 await proc.wait()  # the first conmon exits once it forked the monitor
                 conmon_pid = read_pid(d / "conmon.pid")
-                try:
-                    async with asyncio.timeout(timeout):
-                        msg = await attach.message()
-                except TimeoutError:
-                    _kill(conmon_pid)
-                    raise Internal(f"conmon did not open the attach socket of exec "
-                                   f"{spec.exec_id} within {timeout:.0f}s") from None
+                msg = await _report_within(attach, timeout, conmon_pid,
+                                           f"open the attach socket of exec {spec.exec_id}")
         finally:
             for fd in (start_fd, sync_fd, log_fd):
                 os.close(fd)
@@ -417,6 +407,18 @@ async def _spawn(argv: list[str], log_path: Path, pipe: _SyncPipe,
         os.close(log_fd)
     await pipe.spawned()
     return proc
+
+
+async def _report_within(pipe: _SyncPipe, timeout: float, conmon_pid: int,
+                         what: str) -> dict[str, Any] | None:
+    """The detached monitor's first report (None if it closed the pipe); past `timeout`, the
+    monitor is killed."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await pipe.message()
+    except TimeoutError:
+        _kill(conmon_pid)
+        raise Internal(f"conmon did not {what} within {timeout:.0f}s") from None
 
 
 def _kill_group(pid: int) -> None:
