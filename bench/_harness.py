@@ -44,6 +44,7 @@ from support.images import (  # noqa: E402
 )
 from support.ports import free_port  # noqa: E402
 from support.processes import SERVICE_MODULES, Node, ServiceProcess, ServiceSet  # noqa: E402
+from support.processes import pids_mentioning as support_pids_mentioning  # noqa: E402
 
 MB = 1_000_000  # sizes and rates are decimal megabytes
 DOC = REPO / "docs" / "benchmarks.md"
@@ -104,18 +105,8 @@ def process_name(pid: int) -> str:
 def pids_mentioning(text: str, comm: str | None = None) -> list[int]:
     """Processes whose command line contains `text` (e.g. a benchmark's unique root),
     optionally only those whose name (comm) starts with `comm`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if text.encode() in cmdline and (comm is None or process_name(int(entry))
-                                         .startswith(comm)):
-            found.append(int(entry))
-    return found
+    return [pid for pid in support_pids_mentioning(text)
+            if comm is None or process_name(pid).startswith(comm)]
 
 
 def mounts_under(root: Path) -> list[str]:
