@@ -9,6 +9,7 @@ cleans up in order) with PR_SET_PDEATHSIG, so nothing outlives a benchmark kille
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,6 +101,18 @@ def process_name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+async def run_then_close(run: Awaitable[None], close: Callable[[], Awaitable[None]]) -> None:
+    """Await a benchmark's `run`, then `close` it, also when interrupted: SIGTERM cancels the
+    running task (as Ctrl-C does), so `close` still stops what the benchmark started."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await run
+    finally:
+        await close()
 
 
 def pids_mentioning(text: str, comm: str | None = None) -> list[int]:

@@ -524,17 +524,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def bench_main(bench: Bench) -> None:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        await bench.run()
-    finally:
-        await bench.close()
-
-
 def leftovers(root: Path, pod_ids: set[str]) -> str:
     """What this run left behind: processes, mounts (host namespace), netns of its pods."""
     found = []
@@ -602,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             shoal_profile(services)),
                     Runtime("containerd", str(ctrd.socket), image, containerd_rss(ctrd))]
             try:
-                asyncio.run(bench_main(bench))
+                asyncio.run(h.run_then_close(bench.run(), bench.close))
             finally:
                 signal.signal(signal.SIGTERM, h.interrupt)  # the loop's exit reset it
                 all_pods = {s.pod_id for s in bench.starts}

@@ -475,15 +475,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 async def bench_main(args: argparse.Namespace, root: Path, nats_url: str,
                      registry: Registry) -> Bench:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)  # inside it: cancel, then clean up
     bench = Bench(args, root, nats_url, registry)
-    try:
-        await bench.run()
-    finally:
-        await bench.close()
+    await _harness.run_then_close(bench.run(), bench.close)
     return bench
 
 

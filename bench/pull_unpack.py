@@ -464,17 +464,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def bench_main(bench: Bench) -> None:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        await bench.run()
-    finally:
-        await bench.close()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     meter = h.LoadMeter()
@@ -488,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = Bench(args, root, nats.url, registry)
             try:
                 bench.start_processes()
-                asyncio.run(bench_main(bench))
+                asyncio.run(h.run_then_close(bench.run(), bench.close))
             finally:
                 signal.signal(signal.SIGTERM, h.interrupt)  # the loop's exit reset it
                 bench.services.stop_all()

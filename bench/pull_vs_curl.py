@@ -224,15 +224,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 async def bench_main(args: argparse.Namespace, root: Path, nats_url: str,
                      registry: Registry) -> list[Run]:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
     bench = Bench(args, root, nats_url, registry)
-    try:
-        await bench.run()
-    finally:
-        await bench.close()
+    await h.run_then_close(bench.run(), bench.close)
     return bench.runs
 
 

@@ -818,15 +818,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def scale_main(scale: Scale) -> None:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        await scale.run_all()
-    finally:
+    async def stop_current() -> None:
         if scale.current is not None:  # interrupted: stop the `shoal up` in flight
             await asyncio.shield(scale.current.stop())
+
+    await h.run_then_close(scale.run_all(), stop_current)
 
 
 def load_runs(path: Path) -> list[Run]:
