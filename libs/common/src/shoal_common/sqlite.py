@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+LOCK_WAIT_SECONDS = 30.0
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    # Extended codes (SQLITE_BUSY_RECOVERY, ...) keep the primary code in the low byte.
+    return error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 class Database:
@@ -24,25 +32,44 @@ class Database:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+        # SQLite answers "database is locked" at once, without calling the busy handler,
+        # where waiting could deadlock: switching to WAL while another replica holds a write
+        # lock on the fresh file is such a case. Retry the whole open (it is idempotent).
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                self._conn = self._connect_and_migrate()
+                return
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _connect_and_migrate(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=LOCK_WAIT_SECONDS, isolation_level=None,
                                check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # a reply promises durability
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("BEGIN IMMEDIATE")  # one replica migrates; the others wait, then see it
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for i, script in enumerate(self._migrations[version:], start=version):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={i + 1}")
-            conn.execute("COMMIT")
+            conn.row_factory = sqlite3.Row
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # a reply promises durability
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("BEGIN IMMEDIATE")  # one replica migrates; the others wait, then see it
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                for i, script in enumerate(self._migrations[version:], start=version):
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={i + 1}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         except BaseException:
-            conn.execute("ROLLBACK")
+            conn.close()
             raise
-        self._conn = conn
+        return conn
 
     async def open(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._open)

@@ -1,0 +1,59 @@
+"""The shared SQLite helper against a real database file."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from shoal_common.sqlite import Database
+
+
+async def test_open_waits_for_another_replica_writing_the_fresh_file(tmp_path: Path) -> None:
+    # Another replica mid-write on a database not yet in WAL mode: SQLite refuses the switch
+    # to WAL at once ("database is locked", no busy handler), which once made a second
+    # puller replica exit at start.
+    path = tmp_path / "meta.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE other(x)")
+    other.execute("BEGIN")
+    other.execute("INSERT INTO other VALUES (1)")
+    committer = threading.Timer(0.3, other.execute, args=("COMMIT",))
+    committer.start()
+    db = Database(path, ["CREATE TABLE t(x INTEGER)"])
+    started = time.monotonic()
+    try:
+        await db.open()
+        assert time.monotonic() - started >= 0.25  # it waited for the writer, then opened
+        await db.transaction(lambda c: c.execute("INSERT INTO t VALUES (7)"))
+        assert await db.run(lambda c: [tuple(r) for r in c.execute("SELECT x FROM t")]) == [(7,)]
+        assert await db.run(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+        assert other.execute("SELECT x FROM other").fetchall() == [(1,)]  # nothing lost
+    finally:
+        committer.join()
+        other.close()
+        await db.close()
+
+
+async def test_a_broken_migration_is_refused_and_leaves_the_schema_unchanged(
+        tmp_path: Path) -> None:
+    path = tmp_path / "meta.db"
+    db = Database(path, ["CREATE TABLE t(x INTEGER)"])
+    await db.open()
+    await db.close()
+    broken = Database(path, ["CREATE TABLE t(x INTEGER)",
+                             "CREATE TABLE u(x INTEGER); INSERT INTO nowhere VALUES (1)"])
+    try:
+        await broken.open()
+    except sqlite3.OperationalError as error:
+        assert "no such table: nowhere" in str(error)
+    else:
+        raise AssertionError("a broken migration opened")
+    finally:
+        await broken.close()
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 1
+    # The half-run migration's first statement was rolled back with it.
+    assert check.execute("SELECT name FROM sqlite_master WHERE name='u'").fetchall() == []
+    check.close()
