@@ -64,12 +64,12 @@ from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 from support.images import busybox_image, pause_image, push
 from support.ports import free_port
+from support.processes import metrics_sets, shoal_up_argv
 from support.registry import Registry
 
 POD_SERVICES = ("cri-gateway", "executor", "supervisor", "all")
 SERVICES = ("puller", *POD_SERVICES)
 POD_NET = ("10.190.0.0/24", "shoalscale0")  # pod subnet, bridge: this benchmark's own
-SHOAL = Path(sys.executable).parent / "shoal"
 START_TIMEOUT = 240.0  # `shoal up` until every replica answers health (loaded machine)
 STOP_TIMEOUT = 90.0
 CALL_TIMEOUT = 300.0
@@ -233,19 +233,12 @@ class ShoalUp:
 
     def argv(self) -> list[str]:
         sets = [f"nats.embedded.listen=127.0.0.1:{free_port()}",
-                "launcher.metrics_addr=127.0.0.1:0", f"launcher.ready_timeout={START_TIMEOUT}",
-                "log.format=json",
+                f"launcher.ready_timeout={START_TIMEOUT}", "log.format=json",
                 f'services.executor.pod_subnet="{POD_NET[0]}"',
-                f'services.executor.cni_bridge="{POD_NET[1]}"']
-        sets += [f"services.{s.replace('-', '_')}.metrics_addr=127.0.0.1:0"
-                 for s in h.SHOAL_SERVICES]
-        argv = [str(SHOAL), "up", "--node-id", "scale", "--state-root", str(self.root / "state"),
-                "--run-root", str(self.run_root)]
-        for service, n in self.replicas.items():
-            argv += ["--replicas", f"{service}={n}"]
-        for item in [*sets, *self.extra]:
-            argv += ["--set", item]
-        return argv
+                f'services.executor.cni_bridge="{POD_NET[1]}"', *metrics_sets(), *self.extra]
+        replicas = [a for service, n in self.replicas.items()
+                    for a in ("--replicas", f"{service}={n}")]
+        return shoal_up_argv(self.root, "scale", sets, *replicas)
 
     async def start(self) -> float:
         """Start (from the main thread: see h.spawn) and wait until ready; the seconds."""

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,11 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.processes import Node, ServiceSet
+from support.processes import SHOAL, Node, ServiceSet
 from support.shoal import Cri, images_fixture, remove_all_pods, start_shoal  # noqa: F401
 
 pytestmark = pytest.mark.e2e
-SHOAL = Path(sys.executable).parent / "shoal"
 # Waits for SIGTERM, then exits 3: a container that only `stop` (or Ctrl-C) ends.
 SERVE = 'trap "exit 3" TERM; echo ready; while true; do sleep 0.1; done'
 
@@ -67,7 +65,7 @@ class Cli:
 
     async def spawn(self, command: str, *args: str) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            str(SHOAL), command, *self.node.flags(), *args, stdin=asyncio.subprocess.DEVNULL,
+            SHOAL, command, *self.node.flags(), *args, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
     async def __call__(self, command: str, *args: str, timeout: float = 30) -> Result:
@@ -239,7 +237,7 @@ async def test_clear_errors(cli: Cli, busybox: str, tmp_path: Path) -> None:
     for run_root, why in ((tmp_path / "none", "no CRI socket at"),
                           (stale, "nothing listens on")):
         r = await finish(await asyncio.create_subprocess_exec(
-            str(SHOAL), "ps", "--run-root", str(run_root), stdout=asyncio.subprocess.PIPE,
+            SHOAL, "ps", "--run-root", str(run_root), stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE))
         assert r.code == 1
         assert r.err.startswith(f"shoal ps: Shoal is not running: {why} "

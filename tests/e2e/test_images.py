@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -21,11 +20,10 @@ from shoal_common.bus import Bus
 from shoal_common.messages.images import ImageCreate, ImageDelete
 from support.faulty_registry import FaultyRegistry
 from support.images import LayerBuilder, build_image, build_index, busybox_image, push
-from support.processes import ServiceSet
+from support.processes import SHOAL, ServiceSet
 from support.registry import Registry
 
 pytestmark = pytest.mark.e2e
-SHOAL = str(Path(sys.executable).parent / "shoal")
 
 
 async def start(services: ServiceSet, *names: str) -> None:

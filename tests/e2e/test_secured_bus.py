@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,14 +18,12 @@ import nats.errors
 import pytest
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
-from shoal_common.catalog import SERVICES
 from support.images import busybox_image, pause_image, push
 from support.ports import free_port
-from support.processes import pids_mentioning
+from support.processes import SHOAL, metrics_sets, pids_mentioning, shoal_up_argv
 from support.registry import Registry
 
 pytestmark = pytest.mark.e2e
-SHOAL = str(Path(sys.executable).parent / "shoal")
 NODE = "secnode"
 
 
@@ -49,13 +46,10 @@ def secured(registry: Registry, tmp_path_factory: pytest.TempPathFactory
     images = {"pause": f"{registry.host}/sec/pause:1", "busybox": f"{registry.host}/sec/busybox:1"}
     root = tmp_path_factory.mktemp("secured")
     port = free_port()
-    sets = [f"nats.embedded.listen=127.0.0.1:{port}", "launcher.metrics_addr=127.0.0.1:0",
-            f'cri.sandbox_image="{images["pause"]}"',
+    sets = [f"nats.embedded.listen=127.0.0.1:{port}", f'cri.sandbox_image="{images["pause"]}"',
             'services.executor.pod_subnet="10.170.0.0/24"',
-            'services.executor.cni_bridge="shoalsec0"',
-            *(f"services.{s.config_key}.metrics_addr=127.0.0.1:0" for s in SERVICES)]
-    argv = [SHOAL, "up", "--node-id", NODE, "--state-root", str(root / "state"),
-            "--run-root", str(root / "run"), *(a for s in sets for a in ("--set", s))]
+            'services.executor.cni_bridge="shoalsec0"', *metrics_sets()]
+    argv = shoal_up_argv(root, NODE, sets)
     out = root / "up.out"
     with open(out, "wb") as fh, open(root / "up.err", "wb") as err:
         up = subprocess.Popen(argv, stdout=fh, stderr=err, stdin=subprocess.DEVNULL)

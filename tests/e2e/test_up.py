@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -14,11 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from shoal_common.catalog import SERVICES
 from support.ports import free_port
-from support.processes import pids_mentioning
+from support.processes import SHOAL, metrics_sets, pids_mentioning, shoal_up_argv
 
 pytestmark = pytest.mark.e2e
-
-SHOAL = str(Path(sys.executable).parent / "shoal")
 
 
 def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
@@ -59,11 +56,9 @@ def test_up_serves_restarts_and_stops_cleanly(tmp_path: Path) -> None:
     nats_port = free_port()
     common = ["--node-id", "upnode", "--state-root", str(tmp_path / "state"),
               "--run-root", str(tmp_path / "run")]
-    sets = [f"nats.embedded.listen=127.0.0.1:{nats_port}", "launcher.metrics_addr=127.0.0.1:0",
-            "log.format=json", "launcher.restart_backoff_initial=0.2",
-            *(f"services.{s.config_key}.metrics_addr=127.0.0.1:0" for s in SERVICES)]
-    argv = [SHOAL, "up", *common, *(a for s in sets for a in ("--set", s)),
-            "--replicas", "puller=2"]
+    sets = [f"nats.embedded.listen=127.0.0.1:{nats_port}", "log.format=json",
+            "launcher.restart_backoff_initial=0.2", *metrics_sets()]
+    argv = shoal_up_argv(tmp_path, "upnode", sets, "--replicas", "puller=2")
     out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         up = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
@@ -132,11 +127,7 @@ def test_status_reports_down_services(tmp_path: Path, nats_url: str) -> None:
 
 
 def test_up_with_external_nats_starts_no_server(tmp_path: Path, nats_url: str) -> None:
-    argv = [SHOAL, "up", "--node-id", "extnode", "--nats-url", nats_url,
-            "--state-root", str(tmp_path / "state"), "--run-root", str(tmp_path / "run"),
-            "--set", "launcher.metrics_addr=127.0.0.1:0",
-            *(a for s in SERVICES for a in ("--set",
-                                             f"services.{s.config_key}.metrics_addr=127.0.0.1:0"))]
+    argv = shoal_up_argv(tmp_path, "extnode", metrics_sets(), "--nats-url", nats_url)
     out_path = tmp_path / "up.out"
     with open(out_path, "wb") as out:
         up = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL,

@@ -22,13 +22,12 @@ from shoal_common.messages import PingReply, PingRequest
 from shoal_common.messages.images import PullReply, PullRequest
 from support.images import LayerBuilder, build_image, push
 from support.ports import free_port
-from support.processes import Node, ServiceSet
+from support.processes import SHOAL, Node, ServiceSet
 from support.registry import Registry
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 NATS = str(Path(sys.executable).parent / "nats-server")
-SHOAL = str(Path(sys.executable).parent / "shoal")
 
 
 @pytest.fixture(scope="module")

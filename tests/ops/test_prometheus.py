@@ -11,7 +11,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -29,7 +28,7 @@ from cri_api.v1 import api_pb2_grpc as cri_grpc
 from shoal_common.catalog import SERVICES
 from support.images import busybox_image, pause_image, push
 from support.ports import free_port
-from support.processes import pids_mentioning
+from support.processes import metrics_sets, pids_mentioning, shoal_up_argv
 from support.registry import Registry
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +39,6 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "shoal.json"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 PROMETHEUS = Path("/usr/bin/prometheus")
 PROMTOOL = Path("/usr/bin/promtool")
-SHOAL = str(Path(sys.executable).parent / "shoal")
 DEFAULT_TARGETS = "/run/shoal/prometheus-targets.json"  # what prometheus.yml points at
 NODE = "promnode"
 SUBNET, BRIDGE = "10.150.0.0/24", "shoalprom0"  # this module's pod network
@@ -174,12 +172,10 @@ class Stack:
 def _start_shoal(tmp: Path, pause: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
     # Fixed free ports for the services, not 127.0.0.1:0: `shoal up` writes each service's
     # configured metrics address to the targets file, so a port 0 would be written as ":0".
-    sets = [f"nats.embedded.listen=127.0.0.1:{free_port()}", "launcher.metrics_addr=127.0.0.1:0",
-            "log.format=json", f'cri.sandbox_image="{pause}"',
-            f'services.executor.pod_subnet="{SUBNET}"', f'services.executor.cni_bridge="{BRIDGE}"',
-            *(f"services.{s.config_key}.metrics_addr=127.0.0.1:{free_port()}" for s in SERVICES)]
-    argv = [SHOAL, "up", "--node-id", NODE, "--state-root", str(tmp / "state"),
-            "--run-root", str(tmp / "run"), *(a for s in sets for a in ("--set", s))]
+    sets = [f"nats.embedded.listen=127.0.0.1:{free_port()}", "log.format=json",
+            f'cri.sandbox_image="{pause}"', f'services.executor.pod_subnet="{SUBNET}"',
+            f'services.executor.cni_bridge="{BRIDGE}"', *metrics_sets(free_port)]
+    argv = shoal_up_argv(tmp, NODE, sets)
     out_path, err_path = tmp / "up.out", tmp / "up.err"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         up = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)

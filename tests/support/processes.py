@@ -7,9 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shoal_common.catalog import SERVICES
+
+SHOAL = str(Path(sys.executable).parent / "shoal")  # the CLI installed beside this Python
 
 SERVICE_MODULES = {
     "puller": "shoal_puller",
@@ -18,6 +22,20 @@ SERVICE_MODULES = {
     "supervisor": "shoal_supervisor",
     "cri-gateway": "shoal_cri_gateway",
 }
+
+
+def shoal_up_argv(root: Path, node_id: str, sets: Iterable[str], *extra: str) -> list[str]:
+    """`shoal up` for `node_id` with its state and run roots under `root`, a `--set` for
+    each KEY=VALUE in `sets`, then `extra` (e.g. `--replicas puller=2`)."""
+    return [SHOAL, "up", "--node-id", node_id, "--state-root", str(root / "state"),
+            "--run-root", str(root / "run"), *(a for s in sets for a in ("--set", s)), *extra]
+
+
+def metrics_sets(port: Callable[[], int] = lambda: 0) -> list[str]:
+    """`--set` values serving the launcher's and every service's /metrics on loopback: the
+    launcher on any free port, each service on `port()` (0: any free one)."""
+    return ["launcher.metrics_addr=127.0.0.1:0",
+            *(f"services.{s.config_key}.metrics_addr=127.0.0.1:{port()}" for s in SERVICES)]
 
 
 @dataclass
