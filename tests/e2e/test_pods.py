@@ -166,3 +166,33 @@ async def test_bad_requests_get_clear_errors(shoal: Cri, images: dict[str, str],
             pod_sandbox_id=pod_id, sandbox_config=config,
             config=container_config(f"{images['busybox']}-never-pulled", "true")))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def kubelet_resources(**kw: int) -> cri.LinuxContainerResources:
+    """Kubelet puts a hugepage limit (0) for every page size the kernel offers into every
+    container, whether or not the host has a hugetlb cgroup (this one has none)."""
+    sizes = [name.removeprefix("hugepages-") for name in os.listdir("/sys/kernel/mm/hugepages")]
+    names = {"2048kB": "2MB", "1048576kB": "1GB", "64kB": "64KB", "32768kB": "32MB"}
+    return cri.LinuxContainerResources(
+        hugepage_limits=[cri.HugepageLimit(page_size=names[s], limit=0) for s in sizes], **kw)
+
+
+async def test_containers_with_the_resources_kubelet_sends_run(
+        shoal: Cri, images: dict[str, str], tmp_path: Path) -> None:
+    api = shoal
+    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
+    config = pod_config(tmp_path, "qos")
+    config.linux.cgroup_parent = f"/kubepods/burstable/pod{config.metadata.uid}"
+    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+              ).pod_sandbox_id
+    classes = {"besteffort": dict(cpu_shares=2, oom_score_adj=1000),
+               "burstable": dict(cpu_shares=102, cpu_period=100000, cpu_quota=50000,
+                                 memory_limit_in_bytes=64 << 20, oom_score_adj=968)}
+    for name, res in classes.items():
+        cfg = container_config(images["busybox"], "sh", "-c", "exit 4", name=name)
+        cfg.linux.resources.CopyFrom(kubelet_resources(**res))
+        cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod_id, sandbox_config=config, config=cfg))).container_id
+        await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+        status = await wait_state(api, cid, cri.CONTAINER_EXITED)
+        assert (status.state, status.exit_code) == (cri.CONTAINER_EXITED, 4), name

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 from cri_api.v1 import api_pb2 as cri
 from shoal_common.errors import Invalid
+from shoal_executor.domain.cgroups import HostCgroups, page_size_name
 from shoal_executor.domain.rootfs_users import resolve_in_root, resolve_user
 from shoal_executor.domain.spec import (
     DEFAULT_CAPS,
     ContainerContext,
     PodContext,
     build_spec,
+    own_oom_score_adj,
     parse_signal,
     stop_signal,
 )
@@ -188,3 +190,108 @@ def test_runc_runs_the_generated_spec(rootfs: Path, tmp_path: Path) -> None:
                        capture_output=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1000", "from-cri"]
+
+
+def kubelet_resources(**kw) -> cri.LinuxContainerResources:
+    """What kubelet really puts into every container: a hugepage limit (0) for every page
+    size the kernel offers, whether or not the hugetlb controller is mounted."""
+    sizes = sorted(page_size_name(int(name.removeprefix("hugepages-").removesuffix("kB")))
+                   for name in os.listdir("/sys/kernel/mm/hugepages"))
+    return cri.LinuxContainerResources(
+        hugepage_limits=[cri.HugepageLimit(page_size=s, limit=0) for s in sizes], **kw)
+
+
+def write_mountinfo(tmp: Path, *mounts: tuple[str, str, str]) -> str:
+    lines = [f"{30 + i} 23 0:{30 + i} / {point} rw,relatime - {fstype} {fstype} {opts}"
+             for i, (point, fstype, opts) in enumerate(mounts)]
+    path = tmp / "mountinfo"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_host_cgroups_detects_v1_controllers_and_page_sizes(tmp_path: Path) -> None:
+    pages = tmp_path / "hugepages"
+    (pages / "hugepages-2048kB").mkdir(parents=True)
+    (pages / "hugepages-1048576kB").mkdir()
+    cg = tmp_path / "cg"
+    info = write_mountinfo(tmp_path, (f"{cg}", "tmpfs", "rw,mode=755"),
+                           (f"{cg}/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"),
+                           (f"{cg}/memory", "cgroup", "rw,memory"),
+                           (f"{cg}/systemd", "cgroup", "rw,name=systemd"),
+                           (f"{cg}/unified", "cgroup2", "rw"))
+    host = HostCgroups.detect(mountinfo=info, root=str(cg), hugepages=str(pages))
+    assert not host.unified and host.version == 1
+    assert host.controllers == {"cpu", "cpuacct", "memory"}
+    assert host.hugepage_sizes == {"2MB", "1GB"}
+    v2root = tmp_path / "v2"
+    v2root.mkdir()
+    (v2root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
+    info2 = write_mountinfo(tmp_path, (f"{v2root}", "cgroup2", "rw,nsdelegate"))
+    host2 = HostCgroups.detect(mountinfo=info2, root=str(v2root), hugepages=str(pages))
+    assert host2.unified and "hugetlb" in host2.controllers
+
+
+def test_resources_the_host_cannot_enforce_are_dropped_or_refused(rootfs: Path) -> None:
+    v1_no_hugetlb = HostCgroups(False, frozenset({"cpu", "cpuset", "memory", "pids"}),
+                                frozenset({"2MB", "1GB"}), swap_accounting=False)
+    res = cri.LinuxContainerResources(
+        cpu_shares=2, memory_limit_in_bytes=64 << 20, memory_swap_limit_in_bytes=128 << 20,
+        hugepage_limits=[cri.HugepageLimit(page_size="2MB", limit=0),
+                         cri.HugepageLimit(page_size="1GB", limit=0)],
+        unified={"memory.high": "max"})
+    ctr = container(rootfs, {"config": {"Cmd": ["sh"]}},
+                    linux=cri.LinuxContainerConfig(resources=res))
+    r = build_spec(pod(), ctr, v1_no_hugetlb)["linux"]["resources"]
+    assert "hugepageLimits" not in r and "unified" not in r
+    assert r["cpu"] == {"shares": 2} and r["memory"] == {"limit": 64 << 20}
+
+    v2 = HostCgroups(True, frozenset({"cpu", "memory", "hugetlb"}), frozenset({"2MB"}), True)
+    res2 = cri.LinuxContainerResources(
+        hugepage_limits=[cri.HugepageLimit(page_size="2MB", limit=4 << 20)],
+        unified={"memory.high": "max", "io.max": "8:0 rbps=1"})
+    r2 = build_spec(pod(), container(rootfs, {"config": {"Cmd": ["sh"]}},
+                                     linux=cri.LinuxContainerConfig(resources=res2)),
+                    v2)["linux"]["resources"]
+    assert r2["hugepageLimits"] == [{"pageSize": "2MB", "limit": 4 << 20}]
+    assert r2["unified"] == {"memory.high": "max"}  # io is not enabled on that host
+
+    for bad, match in ((cri.LinuxContainerResources(hugepage_limits=[
+            cri.HugepageLimit(page_size="3MB", limit=0)]), "page size '3MB'"),
+            (cri.LinuxContainerResources(unified={"../../x": "1"}), "not a cgroup v2")):
+        with pytest.raises(Invalid, match=match):
+            build_spec(pod(), container(rootfs, {"config": {"Cmd": ["sh"]}},
+                                        linux=cri.LinuxContainerConfig(resources=bad)), v2)
+
+
+@pytest.mark.parametrize("qos", ["best-effort", "burstable", "guaranteed"])
+def test_runc_runs_a_container_with_what_kubelet_sends(rootfs: Path, tmp_path: Path,
+                                                       qos: str) -> None:
+    """The resources of kubelet's three QoS classes, with hugepage limits for every page
+    size of this kernel, run under real runc on this host (which has no hugetlb cgroup)."""
+    kinds = {"best-effort": dict(cpu_shares=2, oom_score_adj=1000),
+             "burstable": dict(cpu_shares=102, cpu_period=100000, cpu_quota=50000,
+                               memory_limit_in_bytes=64 << 20, oom_score_adj=968),
+             "guaranteed": dict(cpu_shares=512, cpu_period=100000, cpu_quota=50000,
+                                memory_limit_in_bytes=64 << 20, oom_score_adj=-997,
+                                unified={"memory.oom.group": "1"})}
+    cid = f"shoal-kres-{uuid.uuid4().hex[:8]}"
+    ctx = ContainerContext(cid, cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="c"),
+        command=["sh", "-c", "cat /proc/self/oom_score_adj"],
+        linux=cri.LinuxContainerConfig(resources=kubelet_resources(**kinds[qos]))),
+        {"config": {}}, str(rootfs), f"/shoal-test/{cid}")
+    spec = build_spec(PodContext("sid", cri.PodSandboxConfig(hostname="h")), ctx)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(spec))
+    state = tmp_path / "runc-state"
+    try:
+        out = subprocess.run(["runc", "--root", str(state), "run", "--bundle", str(bundle),
+                              cid], capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["runc", "--root", str(state), "delete", "--force", cid],
+                       capture_output=True)
+    assert out.returncode == 0, out.stderr
+    # A score below the runtime's own is raised to it (containerd's restrict_oom_score_adj).
+    want = max(int(kinds[qos]["oom_score_adj"]), own_oom_score_adj())  # type: ignore[call-overload]
+    assert out.stdout.split() == [str(want)]

@@ -18,6 +18,7 @@ from typing import Any
 from cri_api.v1 import api_pb2 as cri
 from shoal_common.errors import Invalid
 
+from shoal_executor.domain.cgroups import HostCgroups, fit_resources, host_cgroups
 from shoal_executor.domain.rootfs_users import resolve_user
 from shoal_executor.domain.seccomp import runtime_default_profile
 
@@ -70,9 +71,6 @@ READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysr
 # Devices every container may use (c major:minor), besides what the CRI adds.
 DEFAULT_DEVICES = [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2), (136, -1),
                    (10, 200)]
-
-
-SWAP_ACCOUNTING = os.path.exists("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes")
 
 
 def own_oom_score_adj() -> int:
@@ -222,7 +220,10 @@ def _seccomp(profile: cri.SecurityProfile | None, legacy_path: str,
     return loaded
 
 
-def build_spec(pod: PodContext, ctr: ContainerContext) -> dict[str, Any]:
+def build_spec(pod: PodContext, ctr: ContainerContext,
+               cgroups: HostCgroups | None = None) -> dict[str, Any]:
+    """`cgroups`: what the host's cgroups can enforce (detected once when not given)."""
+    cgroups = cgroups or host_cgroups()
     cfg = ctr.config
     img = ctr.image_config.get("config") or {}
     sec = cfg.linux.security_context if cfg.HasField("linux") else None
@@ -370,7 +371,7 @@ def build_spec(pod: PodContext, ctr: ContainerContext) -> dict[str, Any]:
             resources["memory"] = {"limit": res.memory_limit_in_bytes}
             if res.memory_swap_limit_in_bytes:
                 resources["memory"]["swap"] = res.memory_swap_limit_in_bytes
-            elif SWAP_ACCOUNTING:
+            elif cgroups.swap_accounting:
                 # No swap beyond the limit: exceeding it OOM-kills, as kubelet expects.
                 resources["memory"]["swap"] = res.memory_limit_in_bytes
         if res.hugepage_limits:
@@ -378,6 +379,7 @@ def build_spec(pod: PodContext, ctr: ContainerContext) -> dict[str, Any]:
                                            for h in res.hugepage_limits]
         if res.unified:
             resources["unified"] = dict(res.unified)
+        resources = fit_resources(resources, cgroups, ctr.container_id)
 
     linux: dict[str, Any] = {
         "namespaces": namespaces,
