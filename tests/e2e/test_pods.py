@@ -196,3 +196,26 @@ async def test_containers_with_the_resources_kubelet_sends_run(
         await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
         status = await wait_state(api, cid, cri.CONTAINER_EXITED)
         assert (status.state, status.exit_code) == (cri.CONTAINER_EXITED, 4), name
+
+
+async def test_stop_of_what_is_gone_is_not_an_error(shoal: Cri, images: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """critest v1.36 "Idempotence": StopContainer / StopPodSandbox of something already
+    removed (or never made: kubelet stops containers whose create failed) succeed."""
+    api = shoal
+    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
+    config = pod_config(tmp_path, "idem")
+    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+              ).pod_sandbox_id
+    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod_id, sandbox_config=config,
+        config=container_config(images["busybox"], "sleep", "60")))).container_id
+    await api.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
+    await api.runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=1))
+    await api.runtime.StopContainer(cri.StopContainerRequest(container_id="0" * 64))
+    await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # what never existed: NOT_FOUND
+        await api.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -472,3 +472,20 @@ async def test_tokens_and_validation(node: StreamNode, sleeper: str) -> None:
                       "Exec") == grpc.StatusCode.FAILED_PRECONDITION
     assert await code(cri.AttachRequest(container_id=done, stdout=True),
                       "Attach") == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_streams_resolve_unique_id_prefixes(node: StreamNode, sleeper: str) -> None:
+    """`crictl exec ID-PREFIX` and port-forward by a short pod id: every RPC resolves ids
+    the same way (a unique prefix names the object), and an unknown id is NOT_FOUND."""
+    url = await node.exec_url(sleeper[:12], "sh", "-c", "echo by-prefix")
+    out, _, status, client = await spdy_exec(url, protocols=[V4])
+    await client.close()
+    assert (out, status) == (b"by-prefix\n", SUCCESS)
+    ws_url = (await node.runtime.Attach(cri.AttachRequest(
+        container_id=sleeper[:12], stdout=True))).url
+    assert "/attach/" in ws_url
+    assert (await node.runtime.PortForward(cri.PortForwardRequest(
+        pod_sandbox_id=node.pod[:12], port=[80]))).url
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await node.exec_url("f" * 12 + "nope", "true")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -151,10 +151,16 @@ class Pods:
         await self.meta.delete_pod(pod_id)
 
     async def stop(self, pod_id: str) -> None:
-        pod = await self.meta.pod(pod_id)
-        await self.bus.request("tasks", "sandbox.stop", SandboxIdRequest(id=pod.id),
-                               SandboxInfo, namespace=NAMESPACE, attempt_timeout=120,
-                               retries=0)
+        try:
+            pod = await self.meta.pod(pod_id)
+        except NotFound:
+            return  # a stop of what is already gone is not an error (the CRI's rule)
+        try:
+            await self.bus.request("tasks", "sandbox.stop", SandboxIdRequest(id=pod.id),
+                                   SandboxInfo, namespace=NAMESPACE, attempt_timeout=120,
+                                   retries=0)
+        except NotFound:
+            pass  # the executor has nothing of it left to stop
         pod.state = "notready"
         await self.meta.update_pod(pod)
 
@@ -226,10 +232,16 @@ class Pods:
                                                   / 1e9))
 
     async def stop_container(self, container_id: str, timeout: int) -> None:
-        ctr = await self.meta.container(container_id)
-        await self.bus.request("tasks", "container.stop", ContainerStopRequest(
-            id=ctr.id, timeout=float(max(timeout, 0))), TaskState, namespace=NAMESPACE,
-            attempt_timeout=max(timeout, 0) + 60, retries=0)
+        try:
+            ctr = await self.meta.container(container_id)
+        except NotFound:
+            return  # kubelet stops containers whose create failed: not an error (CRI)
+        try:
+            await self.bus.request("tasks", "container.stop", ContainerStopRequest(
+                id=ctr.id, timeout=float(max(timeout, 0))), TaskState, namespace=NAMESPACE,
+                attempt_timeout=max(timeout, 0) + 60, retries=0)
+        except NotFound:
+            pass
 
     async def remove_container(self, container_id: str) -> None:
         try:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 import msgspec
@@ -43,6 +44,9 @@ from shoal_cri_gateway.grpc_api.rpc import CRI_REQUESTS, rpc
 from shoal_cri_gateway.store.metadata import ContainerRecord, PodRecord
 from shoal_cri_gateway.streaming.server import StreamServer
 
+StreamRequest = TypeVar("StreamRequest", cri.ExecRequest, cri.AttachRequest,
+                        cri.PortForwardRequest)
+
 KUBE_API_VERSION = "0.1.0"  # what kubelet expects in VersionResponse.version
 RUNTIME_NAME = "shoal"
 RUNTIME_API_VERSION = "v1"
@@ -58,6 +62,18 @@ TASK_EVENTS: dict[str, tuple[int, type[TaskCreated | TaskStarted | TaskExited | 
 
 CONTAINER_STATES = {"created": cri.CONTAINER_CREATED, "running": cri.CONTAINER_RUNNING,
                     "stopped": cri.CONTAINER_EXITED}
+
+
+def _with_id(request: StreamRequest, full_id: str) -> StreamRequest:
+    """The request with the id it named (maybe a unique prefix, as crictl passes) resolved,
+    so the streaming session acts on the same object the RPC checked."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    if isinstance(copy, cri.PortForwardRequest):
+        copy.pod_sandbox_id = full_id
+    else:
+        copy.container_id = full_id
+    return copy
 
 
 def _check_streams(rpc_name: str, request: cri.ExecRequest | cri.AttachRequest) -> None:
@@ -388,15 +404,15 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         _check_streams("Exec", request)
         if not request.cmd:
             raise Invalid("Exec: cmd is empty")
-        await self.streams.runtime.running_container(request.container_id)
-        return cri.ExecResponse(url=self.streams.url("exec", request))
+        ctr = await self.streams.runtime.running_container(request.container_id)
+        return cri.ExecResponse(url=self.streams.url("exec", _with_id(request, ctr.id)))
 
     @rpc
     async def Attach(self, request: cri.AttachRequest,
                      context: grpc.aio.ServicerContext) -> cri.AttachResponse:
         _check_streams("Attach", request)
-        await self.streams.runtime.running_container(request.container_id)
-        return cri.AttachResponse(url=self.streams.url("attach", request))
+        ctr = await self.streams.runtime.running_container(request.container_id)
+        return cri.AttachResponse(url=self.streams.url("attach", _with_id(request, ctr.id)))
 
     @rpc
     async def PortForward(self, request: cri.PortForwardRequest,
@@ -405,8 +421,9 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             raise Invalid("PortForward: pod_sandbox_id is required")
         if any(not 0 < p < 65536 for p in request.port):
             raise Invalid(f"PortForward: ports must be 1-65535, got {list(request.port)}")
-        await self.streams.runtime.ready_pod(request.pod_sandbox_id)
-        return cri.PortForwardResponse(url=self.streams.url("portforward", request))
+        pod = await self.streams.runtime.ready_pod(request.pod_sandbox_id)
+        return cri.PortForwardResponse(url=self.streams.url("portforward",
+                                                            _with_id(request, pod.id)))
 
     # -- stats -------------------------------------------------------------------------
 
