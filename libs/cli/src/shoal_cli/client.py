@@ -7,9 +7,10 @@ import time
 
 from shoal_common.bus import Bus
 from shoal_common.catalog import SERVICES, lookup
+from shoal_common.clients import CLIENTS
 from shoal_common.config import Config
 from shoal_common.errors import ShoalError
-from shoal_common.messages import HealthReply, HealthRequest, PingReply, PingRequest
+from shoal_common.messages import HealthReply, PingRequest
 
 
 async def connect(config: Config) -> Bus:
@@ -24,8 +25,7 @@ async def status(config: Config, wait: float) -> int:
     try:
         rows: list[tuple[str, HealthReply | None]] = []
         for svc in SERVICES:
-            replies = await bus.gather(svc.subject, "health", HealthRequest(), HealthReply,
-                                       wait=wait)
+            replies = await CLIENTS[svc.subject](bus).health_of_all(wait=wait)
             rows += [(svc.name, r) for r in sorted(replies, key=lambda r: r.replica)] or [
                 (svc.name, None)]
     finally:
@@ -52,8 +52,7 @@ async def ping(config: Config, service: str, count: int) -> int:
         for i in range(count):
             start = time.perf_counter()
             try:
-                reply = await bus.request(svc.subject, "ping", PingRequest(payload=b"x" * 16),
-                                          PingReply, attempt_timeout=2.0)
+                reply = await CLIENTS[svc.subject](bus).ping(PingRequest(payload=b"x" * 16))
             except ShoalError as exc:
                 print(f"ping {svc.name}: {exc}")
                 return 1

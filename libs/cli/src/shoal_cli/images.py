@@ -11,16 +11,14 @@ from typing import TextIO
 
 from shoal_common import codec, subjects
 from shoal_common.bus import Bus
+from shoal_common.clients import ImagesClient
 from shoal_common.config import Config
 from shoal_common.errors import ShoalError
 from shoal_common.messages.images import (
-    ImageListReply,
     ImageListRequest,
-    ImageRemoveReply,
     ImageRemoveRequest,
     LayerProgress,
     PullProgress,
-    PullReply,
     PullRequest,
     RegistryAuth,
 )
@@ -91,10 +89,8 @@ async def pull(config: Config, bus: Bus, ref: str, namespace: str, user: str) ->
     sub = await bus.nc.subscribe(subjects.event(config.node_id, namespace,
                                                 PullProgress.TOPIC), cb=on_progress)
     try:
-        reply = await bus.request("images", "pull", PullRequest(ref=ref, pull_id=pull_id,
-                                                                auth=auth),
-                                  PullReply, namespace=namespace, timeout=PULL_TIMEOUT,
-                                  attempt_timeout=PULL_TIMEOUT, retries=0)
+        reply = await ImagesClient(bus, namespace=namespace).pull(
+            PullRequest(ref=ref, pull_id=pull_id, auth=auth), timeout=PULL_TIMEOUT)
     except ShoalError as exc:
         print(f"shoal pull: {exc.message}", file=sys.stderr)
         return 1
@@ -110,8 +106,7 @@ async def pull(config: Config, bus: Bus, ref: str, namespace: str, user: str) ->
 
 
 async def images(bus: Bus, namespace: str, quiet: bool) -> int:
-    reply = await bus.request("images", "list", ImageListRequest(), ImageListReply,
-                              namespace=namespace)
+    reply = await ImagesClient(bus, namespace=namespace).list_images(ImageListRequest())
     if quiet:
         for info in reply.images:
             print(info.id)
@@ -130,8 +125,8 @@ async def rmi(bus: Bus, namespace: str, refs: list[str]) -> int:
     code = 0
     for ref in refs:
         try:
-            reply = await bus.request("images", "remove", ImageRemoveRequest(ref=ref),
-                                      ImageRemoveReply, namespace=namespace)
+            reply = await ImagesClient(bus, namespace=namespace).remove(
+                ImageRemoveRequest(ref=ref))
         except ShoalError as exc:
             print(f"shoal rmi: {ref}: {exc.message}", file=sys.stderr)
             code = 1

@@ -24,9 +24,10 @@ from prometheus_client import Counter, Gauge
 from shoal_common import nats_auth
 from shoal_common.bus import Bus
 from shoal_common.catalog import SERVICES, ServiceInfo
+from shoal_common.clients import CLIENTS
 from shoal_common.config import Config, parse_addr
 from shoal_common.errors import ShoalError
-from shoal_common.messages import HealthReply, HealthRequest
+from shoal_common.messages import HealthReply
 from shoal_common.metrics import MetricsServer
 
 log = structlog.get_logger("shoal.launcher")
@@ -185,8 +186,7 @@ class Launcher:
         deadline = time.monotonic() + self.config.launcher.ready_timeout
         while time.monotonic() < deadline:
             for svc in SERVICES:
-                for reply in await bus.gather(svc.subject, "health", HealthRequest(),
-                                              HealthReply, wait=0.2):
+                for reply in await CLIENTS[svc.subject](bus).health_of_all(wait=0.2):
                     seen[reply.replica] = reply
             if expected <= seen.keys():
                 return seen

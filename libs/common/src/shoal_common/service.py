@@ -31,6 +31,7 @@ import structlog
 from shoal_common import __version__, metrics
 from shoal_common.bus import Bus, RequestContext, Router
 from shoal_common.catalog import ServiceInfo, lookup
+from shoal_common.clients import CLIENTS, check_router
 from shoal_common.config import Config, ConfigError, load_config
 from shoal_common.errors import ShoalError
 from shoal_common.logging import configure_logging
@@ -155,15 +156,16 @@ async def _serve(spec: ServiceSpec, info: ServiceInfo, config: Config, replica: 
     bus = Bus(config, service=info.subject, replica=replica,
               max_concurrency=svc_cfg.max_concurrency)
     rt = _Runtime(info, replica, metrics_addr, bus=bus)
+    router: Router[Any] = Router()
+    router.include(_system_router(rt))
+    router.include(spec.router)
+    check_router(CLIENTS[info.subject], router)  # served as its callers' client declares
     try:
         await bus.connect()
         await bus.ensure_events_stream()
         ctx = ServiceContext(info, config, bus, replica, config.state_dir(info.name),
                              config.run_dir(info.name))
         async with spec.lifespan(ctx) as app:
-            router: Router[Any] = Router()
-            router.include(_system_router(rt))
-            router.include(spec.router)
             await bus.serve(router, app)
             # What start-up made (modules, config, connections) lives as long as the process:
             # keep it out of the cyclic collector's full passes, which otherwise walk it all

@@ -9,40 +9,38 @@ import uuid
 
 import structlog
 from cri_api.v1 import api_pb2 as cri
-from shoal_common.bus import Bus
+from shoal_common.clients import Clients
 from shoal_common.errors import Invalid, NotFound, ShoalError
-from shoal_common.messages import Empty
-from shoal_common.messages.images import ImageGetRequest, ImageInfo, PullReply, PullRequest
+from shoal_common.messages.images import ImageGetRequest, ImageInfo, PullRequest
 from shoal_common.messages.monitor import (
+    ExecSyncReply,
+    ExecSyncRequest,
+    Resources,
     TaskIdRequest,
-    TaskListReply,
     TaskListRequest,
     TaskState,
+    UpdateRequest,
 )
 from shoal_common.messages.snapshots import (
     MountsReply,
     PrepareRequest,
     SnapshotKeyRequest,
-    UnpackReply,
     UnpackRequest,
 )
 from shoal_common.messages.tasks import (
-    ContainerCreateReply,
     ContainerCreateRequest,
     ContainerIdRequest,
     ContainerStopRequest,
     SandboxCreateRequest,
     SandboxIdRequest,
-    SandboxInfo,
 )
 
-from shoal_cri_gateway.domain import metrics
+from shoal_cri_gateway.domain import metrics, resources
 from shoal_cri_gateway.store.metadata import ContainerRecord, Metadata, PodRecord
 
 log = structlog.get_logger("shoal.cri")
 
 NAMESPACE = "k8s.io"
-SETUP_TIMEOUT = 300.0  # pulling the pause image and unpacking may take a while
 
 # The legacy `seccomp_profile_path` (superseded by the `seccomp` SecurityProfile): these
 # names, or "localhost/<absolute path>". Anything else is refused, as containerd and CRI-O
@@ -75,39 +73,32 @@ def check_security_context(config: cri.ContainerConfig) -> None:
 
 
 class Pods:
-    def __init__(self, bus: Bus, metadata: Metadata, sandbox_image: str) -> None:
-        self.bus = bus
+    def __init__(self, clients: Clients, metadata: Metadata, sandbox_image: str) -> None:
+        self.clients = clients
         self.meta = metadata
         self.sandbox_image = sandbox_image
         self._started_pods: set[str] = set()
 
     async def image(self, ref: str, pull: bool) -> ImageInfo:
+        images = self.clients.images
         try:
-            return await self.bus.request("images", "get", ImageGetRequest(
-                ref=ref, with_config=True), ImageInfo, namespace=NAMESPACE)
+            return await images.get(ImageGetRequest(ref=ref, with_config=True))
         except NotFound:
             if not pull:
                 raise NotFound(f"image {ref!r} not found: pull it first") from None
-        await self.bus.request("images", "pull", PullRequest(ref=ref, pull_id=new_id()),
-                               PullReply, namespace=NAMESPACE, timeout=SETUP_TIMEOUT,
-                               attempt_timeout=SETUP_TIMEOUT, retries=0)
-        return await self.bus.request("images", "get", ImageGetRequest(
-            ref=ref, with_config=True), ImageInfo, namespace=NAMESPACE)
+        await images.pull(PullRequest(ref=ref, pull_id=new_id()))
+        return await images.get(ImageGetRequest(ref=ref, with_config=True))
 
     async def rootfs(self, key: str, image: ImageInfo, name: str) -> MountsReply:
         """A writable snapshot on the image's layers (unpacked first if need be)."""
-        unpacked = await self.bus.request(
-            "snapshots", "unpack", UnpackRequest(image=name, layers=image.layers), UnpackReply,
-            namespace=NAMESPACE, timeout=SETUP_TIMEOUT, attempt_timeout=SETUP_TIMEOUT,
-            retries=0)
-        return await self.bus.request("snapshots", "prepare", PrepareRequest(
-            key=key, parent=unpacked.chain_id, labels={"shoal/owner": "cri"}), MountsReply,
-            namespace=NAMESPACE)
+        snapshots = self.clients.snapshots
+        unpacked = await snapshots.unpack(UnpackRequest(image=name, layers=image.layers))
+        return await snapshots.prepare(PrepareRequest(
+            key=key, parent=unpacked.chain_id, labels={"shoal/owner": "cri"}))
 
     async def _remove_snapshot(self, key: str) -> None:
         try:
-            await self.bus.request("snapshots", "remove", SnapshotKeyRequest(key=key), Empty,
-                                   namespace=NAMESPACE)
+            await self.clients.snapshots.remove(SnapshotKeyRequest(key=key))
         except NotFound:
             pass
 
@@ -126,11 +117,9 @@ class Pods:
         try:
             pause = await self.image(self.sandbox_image, pull=True)
             mounts = await self.rootfs(f"sandbox-{record.id}", pause, self.sandbox_image)
-            info = await self.bus.request("tasks", "sandbox.create", SandboxCreateRequest(
+            info = await self.clients.tasks.sandbox_create(SandboxCreateRequest(
                 id=record.id, config=record.config, pause_image_config=pause.config,
-                rootfs=mounts.mounts, runtime_handler=handler), SandboxInfo,
-                namespace=NAMESPACE, timeout=SETUP_TIMEOUT, attempt_timeout=SETUP_TIMEOUT,
-                retries=0)
+                rootfs=mounts.mounts, runtime_handler=handler))
         except BaseException:
             await self._forget_pod(record.id)
             raise
@@ -143,8 +132,7 @@ class Pods:
 
     async def _forget_pod(self, pod_id: str) -> None:
         try:
-            await self.bus.request("tasks", "sandbox.remove", SandboxIdRequest(id=pod_id),
-                                   Empty, namespace=NAMESPACE, attempt_timeout=60, retries=0)
+            await self.clients.tasks.sandbox_remove(SandboxIdRequest(id=pod_id))
         except ShoalError as exc:
             log.warning("cleaning up a failed sandbox", id=pod_id, error=exc.message)
         await self._remove_snapshot(f"sandbox-{pod_id}")
@@ -156,9 +144,7 @@ class Pods:
         except NotFound:
             return  # a stop of what is already gone is not an error (the CRI's rule)
         try:
-            await self.bus.request("tasks", "sandbox.stop", SandboxIdRequest(id=pod.id),
-                                   SandboxInfo, namespace=NAMESPACE, attempt_timeout=120,
-                                   retries=0)
+            await self.clients.tasks.sandbox_stop(SandboxIdRequest(id=pod.id))
         except NotFound:
             pass  # the executor has nothing of it left to stop
         pod.state = "notready"
@@ -178,8 +164,7 @@ class Pods:
         if pod.state != "ready":
             return "notready"
         try:
-            task = await self.bus.request("monitor", "state", TaskIdRequest(id=pod.id), TaskState,
-                                          namespace=NAMESPACE)
+            task = await self.clients.monitor.state(TaskIdRequest(id=pod.id))
         except NotFound:
             return "notready"
         return "ready" if task.state == "running" else "notready"
@@ -208,12 +193,11 @@ class Pods:
             mounts = await self.rootfs(record.id, image, config.image.image)
             if record.log_path:
                 config.log_path = record.log_path
-            await self.bus.request("tasks", "container.create", ContainerCreateRequest(
+            await self.clients.tasks.container_create(ContainerCreateRequest(
                 id=record.id, sandbox_id=pod.id, config=config.SerializeToString(),
                 sandbox_config=sandbox_config.SerializeToString() or pod.config,
                 image_config=image.config, rootfs=mounts.mounts,
-                runtime_handler=pod.runtime_handler), ContainerCreateReply,
-                namespace=NAMESPACE, attempt_timeout=120, retries=0)
+                runtime_handler=pod.runtime_handler))
         except BaseException:
             await self._forget_container(record.id)
             raise
@@ -221,8 +205,7 @@ class Pods:
 
     async def start_container(self, container_id: str) -> None:
         ctr = await self.meta.container(container_id)
-        await self.bus.request("tasks", "container.start", ContainerIdRequest(id=ctr.id),
-                               TaskState, namespace=NAMESPACE, attempt_timeout=60, retries=0)
+        await self.clients.tasks.container_start(ContainerIdRequest(id=ctr.id))
         if ctr.pod_id not in self._started_pods:
             # Pod start latency ends at the pod's first container start (this gateway's view:
             # a restarted gateway does not observe pods started before it).
@@ -237,9 +220,8 @@ class Pods:
         except NotFound:
             return  # kubelet stops containers whose create failed: not an error (CRI)
         try:
-            await self.bus.request("tasks", "container.stop", ContainerStopRequest(
-                id=ctr.id, timeout=float(max(timeout, 0))), TaskState, namespace=NAMESPACE,
-                attempt_timeout=max(timeout, 0) + 60, retries=0)
+            await self.clients.tasks.stop_container(ContainerStopRequest(
+                id=ctr.id, timeout=float(max(timeout, 0))))
         except NotFound:
             pass
 
@@ -251,22 +233,42 @@ class Pods:
         await self._forget_container(ctr.id)
 
     async def _forget_container(self, container_id: str) -> None:
-        await self.bus.request("tasks", "container.remove", ContainerIdRequest(id=container_id),
-                               Empty, namespace=NAMESPACE, attempt_timeout=60, retries=0)
+        await self.clients.tasks.container_remove(ContainerIdRequest(id=container_id))
         await self._remove_snapshot(container_id)
         await self.meta.delete_container(container_id)
 
     async def task_states(self) -> dict[str, TaskState]:
-        reply = await self.bus.request("monitor", "list", TaskListRequest(), TaskListReply,
-                                       namespace=NAMESPACE)
+        reply = await self.clients.monitor.list_tasks(TaskListRequest())
         return {t.id: t for t in reply.tasks}
 
     async def task_state(self, container_id: str) -> TaskState | None:
         try:
-            return await self.bus.request("monitor", "state", TaskIdRequest(id=container_id),
-                                          TaskState, namespace=NAMESPACE)
+            return await self.clients.monitor.state(TaskIdRequest(id=container_id))
         except NotFound:
             return None
+
+    async def update_resources(self, container_id: str,
+                               r: cri.LinuxContainerResources) -> None:
+        ctr = await self.meta.container(container_id)
+        await self.clients.monitor.update(UpdateRequest(id=ctr.id, resources=Resources(
+            cpu_shares=r.cpu_shares, cpu_quota=r.cpu_quota, cpu_period=r.cpu_period,
+            cpuset_cpus=r.cpuset_cpus, cpuset_mems=r.cpuset_mems,
+            memory_limit=r.memory_limit_in_bytes)))
+        # Recorded only once applied, as containerd updates its status after the task.
+        await self.meta.update_resources(ctr.id, lambda stored: resources.record_update(
+            stored, r))
+
+    async def reopen_log(self, container_id: str) -> None:
+        ctr = await self.meta.container(container_id)
+        await self.clients.monitor.reopen_log(TaskIdRequest(id=ctr.id))
+
+    async def exec_sync(self, container_id: str, cmd: list[str], timeout: int
+                        ) -> ExecSyncReply:
+        ctr = await self.meta.container(container_id)
+        if not cmd:
+            raise Invalid("ExecSync: cmd is empty")
+        return await self.clients.monitor.exec_sync_within(ExecSyncRequest(
+            id=ctr.id, cmd=cmd, timeout=float(timeout)))
 
 
 def _log_path(pod: cri.PodSandboxConfig, ctr: cri.ContainerConfig) -> str:

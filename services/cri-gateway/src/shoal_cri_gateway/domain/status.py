@@ -1,23 +1,28 @@
-"""Runtime conditions for CRI Status, asked of the services on the container path."""
+"""CRI Status: runtime conditions asked of the services on the container path, and the
+verbose info (effective config with secrets removed, component versions)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
+from nats.aio.client import ServerVersion
+from shoal_common import __version__
 from shoal_common.bus import Bus
-from shoal_common.catalog import BY_NAME
+from shoal_common.clients import CLIENTS
+from shoal_common.clients.monitor import MonitorClient
+from shoal_common.clients.tasks import TasksClient
 from shoal_common.errors import ShoalError
-from shoal_common.messages import (
-    HealthReply,
-    HealthRequest,
-    RuntimeStatusReply,
-    RuntimeStatusRequest,
-)
+from shoal_common.messages import HealthRequest, RuntimeStatusRequest
 
 RUNTIME_READY = "RuntimeReady"
 NETWORK_READY = "NetworkReady"
-PROBE_TIMEOUT = 2.0
+# On the container path; executor and supervisor also report runc/conmon/CNI readiness.
+NEEDED = {"puller": "images", "snapshotter": "snapshots", "executor": "tasks",
+          "supervisor": "monitor"}
 
 
 @dataclass
@@ -28,15 +33,12 @@ class Condition:
     message: str = ""
 
 
-async def _problem(bus: Bus, service: str,
-                   components: dict[str, object]) -> str | None:
+async def _problem(bus: Bus, service: str, components: dict[str, object]) -> str | None:
     """None when `service` is ready, else why not. Fills `components` for verbose Status."""
-    subject = BY_NAME[service].subject
+    client = CLIENTS[NEEDED[service]](bus)
     try:
-        if service in ("executor", "supervisor"):
-            status = await bus.request(subject, "status", RuntimeStatusRequest(),
-                                       RuntimeStatusReply, attempt_timeout=PROBE_TIMEOUT,
-                                       retries=1)
+        if isinstance(client, TasksClient | MonitorClient):
+            status = await client.status(RuntimeStatusRequest())
             if service == "executor":
                 components["handlers"] = status.handlers or ["runc"]
             for c in status.components:
@@ -45,8 +47,7 @@ async def _problem(bus: Bus, service: str,
             if not status.ready:
                 return f"{service}: " + "; ".join(c.error for c in status.components if not c.ok)
         else:
-            await bus.request(subject, "health", HealthRequest(), HealthReply,
-                              attempt_timeout=PROBE_TIMEOUT, retries=1)
+            await client.health(HealthRequest())
     except ShoalError as exc:
         return f"{service}: {exc.message}"
     return None
@@ -56,9 +57,8 @@ async def runtime_conditions(bus: Bus) -> tuple[list[Condition], dict[str, objec
     """RuntimeReady needs every service on the container path up, and runc and conmon
     usable; NetworkReady needs a usable CNI config (the executor's `cni` component)."""
     components: dict[str, object] = {}
-    needed = ("puller", "snapshotter", "executor", "supervisor")
     problems = [p for p in await asyncio.gather(*(_problem(bus, s, components)
-                                                  for s in needed)) if p]
+                                                  for s in NEEDED)) if p]
     runtime = (Condition(RUNTIME_READY, True) if not problems else
                Condition(RUNTIME_READY, False, "ServicesUnavailable", "; ".join(problems)))
     cni = components.get("cni")
@@ -69,3 +69,36 @@ async def runtime_conditions(bus: Bus) -> tuple[list[Condition], dict[str, objec
         network = Condition(NETWORK_READY, False, "NetworkPluginNotReady",
                             f"Network plugin returns error: cni config uninitialized ({why})")
     return [runtime, network], components
+
+
+def nats_server_version(version: ServerVersion) -> str:
+    """The version the NATS server reports ("2.10.7"), or "" when unknown: str() of
+    nats-py's ServerVersion is its repr ("<nats server v2.10.7>"), and it reads
+    "0.0.0-unknown" while disconnected."""
+    try:
+        text = f"{version.major}.{version.minor}.{version.patch}"
+        pre, build = version.prerelease, version.build
+    except (AttributeError, TypeError, ValueError):
+        return ""
+    text += (f"-{pre}" if pre else "") + (f"+{build}" if build else "")
+    return "" if text == "0.0.0-unknown" else text
+
+
+def _version_of(components: dict[str, object], name: str) -> str:
+    entry = components.get(name)
+    return str(entry.get("version", "")) if isinstance(entry, dict) else ""
+
+
+def verbose_info(bus: Bus, components: dict[str, object]) -> dict[str, str]:
+    config: dict[str, Any] = msgspec.to_builtins(bus.config)
+    config["nats"].pop("password_file", None)  # where a secret lives stays private
+    return {
+        "config": json.dumps(config),
+        "components": json.dumps(components),
+        "version": json.dumps({
+            "shoal": __version__,
+            "nats_server": nats_server_version(bus.nc.connected_server_version),
+            "runc": _version_of(components, "runc"),
+            "conmon": _version_of(components, "conmon"),
+            "cni": _version_of(components, "cni")}),
+    }

@@ -15,29 +15,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import structlog
-from shoal_common.bus import Bus
 from shoal_common.errors import FailedPrecondition, NotFound, ShoalError
-from shoal_common.messages import Empty, Message
 from shoal_common.messages.monitor import TaskIdRequest
-from shoal_common.messages.streams import (
-    AttachInfo,
-    ExecCreateRequest,
-    ExecExit,
-    ExecIdRequest,
-    ExecSession,
-    ExecStarted,
-    ResizeRequest,
-)
+from shoal_common.messages.streams import ExecCreateRequest, ExecIdRequest, ResizeRequest
 
-from shoal_cri_gateway.domain.pods import NAMESPACE, Pods, new_id
+from shoal_cri_gateway.domain.pods import Pods, new_id
 from shoal_cri_gateway.store.metadata import ContainerRecord, PodRecord
 
 log = structlog.get_logger("shoal.cri.streams")
-
-R = TypeVar("R", bound=Message)
 
 # conmon's attach protocol: output packets start with the stream's byte; it reads at most
 # CONN_SOCK_BUF_SIZE - 1 bytes per input packet (and would drop the rest).
@@ -45,8 +33,6 @@ ATTACH_STDOUT = 2
 ATTACH_STDERR = 3
 ATTACH_MAX_INPUT = 32767
 CLONE_NEWNET = 0x40000000
-EXEC_START_TIMEOUT = 70.0  # the supervisor's own start bound plus the bus round trip
-EXEC_WAIT_TIMEOUT = 30.0  # from the end of the output to conmon's exit record
 
 
 class Reader(Protocol):
@@ -128,12 +114,9 @@ async def in_netns(path: str, fn: Callable[[], Any]) -> Any:
 
 
 class StreamRuntime:
-    def __init__(self, bus: Bus, pods: Pods) -> None:
-        self.bus = bus
+    def __init__(self, pods: Pods) -> None:
         self.pods = pods
-
-    async def _monitor(self, verb: str, msg: Message, reply: type[R], **kw: Any) -> R:
-        return await self.bus.request("monitor", verb, msg, reply, namespace=NAMESPACE, **kw)
+        self.monitor = pods.clients.monitor
 
     # -- validation for the RPCs ----------------------------------------------------------
 
@@ -157,21 +140,18 @@ class StreamRuntime:
         """Run `cmd` in the container wired to `io`; return its exit code."""
         exec_id = new_id()[:32]
         size = io.resizes.get_nowait() if tty and not io.resizes.empty() else None
-        session = await self._monitor("exec_create", ExecCreateRequest(
+        session = await self.monitor.exec_create(ExecCreateRequest(
             id=container_id, exec_id=exec_id, cmd=cmd, tty=tty, stdin=io.stdin is not None,
-            height=size.height if size else 0, width=size.width if size else 0), ExecSession)
+            height=size.height if size else 0, width=size.width if size else 0))
         try:
             sock = _connect_attach(session.attach_socket)
             try:
-                await self._monitor("exec_start", ExecIdRequest(id=container_id,
-                                                                exec_id=exec_id),
-                                    ExecStarted, attempt_timeout=EXEC_START_TIMEOUT, retries=0)
+                await self.monitor.exec_start(ExecIdRequest(id=container_id, exec_id=exec_id))
                 await self._pump(sock, io, container_id, exec_id, stdin_open=True)
             finally:
                 sock.close()
-            reply = await self._monitor("exec_wait", ExecIdRequest(id=container_id,
-                                                                   exec_id=exec_id),
-                                        ExecExit, attempt_timeout=EXEC_WAIT_TIMEOUT, retries=0)
+            reply = await self.monitor.exec_wait(ExecIdRequest(id=container_id,
+                                                               exec_id=exec_id))
         except BaseException:
             # Failed, or the client went away: the process must not run on unattended.
             await asyncio.shield(self._remove_exec(container_id, exec_id))
@@ -180,15 +160,14 @@ class StreamRuntime:
 
     async def _remove_exec(self, container_id: str, exec_id: str) -> None:
         try:
-            await self._monitor("exec_remove", ExecIdRequest(id=container_id, exec_id=exec_id),
-                                Empty)
+            await self.monitor.exec_remove(ExecIdRequest(id=container_id, exec_id=exec_id))
         except ShoalError as exc:
             log.warning("could not remove exec session", container=container_id,
                         exec_id=exec_id, error=exc.message)
 
     async def attach(self, container_id: str, io: ProcessIO) -> None:
         """Attach `io` to the container's own streams until it exits or the client leaves."""
-        info = await self._monitor("attach", TaskIdRequest(id=container_id), AttachInfo)
+        info = await self.monitor.attach(TaskIdRequest(id=container_id))
         sock = _connect_attach(info.attach_socket)
         try:
             # stdin goes on only where the container has one; the client ending it closes
@@ -234,9 +213,9 @@ class StreamRuntime:
             while True:
                 size = await io.resizes.get()
                 try:
-                    await self._monitor("resize", ResizeRequest(
+                    await self.monitor.resize(ResizeRequest(
                         id=container_id, exec_id=exec_id, height=size.height,
-                        width=size.width), Empty)
+                        width=size.width))
                 except ShoalError as exc:
                     log.info("terminal resize failed", container=container_id,
                              exec_id=exec_id, error=exc.message)

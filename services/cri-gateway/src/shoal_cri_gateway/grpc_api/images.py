@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import json
-import uuid
 
 import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
-from shoal_common.bus import Bus
-from shoal_common.errors import Invalid, NotFound
-from shoal_common.messages.images import (
-    ImageGetRequest,
-    ImageInfo,
-    ImageListReply,
-    ImageListRequest,
-    ImageRemoveReply,
-    ImageRemoveRequest,
-    PullReply,
-    PullRequest,
-    RegistryAuth,
-)
-from shoal_common.messages.snapshots import FsUsageReply, FsUsageRequest
+from shoal_common.errors import Invalid
+from shoal_common.messages.images import ImageInfo, RegistryAuth
 
+from shoal_cri_gateway.domain.images import Images
 from shoal_cri_gateway.grpc_api.rpc import rpc
-
-NAMESPACE = "k8s.io"
-# A pull without a client deadline may take this long (large images, slow registries);
-# the puller itself fails a pull that stops making progress long before.
-DEFAULT_PULL_TIMEOUT = 3600.0
 
 
 def image_user(config: bytes) -> tuple[int | None, str]:
@@ -54,16 +37,8 @@ def to_cri(info: ImageInfo) -> cri.Image:
 
 
 class ImageService(cri_grpc.ImageServiceServicer):
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-
-    async def _get(self, ref: str) -> ImageInfo | None:
-        try:
-            return await self.bus.request("images", "get",
-                                          ImageGetRequest(ref=ref, with_config=True),
-                                          ImageInfo, namespace=NAMESPACE)
-        except NotFound:
-            return None
+    def __init__(self, images: Images) -> None:
+        self.images = images
 
     @rpc
     async def PullImage(self, request: cri.PullImageRequest,
@@ -77,30 +52,21 @@ class ImageService(cri_grpc.ImageServiceServicer):
                                 server_address=a.server_address,
                                 identity_token=a.identity_token,
                                 registry_token=a.registry_token)
-        remaining = context.time_remaining()
-        timeout = remaining if remaining is not None else DEFAULT_PULL_TIMEOUT
-        reply = await self.bus.request(
-            "images", "pull", PullRequest(ref=request.image.image, pull_id=uuid.uuid4().hex,
-                                          auth=auth),
-            PullReply, namespace=NAMESPACE, timeout=timeout, attempt_timeout=timeout,
-            retries=0)
-        return cri.PullImageResponse(image_ref=reply.image.id)
+        image_id = await self.images.pull(request.image.image, auth, context.time_remaining())
+        return cri.PullImageResponse(image_ref=image_id)
 
     @rpc
     async def ListImages(self, request: cri.ListImagesRequest,
                          context: grpc.aio.ServicerContext) -> cri.ListImagesResponse:
         ref = request.filter.image.image if request.HasField("filter") else ""
-        reply = await self.bus.request("images", "list",
-                                       ImageListRequest(ref=ref, with_config=True),
-                                       ImageListReply, namespace=NAMESPACE)
-        return cri.ListImagesResponse(images=[to_cri(info) for info in reply.images])
+        return cri.ListImagesResponse(images=[to_cri(i) for i in await self.images.list(ref)])
 
     @rpc
     async def ImageStatus(self, request: cri.ImageStatusRequest,
                           context: grpc.aio.ServicerContext) -> cri.ImageStatusResponse:
         if not request.image.image:
             raise Invalid("ImageStatus: image reference is empty")
-        info = await self._get(request.image.image)
+        info = await self.images.get(request.image.image)
         if info is None:
             return cri.ImageStatusResponse()  # kubelet reads "no image" as not present
         response = cri.ImageStatusResponse(image=to_cri(info))
@@ -122,19 +88,13 @@ class ImageService(cri_grpc.ImageServiceServicer):
                           context: grpc.aio.ServicerContext) -> cri.RemoveImageResponse:
         if not request.image.image:
             raise Invalid("RemoveImage: image reference is empty")
-        try:
-            await self.bus.request("images", "remove", ImageRemoveRequest(
-                ref=request.image.image), ImageRemoveReply, namespace=NAMESPACE)
-        except NotFound:
-            pass  # the CRI makes removal idempotent
+        await self.images.remove(request.image.image)
         return cri.RemoveImageResponse()
 
     @rpc
     async def ImageFsInfo(self, request: cri.ImageFsInfoRequest,
                           context: grpc.aio.ServicerContext) -> cri.ImageFsInfoResponse:
-        # Like containerd: the image filesystem is where the snapshotter keeps the
-        # unpacked layers (the compressed blobs are a cache of the registry).
-        usage = await self.bus.request("snapshots", "fsusage", FsUsageRequest(), FsUsageReply)
+        usage = await self.images.fs_usage()
         fs = cri.FilesystemUsage(timestamp=usage.timestamp_ns,
                                  fs_id=cri.FilesystemIdentifier(mountpoint=usage.mountpoint))
         fs.used_bytes.value = usage.used_bytes

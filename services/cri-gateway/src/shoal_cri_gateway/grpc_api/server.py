@@ -11,12 +11,10 @@ from pathlib import Path
 import grpc
 import structlog
 from cri_api.v1 import api_pb2_grpc as cri_grpc
-from shoal_common.bus import Bus
 
-from shoal_cri_gateway.domain.pods import Pods
+from shoal_cri_gateway.domain.images import Images
 from shoal_cri_gateway.grpc_api.images import ImageService
-from shoal_cri_gateway.grpc_api.runtime import RuntimeService
-from shoal_cri_gateway.streaming.server import StreamServer
+from shoal_cri_gateway.grpc_api.runtime import Runtime, RuntimeService
 
 log = structlog.get_logger("shoal.cri")
 
@@ -43,11 +41,10 @@ class CriServer:
     others stand by and take it over when the owner goes away, so kubelet never loses it
     to a replica starting or stopping."""
 
-    def __init__(self, socket_path: str, bus: Bus, pods: Pods, streams: StreamServer) -> None:
+    def __init__(self, socket_path: str, runtime: Runtime, images: Images) -> None:
         self.socket_path = socket_path
-        self.bus = bus
-        self.pods = pods
-        self.streams = streams
+        self.runtime = runtime
+        self.images = images
         self._server: grpc.aio.Server | None = None
         self._inode: int | None = None  # of the socket file we bound
         self._standby: asyncio.Task[None] | None = None
@@ -76,9 +73,8 @@ class CriServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ])
-        runtime = RuntimeService(self.bus, self.pods, self.streams)
-        cri_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
-        cri_grpc.add_ImageServiceServicer_to_server(ImageService(self.bus), server)
+        cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.runtime), server)
+        cri_grpc.add_ImageServiceServicer_to_server(ImageService(self.images), server)
         old = os.umask(0o077)  # the socket is born owner-only; no window with wider modes
         try:
             server.add_insecure_port(f"unix://{path}")

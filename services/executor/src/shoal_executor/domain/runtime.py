@@ -20,6 +20,7 @@ import structlog
 from cri_api.v1 import api_pb2 as cri
 from google.protobuf.message import DecodeError
 from shoal_common.bus import Bus
+from shoal_common.clients import MonitorClient
 from shoal_common.errors import FailedPrecondition, Invalid, NotFound, ShoalError
 from shoal_common.messages.monitor import (
     MonitorCreateRequest,
@@ -40,7 +41,6 @@ log = structlog.get_logger("shoal.executor")
 DEFAULT_CGROUP_PARENT = "/shoal"
 HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 SHM_SIZE = "65536k"
-MONITOR_TIMEOUT = 60.0
 
 
 def decode_proto(cls: Any, data: bytes, what: str) -> Any:
@@ -107,9 +107,8 @@ class Runtime:
     def _bundle_dir(self, container_id: str) -> Path:
         return self.s.run_dir / "bundles" / container_id
 
-    async def _monitor(self, verb: str, message: Any, namespace: str) -> TaskState:
-        return await self.bus.request("monitor", verb, message, TaskState, namespace=namespace,
-                                      attempt_timeout=MONITOR_TIMEOUT, retries=1)
+    def _monitor(self, namespace: str) -> MonitorClient:
+        return MonitorClient(self.bus, namespace=namespace)
 
     async def _write_bundle(self, container_id: str, spec: dict[str, Any]) -> Path:
         bundle = self._bundle_dir(container_id)
@@ -177,11 +176,11 @@ class Runtime:
                 pause_id, pause_cfg, image_config, str(rootfs_dir),
                 f"{record.cgroup_parent}/{pause_id}", is_sandbox=True))
             bundle = await self._write_bundle(pause_id, spec)
-            state = await self._monitor("create", MonitorCreateRequest(
+            state = await self._monitor(namespace).create(MonitorCreateRequest(
                 id=pause_id, bundle=str(bundle), runtime=runtime,
-                sandbox_id=sandbox_id, cgroup_path=spec["linux"]["cgroupsPath"]), namespace)
+                sandbox_id=sandbox_id, cgroup_path=spec["linux"]["cgroupsPath"]))
             if state.state == "created":
-                state = await self._monitor("start", TaskIdRequest(id=pause_id), namespace)
+                state = await self._monitor(namespace).start(TaskIdRequest(id=pause_id))
             if network is not None:
                 record.ips = (await network).ips
             # Containers bind-mount it; the pause container does not, so it can come last.
@@ -223,7 +222,7 @@ class Runtime:
         for ctr in await self.records.containers_of(sandbox_id):
             await self.stop_container(ctr.id, 0.0, namespace)
         try:
-            await self._monitor("stop", StopRequest(id=sandbox_id, timeout=0.0), namespace)
+            await self._monitor(namespace).stop(StopRequest(id=sandbox_id, timeout=0.0))
         except NotFound:
             pass
         if record.netns_path and record.state != "notready":
@@ -249,7 +248,7 @@ class Runtime:
     async def _teardown(self, record: SandboxRecord, namespace: str, forget: bool) -> None:
         """Remove every trace of a sandbox: monitor, rootfs mount, shm, netns, files."""
         try:
-            await self._monitor("delete", TaskIdRequest(id=record.id), namespace)
+            await self._monitor(namespace).delete(TaskIdRequest(id=record.id))
         except ShoalError as exc:
             if not isinstance(exc, NotFound):
                 log.warning("deleting the pause task", sandbox=record.id, error=exc.message)
@@ -309,11 +308,11 @@ class Runtime:
                 container_id, config, image, str(rootfs_dir),
                 f"{sandbox.cgroup_parent}/{container_id}"))
             bundle = await self._write_bundle(container_id, spec)
-            state = await self._monitor("create", MonitorCreateRequest(
+            state = await self._monitor(namespace).create(MonitorCreateRequest(
                 id=container_id, bundle=str(bundle), log_path=config.log_path,
                 runtime=runtime, tty=config.tty, stdin=config.stdin,
                 stdin_once=config.stdin_once, sandbox_id=sandbox_id,
-                cgroup_path=spec["linux"]["cgroupsPath"]), namespace)
+                cgroup_path=spec["linux"]["cgroupsPath"]))
         except BaseException:
             await mounts.unmount(str(rootfs_dir))
             shutil.rmtree(bundle_dir, ignore_errors=True)
@@ -327,18 +326,15 @@ class Runtime:
     async def start_container(self, container_id: str, namespace: str) -> TaskState:
         if await self.records.container(container_id) is None:
             raise NotFound(f"container {container_id} not found")
-        return await self._monitor("start", TaskIdRequest(id=container_id), namespace)
+        return await self._monitor(namespace).start(TaskIdRequest(id=container_id))
 
     async def stop_container(self, container_id: str, timeout: float,
                              namespace: str) -> TaskState:
         record = await self.records.container(container_id)
         if record is None:
             raise NotFound(f"container {container_id} not found")
-        return await self.bus.request(
-            "monitor", "stop", StopRequest(id=container_id, signal=record.stop_signal,
-                                           timeout=timeout),
-            TaskState, namespace=namespace, attempt_timeout=timeout + MONITOR_TIMEOUT,
-            retries=1)
+        return await self._monitor(namespace).stop_task(StopRequest(
+            id=container_id, signal=record.stop_signal, timeout=timeout))
 
     async def remove_container(self, container_id: str, namespace: str) -> None:
         record = await self.records.container(container_id)
@@ -346,9 +342,9 @@ class Runtime:
             return
         try:
             # The CRI removes running containers too: kill first (a no-op once stopped).
-            await self._monitor("stop", StopRequest(id=container_id, signal=9, timeout=0.0),
-                                namespace)
-            await self._monitor("delete", TaskIdRequest(id=container_id), namespace)
+            await self._monitor(namespace).stop(StopRequest(id=container_id, signal=9,
+                                                            timeout=0.0))
+            await self._monitor(namespace).delete(TaskIdRequest(id=container_id))
         except NotFound:
             pass
         bundle = Path(record.bundle)

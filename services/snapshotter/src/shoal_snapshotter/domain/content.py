@@ -19,12 +19,12 @@ from pathlib import PurePosixPath
 from typing import Protocol
 
 from shoal_common.bus import Bus
+from shoal_common.clients import ImagesClient
 from shoal_common.errors import Internal
 from shoal_common.messages.images import (
     MAX_CONTENT_READ,
     ContentInfo,
     ContentInfoRequest,
-    ContentReadReply,
     ContentReadRequest,
 )
 
@@ -38,20 +38,15 @@ class ContentSource(Protocol):
 class BusContent:
     """The puller's content store over `images.content.info` / `images.content.read`."""
 
-    def __init__(self, bus: Bus, namespace: str, *, timeout: float = 30.0) -> None:
-        self.bus = bus
-        self.namespace = namespace
-        self.timeout = timeout
+    def __init__(self, bus: Bus, namespace: str) -> None:
+        self.images = ImagesClient(bus, namespace=namespace)
 
     async def info(self, digest: str) -> ContentInfo:
-        return await self.bus.request("images", "content.info",
-                                      ContentInfoRequest(digest=digest), ContentInfo,
-                                      namespace=self.namespace)
+        return await self.images.content_info(ContentInfoRequest(digest=digest))
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
-        reply = await self.bus.request(
-            "images", "content.read", ContentReadRequest(digest=digest, offset=offset, size=size),
-            ContentReadReply, namespace=self.namespace, timeout=self.timeout)
+        reply = await self.images.content_read(ContentReadRequest(digest=digest, offset=offset,
+                                                                  size=size))
         return reply.data
 
 

@@ -1,0 +1,78 @@
+"""The supervisor (`monitor.*`): one conmon per task, exits, logs, stats, exec sessions."""
+
+from __future__ import annotations
+
+from shoal_common.clients.base import PROBE_TIMEOUT, ServiceClient, Verb
+from shoal_common.messages import Empty, RuntimeStatusReply, RuntimeStatusRequest
+from shoal_common.messages.monitor import (
+    ExecSyncReply,
+    ExecSyncRequest,
+    KillRequest,
+    MonitorCreateRequest,
+    StatsReply,
+    StatsRequest,
+    StopRequest,
+    TaskIdRequest,
+    TaskListReply,
+    TaskListRequest,
+    TaskState,
+    UpdateRequest,
+)
+from shoal_common.messages.streams import (
+    AttachInfo,
+    ExecCreateRequest,
+    ExecExit,
+    ExecIdRequest,
+    ExecSession,
+    ExecStarted,
+    ResizeRequest,
+)
+
+LIFECYCLE_TIMEOUT = 60.0  # runc create/start/delete under load, plus the bus
+EXEC_START_TIMEOUT = 70.0  # the supervisor's own start bound plus the bus round trip
+EXEC_WAIT_TIMEOUT = 30.0  # from the end of the output to conmon's exit record
+EXEC_SYNC_MARGIN = 30.0  # beyond the exec's own timeout
+EXEC_SYNC_DEFAULT = 3600.0  # an ExecSync without a timeout
+
+
+class MonitorClient(ServiceClient):
+    service = "monitor"
+
+    status = Verb("status", RuntimeStatusRequest, RuntimeStatusReply,
+                  attempt_timeout=PROBE_TIMEOUT, retries=1)
+    # Tasks are made and changed by the caller's task id: a repeat finds the first's work.
+    create = Verb("create", MonitorCreateRequest, TaskState, attempt_timeout=LIFECYCLE_TIMEOUT,
+                  retries=1)
+    start = Verb("start", TaskIdRequest, TaskState, attempt_timeout=LIFECYCLE_TIMEOUT,
+                 retries=1)
+    state = Verb("state", TaskIdRequest, TaskState)
+    list_tasks = Verb("list", TaskListRequest, TaskListReply)
+    kill = Verb("kill", KillRequest, TaskState)
+    # Sent through `stop_task`, which adds the grace period to the attempt's budget.
+    stop = Verb("stop", StopRequest, TaskState, attempt_timeout=LIFECYCLE_TIMEOUT, retries=1)
+    delete = Verb("delete", TaskIdRequest, TaskState, attempt_timeout=LIFECYCLE_TIMEOUT,
+                  retries=1)
+    # Runs a command: a repeat would run it twice.
+    exec_sync = Verb("exec_sync", ExecSyncRequest, ExecSyncReply, retries=0,
+                     idempotent=False)
+    update = Verb("update", UpdateRequest, TaskState)
+    stats = Verb("stats", StatsRequest, StatsReply)
+    reopen_log = Verb("reopen_log", TaskIdRequest, TaskState)
+    exec_create = Verb("exec_create", ExecCreateRequest, ExecSession)  # by exec id
+    # Releases the exec's process once; a lost reply cannot be repeated.
+    exec_start = Verb("exec_start", ExecIdRequest, ExecStarted,
+                      attempt_timeout=EXEC_START_TIMEOUT, retries=0, idempotent=False)
+    exec_wait = Verb("exec_wait", ExecIdRequest, ExecExit, attempt_timeout=EXEC_WAIT_TIMEOUT,
+                     retries=0)
+    exec_remove = Verb("exec_remove", ExecIdRequest, Empty)
+    attach = Verb("attach", TaskIdRequest, AttachInfo)
+    resize = Verb("resize", ResizeRequest, Empty)
+
+    async def stop_task(self, req: StopRequest) -> TaskState:
+        return await self.call(MonitorClient.stop, req,
+                               attempt_timeout=LIFECYCLE_TIMEOUT + max(req.timeout, 0.0))
+
+    async def exec_sync_within(self, req: ExecSyncRequest) -> ExecSyncReply:
+        """The exec's own timeout (the supervisor enforces it) plus a margin for the bus."""
+        return await self.call(MonitorClient.exec_sync, req, timeout=(
+            req.timeout or EXEC_SYNC_DEFAULT) + EXEC_SYNC_MARGIN)

@@ -1,0 +1,55 @@
+"""Images as the CRI sees them: the puller's records in namespace k8s.io."""
+
+from __future__ import annotations
+
+import uuid
+
+from shoal_common.clients import Clients
+from shoal_common.errors import NotFound
+from shoal_common.messages.images import (
+    ImageGetRequest,
+    ImageInfo,
+    ImageListRequest,
+    ImageRemoveRequest,
+    PullRequest,
+    RegistryAuth,
+)
+from shoal_common.messages.snapshots import FsUsageReply, FsUsageRequest
+
+# A pull without a client deadline may take this long (large images, slow registries);
+# the puller itself fails a pull that stops making progress long before.
+DEFAULT_PULL_TIMEOUT = 3600.0
+
+
+class Images:
+    def __init__(self, clients: Clients) -> None:
+        self.clients = clients
+
+    async def pull(self, ref: str, auth: RegistryAuth | None, timeout: float | None) -> str:
+        """The pulled image's id; `timeout` is the client's remaining deadline."""
+        reply = await self.clients.images.pull(
+            PullRequest(ref=ref, pull_id=uuid.uuid4().hex, auth=auth),
+            timeout=timeout if timeout is not None else DEFAULT_PULL_TIMEOUT)
+        return reply.image.id
+
+    async def list(self, ref: str = "") -> list[ImageInfo]:
+        reply = await self.clients.images.list_images(ImageListRequest(ref=ref,
+                                                                       with_config=True))
+        return reply.images
+
+    async def get(self, ref: str) -> ImageInfo | None:
+        try:
+            return await self.clients.images.get(ImageGetRequest(ref=ref, with_config=True))
+        except NotFound:
+            return None
+
+    async def remove(self, ref: str) -> None:
+        try:
+            await self.clients.images.remove(ImageRemoveRequest(ref=ref))
+        except NotFound:
+            pass  # the CRI makes removal idempotent
+
+    async def fs_usage(self) -> FsUsageReply:
+        # Like containerd: the image filesystem is where the snapshotter keeps the
+        # unpacked layers (the compressed blobs are a cache of the registry).
+        return await self.clients.snapshots.fsusage(FsUsageRequest())

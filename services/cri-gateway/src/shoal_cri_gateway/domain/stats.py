@@ -1,0 +1,93 @@
+"""CRI stats: the supervisor's cgroup readings and the snapshotter's writable-layer usage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from cri_api.v1 import api_pb2 as cri
+from shoal_common.errors import NotFound, ShoalError
+from shoal_common.messages.monitor import StatsRequest, TaskStats
+from shoal_common.messages.snapshots import SnapshotKeyRequest, SnapshotUsage
+
+from shoal_cri_gateway.domain.pods import Pods
+from shoal_cri_gateway.domain.views import (
+    container_matches,
+    ctr_metadata,
+    pod_matches,
+    pod_metadata,
+)
+from shoal_cri_gateway.store.metadata import ContainerRecord, PodRecord
+
+
+def _container_stats(c: ContainerRecord, s: TaskStats,
+                     layer: SnapshotUsage | None) -> cri.ContainerStats:
+    stats = cri.ContainerStats(attributes=cri.ContainerAttributes(
+        id=c.id, metadata=ctr_metadata(c), labels=c.labels, annotations=c.annotations))
+    stats.cpu.timestamp = s.timestamp_ns
+    stats.cpu.usage_core_nano_seconds.value = s.cpu_usage_ns
+    stats.memory.timestamp = s.timestamp_ns
+    stats.memory.working_set_bytes.value = s.memory_working_set_bytes
+    stats.memory.usage_bytes.value = s.memory_usage_bytes
+    if layer is not None:
+        stats.writable_layer.timestamp = s.timestamp_ns
+        stats.writable_layer.fs_id.mountpoint = "/"
+        stats.writable_layer.used_bytes.value = layer.size
+        stats.writable_layer.inodes_used.value = layer.inodes
+    return stats
+
+
+class Stats:
+    def __init__(self, pods: Pods) -> None:
+        self.pods = pods
+        self.clients = pods.clients
+
+    async def _layer_usage(self, container_id: str) -> SnapshotUsage | None:
+        """The container's writable layer (its snapshot's own files)."""
+        try:
+            return await self.clients.snapshots.usage(SnapshotKeyRequest(key=container_id))
+        except ShoalError:
+            return None
+
+    async def _of(self, ctrs: list[ContainerRecord]) -> list[cri.ContainerStats]:
+        reply = await self.clients.monitor.stats(StatsRequest(ids=[c.id for c in ctrs]))
+        stats = {s.id: s for s in reply.stats}
+        present = [c for c in ctrs if c.id in stats]
+        layers = await asyncio.gather(*(self._layer_usage(c.id) for c in present))
+        return [_container_stats(c, stats[c.id], layer)
+                for c, layer in zip(present, layers, strict=True)]
+
+    async def container(self, container_id: str) -> cri.ContainerStats:
+        ctr = await self.pods.meta.container(container_id)
+        stats = await self._of([ctr])
+        if not stats:
+            raise NotFound(f"container {ctr.id} has no stats (it is not running)")
+        return stats[0]
+
+    async def list_containers(self, f: cri.ContainerStatsFilter | None) -> list[cri.ContainerStats]:
+        return await self._of([c for c in await self.pods.meta.containers()
+                               if container_matches(c, f)])
+
+    async def _pod(self, pod: PodRecord) -> cri.PodSandboxStats:
+        """A pod's usage is the sum of its containers' (the pause process is negligible)."""
+        ctrs = await self._of(await self.pods.meta.containers(pod.id))
+        now = time.time_ns()
+        stats = cri.PodSandboxStats(attributes=cri.PodSandboxAttributes(
+            id=pod.id, metadata=pod_metadata(pod), labels=pod.labels,
+            annotations=pod.annotations))
+        linux = stats.linux
+        linux.cpu.timestamp = now
+        linux.cpu.usage_core_nano_seconds.value = sum(
+            c.cpu.usage_core_nano_seconds.value for c in ctrs)
+        linux.memory.timestamp = now
+        linux.memory.working_set_bytes.value = sum(
+            c.memory.working_set_bytes.value for c in ctrs)
+        linux.memory.usage_bytes.value = sum(c.memory.usage_bytes.value for c in ctrs)
+        linux.containers.extend(ctrs)
+        return stats
+
+    async def pod(self, pod_id: str) -> cri.PodSandboxStats:
+        return await self._pod(await self.pods.meta.pod(pod_id))
+
+    async def list_pods(self, f: cri.PodSandboxStatsFilter | None) -> list[cri.PodSandboxStats]:
+        return [await self._pod(p) for p in await self.pods.meta.pods() if pod_matches(p, f)]
