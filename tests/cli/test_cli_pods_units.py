@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 from cri_api.v1 import api_pb2 as cri
-from shoal_cli.pods import CliError, LogDecoder, _memory, _port, _security, ago
+from shoal_cli.cri_client import CliError
+from shoal_cli.cri_logs import LogDecoder
+from shoal_cli.output import ago
+from shoal_cli.run import _memory, _port, _security
 
 TS = "2026-01-02T03:04:05.123456789Z"
 

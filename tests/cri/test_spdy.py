@@ -8,8 +8,9 @@ import struct
 import zlib
 
 import pytest
-from shoal_cri_gateway.streaming import spdy
-from shoal_cri_gateway.streaming.spdy import (
+from shoal_cri_gateway.streaming import spdy_frames
+from shoal_cri_gateway.streaming.spdy import SpdySession
+from shoal_cri_gateway.streaming.spdy_frames import (
     DataFrame,
     FrameDecoder,
     FrameEncoder,
@@ -19,7 +20,6 @@ from shoal_cri_gateway.streaming.spdy import (
     RstStream,
     Settings,
     SpdyError,
-    SpdySession,
     SynReply,
     SynStream,
     WindowUpdate,
@@ -28,10 +28,10 @@ from shoal_cri_gateway.streaming.spdy import (
 
 def test_dictionary_is_the_spec_one() -> None:
     # zlib names a preset dictionary by its Adler-32; SPDY/3 peers all use this one.
-    assert len(spdy.DICTIONARY) == 1423
-    assert zlib.adler32(spdy.DICTIONARY) == spdy.DICTIONARY_ADLER32 == 0xE3C6A7C2
-    assert spdy.DICTIONARY.startswith(b"\x00\x00\x00\x07options\x00\x00\x00\x04head")
-    assert spdy.DICTIONARY.endswith(b"charset=iso-8859-1,utf-,*,enq=0.")
+    assert len(spdy_frames.DICTIONARY) == 1423
+    assert zlib.adler32(spdy_frames.DICTIONARY) == spdy_frames.DICTIONARY_ADLER32 == 0xE3C6A7C2
+    assert spdy_frames.DICTIONARY.startswith(b"\x00\x00\x00\x07options\x00\x00\x00\x04head")
+    assert spdy_frames.DICTIONARY.endswith(b"charset=iso-8859-1,utf-,*,enq=0.")
 
 
 @pytest.mark.parametrize(("raw", "frame"), [
@@ -49,7 +49,7 @@ def test_dictionary_is_the_spec_one() -> None:
     (bytes.fromhex("00000005 01000002 6869"), DataFrame(5, b"hi", fin=True)),
     (bytes.fromhex("00000005 00000000"), DataFrame(5, b"")),
 ])
-def test_frames_known_bytes(raw: bytes, frame: spdy.Frame) -> None:
+def test_frames_known_bytes(raw: bytes, frame: spdy_frames.Frame) -> None:
     assert FrameDecoder().feed(raw) == [frame]
     assert FrameEncoder().encode(frame) == raw
 
@@ -63,7 +63,7 @@ def _compressed_block(pairs: list[tuple[bytes, bytes]], deflate: object) -> byte
 
 
 def test_syn_streams_share_one_compression_context() -> None:
-    deflate = zlib.compressobj(zdict=spdy.DICTIONARY)
+    deflate = zlib.compressobj(zdict=spdy_frames.DICTIONARY)
     decoder = FrameDecoder()
     frames = []
     for sid, kind in ((1, b"error"), (3, b"stdout")):
@@ -80,14 +80,24 @@ def test_syn_streams_share_one_compression_context() -> None:
 
 def test_encoded_header_blocks_decode_with_a_plain_zlib_stream() -> None:
     encoder = FrameEncoder()
-    inflate = zlib.decompressobj(zdict=spdy.DICTIONARY)
+    inflate = zlib.decompressobj(zdict=spdy_frames.DICTIONARY)
     for frame in (SynReply(1, {}), SynReply(3, {"x": ["a", "b"]}),
                   HeadersFrame(3, {"y": ["z"]}, fin=True)):
         raw = encoder.encode(frame)
         first, flags_length = struct.unpack_from(">II", raw)
         assert first >> 16 == 0x8003 and flags_length & 0xFFFFFF == len(raw) - 8
         block = inflate.decompress(raw[12:])
-        assert block == spdy.pack_headers(frame.headers)
+        assert block == spdy_frames.pack_headers(frame.headers)
+
+
+def test_syn_reply_and_headers_stay_apart() -> None:
+    # They share fields and encoding; the frame type still tells them apart both ways.
+    encoder, decoder = FrameEncoder(), FrameDecoder()
+    frames = [SynReply(1, {"a": ["b"]}), HeadersFrame(1, {"a": ["b"]}, fin=True)]
+    raws = [encoder.encode(f) for f in frames]
+    assert [raw[3] for raw in raws] == [2, 8]  # the type field's low byte
+    assert decoder.feed(b"".join(raws)) == frames
+    assert SynReply(1, {}) != HeadersFrame(1, {})
 
 
 def test_decoder_takes_bytes_in_any_pieces() -> None:
@@ -120,8 +130,8 @@ def test_unknown_control_frames_are_skipped() -> None:
 
 
 def test_header_bombs_are_refused() -> None:
-    deflate = zlib.compressobj(zdict=spdy.DICTIONARY)
-    block = _compressed_block([(b"x", b"a" * (spdy.MAX_HEADER_BLOCK + 10))], deflate)
+    deflate = zlib.compressobj(zdict=spdy_frames.DICTIONARY)
+    block = _compressed_block([(b"x", b"a" * (spdy_frames.MAX_HEADER_BLOCK + 10))], deflate)
     payload = struct.pack(">IIBB", 1, 0, 0, 0) + block
     with pytest.raises(SpdyError, match="larger"):
         FrameDecoder().feed(struct.pack(">HHI", 0x8003, 1, len(payload)) + payload)
@@ -160,7 +170,7 @@ class FakeTransport(asyncio.Transport):
         self.closed = True
 
 
-def sent(transport: FakeTransport, decoder: FrameDecoder) -> list[spdy.Frame]:
+def sent(transport: FakeTransport, decoder: FrameDecoder) -> list[spdy_frames.Frame]:
     frames = decoder.feed(bytes(transport.out))
     transport.out.clear()
     return frames
@@ -181,7 +191,8 @@ async def test_session_streams_pings_windows_and_goaway() -> None:
 
     # Client pings (odd ids) are echoed; a data frame for an unknown stream is reset.
     session.data_received(client.encode(Ping(5)) + client.encode(DataFrame(9, b"?")))
-    assert sent(transport, from_server) == [Ping(5), RstStream(9, spdy.RstStatus.INVALID_STREAM)]
+    assert sent(transport, from_server) == [
+        Ping(5), RstStream(9, spdy_frames.RstStatus.INVALID_STREAM)]
 
     # 150 kB unread: reading pauses; reading it reopens the windows and resumes reading.
     for _ in range(5):
@@ -193,7 +204,7 @@ async def test_session_streams_pings_windows_and_goaway() -> None:
     assert not transport.paused
     updates = [f for f in sent(transport, from_server) if isinstance(f, WindowUpdate)]
     assert {f.stream_id for f in updates} == {0, 1}
-    assert sum(f.delta for f in updates if f.stream_id == 0) >= 150_000 - spdy.DEFAULT_WINDOW
+    assert sum(f.delta for f in updates if f.stream_id == 0) >= 150_000 - spdy_frames.DEFAULT_WINDOW
 
     session.data_received(client.encode(DataFrame(1, b"", fin=True)))
     assert await stream.read() == b""
@@ -221,12 +232,12 @@ async def test_session_ends_streams_on_reset_and_on_protocol_errors() -> None:
     session.data_received(client.encode(SynStream(1, {})) + client.encode(SynStream(3, {})))
     first, second = await session.accept(), await session.accept()
     assert first is not None and second is not None
-    session.data_received(client.encode(RstStream(1, spdy.RstStatus.CANCEL)))
+    session.data_received(client.encode(RstStream(1, spdy_frames.RstStatus.CANCEL)))
     assert await first.read() == b"" and first.was_reset
     with pytest.raises(ConnectionResetError):
         await first.write(b"x")
     session.data_received(bytes.fromhex("80020006 00000004 00000001"))  # SPDY/2: refused
-    assert GoAway(3, spdy.GoAwayStatus.PROTOCOL_ERROR) in FrameDecoder().feed(
+    assert GoAway(3, spdy_frames.GoAwayStatus.PROTOCOL_ERROR) in FrameDecoder().feed(
         bytes(transport.out)) and transport.closed
 
 

@@ -53,6 +53,19 @@ def forward_error(port: int, pod_id: str, why: str) -> bytes:
     return f"error forwarding port {port} to pod {pod_id}, uid : {why}".encode()
 
 
+async def _dial(dial: Dial, pod_id: str, port: int,
+                report: Callable[[bytes], Awaitable[None]]) -> socket.socket | None:
+    """Connect to the pod's port; a failure is logged and reported to the client (on the
+    port's error stream or channel), and None returned."""
+    try:
+        return await dial(port)
+    except (ShoalError, OSError) as exc:
+        why = exc.message if isinstance(exc, ShoalError) else str(exc)
+        log.info("port forward failed", pod=pod_id, port=port, error=why)
+        await report(forward_error(port, pod_id, why))
+        return None
+
+
 async def pipe(sock: socket.socket, source: Reader, sink: Writer,
                on_pod_eof: Callable[[], None] | None = None) -> None:
     """Copy client → pod and pod → client. The client's EOF half-closes the TCP connection
@@ -140,12 +153,8 @@ async def _forward_pair(pair: _Pair, pod_id: str, dial: Dial) -> None:
         except ValueError:
             await error.write(f"invalid port {data.header('port')!r}".encode())
             return
-        try:
-            sock = await dial(port)
-        except (ShoalError, OSError) as exc:
-            why = exc.message if isinstance(exc, ShoalError) else str(exc)
-            log.info("port forward failed", pod=pod_id, port=port, error=why)
-            await error.write(forward_error(port, pod_id, why))
+        sock = await _dial(dial, pod_id, port, error.write)
+        if sock is None:
             return
         await pipe(sock, _StreamReader(data), _SpdyWriter(data), on_pod_eof=data.close)
     except ConnectionError:
@@ -257,12 +266,9 @@ async def _websocket_session(ws: web.WebSocketResponse, protocol: str, pod_id: s
             await channels.send(2 * i + 1, prefix)
 
         async def forward(i: int, port: int) -> None:
-            try:
-                sock = await dial(port)
-            except (ShoalError, OSError) as exc:
-                why = exc.message if isinstance(exc, ShoalError) else str(exc)
-                log.info("port forward failed", pod=pod_id, port=port, error=why)
-                await channels.send(2 * i + 1, forward_error(port, pod_id, why))
+            sock = await _dial(dial, pod_id, port,
+                               lambda message: channels.send(2 * i + 1, message))
+            if sock is None:
                 return
             await pipe(sock, inputs[i], channels.writer(2 * i))
 

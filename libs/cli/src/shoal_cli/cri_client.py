@@ -1,0 +1,88 @@
+"""The CRI client side the `shoal run/ps/pods/...` commands share: the connection to Shoal's
+CRI socket, the error explained to the user, and finding a container or pod by id prefix."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+from cri_api.v1 import api_pb2 as cri
+from cri_api.v1 import api_pb2_grpc as cri_grpc
+
+CONNECT_TIMEOUT = 5.0
+
+
+class CliError(Exception):
+    """A failure explained to the user as `shoal <command>: <message>`."""
+
+
+class Cri:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.runtime = cri_grpc.RuntimeServiceStub(channel)
+        self.images = cri_grpc.ImageServiceStub(channel)
+
+
+@asynccontextmanager
+async def connect(socket_path: str) -> AsyncIterator[Cri]:
+    # A plain connect first: gRPC would only time out, where the errno says what is wrong.
+    hint = "start it with `shoal up`, or point --run-root/--config at its socket"
+    try:
+        _, writer = await asyncio.open_unix_connection(socket_path)
+        writer.close()
+    except (FileNotFoundError, NotADirectoryError):
+        raise CliError(f"Shoal is not running: no CRI socket at {socket_path} "
+                       f"({hint})") from None
+    except ConnectionRefusedError:
+        raise CliError(f"Shoal is not running: nothing listens on {socket_path} "
+                       f"({hint})") from None
+    except PermissionError:
+        raise CliError(f"no permission to use {socket_path} (it is root's)") from None
+    async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise CliError(f"Shoal is not answering on {socket_path} (is `shoal up` "
+                           "running?)") from None
+        yield Cri(channel)
+
+
+async def resolve(api: Cri, ident: str) -> cri.Container | cri.PodSandbox:
+    """The one container or pod whose id is `ident` or starts with it."""
+    if not ident:
+        raise CliError("empty id")
+    ctrs = (await api.runtime.ListContainers(cri.ListContainersRequest(
+        filter=cri.ContainerFilter(id=ident)))).containers
+    pods = (await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest(
+        filter=cri.PodSandboxFilter(id=ident)))).items
+    found: list[cri.Container | cri.PodSandbox] = [*ctrs, *pods]
+    exact = [x for x in found if x.id == ident]
+    if exact:
+        return exact[0]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CliError(f"no container or pod sandbox with id {ident!r}")
+    raise CliError(f"id prefix {ident!r} is ambiguous ({len(found)} containers and pods "
+                   "match): give more of it")
+
+
+async def container_status(api: Cri, ident: str, verbose: bool = False
+                           ) -> cri.ContainerStatusResponse:
+    return await api.runtime.ContainerStatus(cri.ContainerStatusRequest(
+        container_id=ident, verbose=verbose))
+
+
+async def stop_container(api: Cri, container_id: str, timeout: int) -> None:
+    await api.runtime.StopContainer(cri.StopContainerRequest(
+        container_id=container_id, timeout=timeout))
+
+
+def exited(state: int) -> bool:
+    return state == cri.CONTAINER_EXITED
+
+
+def exit_status(code: int) -> int:
+    """A container's exit code as the CLI's own (a process exit status is 0..255)."""
+    return min(max(code, 0), 255)
