@@ -94,9 +94,11 @@ class ServiceProcess:
 class ServiceSet:
     node: Node
     procs: list[ServiceProcess] = field(default_factory=list)
+    subnet_prefix: str = ""  # of the pod network start_shoal gave this node, e.g. "10.41."
 
     def start(self, service: str, replica: str | None = None,
-              extra: Sequence[str] = ()) -> ServiceProcess:
+              extra: Sequence[str] = (), env: dict[str, str] | None = None) -> ServiceProcess:
+        """`env`: more environment for this process (e.g. SHOAL_FAULTS)."""
         replica = replica or f"{service}-{len([p for p in self.procs if p.service == service])}"
         log_dir = self.node.root / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,8 @@ class ServiceSet:
                 "--replica-id", replica, "--metrics-addr", "127.0.0.1:0",
                 "--set", "log.format=json", *extra]
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    env={**os.environ, **env} if env else None)
         sp = ServiceProcess(service, replica, proc, log_path)
         self.procs.append(sp)
         return sp

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,7 +14,7 @@ from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
 from support.images import busybox_image, pause_image, push
-from support.processes import ServiceProcess, ServiceSet
+from support.processes import ServiceProcess, ServiceSet, pids_mentioning
 from support.registry import Registry
 
 # Each start gets 10.<n>.0.0/24 on bridge shoalt<n>, so nodes never share a network.
@@ -33,12 +35,16 @@ def images_fixture(registry: Registry) -> dict[str, str]:
     return {"pause": f"{registry.host}/pods/pause:1", "busybox": f"{registry.host}/pods/busybox:1"}
 
 
-async def start_shoal(services: ServiceSet, images: dict[str, str]) -> dict[str, ServiceProcess]:
+async def start_shoal(services: ServiceSet, images: dict[str, str],
+                      env: dict[str, dict[str, str]] | None = None
+                      ) -> dict[str, ServiceProcess]:
+    """`env`: more environment per service (e.g. {"executor": {"SHOAL_FAULTS": ...}})."""
     n = next(_subnets)
+    services.subnet_prefix = f"10.{n}."
     common = ["--set", f'cri.sandbox_image="{images["pause"]}"',
               "--set", f'services.executor.pod_subnet="10.{n}.0.0/24"',
               "--set", f'services.executor.cni_bridge="shoalt{n}"']
-    procs = {name: services.start(name, extra=common) for name in (
+    procs = {name: services.start(name, extra=common, env=(env or {}).get(name)) for name in (
         "puller", "snapshotter", "executor", "supervisor", "cri-gateway")}
     for sp in procs.values():
         await asyncio.to_thread(services.wait_serving, sp)
@@ -51,3 +57,49 @@ async def remove_all_pods(api: Cri) -> None:
     for pod in pods.items:
         await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
         await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+
+
+
+def host_names() -> set[str]:
+    """Network namespaces and the pods' cgroups (default parent /shoal) on the host now."""
+    netns_dir = Path("/var/run/netns")
+    names = {f"netns {p.name}" for p in netns_dir.iterdir()} if netns_dir.exists() else set()
+    for ctrl in ("memory", "pids", "cpu"):
+        names |= {f"cgroup {p}" for p in Path(f"/sys/fs/cgroup/{ctrl}/shoal").glob("**/")
+                  if p.name != "shoal"}
+    return names
+
+
+def leftovers(services: ServiceSet, subnet_prefix: str, before: set[str]) -> list[str]:
+    """Everything a node's pods may leave on the host that is still there: runtime
+    processes (conmon, runc, the containers), mounts, network namespaces and cgroups new
+    since `before` (host_names()), IP leases, bundles, pod directories, executor and
+    supervisor records."""
+    node = services.node
+    found: list[str] = sorted(host_names() - before)
+    ours = {sp.proc.pid for sp in services}
+    for pid in pids_mentioning(str(node.root)):
+        if pid not in ours:
+            found.append(f"process {pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes()
+                         .replace(b"\0", b" ").decode(errors="replace")[:200])
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point.startswith(str(node.root)):
+            found.append(f"mount {point}")
+    ipam = Path("/var/lib/cni/networks/shoal")
+    if ipam.exists():
+        found += [f"ip lease {f.name}" for f in ipam.iterdir()
+                  if f.name.startswith(subnet_prefix)]
+    for d in ("executor/bundles", "executor/sandboxes"):
+        path = node.run_root / d
+        if path.exists():
+            found += [f"{d}/{p.name}" for p in path.iterdir()]
+    for db, tables in (("executor/executor.db", ("sandboxes", "containers")),
+                       ("supervisor/tasks.db", ("tasks",))):
+        path = node.state_root / db
+        if path.exists():
+            with sqlite3.connect(path) as conn:
+                for table in tables:
+                    found += [f"{db} {table} {row[0]}" for row in
+                              conn.execute(f"SELECT id FROM {table}")]
+    return found

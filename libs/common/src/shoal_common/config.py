@@ -24,6 +24,8 @@ from shoal_common.catalog import SERVICES
 
 DEFAULT_CONFIG_PATH = "/etc/shoal/config.toml"
 ENV_PREFIX = "SHOAL_"
+# SHOAL_* variables that are not config keys (the fault points are shoal_common.faults').
+NOT_CONFIG = frozenset({"SHOAL_CONFIG", "SHOAL_VENV", "SHOAL_FAULTS", "SHOAL_FAULTS_DIR"})
 
 
 class ConfigError(Exception):
@@ -260,7 +262,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "SHOAL_CONFIG" or name == "SHOAL_VENV":
+        if not name.startswith(ENV_PREFIX) or name in NOT_CONFIG:
             continue
         dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
         _set_path(tree, dotted, _parse_scalar(value))

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from cri_api.v1 import api_pb2 as cri
 from google.protobuf.message import DecodeError
+from shoal_common import faults
 from shoal_common.bus import Bus
 from shoal_common.clients import MonitorClient
 from shoal_common.errors import FailedPrecondition, Invalid, NotFound, ShoalError
@@ -114,7 +115,10 @@ class Runtime:
         bundle = self._bundle_dir(container_id)
         bundle.mkdir(parents=True, exist_ok=True)
         tmp = bundle / "config.json.tmp"
-        tmp.write_text(json.dumps(spec, indent=1))
+        # Owner-only from the first byte: the spec holds the container's environment.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(spec, indent=1))
         tmp.replace(bundle / "config.json")
         return bundle
 
@@ -148,6 +152,7 @@ class Runtime:
                 record.netns_name = f"shoal-{sandbox_id[:32]}"
                 record.netns_path = await netns.create(record.netns_name)
                 await self.records.put_sandbox(record)
+                faults.point("executor.sandbox.netns")
                 # CNI ADD (tens of ms of plugin runs) goes on while the pause container is
                 # created and started: neither needs the other, only the namespace.
                 network = asyncio.create_task(self.s.cni.add(
@@ -164,6 +169,7 @@ class Runtime:
             pause_id = sandbox_id
             rootfs_dir = self._bundle_dir(pause_id) / "rootfs"
             await mounts.mount_all(rootfs, str(rootfs_dir))
+            faults.point("executor.sandbox.rootfs")
             pod = PodContext.of(sandbox_id, config, netns_path=record.netns_path)
             pause_cfg = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="pause"))
             sec = config.linux.security_context
@@ -181,8 +187,10 @@ class Runtime:
                 sandbox_id=sandbox_id, cgroup_path=spec["linux"]["cgroupsPath"]))
             if state.state == "created":
                 state = await self._monitor(namespace).start(TaskIdRequest(id=pause_id))
+            faults.point("executor.sandbox.started")
             if network is not None:
                 record.ips = (await network).ips
+                faults.point("executor.sandbox.network")
             # Containers bind-mount it; the pause container does not, so it can come last.
             (pod_dir / "hosts").write_text(
                 HOSTS + (f"{record.ips[0]}\t{hostname}\n" if record.ips and hostname else ""))
@@ -246,9 +254,13 @@ class Runtime:
         await self._teardown(record, namespace, forget=True)
 
     async def _teardown(self, record: SandboxRecord, namespace: str, forget: bool) -> None:
-        """Remove every trace of a sandbox: monitor, rootfs mount, shm, netns, files."""
+        """Remove every trace of a sandbox: monitor, rootfs mount, shm, netns, files. A
+        setup that failed after the pause process started leaves it running: it is killed
+        first, since the supervisor refuses to delete a running task."""
+        monitor = self._monitor(namespace)
         try:
-            await self._monitor(namespace).delete(TaskIdRequest(id=record.id))
+            await monitor.stop(StopRequest(id=record.id, signal=9, timeout=0.0))
+            await monitor.delete(TaskIdRequest(id=record.id))
         except ShoalError as exc:
             if not isinstance(exc, NotFound):
                 log.warning("deleting the pause task", sandbox=record.id, error=exc.message)
@@ -277,7 +289,7 @@ class Runtime:
                                rootfs: list[Mount], namespace: str,
                                handler: str = "") -> ContainerCreateReply:
         existing = await self.records.container(container_id)
-        if existing is not None:
+        if existing is not None and existing.pid:
             return ContainerCreateReply(id=container_id, pid=existing.pid,
                                         bundle=existing.bundle,
                                         stop_signal=existing.stop_signal)
@@ -302,8 +314,14 @@ class Runtime:
                             hosts_path=str(pod_dir / "hosts"),
                             shm_path=str(pod_dir / "shm") if not pod_config.linux.
                             security_context.namespace_options.ipc == cri.NODE else "")
-        await mounts.mount_all(rootfs, str(rootfs_dir))
+        signal = stop_signal(config, image)
+        # The intent first (pid 0 = not made yet): a crash from here on leaves a record that
+        # a retry finishes and a remove (or the start-up sweep) undoes.
+        record = ContainerRecord(container_id, sandbox_id, str(bundle_dir), signal, 0)
+        await self.records.put_container(record)
         try:
+            await mounts.mount_all(rootfs, str(rootfs_dir))
+            faults.point("executor.container.rootfs")
             spec = build_spec(pod, ContainerContext(
                 container_id, config, image, str(rootfs_dir),
                 f"{sandbox.cgroup_parent}/{container_id}"))
@@ -313,13 +331,16 @@ class Runtime:
                 runtime=runtime, tty=config.tty, stdin=config.stdin,
                 stdin_once=config.stdin_once, sandbox_id=sandbox_id,
                 cgroup_path=spec["linux"]["cgroupsPath"]))
+            faults.point("executor.container.created")
         except BaseException:
-            await mounts.unmount(str(rootfs_dir))
-            shutil.rmtree(bundle_dir, ignore_errors=True)
+            try:
+                await asyncio.shield(self.remove_container(container_id, namespace))
+            except ShoalError as exc:  # the record stays: a later remove finishes the job
+                log.warning("undoing a failed container create", container=container_id,
+                            error=exc.message)
             raise
-        signal = stop_signal(config, image)
-        await self.records.put_container(ContainerRecord(container_id, sandbox_id, str(bundle),
-                                                         signal, state.pid))
+        record.pid = state.pid
+        await self.records.put_container(record)
         return ContainerCreateReply(id=container_id, pid=state.pid, bundle=str(bundle),
                                     stop_signal=signal)
 
