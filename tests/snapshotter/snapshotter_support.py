@@ -27,7 +27,7 @@ from shoal_common.messages.images import (
     LayerInfo,
 )
 from shoal_common.messages.snapshots import Mount
-from shoal_snapshotter.domain.unpack import chain_ids
+from shoal_common.oci import chain_ids
 from support.images import Layer, LayerBuilder, sha256_digest
 from support.processes import Node
 

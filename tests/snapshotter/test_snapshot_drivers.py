@@ -23,6 +23,7 @@ from shoal_common.errors import AlreadyExists, FailedPrecondition, Invalid, NotF
 from shoal_common.messages import Event
 from shoal_common.messages.images import ContentInfo, LayerInfo
 from shoal_common.messages.snapshots import SnapshotCommitted, SnapshotRemoved
+from shoal_common.oci import chain_ids
 from shoal_common.sqlite import Database
 from shoal_snapshotter.domain import metrics
 from shoal_snapshotter.domain import mounts as sysmount
@@ -33,9 +34,9 @@ from shoal_snapshotter.domain.drivers import (
     probe_overlay,
 )
 from shoal_snapshotter.domain.images import Images
+from shoal_snapshotter.domain.layers import PROCESS_MIN_BYTES, Unpacker
 from shoal_snapshotter.domain.locks import ChainLocks
 from shoal_snapshotter.domain.snapshots import LABEL_UNPACK, Snapshots
-from shoal_snapshotter.domain.unpack import PROCESS_MIN_BYTES, Unpacker, chain_ids
 from shoal_snapshotter.store import metadata as md
 from snapshotter_support import (
     FakeContent,

@@ -23,9 +23,9 @@ from shoal_snapshotter.domain import metrics
 from shoal_snapshotter.domain.drivers import choose_driver
 from shoal_snapshotter.domain.fsutil import disk_usage
 from shoal_snapshotter.domain.images import Images
+from shoal_snapshotter.domain.layers import Unpacker
 from shoal_snapshotter.domain.locks import ChainLocks
 from shoal_snapshotter.domain.snapshots import Snapshots
-from shoal_snapshotter.domain.unpack import Unpacker
 from shoal_snapshotter.events import TOPICS, image_event_handler, is_permanent
 from shoal_snapshotter.store import metadata as md
 

@@ -9,7 +9,6 @@ another pull (or another replica) downloading the same layer sees that download'
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,15 +27,16 @@ from shoal_common.messages.images import (
     PullProgress,
     PullRequest,
 )
-
-from shoal_puller.domain import metrics
-from shoal_puller.domain.media import (
+from shoal_common.oci import (
     FOREIGN_LAYER_TYPES,
     INDEX_TYPES,
     LAYER_TYPES,
     MANIFEST_TYPES,
     chain_ids,
+    json_object,
 )
+
+from shoal_puller.domain import metrics
 from shoal_puller.registry import (
     Credentials,
     Platform,
@@ -129,7 +129,7 @@ class Puller:
         blobs = [top.digest]
         await self.images.lease(lease, [top.digest], LEASE_TTL)
         await self.content.put(top.digest, top.body)
-        doc = _json(top.body, f"manifest of {ref}")
+        doc = json_object(top.body, f"manifest of {ref}")
         media_type = top.media_type or doc.get("mediaType", "")
         manifest_body, manifest_digest, manifest_type = top.body, top.digest, media_type
         if media_type in INDEX_TYPES or (not media_type and "manifests" in doc):
@@ -140,7 +140,7 @@ class Puller:
             blobs.append(child.digest)
             manifest_body, manifest_digest = child.body, child.digest
             manifest_type = child.media_type or desc.get("mediaType", "")
-            doc = _json(child.body, f"manifest {child.digest} of {ref}")
+            doc = json_object(child.body, f"manifest {child.digest} of {ref}")
         elif media_type not in MANIFEST_TYPES and "layers" not in doc:
             raise Invalid(f"{ref}: unsupported manifest media type {media_type!r}")
 
@@ -149,7 +149,7 @@ class Puller:
         await self.images.lease(lease, digests, LEASE_TTL)
         blobs += digests
         config_bytes = await self._fetch_small(ref, creds, config_desc)
-        config = _json(config_bytes, f"image config {config_desc['digest']}")
+        config = json_object(config_bytes, f"image config {config_desc['digest']}")
         diff_ids = config.get("rootfs", {}).get("diff_ids", [])
         if len(diff_ids) != len(layer_descs):
             raise Invalid(f"{ref}: config lists {len(diff_ids)} diff_ids for "
@@ -333,16 +333,6 @@ def _credentials(req: PullRequest) -> Credentials | None:
                                 server_address=a.server_address,
                                 identity_token=a.identity_token,
                                 registry_token=a.registry_token)
-
-
-def _json(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except ValueError as exc:
-        raise Invalid(f"{what} is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise Invalid(f"{what} is not a JSON object")
-    return doc
 
 
 def _parse_manifest(doc: dict[str, Any],

@@ -4,10 +4,13 @@ The flow is the distribution token protocol: a registry answers 401 with
 `WWW-Authenticate: Bearer realm=...,service=...,scope=...`, the client asks the realm for a
 token (anonymously, with basic credentials, or with an OAuth2 refresh token) and retries
 with `Authorization: Bearer <token>`. A `Basic` challenge is answered with the credentials.
+`Authorizer` runs that flow for the client: which credentials go to which endpoint, and the
+headers won with them, cached per endpoint, scope and credentials.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -20,9 +23,19 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import yarl
-from shoal_common.errors import Invalid
+from shoal_common.errors import FailedPrecondition, Invalid
 
 from shoal_puller.registry._http import MAX_ERROR_BODY, error_text, parse_retry_after
+from shoal_puller.registry.endpoints import Endpoint, Endpoints
+from shoal_puller.registry.metrics import count_request
+from shoal_puller.registry.reference import Reference
+from shoal_puller.registry.transport import (
+    TRANSIENT_ERRORS,
+    Attempts,
+    Transport,
+    describe,
+    transient_status,
+)
 
 CLIENT_ID = "shoal"
 DEFAULT_TOKEN_TTL = 60.0
@@ -260,3 +273,130 @@ def _token_from(realm: str, resp: aiohttp.ClientResponse, body: bytes) -> Token:
     ttl = float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else (
         DEFAULT_TOKEN_TTL)
     return Token(value, ttl)
+
+
+class Authorizer:
+    """Which credentials go to which endpoint, and the Authorization headers won with them
+    (one token fetch at a time per cache key)."""
+
+    def __init__(self, endpoints: Endpoints, transport: Transport) -> None:
+        self._endpoints = endpoints
+        self._transport = transport
+        self._tokens = TokenCache()
+        self._locks: dict[CacheKey, asyncio.Lock] = {}
+
+    def request(self, ep: Endpoint, ref: Reference, creds: Credentials | None) -> RequestAuth:
+        """The Authorization of one request to `ep` for `ref`'s repository."""
+        return RequestAuth(self, ep, ref, self._credentials(ep, ref, creds))
+
+    def cached(self, key: CacheKey) -> str | None:
+        return self._tokens.get(key)
+
+    def _credentials(self, ep: Endpoint, ref: Reference,
+                     creds: Credentials | None) -> Credentials | None:
+        """Which credentials go to `ep`: the pull's own if they are for this host (a mirror
+        gets them only when they name no server or name the mirror), else configured ones:
+        the registry's for the upstream, the mirror host's own entry for a mirror."""
+        if creds is not None and not creds.anonymous:
+            names = (ep.host,) if ep.mirror else (ref.domain, ep.host)
+            if any(creds.applies_to(name) for name in names):
+                return creds
+        cfg = (self._endpoints.host_config(ep.host) if ep.mirror
+               else self._endpoints.config(ref.domain))
+        if cfg is not None and (cfg.username or cfg.password):
+            return Credentials(username=cfg.username, password=cfg.password)
+        return None
+
+    async def authenticate(self, ep: Endpoint, ref: Reference, key: CacheKey, scope: str,
+                           challenges: list[Challenge], creds: Credentials | None,
+                           stale: str | None, body: bytes, attempts: Attempts) -> None:
+        """Answer a 401: get a header for `key` into the token cache, or raise."""
+        if stale is not None:
+            self._tokens.drop(key)
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        basic = next((c for c in challenges if c.scheme == "basic"), None)
+        if bearer is not None:
+            lock = self._locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                # Concurrent requests for the same repository share one token fetch.
+                current = self._tokens.get(key)
+                if current is None or current == stale:
+                    scopes = sorted({scope, *bearer.params.get("scope", "").split()})
+                    token = await self._fetch_token(ep, ref, bearer, scopes, creds, attempts)
+                    self._tokens.put(key, f"Bearer {token.value}", token.expires_in)
+            if not lock.locked():
+                # Idle locks go, so the dict does not grow with every repository pulled; a
+                # waiter racing this at worst fetches one token twice.
+                self._locks.pop(key, None)
+        elif basic is not None:
+            if creds is None or not (creds.username or creds.password):
+                raise FailedPrecondition(f"pull access denied for {ref.repository}: {ep} "
+                                         "requires a username and password (basic auth)")
+            self._tokens.put(key, basic_header(creds.username, creds.password), None)
+        else:
+            raise FailedPrecondition(
+                f"pull access denied for {ref.repository}: {ep} answered 401 without a "
+                f"bearer or basic challenge: {error_text(body) or 'no details'}")
+
+    async def _fetch_token(self, ep: Endpoint, ref: Reference, challenge: Challenge,
+                           scopes: list[str], creds: Credentials | None,
+                           attempts: Attempts) -> Token:
+        session = await self._transport.session()
+        while True:
+            try:
+                token = await fetch_token(session, challenge, scopes, creds, ssl_context=ep.tls,
+                                          timeout=self._transport.timeout,
+                                          headers=self._transport.headers)
+            except TokenRequestError as exc:
+                count_request(ep.host, "token", exc.status or "error")
+                if transient_status(exc.status):
+                    await attempts.failed(str(exc), exc.retry_after)
+                    continue
+                source = (f"token server {exc.realm} answered HTTP {exc.status}" if exc.status
+                          else f"challenge from {ep}")
+                raise FailedPrecondition(
+                    f"pull access denied for {ref.repository}: {exc.message} ({source})"
+                ) from None
+            except aiohttp.ClientSSLError as exc:
+                count_request(ep.host, "token", "error")
+                raise FailedPrecondition(f"token server for {ep}: TLS failed: {exc}") from None
+            except TRANSIENT_ERRORS as exc:
+                count_request(ep.host, "token", "error")
+                await attempts.failed(f"token server {challenge.params.get('realm')}: "
+                                      f"{describe(exc)}")
+                continue
+            count_request(ep.host, "token", 200)
+            return token
+
+
+class RequestAuth:
+    """The Authorization of one request to one endpoint (transport.Authorization): a
+    registry token from the kubelet as is, else the header cached for (endpoint, scope,
+    credentials), renewed at most once, on the first 401."""
+
+    def __init__(self, authorizer: Authorizer, ep: Endpoint, ref: Reference,
+                 creds: Credentials | None) -> None:
+        self._authorizer = authorizer
+        self._ep = ep
+        self._ref = ref
+        self._creds = creds
+        self._scope = f"repository:{ref.path}:pull"
+        self._key: CacheKey = (ep.name, frozenset({self._scope}),
+                               creds.fingerprint() if creds else "")
+        # A registry token is used as is: there is no token server round to repeat.
+        self._challenged = bool(creds and creds.registry_token)
+
+    def header(self) -> str | None:
+        if self._creds is not None and self._creds.registry_token:
+            return f"Bearer {self._creds.registry_token}"
+        return self._authorizer.cached(self._key)
+
+    async def renew(self, challenges: list[str], sent: str | None, body: bytes,
+                    attempts: Attempts) -> bool:
+        if self._challenged:
+            return False
+        self._challenged = True
+        await self._authorizer.authenticate(self._ep, self._ref, self._key, self._scope,
+                                            parse_challenges(challenges), self._creds, sent,
+                                            body, attempts)
+        return True

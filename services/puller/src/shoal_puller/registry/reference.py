@@ -32,7 +32,7 @@ _IMAGE_ID_RE = re.compile(r"^[a-f0-9]{64}$")
 def is_digest(text: str) -> bool:
     """True for `sha256:<64 lowercase hex>` (and sha384/sha512 with their lengths)."""
     match = _DIGEST_RE.match(text)
-    return bool(match) and len(match.group(2)) == DIGEST_HEX_LENGTH[match.group(1)]
+    return match is not None and len(match.group(2)) == DIGEST_HEX_LENGTH[match.group(1)]
 
 
 def is_tag(text: str) -> bool:
@@ -89,24 +89,43 @@ def _split_domain(name: str) -> tuple[str, str]:
 
 def parse_reference(text: str) -> Reference:
     """Parse and normalise an image reference; raise Invalid saying what is wrong."""
-
-    def bad(why: str) -> Invalid:
-        return Invalid(f"invalid image reference {text!r}: {why}")
-
-    if not text:
-        raise bad("empty")
-    if text != text.strip() or any(c.isspace() for c in text):
-        raise bad("contains whitespace")
-    if _IMAGE_ID_RE.match(text):
-        # An image id, not a name; kubelet hands those to the runtime only for local images.
-        raise bad("a 64-character hex string is an image id, not a repository name")
-
+    _check_text(text)
     name, at, digest = text.partition("@")
     if at:
-        if not digest:
-            raise bad("empty digest after '@'")
-        if not is_digest(digest):
-            raise bad(f"digest {digest!r} is not sha256:<64 hex> (or sha384/sha512)")
+        _check_digest(text, digest)
+    name, tag = _split_tag(text, name)
+    domain, path = _split_domain(name)
+    _check_name(text, domain, path)
+    if tag is None and not at:
+        tag = DEFAULT_TAG
+    return Reference(domain=domain, path=path, tag=tag, digest=digest or None)
+
+
+# The checks in the order parse_reference applies them: the first problem is the one named.
+
+def _invalid(text: str, why: str) -> Invalid:
+    return Invalid(f"invalid image reference {text!r}: {why}")
+
+
+def _check_text(text: str) -> None:
+    if not text:
+        raise _invalid(text, "empty")
+    if text != text.strip() or any(c.isspace() for c in text):
+        raise _invalid(text, "contains whitespace")
+    if _IMAGE_ID_RE.match(text):
+        # An image id, not a name; kubelet hands those to the runtime only for local images.
+        raise _invalid(text, "a 64-character hex string is an image id, not a repository name")
+
+
+def _check_digest(text: str, digest: str) -> None:
+    if not digest:
+        raise _invalid(text, "empty digest after '@'")
+    if not is_digest(digest):
+        raise _invalid(text, f"digest {digest!r} is not sha256:<64 hex> (or sha384/sha512)")
+
+
+def _split_tag(text: str, name: str) -> tuple[str, str | None]:
+    """`name` (the reference before any '@') as (repository name, tag or None)."""
     tag: str | None = None
     # A ':' after the last '/' starts the tag; one before it is a registry port.
     slash = name.rfind("/")
@@ -114,27 +133,25 @@ def parse_reference(text: str) -> Reference:
     if colon > slash:
         name, tag = name[:colon], name[colon + 1:]
         if not _TAG_RE.match(tag):
-            raise bad(f"tag {tag!r} must be 1-128 of [A-Za-z0-9_.-], not starting with '.' "
-                      "or '-'")
+            raise _invalid(text, f"tag {tag!r} must be 1-128 of [A-Za-z0-9_.-], not starting "
+                           "with '.' or '-'")
     if not name:
-        raise bad("no repository name")
+        raise _invalid(text, "no repository name")
+    return name, tag
 
-    domain, path = _split_domain(name)
+
+def _check_name(text: str, domain: str, path: str) -> None:
     if not _DOMAIN_RE.match(domain):
-        raise bad(f"registry host {domain!r} is not a valid host[:port]")
+        raise _invalid(text, f"registry host {domain!r} is not a valid host[:port]")
     if not path:
-        raise bad("no repository path after the registry host")
+        raise _invalid(text, "no repository path after the registry host")
     if path != path.lower():
-        raise bad("repository name must be lowercase")
+        raise _invalid(text, "repository name must be lowercase")
     for component in path.split("/"):
         if not component:
-            raise bad("empty path component (doubled or trailing '/')")
+            raise _invalid(text, "empty path component (doubled or trailing '/')")
         if not _PATH_COMPONENT_RE.match(component):
-            raise bad(f"path component {component!r} must be lowercase letters and digits "
-                      "separated by '.', '_', '__' or '-'")
+            raise _invalid(text, f"path component {component!r} must be lowercase letters and "
+                           "digits separated by '.', '_', '__' or '-'")
     if len(domain) + 1 + len(path) > MAX_NAME_LENGTH:
-        raise bad(f"repository name longer than {MAX_NAME_LENGTH} characters")
-
-    if tag is None and not at:
-        tag = DEFAULT_TAG
-    return Reference(domain=domain, path=path, tag=tag, digest=digest or None)
+        raise _invalid(text, f"repository name longer than {MAX_NAME_LENGTH} characters")

@@ -18,8 +18,8 @@ from shoal_common.messages.images import LayerInfo
 from shoal_common.messages.snapshots import UnpackReply
 
 from shoal_snapshotter.domain.content import ContentSource
+from shoal_snapshotter.domain.layers import Unpacker, check_layers
 from shoal_snapshotter.domain.snapshots import Snapshots
-from shoal_snapshotter.domain.unpack import Unpacker, check_layers
 from shoal_snapshotter.store import metadata as md
 
 log = structlog.get_logger("shoal.snapshotter.images")

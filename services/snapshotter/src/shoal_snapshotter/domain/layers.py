@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import os
 import pickle
 import re
@@ -39,6 +38,7 @@ import structlog
 from shoal_common.errors import FailedPrecondition, Internal, Invalid, ShoalError
 from shoal_common.messages.images import ContentInfo, LayerInfo
 from shoal_common.messages.snapshots import SnapshotCommitted, UnpackReply
+from shoal_common.oci import chain_ids
 
 from shoal_snapshotter.domain import metrics
 from shoal_snapshotter.domain.content import (
@@ -70,16 +70,6 @@ _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 # thread: a process costs about 0.2 s of interpreter start, but escapes the GIL.
 PROCESS_MIN_BYTES = 4 << 20
 _WORKER = "shoal_snapshotter.unpack.worker"
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """OCI chain IDs: ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " +
-    DiffID(Ln))."""
-    chains: list[str] = []
-    for diff_id in diff_ids:
-        chains.append(diff_id if not chains else
-                      "sha256:" + hashlib.sha256(f"{chains[-1]} {diff_id}".encode()).hexdigest())
-    return chains
 
 
 def check_layers(image: str, layers: list[LayerInfo]) -> list[str]:
