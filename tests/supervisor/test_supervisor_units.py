@@ -8,9 +8,10 @@ from pathlib import Path
 
 from shoal_common.messages.monitor import Resources
 from shoal_supervisor.domain.conmon import read_cri_log
+from shoal_supervisor.domain.exits import exit_reason
 from shoal_supervisor.domain.inotify import IN_CLOSE_WRITE, IN_MOVED_TO, Inotify
-from shoal_supervisor.domain.runtime import runtime_message
-from shoal_supervisor.domain.tasks import _resources_json, exit_reason
+from shoal_supervisor.domain.oci_runtime import runtime_message
+from shoal_supervisor.domain.tasks import _resources_json
 
 
 def test_cri_log_is_read_back_into_streams(tmp_path: Path) -> None:

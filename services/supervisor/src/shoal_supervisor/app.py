@@ -10,7 +10,8 @@ from shoal_common.messages import Event
 from shoal_common.service import ServiceContext
 
 from shoal_supervisor.domain.execs import ExecSessions
-from shoal_supervisor.domain.tasks import Layout, TaskManager
+from shoal_supervisor.domain.layout import Layout
+from shoal_supervisor.domain.tasks import TaskManager
 from shoal_supervisor.store.tasks import TaskStore
 
 
@@ -36,7 +37,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SupervisorApp]:
         # supervisor ran are recorded (and published) now.
         await manager.open()
         conmon_path = ctx.config.services.supervisor.conmon_path
-        yield SupervisorApp(manager, ExecSessions(manager, layout, conmon_path))
+        yield SupervisorApp(manager, ExecSessions(manager.record, layout, conmon_path))
     finally:
         # Containers and their conmons keep running; only our watches stop.
         await manager.close()

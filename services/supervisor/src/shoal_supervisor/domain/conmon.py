@@ -30,10 +30,10 @@ How we talk to it (from conmon's --help, its behaviour, and what it writes):
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import math
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +41,10 @@ from typing import Any
 
 from shoal_common.errors import FailedPrecondition, Internal
 
+from shoal_supervisor.domain import monitor
 from shoal_supervisor.domain.metrics import timed
-from shoal_supervisor.domain.runtime import runtime_message
+from shoal_supervisor.domain.oci_runtime import runtime_message
 
-CTL_RESIZE = 1
-CTL_REOPEN_LOG = 2
 TIMED_OUT_MESSAGE = "command timed out"
 CONMON_LOG = "conmon.log"  # conmon's own stderr before it detaches from it
 EXEC_BACKSTOP_SECONDS = 10  # conmon's own exec timeout, after ours
@@ -123,11 +122,7 @@ class _SyncPipe:
         """The child has its copy: close ours, so EOF means conmon is gone."""
         os.close(self.write_fd)
         self.write_fd = -1
-        loop = asyncio.get_running_loop()
-        self._reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(self._reader)
-        self._transport, _ = await loop.connect_read_pipe(
-            lambda: protocol, os.fdopen(self.read_fd, "rb", buffering=0))
+        self._reader, self._transport = await _pipe_reader(self.read_fd)
 
     async def message(self) -> dict[str, Any] | None:
         """The next JSON line, or None at EOF."""
@@ -152,29 +147,39 @@ class _SyncPipe:
         self.read_fd = -1
 
 
-def tail(path: Path, limit: int = 2000) -> str:
+async def _pipe_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.ReadTransport]:
+    """A stream over the read end `fd` (owned by the transport from now on)."""
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: protocol, os.fdopen(fd, "rb", buffering=0))
+    return reader, transport
+
+
+async def read_report(fd: int, timeout: float) -> dict[str, Any] | None:
+    """The first JSON line conmon writes to a sync FIFO (our read end `fd`, closed here),
+    or None once it has exited: conmon holds the FIFO open, so EOF means conmon is gone."""
+    reader, transport = await _pipe_reader(fd)
     try:
-        return path.read_text(errors="replace")[-limit:].strip()
-    except OSError:
-        return ""
-
-
-def alive(pid: int, task_id: str) -> bool:
-    """Whether `pid` is still the conmon of `task_id` (not a zombie, not a reused pid)."""
-    if pid <= 0:
-        return False
+        async with asyncio.timeout(timeout):
+            line = await reader.readline()
+    finally:
+        transport.close()
+    if not line:
+        return None
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return bool(argv) and argv[0].endswith(b"conmon") and task_id.encode() in argv
+        msg: dict[str, Any] = json.loads(line)
+    except json.JSONDecodeError:
+        return {"data": -1, "message": f"unreadable report from conmon: {line[:200]!r}"}
+    return msg
 
 
-def read_pid(path: Path) -> int:
-    try:
-        return int(path.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0
+def find(path: str) -> str:
+    """The conmon binary `path` names (a name is looked up in PATH)."""
+    found = shutil.which(path)
+    if found is None:
+        raise FailedPrecondition(f"conmon {path!r} not found")
+    return found
 
 
 class Conmon:
@@ -182,25 +187,31 @@ class Conmon:
         self.path = path
         self.log_level = log_level
 
+    def _argv(self, cid: str, cuuid: str, runtime: str, runtime_root: str, *args: str,
+              tty: bool) -> list[str]:
+        """What every conmon we run is told (ids, runtime, its root, our log level) around
+        the options of one kind of run."""
+        return [
+            self.path, "--api-version", "1", "--cid", cid, "--cuuid", cuuid, "--name", cid,
+            "--runtime", runtime, *args,
+            "--runtime-arg", f"--root={runtime_root}", "--log-level", self.log_level,
+            *(["--terminal"] if tty else []),
+        ]
+
     async def create(self, spec: CreateSpec, timeout: float) -> Created:
         """Start a detached conmon that runs `runtime create`; return once the container
         exists (its init waits for `runtime start`) or raise with the runtime's error."""
-        argv = [
-            self.path, "--api-version", "1",
-            "--cid", spec.task_id, "--cuuid", spec.task_id, "--name", spec.task_id,
-            "--runtime", spec.runtime, "--bundle", str(spec.bundle),
-            "--conmon-pidfile", str(spec.task_dir / "conmon.pid"),
+        argv = self._argv(
+            spec.task_id, spec.task_id, spec.runtime, spec.runtime_root,
+            "--bundle", str(spec.bundle),
+            "--conmon-pidfile", str(spec.task_dir / monitor.PIDFILE),
             "--container-pidfile", str(spec.task_dir / "container.pid"),
             # k8s-file is the CRI format: "<RFC3339Nano> <stdout|stderr> <P|F> <line>".
             "--log-path", f"k8s-file:{spec.log_path}" if spec.log_path else "none:",
             "--exit-dir", str(spec.exit_dir),
             "--persist-dir", str(spec.persist_dir),
             "--socket-dir-path", str(spec.socket_dir),
-            "--runtime-arg", f"--root={spec.runtime_root}",
-            "--log-level", self.log_level,
-        ]
-        if spec.tty:
-            argv.append("--terminal")
+            tty=spec.tty)
         if spec.stdin:
             argv.append("--stdin")
             if not spec.stdin_once:
@@ -212,13 +223,13 @@ class Conmon:
                 proc = await _spawn(argv, conmon_log, pipe, spec.task_dir)
                 # The first conmon exits as soon as it forked the monitor (or failed early).
                 await proc.wait()
-                conmon_pid = read_pid(spec.task_dir / "conmon.pid")
+                conmon_pid = monitor.conmon_pid(spec.task_dir)
                 msg = await _report_within(pipe, timeout, conmon_pid,
                                            f"report on {spec.task_id}")
         finally:
             pipe.close()
         if msg is None:
-            why = tail(conmon_log) or f"exit status {proc.returncode}"
+            why = monitor.tail(conmon_log) or f"exit status {proc.returncode}"
             raise Internal(f"conmon failed to create {spec.task_id}: {why}")
         pid = int(msg.get("data", -1))
         if pid <= 0:
@@ -240,17 +251,12 @@ class Conmon:
         spec_path = work_dir / "process.json"
         spec_path.write_text(json.dumps(process))
         log_path = work_dir / "exec.log"
-        argv = [
-            self.path, "--api-version", "1",
-            "--cid", task_id, "--cuuid", f"{task_id}-{work_dir.name}", "--name", task_id,
-            "--runtime", runtime, "--exec", "--exec-process-spec", str(spec_path),
+        argv = self._argv(
+            task_id, f"{task_id}-{work_dir.name}", runtime, runtime_root,
+            "--exec", "--exec-process-spec", str(spec_path),
             "--container-pidfile", str(work_dir / "exec.pid"),
-            "--log-path", f"k8s-file:{log_path}",
-            "--runtime-arg", f"--root={runtime_root}",
-            "--log-level", self.log_level, "--sync",
-        ]
-        if tty:
-            argv.append("--terminal")
+            "--log-path", f"k8s-file:{log_path}", "--sync",
+            tty=tty)
         if timeout > 0:
             argv += ["--timeout", str(math.ceil(timeout) + EXEC_BACKSTOP_SECONDS)]
         conmon_log = work_dir / CONMON_LOG
@@ -265,7 +271,8 @@ class Conmon:
                 if started is None or int(started.get("data", -1)) <= 0:
                     await proc.wait()
                     text = (runtime_message(str(started.get("message", ""))) if started
-                            else tail(conmon_log)) or f"conmon exit status {proc.returncode}"
+                            else monitor.tail(conmon_log)) or \
+                        f"conmon exit status {proc.returncode}"
                     raise FailedPrecondition(f"exec in {task_id} failed: {text}")
                 exec_pid = int(started["data"])
                 try:
@@ -287,12 +294,11 @@ class Conmon:
             pipe.close()
         if finished is None and not timed_out:
             raise Internal(f"conmon exec in {task_id} ended without an exit code: "
-                           f"{tail(conmon_log) or proc.returncode}")
+                           f"{monitor.tail(conmon_log) or proc.returncode}")
         finished = finished or {}
         timed_out = timed_out or finished.get("message") == TIMED_OUT_MESSAGE
         stdout, stderr = read_cri_log(log_path)
         return ExecResult(int(finished.get("data", -1)), stdout, stderr, timed_out)
-
 
     async def exec_attached(self, spec: AttachedExecSpec, process: dict[str, Any],
                             timeout: float) -> int:
@@ -306,26 +312,22 @@ class Conmon:
         (d / "process.json").write_text(json.dumps(process))
         os.mkfifo(spec.start_fifo, 0o600)
         os.mkfifo(spec.sync_fifo, 0o600)
-        argv = [
-            self.path, "--api-version", "1",
-            "--cid", spec.task_id, "--cuuid", spec.exec_id, "--name", spec.task_id,
-            "--runtime", spec.runtime, "--exec", "--exec-attach",
+        argv = self._argv(
+            spec.task_id, spec.exec_id, spec.runtime, spec.runtime_root,
+            "--exec", "--exec-attach",
             "--exec-process-spec", str(d / "process.json"), "--bundle", str(d),
             "--socket-dir-path", str(spec.socket_dir),
-            "--container-pidfile", str(d / "exec.pid"), "--conmon-pidfile", str(d / "conmon.pid"),
+            "--container-pidfile", str(d / "exec.pid"),
+            "--conmon-pidfile", str(d / monitor.PIDFILE),
             # conmon writes the exit code to <persist-dir>/exit: any replica can read it.
             "--persist-dir", str(d), "--log-path", "none:",
-            "--runtime-arg", f"--root={spec.runtime_root}", "--log-level", self.log_level,
-        ]
-        if spec.tty:
-            argv.append("--terminal")
+            tty=spec.tty)
         if spec.stdin:
             argv.append("--stdin")  # not --leave-stdin-open: our shutdown is the process's EOF
         start_fd = os.open(spec.start_fifo, os.O_RDWR | os.O_CLOEXEC)
         sync_fd = os.open(spec.sync_fifo, os.O_RDWR | os.O_CLOEXEC)
         attach = _SyncPipe()
-        log_fd = os.open(d / CONMON_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                         0o600)
+        log_fd = _open_log(d / CONMON_LOG)
         try:
             # The first start message: conmon reads it before it forks, so it is consumed
             # long before the attach socket exists and the second one can be written.
@@ -338,7 +340,7 @@ class Conmon:
                     pass_fds=(start_fd, sync_fd, attach.write_fd), env=env, cwd=d)
                 await attach.spawned()
                 await proc.wait()  # the first conmon exits once it forked the monitor
-                conmon_pid = read_pid(d / "conmon.pid")
+                conmon_pid = monitor.conmon_pid(d)
                 msg = await _report_within(attach, timeout, conmon_pid,
                                            f"open the attach socket of exec {spec.exec_id}")
         finally:
@@ -346,7 +348,7 @@ class Conmon:
                 os.close(fd)
             attach.close()
         if msg is None or int(msg.get("data", -1)) != 0:
-            why = (str(msg.get("message", "")) if msg else "") or tail(d / CONMON_LOG)
+            why = (str(msg.get("message", "")) if msg else "") or monitor.tail(d / CONMON_LOG)
             raise Internal(f"conmon failed to prepare exec {spec.exec_id} in {spec.task_id}: "
                            f"{why or f'exit status {proc.returncode}'}")
         return conmon_pid
@@ -370,35 +372,16 @@ def read_cri_log(path: Path) -> tuple[bytes, bytes]:
     return bytes(streams[b"stdout"]), bytes(streams[b"stderr"])
 
 
-def reopen_log(bundle: Path) -> None:
-    """Ask the container's conmon to reopen its log file (after a rotation)."""
-    _control(bundle, f"{CTL_REOPEN_LOG} 0 0\n")
-
-
-def resize(bundle: Path, height: int, width: int) -> None:
-    """Set the terminal size of the process conmon runs from `bundle` (a container's bundle
-    or an exec session's directory)."""
-    _control(bundle, f"{CTL_RESIZE} {height} {width}\n")
-
-
-def _control(bundle: Path, line: str) -> None:
-    try:
-        fd = os.open(bundle / "ctl", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ENXIO, errno.ENOENT):  # no reader: conmon has exited
-            raise FailedPrecondition("the process's monitor is not running") from None
-        raise
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+def _open_log(path: Path) -> int:
+    """conmon's own stderr file, owner-only, appended to."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
 async def _spawn(argv: list[str], log_path: Path, pipe: _SyncPipe,
                  cwd: Path) -> asyncio.subprocess.Process:
     """Start conmon with the sync pipe, its own stderr to `log_path` (what it says before
     it detaches from it is all we get to explain an early failure)."""
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    log_fd = _open_log(log_path)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,

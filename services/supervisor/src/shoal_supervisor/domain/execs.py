@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import re
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from shoal_common.errors import (
@@ -41,26 +40,17 @@ from shoal_common.messages.streams import (
     ResizeRequest,
 )
 
-from shoal_supervisor.domain import conmon
+from shoal_supervisor.domain import conmon, monitor
 from shoal_supervisor.domain.conmon import AttachedExecSpec, Conmon
-from shoal_supervisor.domain.runtime import runtime_message
+from shoal_supervisor.domain.layout import Layout
+from shoal_supervisor.domain.oci_runtime import runtime_message
 from shoal_supervisor.store.tasks import RUNNING, TaskRecord
 
-if TYPE_CHECKING:
-    from shoal_supervisor.domain.tasks import Layout, TaskManager
-
-
-async def poll_until(done: Callable[[], bool], timeout: float, interval: float) -> bool:
-    """For states only the file system shows (a process gone, a file replaced)."""
-    end = time.monotonic() + timeout
-    while True:
-        if done():
-            return True
-        if time.monotonic() >= end:
-            return False
-        await asyncio.sleep(interval)
-
 log = structlog.get_logger("shoal.supervisor")
+
+# The task of an id, with an exit conmon already wrote taken into account; NotFound if none.
+# Passed in (TaskManager.record), so sessions need not know how tasks are managed.
+RecordLookup = Callable[[str], Awaitable[TaskRecord]]
 
 _EXEC_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PREPARE_TIMEOUT = 30.0  # conmon up to its attach socket
@@ -100,12 +90,12 @@ def discard_sessions(task_dir: Path, socket_dir: Path) -> None:
     if not root.is_dir():
         return
     for session in root.iterdir():
-        _kill(conmon.read_pid(session / "conmon.pid"), session.name)
+        _kill(monitor.conmon_pid(session), session.name)
         (socket_dir / session.name).unlink(missing_ok=True)
 
 
 def _kill(conmon_pid: int, exec_id: str) -> None:
-    if conmon.alive(conmon_pid, exec_id):
+    if monitor.alive(conmon_pid, exec_id):
         with contextlib.suppress(ProcessLookupError):
             os.kill(conmon_pid, signal.SIGKILL)
 
@@ -118,30 +108,9 @@ def _parent_of(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
 
 
-async def _first_line(fd: int, timeout: float) -> dict[str, Any] | None:
-    """The first JSON line conmon writes to its sync FIFO (our read end `fd`, closed here),
-    or None once it has exited: conmon holds the FIFO open, so EOF means conmon is gone."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
-    try:
-        async with asyncio.timeout(timeout):
-            line = await reader.readline()
-    finally:
-        transport.close()
-    if not line:
-        return None
-    try:
-        msg: dict[str, Any] = json.loads(line)
-    except json.JSONDecodeError:
-        return {"data": -1, "message": f"unreadable report from conmon: {line[:200]!r}"}
-    return msg
-
-
 class ExecSessions:
-    def __init__(self, tasks: TaskManager, layout: Layout, conmon_path: str) -> None:
-        self.tasks = tasks
+    def __init__(self, record: RecordLookup, layout: Layout, conmon_path: str) -> None:
+        self._record = record
         self.layout = layout
         self.conmon_path = conmon_path
 
@@ -157,7 +126,7 @@ class ExecSessions:
         return d
 
     async def _running(self, task_id: str) -> TaskRecord:
-        task = await self.tasks.record(task_id)
+        task = await self._record(task_id)
         if task.state != RUNNING:
             raise FailedPrecondition(f"container {task_id} is not running ({task.state})")
         return task
@@ -167,16 +136,14 @@ class ExecSessions:
             raise Invalid("exec: cmd is empty")
         d = self._dir(req.id, req.exec_id)
         task = await self._running(req.id)
-        conmon_path = shutil.which(self.conmon_path)
-        if conmon_path is None:
-            raise FailedPrecondition(f"conmon {self.conmon_path!r} not found")
+        conmon_path = conmon.find(self.conmon_path)
         spec = AttachedExecSpec(
             task_id=task.id, exec_id=req.exec_id, runtime=task.runtime,
             runtime_root=task.runtime_root, session_dir=d, socket_dir=self.layout.socket_dir,
             tty=req.tty, stdin=req.stdin)
         if d.exists():
             # A retry of a create that got through: the same session, if it still waits.
-            if (conmon.alive(conmon.read_pid(d / "conmon.pid"), req.exec_id)
+            if (monitor.alive(monitor.conmon_pid(d), req.exec_id)
                     and spec.attach_socket.exists()):
                 return ExecSession(exec_id=req.exec_id, attach_socket=str(spec.attach_socket))
             raise AlreadyExists(f"exec session {req.exec_id} already exists")
@@ -195,30 +162,24 @@ class ExecSessions:
 
     async def start(self, req: ExecIdRequest, budget: float) -> ExecStarted:
         d = self._existing(req.id, req.exec_id)
-        started = conmon.read_pid(d / "exec.pid")
+        started = monitor.read_pid(d / "exec.pid")
         if started > 0:
             return ExecStarted(pid=started)  # a retry: already running (or ran)
         # Open the report FIFO before releasing conmon: its report then cannot be lost.
         sync_fd = os.open(d / "sync", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fd = os.open(d / "start", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
+            monitor.write_fifo(d / "start", b"1\n", f"exec session {req.exec_id} has ended")
+        except BaseException:
             os.close(sync_fd)
-            if exc.errno in (errno.ENXIO, errno.ENOENT):  # no reader: conmon is gone
-                raise FailedPrecondition(f"exec session {req.exec_id} has ended") from None
             raise
         try:
-            os.write(fd, b"1\n")
-        finally:
-            os.close(fd)
-        try:
-            msg = await _first_line(sync_fd, max(1.0, min(START_TIMEOUT, budget - 1)))
+            msg = await conmon.read_report(sync_fd, max(1.0, min(START_TIMEOUT, budget - 1)))
         except TimeoutError:
             raise DeadlineExceeded(f"exec {req.exec_id} in {req.id} did not start") from None
         pid = int(msg.get("data", -1)) if msg else -1
         if pid <= 0:
             why = (runtime_message(str(msg.get("message", ""))) if msg else "") or \
-                conmon.tail(d / conmon.CONMON_LOG) or "its monitor exited"
+                monitor.tail(d / conmon.CONMON_LOG) or "its monitor exited"
             raise FailedPrecondition(f"exec in {req.id} failed: {why}")
         log.info("exec started", task=req.id, exec_id=req.exec_id, pid=pid)
         return ExecStarted(pid=pid)
@@ -226,14 +187,14 @@ class ExecSessions:
     async def wait(self, req: ExecIdRequest, budget: float) -> ExecExit:
         """The exit code once conmon recorded it; the session is then forgotten."""
         d = self._existing(req.id, req.exec_id)
-        conmon_pid = conmon.read_pid(d / "conmon.pid")
+        conmon_pid = monitor.conmon_pid(d)
         end = time.monotonic() + max(0.0, budget - 1)
         while True:
             code = _exit_code(d)
-            if code is None and not conmon.alive(conmon_pid, req.exec_id):
+            if code is None and not monitor.alive(conmon_pid, req.exec_id):
                 code = _exit_code(d)  # written just before it went
                 if code is None:
-                    why = conmon.tail(d / conmon.CONMON_LOG)
+                    why = monitor.tail(d / conmon.CONMON_LOG)
                     self._discard(d, req.exec_id)
                     raise FailedPrecondition(f"exec {req.exec_id} in {req.id} ended without "
                                              f"an exit code{': ' + why if why else ''}")
@@ -250,18 +211,18 @@ class ExecSessions:
         d = self._dir(req.id, req.exec_id)
         if not d.is_dir():
             return
-        conmon_pid = conmon.read_pid(d / "conmon.pid")
-        pid = conmon.read_pid(d / "exec.pid")
+        conmon_pid = monitor.conmon_pid(d)
+        pid = monitor.read_pid(d / "exec.pid")
         # The exec's parent is its conmon (a subreaper): a check against a reused pid.
         if pid > 0 and conmon_pid > 0 and _parent_of(pid) == conmon_pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        await poll_until(lambda: not conmon.alive(conmon_pid, req.exec_id), REMOVE_GRACE, 0.02)
+        await monitor.wait_gone(conmon_pid, req.exec_id, REMOVE_GRACE, 0.02)
         self._discard(d, req.exec_id)
         log.info("exec session removed", task=req.id, exec_id=req.exec_id)
 
     def _discard(self, d: Path, exec_id: str) -> None:
-        _kill(conmon.read_pid(d / "conmon.pid"), exec_id)
+        _kill(monitor.conmon_pid(d), exec_id)
         (self.layout.socket_dir / exec_id).unlink(missing_ok=True)
         shutil.rmtree(d, ignore_errors=True)
 
@@ -277,10 +238,10 @@ class ExecSessions:
         if not (0 < req.height < 65536 and 0 < req.width < 65536):
             raise Invalid(f"terminal size {req.width}x{req.height} is not valid")
         if req.exec_id:
-            conmon.resize(self._existing(req.id, req.exec_id), req.height, req.width)
+            monitor.resize(self._existing(req.id, req.exec_id), req.height, req.width)
         else:
             task = await self._running(req.id)
-            conmon.resize(Path(task.bundle), req.height, req.width)
+            monitor.resize(Path(task.bundle), req.height, req.width)
 
 
 def _exit_code(d: Path) -> int | None:

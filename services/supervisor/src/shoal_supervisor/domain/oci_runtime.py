@@ -68,8 +68,8 @@ async def run(argv: list[str], op: str, *, stdin: bytes | None = None,
     return Result(proc.returncode or 0, out, err)
 
 
-class Runtime:
-    """One runtime binary with one state directory (`--root`)."""
+class OciRuntime:
+    """One OCI runtime binary (runc or compatible) with one state directory (`--root`)."""
 
     def __init__(self, path: str, root: str) -> None:
         self.path = path
