@@ -6,21 +6,29 @@ exit codes they record, the CRI log files, and stats from the cgroups."""
 from __future__ import annotations
 
 from shoal_common.messages.base import Event, Message
+from shoal_common.messages.fields import (
+    AbsPath,
+    ObjectId,
+    OptionalAbsPath,
+    OptionalId,
+    Seconds,
+    Signal,
+)
 
 
 class MonitorCreateRequest(Message):
     """Create (not start) a container from a prepared OCI bundle, under its own conmon."""
 
-    id: str  # caller-chosen container id; a retry with the same id is answered, not redone
-    bundle: str  # directory holding config.json (and the rootfs it names)
-    log_path: str = ""  # CRI log file (the format kubelet reads); empty = no log
+    id: ObjectId  # caller-chosen container id; a retry with the same id is answered, not redone
+    bundle: AbsPath  # directory holding config.json (and the rootfs it names)
+    log_path: OptionalAbsPath = ""  # CRI log file (the format kubelet reads); empty = no log
     runtime: str = "runc"  # OCI runtime binary
-    runtime_root: str = ""  # --root of the runtime (state dir); empty = the supervisor's
+    runtime_root: OptionalAbsPath = ""  # --root of the runtime (state dir); empty = default
     tty: bool = False
     stdin: bool = False
     stdin_once: bool = False
-    sandbox_id: str = ""  # the pod this container belongs to ("" for a pod's own pause)
-    cgroup_path: str = ""  # as written in config.json linux.cgroupsPath, for stats
+    sandbox_id: OptionalId = ""  # the pod this container belongs to ("" for its own pause)
+    cgroup_path: OptionalAbsPath = ""  # as written in config.json linux.cgroupsPath
     labels: dict[str, str] = {}
 
 
@@ -44,11 +52,11 @@ class TaskState(Message):
 class TaskIdRequest(Message):
     """For start, state, delete and reopen_log."""
 
-    id: str
+    id: ObjectId
 
 
 class TaskListRequest(Message):
-    sandbox_id: str = ""
+    sandbox_id: OptionalId = ""
 
 
 class TaskListReply(Message):
@@ -56,23 +64,23 @@ class TaskListReply(Message):
 
 
 class KillRequest(Message):
-    id: str
-    signal: int = 15
+    id: ObjectId
+    signal: Signal = 15
     all: bool = False  # signal every process of the container
 
 
 class StopRequest(Message):
     """Signal, wait up to `timeout` seconds for the exit, then SIGKILL (CRI StopContainer)."""
 
-    id: str
-    signal: int = 15
-    timeout: float = 10.0
+    id: ObjectId
+    signal: Signal = 15
+    timeout: Seconds = 10.0
 
 
 class ExecSyncRequest(Message):
-    id: str
+    id: ObjectId
     cmd: list[str]
-    timeout: float = 0.0  # 0 = no timeout
+    timeout: Seconds = 0.0  # 0 = no timeout
     env: list[str] = []
     tty: bool = False
 
@@ -96,12 +104,12 @@ class Resources(Message):
 
 
 class UpdateRequest(Message):
-    id: str
+    id: ObjectId
     resources: Resources
 
 
 class StatsRequest(Message):
-    ids: list[str] = []  # empty = every container this node monitors
+    ids: list[ObjectId] = []  # empty = every container this node monitors
 
 
 class TaskStats(Message):

@@ -4,6 +4,7 @@ containerd's terms: committed snapshots are keyed by chain ID; active ones are w
 from __future__ import annotations
 
 from shoal_common.messages.base import Event, Message
+from shoal_common.messages.fields import Printable, SnapshotKey
 from shoal_common.messages.images import LayerInfo
 
 
@@ -25,14 +26,14 @@ class SnapshotInfo(Message):
 
 
 class PrepareRequest(Message):
-    key: str  # caller-chosen: a retry with the same key and parent returns the same mounts
-    parent: str = ""  # a committed snapshot (chain ID), or "" for an empty one
+    key: SnapshotKey  # caller-chosen: a retry with the same key and parent returns the same
+    parent: Printable = ""  # a committed snapshot (chain ID), or "" for an empty one
     labels: dict[str, str] = {}
 
 
 class ViewRequest(Message):
-    key: str
-    parent: str
+    key: SnapshotKey
+    parent: Printable
     labels: dict[str, str] = {}
 
 
@@ -41,15 +42,15 @@ class MountsReply(Message):
 
 
 class CommitRequest(Message):
-    name: str
-    key: str
+    name: SnapshotKey
+    key: SnapshotKey
     labels: dict[str, str] = {}
 
 
 class SnapshotKeyRequest(Message):
     """For remove, mounts, stat and usage."""
 
-    key: str
+    key: SnapshotKey
 
 
 class SnapshotUsage(Message):
@@ -69,7 +70,7 @@ class SnapshotListReply(Message):
 class UnpackRequest(Message):
     """Make sure every layer of an image is a committed snapshot (idempotent)."""
 
-    image: str  # the image name, for messages and logs
+    image: Printable  # the image name, for messages and logs
     layers: list[LayerInfo]
 
 

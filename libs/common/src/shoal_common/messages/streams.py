@@ -10,12 +10,17 @@ supervisor replica may answer any of them."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from msgspec import Meta
+
 from shoal_common.messages.base import Message
+from shoal_common.messages.fields import AbsPath, ExecId, ObjectId
 
 
 class ExecCreateRequest(Message):
-    id: str  # the container
-    exec_id: str  # caller-chosen session id (1-64 of [A-Za-z0-9_-]); a retry is answered
+    id: ObjectId  # the container
+    exec_id: ExecId  # caller-chosen session id; a retry is answered
     cmd: list[str]
     env: list[str] = []
     tty: bool = False
@@ -26,17 +31,17 @@ class ExecCreateRequest(Message):
 
 
 class ExecSession(Message):
-    exec_id: str
+    exec_id: ExecId
     # conmon's attach socket (unix SOCK_SEQPACKET): input packets are raw stdin bytes,
     # output packets start with a byte naming the stream (2 stdout, 3 stderr).
-    attach_socket: str
+    attach_socket: AbsPath
 
 
 class ExecIdRequest(Message):
     """For exec_start, exec_wait and exec_remove."""
 
-    id: str
-    exec_id: str
+    id: ObjectId
+    exec_id: ExecId
 
 
 class ExecStarted(Message):
@@ -50,7 +55,7 @@ class ExecExit(Message):
 class AttachInfo(Message):
     """Where to attach to a running container's own conmon (request: TaskIdRequest)."""
 
-    attach_socket: str
+    attach_socket: AbsPath
     tty: bool = False
     stdin: bool = False  # the container was created with stdin open
     stdin_once: bool = False
@@ -59,7 +64,7 @@ class AttachInfo(Message):
 class ResizeRequest(Message):
     """Resize the terminal of a container (exec_id "") or of one of its exec sessions."""
 
-    id: str
-    height: int
-    width: int
-    exec_id: str = ""
+    id: ObjectId
+    height: Annotated[int, Meta(ge=0, le=65535)]
+    width: Annotated[int, Meta(ge=0, le=65535)]
+    exec_id: Annotated[str, Meta(pattern=r"\A[A-Za-z0-9_-]{0,64}\Z")] = ""

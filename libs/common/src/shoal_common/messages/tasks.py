@@ -7,15 +7,16 @@ them into OCI specs — decodes them with the same generated types kubelet uses.
 from __future__ import annotations
 
 from shoal_common.messages.base import Message
+from shoal_common.messages.fields import HandlerName, ObjectId, Seconds
 from shoal_common.messages.snapshots import Mount
 
 
 class SandboxCreateRequest(Message):
-    id: str  # caller-chosen; a retry with the same id returns the existing sandbox
+    id: ObjectId  # caller-chosen; a retry with the same id returns the existing sandbox
     config: bytes  # runtime.v1 PodSandboxConfig
     pause_image_config: bytes  # the pause image's config JSON
     rootfs: list[Mount]  # the pause container's snapshot
-    runtime_handler: str = ""
+    runtime_handler: HandlerName = ""
 
 
 class SandboxInfo(Message):
@@ -29,17 +30,17 @@ class SandboxInfo(Message):
 
 
 class SandboxIdRequest(Message):
-    id: str
+    id: ObjectId
 
 
 class ContainerCreateRequest(Message):
-    id: str  # caller-chosen; a retry with the same id returns the existing container
-    sandbox_id: str
+    id: ObjectId  # caller-chosen; a retry with the same id returns the existing container
+    sandbox_id: ObjectId
     config: bytes  # runtime.v1 ContainerConfig
     sandbox_config: bytes  # runtime.v1 PodSandboxConfig of its pod
     image_config: bytes  # the image config JSON
     rootfs: list[Mount]  # the container's writable snapshot
-    runtime_handler: str = ""
+    runtime_handler: HandlerName = ""
 
 
 class ContainerCreateReply(Message):
@@ -50,9 +51,9 @@ class ContainerCreateReply(Message):
 
 
 class ContainerStopRequest(Message):
-    id: str
-    timeout: float = 10.0  # then SIGKILL
+    id: ObjectId
+    timeout: Seconds = 10.0  # then SIGKILL
 
 
 class ContainerIdRequest(Message):
-    id: str
+    id: ObjectId
