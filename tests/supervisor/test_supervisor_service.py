@@ -134,6 +134,16 @@ async def test_create_errors(sup: Harness) -> None:
     with pytest.raises(Invalid, match=r"at `\$\.bundle`"):
         await sup.call("create", MonitorCreateRequest(id="sup-x2", bundle="rel/bundle"),
                        TaskState)
+    # A message names a runtime handler, never a binary: only configured ones run.
+    named = sup.root / "named-bundle"
+    named.mkdir()
+    (named / "config.json").write_text("{}")
+    with pytest.raises(Invalid, match="runtime_handler 'evil' is not configured"):
+        await sup.call("create", MonitorCreateRequest(id="sup-x3", bundle=str(named),
+                                                      runtime_handler="evil"), TaskState)
+    with pytest.raises(Invalid, match=r"at `\$\.runtime_handler`"):
+        await sup.call("create", MonitorCreateRequest(id="sup-x4", bundle=str(empty),
+                                                      runtime_handler="/tmp/evil"), TaskState)
     with pytest.raises(Invalid, match=r"at `\$\.id`"):
         await sup.call("create", MonitorCreateRequest(id="../x", bundle=str(empty)),
                        TaskState)

@@ -124,11 +124,26 @@ class SnapshotterConfig(ServiceConfig):
     unpack_workers: int = 4
 
 
+class RuntimeConfig(_Section):
+    """The OCI runtimes, by CRI runtime handler. The executor names a handler; the
+    supervisor runs only the binaries named here (a bus message never names a binary)."""
+
+    # The default runtime binary (looked up in PATH unless absolute): handler "runc".
+    path: str = "runc"
+    # More handlers: name → OCI runtime binary, e.g. {crun = "/usr/bin/crun"}.
+    handlers: dict[str, str] = {}
+
+    def names(self) -> list[str]:
+        return ["runc", *sorted(h for h in self.handlers if h != "runc")]
+
+    def binary(self, handler: str) -> str:
+        """The binary of `handler` ("" = "runc"); KeyError for one not configured."""
+        if handler in ("", "runc"):
+            return self.path
+        return self.handlers[handler]
+
+
 class ExecutorConfig(ServiceConfig):
-    # The default OCI runtime binary (looked up in PATH unless absolute): handler "runc".
-    runtime_path: str = "runc"
-    # More CRI runtime handlers: name → OCI runtime binary, e.g. {crun = "/usr/bin/crun"}.
-    runtime_handlers: dict[str, str] = {}
     # Pod networking: the first config (lexical order) in the conf dir is used; empty =
     # <state_root>/executor/cni/net.d, where Shoal installs its default bridge network
     # (pod_subnet on bridge `cni_bridge`) when the directory holds no config.
@@ -195,6 +210,7 @@ class Config(_Section):
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     services: ServicesConfig = msgspec.field(default_factory=ServicesConfig)
     cri: CriConfig = msgspec.field(default_factory=CriConfig)
+    runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     launcher: LauncherConfig = msgspec.field(default_factory=LauncherConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 

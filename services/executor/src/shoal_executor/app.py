@@ -45,8 +45,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[ExecutorApp]:
     records = Records(ctx.state_dir / "executor.db")
     await records.open()
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    runtime = Runtime(RuntimeSettings(ctx.run_dir, cfg.runtime_path, cni,
-                                      dict(cfg.runtime_handlers)), records, ctx.bus)
+    runtime = Runtime(RuntimeSettings(ctx.run_dir, ctx.config.runtime, cni), records, ctx.bus)
     try:
         yield ExecutorApp(runtime, cni)
     finally:

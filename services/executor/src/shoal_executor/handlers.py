@@ -29,7 +29,7 @@ Ctx = RequestContext[ExecutorApp]
 @router.command("status")
 async def status(ctx: Ctx, req: RuntimeStatusRequest) -> RuntimeStatusReply:
     """runc must run; the `cni` component says whether pod networking is usable."""
-    runc = await probe_binary("runc", ctx.bus.config.services.executor.runtime_path)
+    runc = await probe_binary("runc", ctx.bus.config.runtime.path)
     try:
         net = ctx.app.cni.network()
         cni = ComponentStatus(name="cni", path=net.source, ok=True, version=net.version)
@@ -37,7 +37,7 @@ async def status(ctx: Ctx, req: RuntimeStatusRequest) -> RuntimeStatusReply:
         cni = ComponentStatus(name="cni", path=str(ctx.app.cni.conf_dir), ok=False,
                               error=exc.message)
     return RuntimeStatusReply(ready=runc.ok, components=[runc, cni],
-                              handlers=["runc", *sorted(ctx.app.runtime.s.handlers)])
+                              handlers=ctx.bus.config.runtime.names())
 
 
 @router.command("sandbox.create")

@@ -31,7 +31,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SupervisorApp]:
     async def publish(event: Event, namespace: str, event_id: str) -> None:
         await ctx.bus.publish_event(event, namespace=namespace, event_id=event_id)
 
-    manager = TaskManager(store, layout, ctx.config.services.supervisor.conmon_path, publish)
+    manager = TaskManager(store, layout, ctx.config.services.supervisor.conmon_path, publish,
+                          runtimes=ctx.config.runtime)
     try:
         # Reconciles before the first command is served: exits that happened while no
         # supervisor ran are recorded (and published) now.

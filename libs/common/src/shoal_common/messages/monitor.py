@@ -8,6 +8,7 @@ from __future__ import annotations
 from shoal_common.messages.base import Event, Message
 from shoal_common.messages.fields import (
     AbsPath,
+    HandlerName,
     ObjectId,
     OptionalAbsPath,
     OptionalId,
@@ -22,7 +23,8 @@ class MonitorCreateRequest(Message):
     id: ObjectId  # caller-chosen container id; a retry with the same id is answered, not redone
     bundle: AbsPath  # directory holding config.json (and the rootfs it names)
     log_path: OptionalAbsPath = ""  # CRI log file (the format kubelet reads); empty = no log
-    runtime: str = "runc"  # OCI runtime binary
+    # The CRI runtime handler; the supervisor maps it to a binary with its own config.
+    runtime_handler: HandlerName = ""
     runtime_root: OptionalAbsPath = ""  # --root of the runtime (state dir); empty = default
     tty: bool = False
     stdin: bool = False

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from shoal_common import faults
 from shoal_common.bus import Bus
 from shoal_common.clients import MonitorClient
+from shoal_common.config import RuntimeConfig
 from shoal_common.errors import FailedPrecondition, Invalid, NotFound, ShoalError
 from shoal_common.messages.monitor import (
     MonitorCreateRequest,
@@ -80,18 +81,15 @@ def resolv_conf(dns: cri.DNSConfig | None) -> str:
 @dataclass
 class RuntimeSettings:
     run_dir: Path  # <run_root>/executor
-    runtime_path: str
+    runtimes: RuntimeConfig
     cni: Cni
-    handlers: dict[str, str] = field(default_factory=dict)  # extra CRI runtime handlers
 
     def runtime_for(self, handler: str) -> str:
-        """The OCI runtime binary of a CRI runtime handler ("" and "runc": the default)."""
-        if handler in ("", "runc"):
-            return self.runtime_path
-        if handler in self.handlers:
-            return self.handlers[handler]
-        known = ", ".join(["runc", *sorted(self.handlers)])
-        raise Invalid(f"unknown runtime handler {handler!r} (configured: {known})")
+        """`handler` if configured ("" is "runc"); the supervisor maps it to its binary."""
+        if handler in ("", "runc") or handler in self.runtimes.handlers:
+            return handler or "runc"
+        raise Invalid(f"unknown runtime handler {handler!r} (configured: "
+                      f"{', '.join(self.runtimes.names())})")
 
 
 class Runtime:
@@ -183,7 +181,7 @@ class Runtime:
                 f"{record.cgroup_parent}/{pause_id}", is_sandbox=True))
             bundle = await self._write_bundle(pause_id, spec)
             state = await self._monitor(namespace).create(MonitorCreateRequest(
-                id=pause_id, bundle=str(bundle), runtime=runtime,
+                id=pause_id, bundle=str(bundle), runtime_handler=runtime,
                 sandbox_id=sandbox_id, cgroup_path=spec["linux"]["cgroupsPath"]))
             if state.state == "created":
                 state = await self._monitor(namespace).start(TaskIdRequest(id=pause_id))
@@ -328,7 +326,7 @@ class Runtime:
             bundle = await self._write_bundle(container_id, spec)
             state = await self._monitor(namespace).create(MonitorCreateRequest(
                 id=container_id, bundle=str(bundle), log_path=config.log_path,
-                runtime=runtime, tty=config.tty, stdin=config.stdin,
+                runtime_handler=runtime, tty=config.tty, stdin=config.stdin,
                 stdin_once=config.stdin_once, sandbox_id=sandbox_id,
                 cgroup_path=spec["linux"]["cgroupsPath"]))
             faults.point("executor.container.created")

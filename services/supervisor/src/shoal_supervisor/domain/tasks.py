@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from shoal_common.config import RuntimeConfig
 from shoal_common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -107,10 +108,11 @@ class TaskManager:
     """The task commands; owns the per-task locks, the outbox and the exit watcher."""
 
     def __init__(self, store: TaskStore, layout: Layout, conmon_path: str, publish: Publish,
-                 *, poll_interval: float = 1.0) -> None:
+                 *, runtimes: RuntimeConfig | None = None, poll_interval: float = 1.0) -> None:
         self.store = store
         self.layout = layout
         self.conmon_path = conmon_path
+        self.runtimes = runtimes or RuntimeConfig()
         self._locks: Locks = defaultdict(asyncio.Lock)
         self._outbox = Outbox(store, publish)
         self.exits = ExitWatcher(store, layout, self._locks, self._outbox,
@@ -165,7 +167,7 @@ class TaskManager:
 
     async def create(self, namespace: str, req: MonitorCreateRequest,
                      budget: float) -> TaskState:
-        bundle, runtime_path = _check_create(req)
+        bundle, runtime_path = _check_create(req, self.runtimes)
         conmon_path = conmon.find(self.conmon_path)
         async with self._locks[req.id]:
             existing = await self.store.get(req.id)
@@ -433,8 +435,9 @@ class TaskManager:
         return task.to_state()
 
 
-def _check_create(req: MonitorCreateRequest) -> tuple[Path, str]:
-    """The bundle and the resolved runtime binary of a create request, or why not."""
+def _check_create(req: MonitorCreateRequest, runtimes: RuntimeConfig) -> tuple[Path, str]:
+    """The bundle and the resolved runtime binary of a create request, or why not. Only
+    configured runtimes run: the message names a handler, never a binary."""
     _validate_id(req.id)
     bundle = Path(req.bundle)
     if not bundle.is_absolute():
@@ -443,7 +446,13 @@ def _check_create(req: MonitorCreateRequest) -> tuple[Path, str]:
         raise Invalid(f"bundle {bundle} has no config.json")
     if req.log_path and not Path(req.log_path).is_absolute():
         raise Invalid(f"log_path {req.log_path!r} is not an absolute path")
-    runtime_path = shutil.which(req.runtime or "runc")
+    try:
+        binary = runtimes.binary(req.runtime_handler)
+    except KeyError:
+        raise Invalid(f"runtime_handler {req.runtime_handler!r} is not configured (known: "
+                      f"{', '.join(runtimes.names())})") from None
+    runtime_path = shutil.which(binary)
     if runtime_path is None:
-        raise FailedPrecondition(f"OCI runtime {req.runtime!r} not found")
+        raise FailedPrecondition(f"OCI runtime {binary!r} (handler "
+                                 f"{req.runtime_handler or 'runc'}) not found")
     return bundle, runtime_path
