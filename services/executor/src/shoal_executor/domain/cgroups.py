@@ -113,62 +113,83 @@ def _drop(kind: str, why: str, container: str) -> None:
         log.debug("resource dropped", resource=kind, reason=why, container=container)
 
 
-def fit_resources(resources: dict[str, Any], host: HostCgroups, container: str
-                  ) -> dict[str, Any]:
-    """`resources` (an OCI linux.resources) without what `host` cannot enforce.
-    Raises Invalid for a request no host could satisfy (an unknown page size, a malformed
-    unified key)."""
-    out = dict(resources)
-    has = host.controllers.__contains__
+def _lacks(host: HostCgroups, controller: str, kind: str, container: str) -> bool:
+    """Whether `host` lacks `controller`; if so, `kind` is logged as dropped."""
+    if controller in host.controllers:
+        return False
+    _drop(kind, f"no {controller} cgroup controller", container)
+    return True
 
+
+def _fit_hugepages(out: dict[str, Any], host: HostCgroups, container: str) -> None:
     pages = out.get("hugepageLimits") or []
     for limit in pages:
         if limit["pageSize"] not in host.hugepage_sizes:
             raise Invalid(f"hugepage limit for page size {limit['pageSize']!r}: this host's "
                           f"kernel offers {sorted(host.hugepage_sizes) or 'none'}")
-    if pages and not has("hugetlb"):
-        _drop("hugepageLimits", "no hugetlb cgroup controller", container)
+    if pages and _lacks(host, "hugetlb", "hugepageLimits", container):
         out.pop("hugepageLimits")
 
-    cpu = dict(out.get("cpu") or {})
-    if {"shares", "quota", "period"} & cpu.keys() and not has("cpu"):
-        _drop("cpu", "no cpu cgroup controller", container)
-        for key in ("shares", "quota", "period"):
-            cpu.pop(key, None)
-    if {"cpus", "mems"} & cpu.keys() and not has("cpuset"):
-        _drop("cpuset", "no cpuset cgroup controller", container)
-        cpu.pop("cpus", None)
-        cpu.pop("mems", None)
-    if "cpu" in out:
-        if cpu:
-            out["cpu"] = cpu
-        else:
-            out.pop("cpu")
 
+# The cpu keys each controller enforces.
+_CPU_CONTROLLERS = (("cpu", ("shares", "quota", "period")), ("cpuset", ("cpus", "mems")))
+
+
+def _fit_cpu(out: dict[str, Any], host: HostCgroups, container: str) -> None:
+    if "cpu" not in out:
+        return
+    cpu = dict(out["cpu"] or {})
+    for controller, keys in _CPU_CONTROLLERS:
+        if cpu.keys() & set(keys) and _lacks(host, controller, controller, container):
+            for key in keys:
+                cpu.pop(key, None)
+    if cpu:
+        out["cpu"] = cpu
+    else:
+        out.pop("cpu")
+
+
+def _fit_memory(out: dict[str, Any], host: HostCgroups, container: str) -> None:
     memory = dict(out.get("memory") or {})
-    if memory and not has("memory"):
-        _drop("memory", "no memory cgroup controller", container)
+    if memory and _lacks(host, "memory", "memory", container):
         out.pop("memory")
     elif "swap" in memory and not host.swap_accounting:
         _drop("memory.swap", "no swap accounting (swapaccount=1 is off)", container)
         memory.pop("swap")
         out["memory"] = memory
 
+
+def _fit_unified(out: dict[str, Any], host: HostCgroups, container: str) -> None:
     unified = out.get("unified")
-    if unified:
-        for key in unified:
-            if not _UNIFIED_KEY.match(key):
-                raise Invalid(f"unified resource {key!r} is not a cgroup v2 file name")
-        if not host.unified:
-            # runc's v1 manager refuses any unified entry; kubelet sends none on v1.
-            _drop("unified", "cgroup v1 host", container)
-            out.pop("unified")
-        else:
-            kept = {k: v for k, v in unified.items() if k.split(".", 1)[0] in
-                    host.controllers or k.startswith("cgroup.")}
-            if len(kept) != len(unified):
-                _drop("unified", "controller not enabled", container)
-            out["unified"] = kept
-            if not kept:
-                out.pop("unified")
+    if not unified:
+        return
+    for key in unified:
+        if not _UNIFIED_KEY.match(key):
+            raise Invalid(f"unified resource {key!r} is not a cgroup v2 file name")
+    if not host.unified:
+        # runc's v1 manager refuses any unified entry; kubelet sends none on v1.
+        _drop("unified", "cgroup v1 host", container)
+        out.pop("unified")
+        return
+    kept = {k: v for k, v in unified.items()
+            if k.split(".", 1)[0] in host.controllers or k.startswith("cgroup.")}
+    if len(kept) != len(unified):
+        _drop("unified", "controller not enabled", container)
+    out["unified"] = kept
+    if not kept:
+        out.pop("unified")
+
+
+# One per resource kind, each trimming `out` in place, in the order they always ran.
+_FITTERS = (_fit_hugepages, _fit_cpu, _fit_memory, _fit_unified)
+
+
+def fit_resources(resources: dict[str, Any], host: HostCgroups, container: str
+                  ) -> dict[str, Any]:
+    """`resources` (an OCI linux.resources) without what `host` cannot enforce.
+    Raises Invalid for a request no host could satisfy (an unknown page size, a malformed
+    unified key)."""
+    out = dict(resources)
+    for fit in _FITTERS:
+        fit(out, host, container)
     return out

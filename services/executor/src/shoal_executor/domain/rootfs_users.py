@@ -71,6 +71,18 @@ def _entries(text: str | None, width: int) -> list[list[str]]:
     return out
 
 
+def _lookup(entries: list[list[str]], spec: str, what: str, path: str
+            ) -> tuple[int, list[str] | None]:
+    """A "name" or numeric id of a passwd or group file: (id, its entry). A number needs
+    no entry, a name does."""
+    if spec.isdigit():
+        return int(spec), next((e for e in entries if e[2] == spec), None)
+    entry = next((e for e in entries if e[0] == spec), None)
+    if entry is None:
+        raise Invalid(f"{what} {spec!r} not found in the image's {path}")
+    return int(entry[2]), entry
+
+
 def resolve_user(root: str, user: str, *, group: int | None = None,
                  supplemental: list[int] | None = None) -> User:
     """Resolve an image/CRI user spec ("", "name", "uid", "uid:gid", "name:group") against
@@ -78,24 +90,10 @@ def resolve_user(root: str, user: str, *, group: int | None = None,
     passwd = _entries(read_in_root(root, "/etc/passwd"), 7)
     groups = _entries(read_in_root(root, "/etc/group"), 4)
     name_part, _, group_part = (user or "0").partition(":")
-    entry = None
-    if name_part.isdigit():
-        uid = int(name_part)
-        entry = next((p for p in passwd if p[2] == name_part), None)
-    else:
-        entry = next((p for p in passwd if p[0] == name_part), None)
-        if entry is None:
-            raise Invalid(f"user {name_part!r} not found in the image's /etc/passwd")
-        uid = int(entry[2])
+    uid, entry = _lookup(passwd, name_part, "user", "/etc/passwd")
     gid = int(entry[3]) if entry else 0
     if group_part:
-        if group_part.isdigit():
-            gid = int(group_part)
-        else:
-            found = next((g for g in groups if g[0] == group_part), None)
-            if found is None:
-                raise Invalid(f"group {group_part!r} not found in the image's /etc/group")
-            gid = int(found[2])
+        gid, _ = _lookup(groups, group_part, "group", "/etc/group")
     if group is not None:
         gid = group
     username = entry[0] if entry else ""

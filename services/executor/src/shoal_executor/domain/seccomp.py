@@ -1,15 +1,21 @@
-"""The RuntimeDefault seccomp profile.
+"""The seccomp profile a container asks for: RuntimeDefault, Unconfined or a localhost
+file, by SecurityProfile or by the deprecated seccomp_profile_path.
 
-A deny-list: the syscalls container runtimes' default profiles refuse (kernel modules,
-keyrings, reboot, clock changes, mounting, namespaces tricks, tracing other processes...)
-fail with EPERM; everything else is allowed. Shorter than an allow-list, and it never
-breaks a workload on a syscall added to the kernel after this list was written; the cost
-is that new dangerous syscalls are not blocked until added here."""
+RuntimeDefault is a deny-list: the syscalls container runtimes' default profiles refuse
+(kernel modules, keyrings, reboot, clock changes, mounting, namespaces tricks, tracing other
+processes...) fail with EPERM; everything else is allowed. Shorter than an allow-list, and
+it never breaks a workload on a syscall added to the kernel after this list was written;
+the cost is that new dangerous syscalls are not blocked until added here."""
 
 from __future__ import annotations
 
+import json
+import os
 import platform
-from typing import Any
+from typing import Any, Literal
+
+from cri_api.v1 import api_pb2 as cri
+from shoal_common.errors import Invalid
 
 DENIED = [
     "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module",
@@ -34,3 +40,51 @@ def runtime_default_profile() -> dict[str, Any]:
         "architectures": arch,
         "syscalls": [{"names": DENIED, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}],
     }
+
+
+Kind = Literal["runtime-default", "unconfined", "localhost"]
+
+
+def _legacy_request(path: str) -> tuple[Kind, str]:
+    """The deprecated seccomp_profile_path: "runtime/default", "docker/default",
+    "localhost/<path>"; anything else (kubelet's default included) is Unconfined."""
+    if path in ("runtime/default", "docker/default"):
+        return "runtime-default", ""
+    local = path.removeprefix("localhost/") if path.startswith("localhost/") else ""
+    return ("localhost", local) if local else ("unconfined", "")
+
+
+def _request(profile: cri.SecurityProfile | None, legacy_path: str) -> tuple[Kind, str]:
+    """(kind, localhost path) the CRI asks for; the SecurityProfile wins over the path."""
+    if profile is None:
+        return _legacy_request(legacy_path)
+    if profile.profile_type == cri.SecurityProfile.Localhost:
+        return "localhost", profile.localhost_ref
+    if profile.profile_type == cri.SecurityProfile.Unconfined:
+        return "unconfined", ""
+    return "runtime-default", ""  # RuntimeDefault is the enum's zero value
+
+
+def load_profile(path: str) -> dict[str, Any]:
+    """A localhost profile: an absolute path to an OCI seccomp JSON document."""
+    if not os.path.isabs(path):
+        raise Invalid(f"seccomp localhost profile {path!r} must be an absolute path")
+    try:
+        with open(path, "rb") as fh:
+            loaded = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise Invalid(f"seccomp profile {path}: {exc}") from None
+    if not isinstance(loaded, dict) or "defaultAction" not in loaded:
+        raise Invalid(f"seccomp profile {path} has no defaultAction")
+    return loaded
+
+
+def container_profile(profile: cri.SecurityProfile | None, legacy_path: str,
+                      privileged: bool) -> dict[str, Any] | None:
+    """The spec's linux.seccomp, None for none (unconfined, or privileged)."""
+    if privileged:
+        return None
+    kind, path = _request(profile, legacy_path)
+    if kind == "runtime-default":
+        return runtime_default_profile()
+    return load_profile(path) if kind == "localhost" else None
