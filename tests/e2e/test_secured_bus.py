@@ -83,9 +83,16 @@ async def test_real_flows_work_under_per_service_permissions(
                 metadata=cri.ContainerMetadata(name="c"),
                 image=cri.ImageSpec(image=images["busybox"]), command=["sleep", "3600"])))
         ).container_id
+        events = runtime.GetContainerEvents(cri.GetEventsRequest())  # its own JS consumer
+        await asyncio.sleep(0.5)
         await runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
         status = await runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid))
         assert status.status.state == cri.CONTAINER_RUNNING
+        async with asyncio.timeout(10):
+            event = await events.read()
+        assert (event.container_id, event.container_event_type) == (
+            cid, cri.CONTAINER_STARTED_EVENT)
+        events.cancel()
         await runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
         await runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
 
@@ -138,3 +145,26 @@ async def test_admin_is_what_the_cli_uses(secured: tuple[SecuredShoal, dict[str,
     assert result.returncode == 0, result.stdout + result.stderr
     assert (shoal.auth / "admin.password").stat().st_mode & 0o777 == 0o600
     assert (shoal.root / "run" / "nats" / "nats-server.conf").stat().st_mode & 0o777 == 0o600
+
+
+async def test_the_gateway_publishes_no_event(
+        secured: tuple[SecuredShoal, dict[str, str]]) -> None:
+    """A gateway that could publish events could forge images.delete for the snapshotter."""
+    shoal, _ = secured
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(shoal.url, user="cri-gateway",
+                            password=shoal.password("cri-gateway"),
+                            inbox_prefix="_INBOX_cri-gateway", error_cb=on_error,
+                            allow_reconnect=False)
+    try:
+        await nc.publish(f"shoal.v1.{NODE}.events.k8s%2Eio.images.delete", b"\x80")
+        await nc.flush()
+        await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+    assert (f'permissions violation for publish to "shoal.v1.{NODE.lower()}.events.'
+            in " ".join(errors).lower())

@@ -42,7 +42,14 @@ def _perms(node: str, stream: str, user: str) -> dict[str, Any]:
     if user == "executor":
         publish += [f"shoal.v1.{n}.monitor.>"]
     if user == "cri-gateway":
-        publish += [f"shoal.v1.{n}.>", f"{JS_API}.CONSUMER.>", "$JS.FC.>", "$JS.ACK.>"]
+        # Commands to the services on the container path, and its own ordered consumers
+        # of task events; it publishes no event (a forged images.delete was acted on).
+        publish += [f"shoal.v1.{n}.{svc}.>" for svc in ("images", "snapshots", "tasks",
+                                                          "monitor")]
+        publish += [f"{JS_API}.STREAM.NAMES", f"{JS_API}.CONSUMER.CREATE.{stream}",
+                    f"{JS_API}.CONSUMER.CREATE.{stream}.>",
+                    f"{JS_API}.CONSUMER.DELETE.{stream}.>", f"{JS_API}.CONSUMER.INFO.{stream}.>",
+                    "$JS.FC.>", "$JS.ACK.>"]
     subscribe = [f"shoal.v1.{n}.{own}.>", f"{inbox_prefix(user)}.>"]
     return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe},
             "allow_responses": True}

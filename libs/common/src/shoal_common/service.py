@@ -34,6 +34,7 @@ from shoal_common.catalog import ServiceInfo, lookup
 from shoal_common.clients import CLIENTS, check_router
 from shoal_common.config import Config, ConfigError, load_config
 from shoal_common.errors import ShoalError
+from shoal_common.fs import TRAVERSE_DIR, private_dir
 from shoal_common.logging import configure_logging
 from shoal_common.messages import HealthReply, HealthRequest, PingReply, PingRequest
 
@@ -76,6 +77,13 @@ class _Runtime:
     started_at: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
     bus: Bus | None = None
+
+
+def _own_dir(root: str, service: str) -> Path:
+    """<root>/<service>, owner-only: what a service keeps is nobody else's to read. The
+    roots themselves only let others pass (the CRI socket is 0600 in the run root)."""
+    private_dir(Path(root), TRAVERSE_DIR)
+    return private_dir(Path(root) / service)
 
 
 def _system_router(rt: _Runtime) -> Router[Any]:
@@ -163,8 +171,8 @@ async def _serve(spec: ServiceSpec, info: ServiceInfo, config: Config, replica: 
     try:
         await bus.connect()
         await bus.ensure_events_stream()
-        ctx = ServiceContext(info, config, bus, replica, config.state_dir(info.name),
-                             config.run_dir(info.name))
+        ctx = ServiceContext(info, config, bus, replica, _own_dir(config.state_root, info.name),
+                             _own_dir(config.run_root, info.name))
         async with spec.lifespan(ctx) as app:
             await bus.serve(router, app)
             # What start-up made (modules, config, connections) lives as long as the process:

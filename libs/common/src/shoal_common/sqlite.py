@@ -5,12 +5,15 @@ on one dedicated thread so the event loop never blocks on a lock held by another
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
+
+from shoal_common.fs import PRIVATE_FILE, private_dir
 
 T = TypeVar("T")
 
@@ -43,7 +46,17 @@ class Database:
         self._conn: sqlite3.Connection | None = None
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.exists():
+            private_dir(self.path.parent)
+        # Owner-only from the first byte: SQLite gives the -wal and -shm files the database
+        # file's mode, and they hold every row (container environments included).
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+        if self.path.stat().st_mode & 0o077:
+            os.chmod(self.path, PRIVATE_FILE)  # made by an older version
+            for suffix in ("-wal", "-shm"):
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    os.chmod(side, PRIVATE_FILE)
         # SQLite answers "database is locked" at once, without calling the busy handler,
         # where waiting could deadlock: switching to WAL while another replica holds a write
         # lock on the fresh file is such a case. Retry the whole open (it is idempotent).
