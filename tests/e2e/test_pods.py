@@ -158,8 +158,15 @@ async def test_bad_requests_get_clear_errors(shoal: Cri, images: dict[str, str],
     config = pod_config(tmp_path, "errs")
     pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
               ).pod_sandbox_id
+    # A repeat (kubelet's retry) is the same pod; the same identity with another config
+    # is refused.
+    again = await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+    assert again.pod_sandbox_id == pod_id
+    other = cri.PodSandboxConfig()
+    other.CopyFrom(config)
+    other.hostname = "another"
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+        await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=other))
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await api.runtime.CreateContainer(cri.CreateContainerRequest(

@@ -95,6 +95,7 @@ class ServiceSet:
     node: Node
     procs: list[ServiceProcess] = field(default_factory=list)
     subnet_prefix: str = ""  # of the pod network start_shoal gave this node, e.g. "10.41."
+    extra: list[str] = field(default_factory=list)  # the flags start_shoal gave each service
 
     def start(self, service: str, replica: str | None = None,
               extra: Sequence[str] = (), env: dict[str, str] | None = None) -> ServiceProcess:

@@ -44,6 +44,7 @@ async def start_shoal(services: ServiceSet, images: dict[str, str],
     common = ["--set", f'cri.sandbox_image="{images["pause"]}"',
               "--set", f'services.executor.pod_subnet="10.{n}.0.0/24"',
               "--set", f'services.executor.cni_bridge="shoalt{n}"']
+    services.extra = common
     procs = {name: services.start(name, extra=common, env=(env or {}).get(name)) for name in (
         "puller", "snapshotter", "executor", "supervisor", "cri-gateway")}
     for sp in procs.values():

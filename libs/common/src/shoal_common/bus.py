@@ -311,14 +311,16 @@ class Bus:
     async def request(self, service: str, verb: str, message: Message, reply_type: type[RepT],
                       *, node: str | None = None, namespace: str | None = None,
                       timeout: float | None = None, attempt_timeout: float | None = None,
-                      retries: int | None = None) -> RepT:
+                      retries: int | None = None, wait_for_service: bool = True) -> RepT:
         """Send a command and return its typed reply, or raise the ShoalError it answered.
 
         Each attempt waits `attempt_timeout` (default nats.request_timeout). No responders, a
         timeout (e.g. the replica died) and `unavailable` replies are retried, up to `retries`
         times and within the overall deadline (`timeout`, capped by the deadline of the
         command being handled, if any). Commands are idempotent by the caller's id, so a
-        retry after a lost reply is safe."""
+        retry after a lost reply is safe. With `wait_for_service`, no responders (the
+        service is restarting) is retried until the deadline, then answered `unavailable`;
+        probes turn it off to fail fast."""
         label = f"{service}.{verb}"
         subject = subjects.command(node or self.node, service, verb)
         attempt_timeout = attempt_timeout or self.config.nats.request_timeout
@@ -331,11 +333,14 @@ class Bus:
         hdrs = self._headers(namespace, deadline)
         body = codec.encode(message)
         started = time.perf_counter()
-        attempt = 0
+        attempt = idle = 0
+        error: ShoalError | None = None
         try:
             while True:
                 remaining = deadline - time.time()
                 if remaining <= 0:
+                    if isinstance(error, Unavailable):
+                        raise error  # the service is down or restarting: worth retrying
                     raise DeadlineExceeded(f"{label}: no reply within {total:.1f}s "
                                            f"({attempt} attempt(s))")
                 try:
@@ -343,8 +348,15 @@ class Bus:
                                                 timeout=min(attempt_timeout, remaining))
                 except nats.errors.NoRespondersError:
                     metrics.REQUESTS_SENT.labels(label, "no_responders").inc()
-                    error: ShoalError = Unavailable(f"no replica of '{service}' is serving "
-                                                    f"{subject}")
+                    error = Unavailable(f"no replica of '{service}' is serving {subject}")
+                    if wait_for_service:
+                        # Nobody received it, so sending again is safe for any verb: keep
+                        # trying within the deadline (a restart takes a second or two),
+                        # whatever `retries` says.
+                        idle += 1
+                        await asyncio.sleep(min(0.02 * 2 ** min(idle, 5), 0.5,
+                                                max(0.0, deadline - time.time())))
+                        continue
                     pause = min(0.05 * 2 ** attempt, 1.0)
                 except (TimeoutError, nats.errors.TimeoutError):
                     metrics.REQUESTS_SENT.labels(label, "timeout").inc()

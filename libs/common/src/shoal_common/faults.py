@@ -2,13 +2,14 @@
 failure or a kill -9 at that moment loses and leaks nothing.
 
 Armed only through the environment, read once at start:
-    SHOAL_FAULTS="executor.sandbox.netns=fail,supervisor.create.started=kill"
+    SHOAL_FAULTS="executor.sandbox.netns=fail,cri.sandbox.created=kill,x=delay:2.5"
 `fail` raises an internal error at the point (every time); `kill` SIGKILLs the process
-there, once per marker directory SHOAL_FAULTS_DIR (so the restarted process goes on).
-Unarmed, a point costs one dict lookup."""
+there, once per marker directory SHOAL_FAULTS_DIR (so the restarted process goes on);
+`delay:S` waits S seconds there (a slow step). Unarmed, a point costs one dict lookup."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -17,14 +18,14 @@ from shoal_common.errors import Internal
 
 ENV = "SHOAL_FAULTS"
 ENV_DIR = "SHOAL_FAULTS_DIR"
-ACTIONS = ("fail", "kill")
+ACTIONS = ("fail", "kill", "delay")
 
 
 def _parse(text: str) -> dict[str, str]:
     armed: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, action = item.partition("=")
-        if action not in ACTIONS:
+        if action.partition(":")[0] not in ACTIONS:
             raise ValueError(f"{ENV}: {item!r}: the action must be one of {', '.join(ACTIONS)}")
         armed[name] = action
     return armed
@@ -33,9 +34,12 @@ def _parse(text: str) -> dict[str, str]:
 ARMED = _parse(os.environ.get(ENV, ""))
 
 
-def point(name: str) -> None:
+async def point(name: str) -> None:
     action = ARMED.get(name)
     if action is None:
+        return
+    if action.startswith("delay:"):
+        await asyncio.sleep(float(action.partition(":")[2]))
         return
     if action == "kill":
         marker = Path(os.environ.get(ENV_DIR, "/tmp")) / f"fault-{name}"

@@ -36,6 +36,9 @@ class Verb(Generic[ReqT, RepT]):
     # A repeat has the effect of one call: read-only, or made idempotent by an id the caller
     # chose. Only such verbs may be retried after a lost reply.
     idempotent: bool = True
+    # While no replica serves the verb (a restart), keep trying until the deadline; probes
+    # (health, readiness) answer at once instead.
+    wait_for_service: bool = True
 
     def __post_init__(self) -> None:
         if not self.idempotent and self.retries != 0:
@@ -67,8 +70,9 @@ class ServiceClient:
 
     service: ClassVar[str]
     health = Verb("health", HealthRequest, HealthReply, attempt_timeout=PROBE_TIMEOUT,
-                  retries=1)
-    ping = Verb("ping", PingRequest, PingReply, attempt_timeout=PROBE_TIMEOUT)
+                  retries=1, wait_for_service=False)
+    ping = Verb("ping", PingRequest, PingReply, attempt_timeout=PROBE_TIMEOUT,
+                wait_for_service=False)
 
     def __init__(self, bus: Bus, *, namespace: str | None = None,
                  node: str | None = None) -> None:
@@ -91,7 +95,7 @@ class ServiceClient:
         return await self.bus.request(
             self.service, verb.name, message, verb.reply, node=self.node,
             namespace=self.namespace, timeout=total, attempt_timeout=attempt,
-            retries=verb.retries)
+            retries=verb.retries, wait_for_service=verb.wait_for_service)
 
     async def health_of_all(self, wait: float = 1.0) -> list[HealthReply]:
         """Every replica's health answer that arrives within `wait` seconds."""

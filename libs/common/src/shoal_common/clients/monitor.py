@@ -39,7 +39,7 @@ class MonitorClient(ServiceClient):
     service = "monitor"
 
     status = Verb("status", RuntimeStatusRequest, RuntimeStatusReply,
-                  attempt_timeout=PROBE_TIMEOUT, retries=1)
+                  attempt_timeout=PROBE_TIMEOUT, retries=1, wait_for_service=False)
     # Tasks are made and changed by the caller's task id: a repeat finds the first's work.
     create = Verb("create", MonitorCreateRequest, TaskState, attempt_timeout=LIFECYCLE_TIMEOUT,
                   retries=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shoal_common.clients.base import ServiceClient, Verb
+from shoal_common.clients.base import PROBE_TIMEOUT, ServiceClient, Verb
 from shoal_common.messages import Empty, RuntimeStatusReply, RuntimeStatusRequest
 from shoal_common.messages.monitor import TaskState
 from shoal_common.messages.tasks import (
@@ -17,28 +17,33 @@ from shoal_common.messages.tasks import (
 
 SETUP_TIMEOUT = 300.0  # a sandbox's pause image may still be unpacking
 STOP_MARGIN = 60.0  # a stop's budget beyond its grace period
+ATTEMPT = 30.0  # a create or remove answers in seconds; silence this long = a dead replica
 
 
 class TasksClient(ServiceClient):
     service = "tasks"
 
-    status = Verb("status", RuntimeStatusRequest, RuntimeStatusReply)
+    status = Verb("status", RuntimeStatusRequest, RuntimeStatusReply,
+                  attempt_timeout=PROBE_TIMEOUT, retries=1, wait_for_service=False)
+    # Creates and removes are idempotent by the caller's id (the executor serialises a
+    # repeat behind the first), so an attempt that hears nothing for ATTEMPT seconds — its
+    # replica was killed — is sent again instead of waiting out the whole budget.
     sandbox_create = Verb("sandbox.create", SandboxCreateRequest, SandboxInfo,
-                          attempt_timeout=SETUP_TIMEOUT, timeout=SETUP_TIMEOUT, retries=0)
+                          attempt_timeout=ATTEMPT, timeout=SETUP_TIMEOUT, retries=9)
     sandbox_status = Verb("sandbox.status", SandboxIdRequest, SandboxInfo)
-    sandbox_stop = Verb("sandbox.stop", SandboxIdRequest, SandboxInfo, attempt_timeout=120,
-                        retries=0)
-    sandbox_remove = Verb("sandbox.remove", SandboxIdRequest, Empty, attempt_timeout=60,
-                          retries=0)
+    sandbox_stop = Verb("sandbox.stop", SandboxIdRequest, SandboxInfo, attempt_timeout=ATTEMPT,
+                        retries=3)
+    sandbox_remove = Verb("sandbox.remove", SandboxIdRequest, Empty, attempt_timeout=ATTEMPT,
+                          retries=3)
     container_create = Verb("container.create", ContainerCreateRequest, ContainerCreateReply,
-                            attempt_timeout=120, retries=0)
+                            attempt_timeout=ATTEMPT, retries=3)
     container_start = Verb("container.start", ContainerIdRequest, TaskState,
-                           attempt_timeout=60, retries=0)
+                           attempt_timeout=ATTEMPT, retries=1)
     # Sent through `stop_container`, which adds the grace period to the attempt's budget.
     container_stop = Verb("container.stop", ContainerStopRequest, TaskState,
-                          attempt_timeout=STOP_MARGIN, retries=0)
-    container_remove = Verb("container.remove", ContainerIdRequest, Empty, attempt_timeout=60,
-                            retries=0)
+                          attempt_timeout=STOP_MARGIN, retries=1)
+    container_remove = Verb("container.remove", ContainerIdRequest, Empty,
+                            attempt_timeout=ATTEMPT, retries=3)
 
     async def stop_container(self, req: ContainerStopRequest) -> TaskState:
         """A stop waits the container's grace period on top of the attempt's own budget."""

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
-
+import msgspec
 from shoal_common.clients import Clients
 from shoal_common.errors import NotFound
 from shoal_common.messages.images import (
@@ -16,6 +15,8 @@ from shoal_common.messages.images import (
 )
 from shoal_common.messages.snapshots import FsUsageReply, FsUsageRequest
 
+from shoal_cri_gateway.domain.pods import pull_id
+
 # A pull without a client deadline may take this long (large images, slow registries);
 # the puller itself fails a pull that stops making progress long before.
 DEFAULT_PULL_TIMEOUT = 3600.0
@@ -27,8 +28,9 @@ class Images:
 
     async def pull(self, ref: str, auth: RegistryAuth | None, timeout: float | None) -> str:
         """The pulled image's id; `timeout` is the client's remaining deadline."""
+        secret = msgspec.msgpack.encode(auth) if auth is not None else b""
         reply = await self.clients.images.pull(
-            PullRequest(ref=ref, pull_id=uuid.uuid4().hex, auth=auth),
+            PullRequest(ref=ref, pull_id=pull_id(ref, secret), auth=auth),
             timeout=timeout if timeout is not None else DEFAULT_PULL_TIMEOUT)
         return reply.image.id
 

@@ -4,13 +4,21 @@ snapshotter, executor and supervisor, and metadata the gateway keeps."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import hmac
+import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
 
 import structlog
 from cri_api.v1 import api_pb2 as cri
+from shoal_common import faults
 from shoal_common.clients import Clients
-from shoal_common.errors import Invalid, NotFound, ShoalError
+from shoal_common.errors import AlreadyExists, FailedPrecondition, Invalid, NotFound, ShoalError
 from shoal_common.messages.images import ImageGetRequest, ImageInfo, PullRequest
 from shoal_common.messages.monitor import (
     ExecSyncReply,
@@ -34,11 +42,14 @@ from shoal_common.messages.tasks import (
     SandboxCreateRequest,
     SandboxIdRequest,
 )
+from shoal_common.tracing import deadline_var
 
 from shoal_cri_gateway.domain import metrics, resources
 from shoal_cri_gateway.store.metadata import ContainerRecord, Metadata, PodRecord
 
 log = structlog.get_logger("shoal.cri")
+T = TypeVar("T")
+_PULL_KEY = os.urandom(32)
 
 NAMESPACE = "k8s.io"
 
@@ -47,6 +58,13 @@ NAMESPACE = "k8s.io"
 # do, rather than read as "no profile" (which would run the container unconfined).
 SECCOMP_PROFILE_NAMES = ("", "unconfined", "runtime/default", "docker/default")
 SECCOMP_LOCALHOST_PREFIX = "localhost/"
+
+
+def pull_id(ref: str, auth: bytes = b"") -> str:
+    """Derived from what is pulled, so a repeated pull (a retry, or another pod wanting the
+    same image) joins the one in flight instead of starting its own."""
+    # Keyed by a secret of this process: pull ids travel in events, credentials must not.
+    return "cri-" + hmac.new(_PULL_KEY, ref.encode() + b"\0" + auth, "sha256").hexdigest()[:40]
 
 
 def new_id() -> str:
@@ -78,6 +96,7 @@ class Pods:
         self.meta = metadata
         self.sandbox_image = sandbox_image
         self._started_pods: set[str] = set()
+        self._inflight: dict[tuple[str, ...], asyncio.Task[Any]] = {}
 
     async def image(self, ref: str, pull: bool) -> ImageInfo:
         images = self.clients.images
@@ -86,7 +105,7 @@ class Pods:
         except NotFound:
             if not pull:
                 raise NotFound(f"image {ref!r} not found: pull it first") from None
-        await images.pull(PullRequest(ref=ref, pull_id=new_id()))
+        await images.pull(PullRequest(ref=ref, pull_id=pull_id(ref)))
         return await images.get(ImageGetRequest(ref=ref, with_config=True))
 
     async def rootfs(self, key: str, image: ImageInfo, name: str) -> MountsReply:
@@ -102,26 +121,76 @@ class Pods:
         except NotFound:
             pass
 
+    # -- one create per request, whatever the client does ------------------------------
+
+    def _once(self, key: tuple[str, ...], make: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """The one run of `make` for `key` (a create's CRI identity), shielded from the
+        caller: a create whose client gave up (kubelet's deadline, a dropped connection)
+        goes on to its end, and the client's retry joins it instead of making a ghost. Its
+        bus calls have their own budgets, not the first caller's deadline."""
+        task = self._inflight.get(key)
+        if task is None:
+            context = contextvars.copy_context()
+            context.run(deadline_var.set, None)
+            task = asyncio.create_task(make(), context=context)
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._finished(key, t))
+        return asyncio.shield(task)
+
+    def _finished(self, key: tuple[str, ...], task: asyncio.Task[Any]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("create failed", key=key, error=str(task.exception()))
+
+    async def _settled(self, key: tuple[str, ...]) -> None:
+        """Wait out a create in flight for `key` (a stop or remove must not race it)."""
+        task = self._inflight.get(key)
+        if task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(task)
+
     # -- pods --------------------------------------------------------------------------
 
     async def run(self, config: cri.PodSandboxConfig, handler: str) -> PodRecord:
+        """Idempotent by the pod's CRI identity (namespace, name, uid, attempt): a repeat
+        returns what the first made, joins it in flight, or finishes it half made."""
         md = config.metadata
         if not md.name or not md.uid or not md.namespace:
             raise Invalid("RunPodSandbox: metadata name, uid and namespace are required")
-        record = PodRecord(id=new_id(), name=md.name, uid=md.uid, namespace=md.namespace,
-                           attempt=md.attempt, state="notready",
-                           created_at_ns=time.time_ns(), config=config.SerializeToString(),
-                           labels=dict(config.labels), annotations=dict(config.annotations),
-                           runtime_handler=handler)
-        await self.meta.add_pod(record)  # reserves the name; a duplicate fails here
+        while True:  # None: it joined the undo of an abandoned create; now make it anew
+            record = await self._once(_pod_key(md), lambda: self._run(config, handler))
+            if record is not None:
+                return record
+
+    async def _run(self, config: cri.PodSandboxConfig, handler: str) -> PodRecord | None:
+        md = config.metadata
+        record = await self.meta.pod_named(md.namespace, md.name, md.uid, md.attempt)
+        if record is not None:
+            if (_parse(cri.PodSandboxConfig, record.config) != config
+                    or record.runtime_handler != handler):
+                raise AlreadyExists(f"pod sandbox {md.namespace}/{md.name} (uid {md.uid}, "
+                                    f"attempt {md.attempt}) exists with another config: "
+                                    f"{record.id}")
+            if record.state != "creating":
+                return record
+            log.info("finishing a half-made pod sandbox", id=record.id)
+        else:
+            record = PodRecord(id=new_id(), name=md.name, uid=md.uid, namespace=md.namespace,
+                               attempt=md.attempt, state="creating",
+                               created_at_ns=time.time_ns(),
+                               config=config.SerializeToString(deterministic=True),
+                               labels=dict(config.labels),
+                               annotations=dict(config.annotations), runtime_handler=handler)
+            await self.meta.add_pod(record)  # the intent, before anything is made
         try:
             pause = await self.image(self.sandbox_image, pull=True)
             mounts = await self.rootfs(f"sandbox-{record.id}", pause, self.sandbox_image)
             info = await self.clients.tasks.sandbox_create(SandboxCreateRequest(
                 id=record.id, config=record.config, pause_image_config=pause.config,
                 rootfs=mounts.mounts, runtime_handler=handler))
+            await faults.point("cri.sandbox.created")
         except BaseException:
-            await self._forget_pod(record.id)
+            await asyncio.shield(self._undo_pod(record))
             raise
         record.state, record.ip = "ready", info.ip
         record.additional_ips, record.netns_path = info.additional_ips, info.netns_path
@@ -130,11 +199,22 @@ class Pods:
                  ip=info.ip)
         return record
 
+    async def _undo_pod(self, record: PodRecord) -> None:
+        """Roll a failed create back completely; where a service cannot answer now, the
+        record stays (listed NOTREADY) for kubelet's remove or the next reconcile."""
+        try:
+            await self._forget_pod(record.id)
+        except ShoalError as exc:
+            log.warning("could not undo a failed pod sandbox yet", id=record.id,
+                        error=exc.message)
+
     async def _forget_pod(self, pod_id: str) -> None:
+        """Everything of a pod, then its record: the record goes last, so a failure on the
+        way leaves it listed for a retry instead of leaking what it names."""
         try:
             await self.clients.tasks.sandbox_remove(SandboxIdRequest(id=pod_id))
-        except ShoalError as exc:
-            log.warning("cleaning up a failed sandbox", id=pod_id, error=exc.message)
+        except NotFound:
+            pass
         await self._remove_snapshot(f"sandbox-{pod_id}")
         await self.meta.delete_pod(pod_id)
 
@@ -143,10 +223,11 @@ class Pods:
             pod = await self.meta.pod(pod_id)
         except NotFound:
             return  # a stop of what is already gone is not an error (the CRI's rule)
+        await self._settled(_pod_key(pod))
         try:
             await self.clients.tasks.sandbox_stop(SandboxIdRequest(id=pod.id))
         except NotFound:
-            pass  # the executor has nothing of it left to stop
+            pass  # the executor has nothing of it (left) to stop
         pod.state = "notready"
         await self.meta.update_pod(pod)
 
@@ -155,9 +236,22 @@ class Pods:
             pod = await self.meta.pod(pod_id)
         except NotFound:
             return  # idempotent, as the CRI asks
+        await self._settled(_pod_key(pod))
         for ctr in await self.meta.containers(pod.id):
             await self.remove_container(ctr.id)
         await self._forget_pod(pod.id)
+
+    async def reconcile(self) -> None:
+        """Undo the creates no one is finishing (a gateway killed mid-create): called when
+        this replica takes the CRI socket, so no other replica serves them any more."""
+        for pod in await self.meta.pods():
+            for ctr in await self.meta.containers(pod.id):
+                if ctr.state == "creating" and _ctr_key(ctr) not in self._inflight:
+                    log.info("undoing a half-made container", id=ctr.id)
+                    await self._once(_ctr_key(ctr), partial(self._undo_container, ctr.id))
+            if pod.state == "creating" and _pod_key(pod) not in self._inflight:
+                log.info("undoing a half-made pod sandbox", id=pod.id)
+                await self._once(_pod_key(pod), partial(self._undo_pod, pod))
 
     async def sandbox_state(self, pod: PodRecord) -> str:
         """A pod whose pause process died is NOTREADY even if nobody stopped it."""
@@ -173,38 +267,72 @@ class Pods:
 
     async def create_container(self, pod_id: str, config: cri.ContainerConfig,
                                sandbox_config: cri.PodSandboxConfig) -> ContainerRecord:
+        """Idempotent by (pod, name, attempt), as RunPodSandbox is by its identity."""
         pod = await self.meta.pod(pod_id)
         if not config.metadata.name:
             raise Invalid("CreateContainer: metadata name is required")
         if not config.image.image:
             raise Invalid("CreateContainer: image is required")
         check_security_context(config)
+        key = ("container", pod.id, config.metadata.name, str(config.metadata.attempt))
+        while True:  # None: it joined the undo of an abandoned create; now make it anew
+            record = await self._once(key, lambda: self._create_container(pod, config,
+                                                                          sandbox_config))
+            if record is not None:
+                return record
+
+    async def _create_container(self, pod: PodRecord, config: cri.ContainerConfig,
+                                sandbox_config: cri.PodSandboxConfig
+                                ) -> ContainerRecord | None:
+        md = config.metadata
+        record = await self.meta.container_named(pod.id, md.name, md.attempt)
+        if record is not None:
+            if _parse(cri.ContainerConfig, record.config) != config:
+                raise AlreadyExists(f"container {md.name} (attempt {md.attempt}) exists in "
+                                    f"pod {pod.id} with another config: {record.id}")
+            if record.state != "creating":
+                return record
+            log.info("finishing a half-made container", id=record.id)
         image = await self.image(config.image.image, pull=False)
-        record = ContainerRecord(
-            id=new_id(), pod_id=pod.id, name=config.metadata.name,
-            attempt=config.metadata.attempt, created_at_ns=time.time_ns(),
-            image=config.image.image,
-            image_ref=image.repo_digests[0] if image.repo_digests else image.id,
-            image_id=image.id, config=config.SerializeToString(),
-            labels=dict(config.labels), annotations=dict(config.annotations),
-            log_path=_log_path(sandbox_config, config))
-        await self.meta.add_container(record)
+        if record is None:
+            record = ContainerRecord(
+                id=new_id(), pod_id=pod.id, name=md.name, attempt=md.attempt,
+                created_at_ns=time.time_ns(), image=config.image.image,
+                image_ref=image.repo_digests[0] if image.repo_digests else image.id,
+                image_id=image.id, config=config.SerializeToString(deterministic=True),
+                labels=dict(config.labels), annotations=dict(config.annotations),
+                log_path=_log_path(sandbox_config, config), state="creating")
+            await self.meta.add_container(record)  # the intent, before anything is made
         try:
             mounts = await self.rootfs(record.id, image, config.image.image)
+            made = cri.ContainerConfig()
+            made.CopyFrom(config)
             if record.log_path:
-                config.log_path = record.log_path
+                made.log_path = record.log_path
             await self.clients.tasks.container_create(ContainerCreateRequest(
-                id=record.id, sandbox_id=pod.id, config=config.SerializeToString(),
+                id=record.id, sandbox_id=pod.id, config=made.SerializeToString(),
                 sandbox_config=sandbox_config.SerializeToString() or pod.config,
                 image_config=image.config, rootfs=mounts.mounts,
                 runtime_handler=pod.runtime_handler))
+            await faults.point("cri.container.created")
         except BaseException:
-            await self._forget_container(record.id)
+            await asyncio.shield(self._undo_container(record.id))
             raise
+        record.state = "created"
+        await self.meta.set_container_state(record.id, "created")
         return record
+
+    async def _undo_container(self, container_id: str) -> None:
+        try:
+            await self._forget_container(container_id)
+        except ShoalError as exc:
+            log.warning("could not undo a failed container yet", id=container_id,
+                        error=exc.message)
 
     async def start_container(self, container_id: str) -> None:
         ctr = await self.meta.container(container_id)
+        if ctr.state == "creating":
+            raise FailedPrecondition(f"container {ctr.id} is still being created")
         await self.clients.tasks.container_start(ContainerIdRequest(id=ctr.id))
         if ctr.pod_id not in self._started_pods:
             # Pod start latency ends at the pod's first container start (this gateway's view:
@@ -219,6 +347,7 @@ class Pods:
             ctr = await self.meta.container(container_id)
         except NotFound:
             return  # kubelet stops containers whose create failed: not an error (CRI)
+        await self._settled(_ctr_key(ctr))
         try:
             await self.clients.tasks.stop_container(ContainerStopRequest(
                 id=ctr.id, timeout=float(max(timeout, 0))))
@@ -230,10 +359,14 @@ class Pods:
             ctr = await self.meta.container(container_id)
         except NotFound:
             return
+        await self._settled(_ctr_key(ctr))
         await self._forget_container(ctr.id)
 
     async def _forget_container(self, container_id: str) -> None:
-        await self.clients.tasks.container_remove(ContainerIdRequest(id=container_id))
+        try:
+            await self.clients.tasks.container_remove(ContainerIdRequest(id=container_id))
+        except NotFound:
+            pass
         await self._remove_snapshot(container_id)
         await self.meta.delete_container(container_id)
 
@@ -269,6 +402,24 @@ class Pods:
             raise Invalid("ExecSync: cmd is empty")
         return await self.clients.monitor.exec_sync_within(ExecSyncRequest(
             id=ctr.id, cmd=cmd, timeout=float(timeout)))
+
+
+def _pod_key(md: cri.PodSandboxMetadata | PodRecord) -> tuple[str, ...]:
+    return ("pod", md.namespace, md.name, md.uid, str(md.attempt))
+
+
+def _ctr_key(ctr: ContainerRecord) -> tuple[str, ...]:
+    return ("container", ctr.pod_id, ctr.name, str(ctr.attempt))
+
+
+M = TypeVar("M", cri.PodSandboxConfig, cri.ContainerConfig)
+
+
+def _parse(kind: type[M], data: bytes) -> M:
+    """Compared as messages, not bytes: a retry's maps may serialize in another order."""
+    message = kind()
+    message.ParseFromString(data)
+    return message
 
 
 def _log_path(pod: cri.PodSandboxConfig, ctr: cri.ContainerConfig) -> str:

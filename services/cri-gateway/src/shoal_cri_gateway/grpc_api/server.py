@@ -45,6 +45,7 @@ class CriServer:
         self.socket_path = socket_path
         self.runtime = runtime
         self.images = images
+        self._reconcile: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._inode: int | None = None  # of the socket file we bound
         self._standby: asyncio.Task[None] | None = None
@@ -85,8 +86,18 @@ class CriServer:
         self._inode = path.stat().st_ino
         self._server = server
         log.info("CRI socket ready", socket=str(path))
+        # Serving alone now: creates another replica left half made are nobody's any more.
+        self._reconcile = asyncio.create_task(self._reconcile_pods())
+
+    async def _reconcile_pods(self) -> None:
+        try:
+            await self.runtime.pods.reconcile()
+        except Exception:
+            log.exception("reconciling pod records failed")
 
     async def stop(self, grace: float) -> None:
+        if self._reconcile is not None:
+            self._reconcile.cancel()
         if self._standby is not None:
             self._standby.cancel()
             with contextlib.suppress(asyncio.CancelledError):

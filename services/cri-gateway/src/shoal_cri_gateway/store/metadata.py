@@ -54,6 +54,11 @@ CREATE INDEX containers_by_pod ON containers(pod_id)
     # current resources across gateway restarts.
     """
 ALTER TABLE containers ADD COLUMN updated_resources BLOB
+""",
+    # v3: a container's create is recorded before it is made ("creating"), so a retry or a
+    # restarted gateway finds it half made and finishes or undoes it.
+    """
+ALTER TABLE containers ADD COLUMN state TEXT NOT NULL DEFAULT 'created'
 """]
 
 
@@ -64,7 +69,7 @@ class PodRecord:
     uid: str
     namespace: str
     attempt: int
-    state: str  # "ready", "notready"
+    state: str  # "creating" (recorded, not made yet), "ready", "notready"
     created_at_ns: int
     config: bytes
     labels: dict[str, str] = field(default_factory=dict)
@@ -90,6 +95,7 @@ class ContainerRecord:
     annotations: dict[str, str] = field(default_factory=dict)
     log_path: str = ""
     updated_resources: bytes | None = None
+    state: str = "created"  # or "creating": recorded, not made yet
 
 
 def _pod(row: sqlite3.Row) -> PodRecord:
@@ -141,6 +147,25 @@ class Metadata:
             raise NotFound(f"pod sandbox {pod_id!r} not found")
         return _pod(rows[0])
 
+    async def pod_named(self, namespace: str, name: str, uid: str, attempt: int
+                        ) -> PodRecord | None:
+        """The pod a RunPodSandbox with this metadata made (or is making)."""
+        rows = await self.db.run(lambda c: c.execute(
+            "SELECT * FROM pods WHERE namespace=? AND name=? AND uid=? AND attempt=?",
+            (namespace, name, uid, attempt)).fetchall())
+        return _pod(rows[0]) if rows else None
+
+    async def container_named(self, pod_id: str, name: str, attempt: int
+                              ) -> ContainerRecord | None:
+        rows = await self.db.run(lambda c: c.execute(
+            "SELECT * FROM containers WHERE pod_id=? AND name=? AND attempt=?",
+            (pod_id, name, attempt)).fetchall())
+        return _ctr(rows[0]) if rows else None
+
+    async def set_container_state(self, container_id: str, state: str) -> None:
+        await self.db.transaction(lambda c: c.execute(
+            "UPDATE containers SET state=? WHERE id=?", (state, container_id)))
+
     async def pods(self) -> list[PodRecord]:
         rows = await self.db.run(lambda c: c.execute(
             "SELECT * FROM pods ORDER BY created_at_ns").fetchall())
@@ -155,10 +180,10 @@ class Metadata:
                 c.execute(
                     "INSERT INTO containers(id, pod_id, name, attempt, created_at_ns, image, "
                     "image_ref, image_id, config, labels, annotations, log_path, "
-                    "updated_resources) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+                    "updated_resources, state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
                         r.id, r.pod_id, r.name, r.attempt, r.created_at_ns, r.image,
                         r.image_ref, r.image_id, r.config, json.dumps(r.labels),
-                        json.dumps(r.annotations), r.log_path, r.updated_resources))
+                        json.dumps(r.annotations), r.log_path, r.updated_resources, r.state))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"container {r.name} (attempt {r.attempt}) already exists "
                                     f"in pod {r.pod_id}") from None

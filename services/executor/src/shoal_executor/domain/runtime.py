@@ -150,7 +150,7 @@ class Runtime:
                 record.netns_name = f"shoal-{sandbox_id[:32]}"
                 record.netns_path = await netns.create(record.netns_name)
                 await self.records.put_sandbox(record)
-                faults.point("executor.sandbox.netns")
+                await faults.point("executor.sandbox.netns")
                 # CNI ADD (tens of ms of plugin runs) goes on while the pause container is
                 # created and started: neither needs the other, only the namespace.
                 network = asyncio.create_task(self.s.cni.add(
@@ -167,7 +167,7 @@ class Runtime:
             pause_id = sandbox_id
             rootfs_dir = self._bundle_dir(pause_id) / "rootfs"
             await mounts.mount_all(rootfs, str(rootfs_dir))
-            faults.point("executor.sandbox.rootfs")
+            await faults.point("executor.sandbox.rootfs")
             pod = PodContext.of(sandbox_id, config, netns_path=record.netns_path)
             pause_cfg = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="pause"))
             sec = config.linux.security_context
@@ -185,10 +185,10 @@ class Runtime:
                 sandbox_id=sandbox_id, cgroup_path=spec["linux"]["cgroupsPath"]))
             if state.state == "created":
                 state = await self._monitor(namespace).start(TaskIdRequest(id=pause_id))
-            faults.point("executor.sandbox.started")
+            await faults.point("executor.sandbox.started")
             if network is not None:
                 record.ips = (await network).ips
-                faults.point("executor.sandbox.network")
+                await faults.point("executor.sandbox.network")
             # Containers bind-mount it; the pause container does not, so it can come last.
             (pod_dir / "hosts").write_text(
                 HOSTS + (f"{record.ips[0]}\t{hostname}\n" if record.ips and hostname else ""))
@@ -319,7 +319,7 @@ class Runtime:
         await self.records.put_container(record)
         try:
             await mounts.mount_all(rootfs, str(rootfs_dir))
-            faults.point("executor.container.rootfs")
+            await faults.point("executor.container.rootfs")
             spec = build_spec(pod, ContainerContext(
                 container_id, config, image, str(rootfs_dir),
                 f"{sandbox.cgroup_parent}/{container_id}"))
@@ -329,7 +329,7 @@ class Runtime:
                 runtime_handler=runtime, tty=config.tty, stdin=config.stdin,
                 stdin_once=config.stdin_once, sandbox_id=sandbox_id,
                 cgroup_path=spec["linux"]["cgroupsPath"]))
-            faults.point("executor.container.created")
+            await faults.point("executor.container.created")
         except BaseException:
             try:
                 await asyncio.shield(self.remove_container(container_id, namespace))
