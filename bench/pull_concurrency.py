@@ -43,8 +43,9 @@ import aiohttp
 from _harness import DOC, MB, REPO, cpu_ticks, interrupt, machine, process_cpu
 from aiohttp import web
 from shoal_common.bus import Bus
-from shoal_common.config import PullerConfig, load_config
+from shoal_common.config import load_config
 from shoal_common.messages.images import PullReply, PullRequest
+from shoal_puller.config import PullerConfig
 from support.nats import nats_server
 from support.processes import Node, ServiceProcess, ServiceSet
 from support.registry import Registry

@@ -5,6 +5,7 @@ repeated after a deadline or a killed gateway returns the object the first attem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +49,7 @@ async def kubelet_retry(call: Callable[[], Awaitable[T]], budget: float = 60) ->
         await asyncio.sleep(0.3)
 
 
+@contextlib.asynccontextmanager
 async def connect(services: ServiceSet) -> AsyncIterator[Cri]:
     async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
         yield Cri(channel)
@@ -64,7 +66,7 @@ async def test_a_create_past_the_clients_deadline_is_joined_by_the_retry(
     before = host_names()
     await start_shoal(services, images, env={"executor": {
         "SHOAL_FAULTS": "executor.sandbox.started=delay:3,executor.container.created=delay:3"}})
-    async for api in connect(services):
+    async with connect(services) as api:
         await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(
             image=images["busybox"])))
         config = pod_config(tmp_path, "slow")
@@ -106,7 +108,7 @@ async def test_a_gateway_killed_mid_create_loses_nothing(
     env = {"SHOAL_FAULTS": f"{step}=kill", "SHOAL_FAULTS_DIR": str(tmp_path)}
     procs = await start_shoal(services, images, env={"cri-gateway": env})
     config = pod_config(tmp_path, "crashy")
-    async for api in connect(services):
+    async with connect(services) as api:
         await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(
             image=images["busybox"])))
 
@@ -136,8 +138,6 @@ async def test_a_gateway_killed_mid_create_loses_nothing(
 
 
 async def restart_when_dead(services: ServiceSet, gateway: object, env: dict[str, str]) -> None:
-    proc = gateway.proc  # type: ignore[attr-defined]
-    while proc.poll() is None:
-        await asyncio.sleep(0.05)
+    await asyncio.to_thread(gateway.proc.wait)  # type: ignore[attr-defined]
     sp = services.start("cri-gateway", extra=services.extra, env=env)
     await asyncio.to_thread(services.wait_serving, sp)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from shoal_common.config import RegistryHostConfig
+from shoal_puller.config import RegistryHostConfig
 from shoal_puller.registry import RegistryClient
 from support.faulty_registry import FaultyRegistry, MakeClient, Pushed
 from support.images import (

@@ -9,8 +9,8 @@ from urllib.parse import parse_qs
 
 import pytest
 from aiohttp import web
-from shoal_common.config import RegistryHostConfig
 from shoal_common.errors import FailedPrecondition, Invalid
+from shoal_puller.config import RegistryHostConfig
 from shoal_puller.registry import Credentials, parse_reference
 from shoal_puller.registry._http import Backoff, error_text, parse_retry_after
 from shoal_puller.registry.auth import (

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY as PROMETHEUS
-from shoal_common.config import RegistryHostConfig
 from shoal_common.errors import FailedPrecondition, Invalid, NotFound, ShoalError, Unavailable
+from shoal_puller.config import RegistryHostConfig
 from shoal_puller.registry import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,

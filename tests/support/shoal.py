@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -61,6 +64,27 @@ async def remove_all_pods(api: Cri) -> None:
 
 
 
+@dataclass
+class RunningShoal:
+    """A started node: its CRI client and its service processes."""
+
+    api: Cri
+    services: ServiceSet
+    procs: dict[str, ServiceProcess]
+
+
+@pytest.fixture(name="running")
+async def running_fixture(services: ServiceSet, images: dict[str, str]
+                          ) -> AsyncIterator[RunningShoal]:
+    """`running` (import it into a test module, beside `images_fixture`): a node started
+    with start_shoal; every pod is removed after the test."""
+    procs = await start_shoal(services, images)
+    async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
+        node = RunningShoal(Cri(channel), services, procs)
+        yield node
+        await remove_all_pods(node.api)
+
+
 def host_names() -> set[str]:
     """Network namespaces and the pods' cgroups (default parent /shoal) on the host now."""
     netns_dir = Path("/var/run/netns")
@@ -77,7 +101,14 @@ def leftovers(services: ServiceSet, subnet_prefix: str, before: set[str]) -> lis
     since `before` (host_names()), IP leases, bundles, pod directories, executor and
     supervisor records."""
     node = services.node
-    found: list[str] = sorted(host_names() - before)
+    # Only this node's: other tests may run beside it. Every id a service handles is in its
+    # log (a 64-hex pod or container id; a netns is named by its first 32 characters).
+    logs = " ".join(p.read_text(errors="replace") for p in (node.root / "logs").glob("*.log"))
+    ids = set(re.findall(r"[0-9a-f]{64}", logs))
+    found: list[str] = sorted(
+        name for name in host_names() - before
+        if name.rsplit("/", 1)[-1] in ids
+        or name.removeprefix("netns shoal-") in {i[:32] for i in ids})
     ours = {sp.proc.pid for sp in services}
     for pid in pids_mentioning(str(node.root)):
         if pid not in ours:

@@ -8,14 +8,16 @@ Unknown keys and wrong types are refused, naming the key.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import socket
 import tomllib
 from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -24,6 +26,8 @@ from shoal_common.catalog import SERVICES
 
 DEFAULT_CONFIG_PATH = "/etc/shoal/config.toml"
 ENV_PREFIX = "SHOAL_"
+S = TypeVar("S", bound="ServiceConfig")
+T = TypeVar("T")
 # SHOAL_* variables that are not config keys (the fault points are shoal_common.faults').
 NOT_CONFIG = frozenset({"SHOAL_CONFIG", "SHOAL_VENV", "SHOAL_FAULTS", "SHOAL_FAULTS_DIR"})
 
@@ -73,6 +77,8 @@ class EventsConfig(_Section):
 
 
 class ServiceConfig(_Section):
+    """What every service has; a service's own section subclasses it (see ENTRY_POINTS)."""
+
     # Empty = 127.0.0.1 and the service's default port (9711..9715, see catalog).
     metrics_addr: str = ""
     # Handlers run concurrently up to this bound; beyond it delivery pauses (backpressure).
@@ -80,48 +86,13 @@ class ServiceConfig(_Section):
     # On SIGTERM: stop taking work, then give in-flight requests this long to finish.
     shutdown_timeout: float = 10.0
 
-
-class RegistryHostConfig(_Section):
-    """How to reach one registry (the key of services.puller.registries: `host[:port]`)."""
-
-    # Endpoints tried in order before the registry itself: "https://mirror:5000[/prefix]".
-    mirrors: list[str] = []
-    # Talk plain HTTP to the registry itself (mirrors say their scheme in their URL).
-    plain_http: bool = False
-    ca_file: str = ""  # extra CA bundle (PEM) trusted for this registry and its mirrors
-    client_cert: str = ""  # PEM client certificate for mutual TLS...
-    client_key: str = ""  # ...and its key
-    skip_verify: bool = False
-    # Static credentials, used when the CRI request carries none.
-    username: str = ""
-    password: str = ""
-
-
-class PullerConfig(ServiceConfig):
-    # Layers of one image downloaded at once: 6 measured best for images of many similar
-    # layers at no cost for images with one big layer (docs/benchmarks.md).
-    max_concurrent_downloads: int = 6
-    # A pull is failed when fewer than min_progress_bytes arrive within progress_window
-    # seconds: a stalled registry gets a clear error instead of a hang.
-    min_progress_bytes: int = 1024
-    progress_window: float = 30.0
-    # Attempts per blob/manifest request on 429/5xx/resets (with backoff), and per dropped
-    # blob download (each resumed with an HTTP Range request).
-    max_attempts: int = 5
-    # Platform chosen from an index; empty = this machine's.
-    platform: str = ""
-    registries: dict[str, RegistryHostConfig] = {}
-
-
-class SnapshotterConfig(ServiceConfig):
-    # auto (overlayfs where the kernel mounts it, else native), overlayfs, native
-    driver: str = "auto"
-    # Unpack images as soon as images.create/update arrive (off: only on `unpack` requests).
-    consume_events: bool = True
-    events_ack_wait: float = 30.0  # an unacknowledged event is redelivered after this
-    events_max_deliver: int = 6
-    event_concurrency: int = 4
-    unpack_workers: int = 4
+    def check(self, key: str) -> None:
+        """Raise ConfigError naming `key.<field>` for a bad value; subclasses add theirs."""
+        check_addr(self.metrics_addr, f"{key}.metrics_addr")
+        if self.max_concurrency < 1:
+            raise ConfigError(f"config key {key}.max_concurrency: must be >= 1")
+        if self.shutdown_timeout < 0:
+            raise ConfigError(f"config key {key}.shutdown_timeout: must be >= 0")
 
 
 class RuntimeConfig(_Section):
@@ -143,32 +114,38 @@ class RuntimeConfig(_Section):
         return self.handlers[handler]
 
 
-class ExecutorConfig(ServiceConfig):
-    # Pod networking: the first config (lexical order) in the conf dir is used; empty =
-    # <state_root>/executor/cni/net.d, where Shoal installs its default bridge network
-    # (pod_subnet on bridge `cni_bridge`) when the directory holds no config.
-    cni_conf_dir: str = ""
-    cni_bin_dirs: list[str] = msgspec.field(default_factory=lambda: ["/usr/lib/cni",
-                                                                   "/opt/cni/bin"])
-    pod_subnet: str = "10.88.0.0/16"
-    cni_bridge: str = "shoal0"
+# -- each service's own section ------------------------------------------------------------
+# A service declares its section (a ServiceConfig subclass) in its own package and
+# registers it under the entry-point group "shoal.config" (name = its config key), as a
+# containerd plugin owns its Config; the loader finds them there, so unknown keys are still
+# refused by name and common knows no service's settings.
+
+ENTRY_POINTS = "shoal.config"
 
 
-class SupervisorConfig(ServiceConfig):
-    # The per-container monitor binary (Debian's conmon).
-    conmon_path: str = "conmon"
+def _sections() -> dict[str, type[ServiceConfig]]:
+    found: dict[str, type[ServiceConfig]] = {}
+    for ep in entry_points(group=ENTRY_POINTS):
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, ServiceConfig)):
+            raise ConfigError(f"entry point {ENTRY_POINTS}:{ep.name} is not a ServiceConfig")
+        found[ep.name] = cls
+    for svc in SERVICES:  # a service whose package is absent still gets the common keys
+        found.setdefault(svc.config_key, ServiceConfig)
+    return found
 
 
-def _svc(cls: type[ServiceConfig] = ServiceConfig) -> Any:
-    return msgspec.field(default_factory=cls)
+@functools.cache
+def services_type() -> type[_Section]:
+    """The `services` table: one field per registered section."""
+    fields = [(key, cls, msgspec.field(default_factory=cls))
+              for key, cls in sorted(_sections().items())]
+    return msgspec.defstruct("ServicesConfig", fields, bases=(_Section,), kw_only=True,
+                             forbid_unknown_fields=True, module=__name__)
 
 
-class ServicesConfig(_Section):
-    puller: PullerConfig = _svc(PullerConfig)
-    snapshotter: SnapshotterConfig = _svc(SnapshotterConfig)
-    executor: ExecutorConfig = _svc(ExecutorConfig)
-    supervisor: SupervisorConfig = _svc(SupervisorConfig)
-    cri_gateway: ServiceConfig = _svc()
+def _default_services() -> Any:
+    return services_type()()
 
 
 class CriConfig(_Section):
@@ -208,7 +185,8 @@ class Config(_Section):
     run_root: str = "/run/shoal"
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
-    services: ServicesConfig = msgspec.field(default_factory=ServicesConfig)
+    # One section per service (see services_type); read a typed one with `section()`.
+    services: Any = msgspec.field(default_factory=_default_services)
     cri: CriConfig = msgspec.field(default_factory=CriConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     launcher: LauncherConfig = msgspec.field(default_factory=LauncherConfig)
@@ -216,6 +194,15 @@ class Config(_Section):
 
     def service(self, name: str) -> ServiceConfig:
         return getattr(self.services, name.replace("-", "_"))  # type: ignore[no-any-return]
+
+    def section(self, cls: type[S]) -> S:
+        """A service's own section, typed: `config.section(PullerConfig)`."""
+        for key, registered in _sections().items():
+            if registered is cls:
+                value = getattr(self.services, key)
+                assert isinstance(value, cls)
+                return value
+        raise KeyError(f"{cls.__name__} is not a registered config section")
 
     def state_dir(self, service: str) -> Path:
         return Path(self.state_root) / service
@@ -307,69 +294,19 @@ def _validate(cfg: Config) -> None:
             raise bad(f"nats.{key}", "must be > 0")
     if cfg.nats.request_retries < 0:
         raise bad("nats.request_retries", "must be >= 0")
-    for svc in SERVICES:
-        section = cfg.service(svc.name)
-        key = f"services.{svc.config_key}"
-        _check_addr(section.metrics_addr, f"{key}.metrics_addr")
-        if section.max_concurrency < 1:
-            raise bad(f"{key}.max_concurrency", "must be >= 1")
-        if section.shutdown_timeout < 0:
-            raise bad(f"{key}.shutdown_timeout", "must be >= 0")
-    _validate_puller(cfg.services.puller)
-    snap = cfg.services.snapshotter
-    if snap.driver not in {"auto", "overlayfs", "native"}:
-        raise ConfigError(f"config key services.snapshotter.driver: {snap.driver!r} is not one "
-                          "of auto, overlayfs, native")
-    for key in ("events_ack_wait", "events_max_deliver", "event_concurrency", "unpack_workers"):
-        if getattr(snap, key) <= 0:
-            raise ConfigError(f"config key services.snapshotter.{key}: must be > 0")
-    _check_addr(cfg.launcher.metrics_addr, "launcher.metrics_addr")
-    _check_addr(cfg.cri.stream_addr, "cri.stream_addr")
+    for key in _sections():
+        getattr(cfg.services, key).check(f"services.{key}")
+    check_addr(cfg.launcher.metrics_addr, "launcher.metrics_addr")
+    check_addr(cfg.cri.stream_addr, "cri.stream_addr")
     if cfg.cri.stream_idle_timeout <= 0:
         raise bad("cri.stream_idle_timeout", "must be > 0")
-    _check_addr(cfg.nats.embedded.listen, "nats.embedded.listen")
+    check_addr(cfg.nats.embedded.listen, "nats.embedded.listen")
     if cfg.log.level.lower() not in {"debug", "info", "warning", "error"}:
         raise bad("log.level", f"{cfg.log.level!r} is not one of debug, info, warning, error")
     if cfg.log.format not in {"auto", "json", "console"}:
         raise bad("log.format", f"{cfg.log.format!r} is not one of auto, json, console")
     if not re.match(r"^[A-Za-z0-9_-]+$", cfg.events.stream):
         raise bad("events.stream", f"{cfg.events.stream!r} is not a valid stream name")
-
-
-# A registry host as image references name it: a DNS name or IP, optional port, no scheme.
-_REGISTRY_HOST_RE = re.compile(
-    r"^(localhost|[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*"
-    r"[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?$")
-_ENDPOINT_RE = re.compile(r"^https?://[^/\s?#]+(/[^\s?#]*)?$")
-
-
-def _validate_puller(puller: PullerConfig) -> None:
-    key = "services.puller"
-    if puller.max_concurrent_downloads < 1:
-        raise ConfigError(f"config key {key}.max_concurrent_downloads: must be >= 1")
-    if puller.max_attempts < 1:
-        raise ConfigError(f"config key {key}.max_attempts: must be >= 1")
-    if puller.progress_window <= 0 or puller.min_progress_bytes < 0:
-        raise ConfigError(f"config key {key}.progress_window: must be > 0")
-    if puller.platform and not re.match(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$", puller.platform):
-        raise ConfigError(
-            f"config key {key}.platform: {puller.platform!r} is not os/arch[/variant]")
-    for host, reg in puller.registries.items():
-        where = f"{key}.registries.\"{host}\""
-        if not _REGISTRY_HOST_RE.match(host):
-            hint = (" (name the registry as image references do: host[:port], no scheme or "
-                    "path)" if "://" in host or "/" in host else "")
-            raise ConfigError(f"config key {where}: {host!r} is not a registry host{hint}")
-        for i, mirror in enumerate(reg.mirrors):
-            if not _ENDPOINT_RE.match(mirror):
-                raise ConfigError(f"config key {where}.mirrors[{i}]: {mirror!r} is not an "
-                                  "http:// or https:// URL (e.g. \"https://mirror:5000\")")
-        for field in ("ca_file", "client_cert", "client_key"):
-            path = getattr(reg, field)
-            if path and not os.path.isfile(path):
-                raise ConfigError(f"config key {where}.{field}: {path}: no such file")
-        if bool(reg.client_cert) != bool(reg.client_key):
-            raise ConfigError(f"config key {where}: client_cert and client_key go together")
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -379,7 +316,7 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _check_addr(addr: str, key: str) -> None:
+def check_addr(addr: str, key: str) -> None:
     try:
         parse_addr(addr)
     except ValueError as exc:
@@ -408,18 +345,29 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
     for key, value in (flags or {}).items():
         if value is not None:
             _set_path(tree, key, value)
-    try:
-        cfg = msgspec.convert(tree, Config)
-    except msgspec.ValidationError as exc:
-        detail = str(exc).split(" - at ")[0]
-        if detail.startswith("Object contains unknown field"):
-            raise ConfigError(f"config key {_unknown_key(exc)}: unknown key") from None
-        raise ConfigError(f"config key {_key_of(exc)}: {detail}") from None
+    services = tree.pop("services", {})
+    cfg = _convert(tree, Config, "")
+    cfg.services = _convert(services, services_type(), "services")
     for svc in SERVICES:
         section = cfg.service(svc.name)
         section.metrics_addr = section.metrics_addr or f"127.0.0.1:{svc.metrics_port}"
     _validate(cfg)
     return cfg
+
+
+def _convert(tree: Any, typ: type[T], prefix: str) -> T:
+    """`tree` as `typ`, or ConfigError naming the key (`prefix` is where `tree` sits)."""
+    try:
+        return msgspec.convert(tree, typ)
+    except msgspec.ValidationError as exc:
+        detail = str(exc).split(" - at ")[0]
+        if detail.startswith("Object contains unknown field"):
+            key, why = _unknown_key(exc), "unknown key"
+        else:
+            key, why = _key_of(exc), detail
+        key = prefix if key == "<root>" and prefix else key
+        full = f"{prefix}.{key}" if prefix and key != prefix else key
+        raise ConfigError(f"config key {full}: {why}") from None
 
 
 def _unknown_key(error: msgspec.ValidationError) -> str:

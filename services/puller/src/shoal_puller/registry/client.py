@@ -21,7 +21,6 @@ from typing import Any, Self
 import aiohttp
 import structlog
 import yarl
-from shoal_common.config import RegistryHostConfig
 from shoal_common.errors import Invalid, NotFound, ShoalError
 from shoal_common.oci import (
     DOCKER_MANIFEST,
@@ -31,6 +30,7 @@ from shoal_common.oci import (
     OCI_MANIFEST,
 )
 
+from shoal_puller.config import RegistryHostConfig
 from shoal_puller.registry._http import Backoff
 from shoal_puller.registry.auth import Authorizer, Credentials
 from shoal_puller.registry.endpoints import Endpoint, Endpoints

@@ -16,9 +16,9 @@ from typing import TypeVar
 
 import structlog
 import yarl
-from shoal_common.config import RegistryHostConfig
 from shoal_common.errors import ShoalError, Unavailable
 
+from shoal_puller.config import RegistryHostConfig
 from shoal_puller.registry.reference import DOCKER_HUB, Reference
 from shoal_puller.registry.tls import has_tls_settings, ssl_context
 

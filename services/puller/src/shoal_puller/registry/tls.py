@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ssl
 
-from shoal_common.config import RegistryHostConfig
 from shoal_common.errors import FailedPrecondition
+
+from shoal_puller.config import RegistryHostConfig
 
 
 def has_tls_settings(cfg: RegistryHostConfig) -> bool:

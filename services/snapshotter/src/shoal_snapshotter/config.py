@@ -1,0 +1,29 @@
+"""The snapshotter's settings: `[services.snapshotter]` (registered in pyproject.toml
+under the entry-point group `shoal.config`)."""
+
+from __future__ import annotations
+
+from shoal_common.config import ConfigError, ServiceConfig
+
+DRIVERS = ("auto", "overlayfs", "native")
+
+
+class SnapshotterConfig(ServiceConfig):
+    # auto (overlayfs where the kernel mounts it, else native), overlayfs, native
+    driver: str = "auto"
+    # Unpack images as soon as images.create/update arrive (off: only on `unpack` requests).
+    consume_events: bool = True
+    events_ack_wait: float = 30.0  # an unacknowledged event is redelivered after this
+    events_max_deliver: int = 6
+    event_concurrency: int = 4
+    unpack_workers: int = 4
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        if self.driver not in DRIVERS:
+            raise ConfigError(f"config key {key}.driver: {self.driver!r} is not one of "
+                              f"{', '.join(DRIVERS)}")
+        for name in ("events_ack_wait", "events_max_deliver", "event_concurrency",
+                     "unpack_workers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config key {key}.{name}: must be > 0")
