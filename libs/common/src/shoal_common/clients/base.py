@@ -10,9 +10,9 @@ only these clients call. Servers check their handlers against the same declarati
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar, overload
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, overload
 
 from shoal_common.bus import Bus, Router
 from shoal_common.messages import HealthReply, HealthRequest, Message, PingReply, PingRequest
@@ -21,6 +21,17 @@ PROBE_TIMEOUT = 2.0  # health and readiness probes: a live replica answers at on
 
 ReqT = TypeVar("ReqT", bound=Message)
 RepT = TypeVar("RepT", bound=Message)
+
+
+ReqC = TypeVar("ReqC", bound=Message, contravariant=True)
+RepC = TypeVar("RepC", bound=Message, covariant=True)
+
+
+class Call(Protocol[ReqC, RepC]):
+    """A verb bound to a client: `await client.verb(message, timeout=...)`."""
+
+    def __call__(self, message: ReqC, *, timeout: float | None = None
+                 ) -> Coroutine[Any, Any, RepC]: ...
 
 
 @dataclass(frozen=True)
@@ -50,10 +61,10 @@ class Verb(Generic[ReqT, RepT]):
 
     @overload
     def __get__(self, client: ServiceClient, owner: type[ServiceClient]
-                ) -> Callable[[ReqT], Coroutine[Any, Any, RepT]]: ...
+                ) -> Call[ReqT, RepT]: ...
 
     def __get__(self, client: ServiceClient | None, owner: type[ServiceClient]
-                ) -> Verb[ReqT, RepT] | Callable[[ReqT], Coroutine[Any, Any, RepT]]:
+                ) -> Verb[ReqT, RepT] | Call[ReqT, RepT]:
         if client is None:
             return self
 

@@ -10,7 +10,7 @@ import hmac
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any, TypeVar
 
@@ -123,7 +123,8 @@ class Pods:
 
     # -- one create per request, whatever the client does ------------------------------
 
-    def _once(self, key: tuple[str, ...], make: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+    def _once(self, key: tuple[str, ...], make: Callable[[], Coroutine[Any, Any, T]]
+              ) -> Awaitable[T]:
         """The one run of `make` for `key` (a create's CRI identity), shielded from the
         caller: a create whose client gave up (kubelet's deadline, a dropped connection)
         goes on to its end, and the client's retry joins it instead of making a ghost. Its
