@@ -101,7 +101,8 @@ async def shoal(services: ServiceSet, images: dict[str, str],
     n = next(_subnets)
     extra = ["--set", f'cri.sandbox_image="{images["pause"]}"',
              "--set", f'services.executor.pod_subnet="10.{n}.0.0/24"',
-             "--set", f'services.executor.cni_bridge="shoalb{n}"']
+             "--set", f'services.executor.cni_bridge="shoalb{n}"',
+             "--set", 'services.puller.registries."private.example".password="s3cret-pw"']
     procs = {name: services.start(name, extra=extra) for name in SERVICES}
     for sp in procs.values():
         await asyncio.to_thread(services.wait_serving, sp)
@@ -424,6 +425,10 @@ async def test_every_rpc_answers(shoal: Shoal) -> None:
     assert versions["runc"].startswith("runc version") and versions["nats_server"]
     assert "conmon" in versions["conmon"]
     assert json.loads(status.info["config"])["node_id"] == shoal.services.node.node_id
+    # Secrets are redacted, registry passwords included (and where the NATS one lives).
+    assert "s3cret-pw" not in status.info["config"]
+    registry = json.loads(status.info["config"])["services"]["puller"]["registries"]
+    assert registry["private.example"]["password"] == "<redacted>"
     assert [h.name for h in status.runtime_handlers] == ["runc"]
     await shoal.runtime.UpdateRuntimeConfig(cri.UpdateRuntimeConfigRequest(
         runtime_config=cri.RuntimeConfig(network_config=cri.NetworkConfig(

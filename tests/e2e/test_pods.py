@@ -226,3 +226,13 @@ async def test_stop_of_what_is_gone_is_not_an_error(shoal: Cri, images: dict[str
     with pytest.raises(grpc.aio.AioRpcError) as err:  # what never existed: NOT_FOUND
         await api.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_huge_reference_gets_a_bounded_error(shoal: Cri) -> None:
+    """A 1 MB image reference is not echoed whole (it would overflow the client's metadata
+    limit and the client would see a transport error instead of the answer)."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await shoal.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(
+            image="x" * (1 << 20))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(err.value.details() or "") < 4096

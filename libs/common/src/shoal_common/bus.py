@@ -346,6 +346,9 @@ class Bus:
                 try:
                     msg = await self.nc.request(subject, body, headers=hdrs,
                                                 timeout=min(attempt_timeout, remaining))
+                except nats.errors.MaxPayloadError:
+                    raise Invalid(f"{label}: the request is {len(body)} bytes, more than the "
+                                  f"bus carries ({self.nc.max_payload})") from None
                 except nats.errors.NoRespondersError:
                     metrics.REQUESTS_SENT.labels(label, "no_responders").inc()
                     error = Unavailable(f"no replica of '{service}' is serving {subject}")

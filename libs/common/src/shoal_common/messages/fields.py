@@ -34,3 +34,6 @@ Seconds = Annotated[float, Meta(ge=0, le=366 * 24 * 3600)]
 Signal = Annotated[int, Meta(ge=0, le=64)]
 # Snapshot keys are database keys, never paths (snapshot directories are numbered).
 SnapshotKey = Annotated[str, Meta(pattern=r"\A[^\x00-\x1f\x7f]{1,1024}\Z")]
+# An image reference as a client wrote it (parsed and checked by the puller); bounded so
+# no message about it overflows anything.
+ImageRef = Annotated[str, Meta(pattern=r"\A[^\x00-\x1f\x7f]{0,4096}\Z")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from shoal_common.messages.base import Event, Message
+from shoal_common.messages.fields import ImageRef
 
 
 class RegistryAuth(Message):
@@ -38,7 +39,7 @@ class ImageInfo(Message):
 
 
 class PullRequest(Message):
-    ref: str
+    ref: ImageRef
     # Caller-chosen id: a retried pull with the same id joins the one in flight, and progress
     # events carry it.
     pull_id: str
@@ -51,12 +52,12 @@ class PullReply(Message):
 
 
 class ImageGetRequest(Message):
-    ref: str  # a name, an id (config digest), a repo digest, or an unambiguous id prefix
+    ref: ImageRef  # a name, an id (config digest), a repo digest, or an unambiguous id prefix
     with_config: bool = False
 
 
 class ImageListRequest(Message):
-    ref: str = ""  # only images this reference names (CRI ImageFilter)
+    ref: ImageRef = ""  # only images this reference names (CRI ImageFilter)
     with_config: bool = False
 
 
@@ -65,7 +66,7 @@ class ImageListReply(Message):
 
 
 class ImageRemoveRequest(Message):
-    ref: str
+    ref: ImageRef
 
 
 class ImageRemoveReply(Message):
@@ -127,7 +128,7 @@ class LayerProgress(Message):
 class PullProgress(Event):
     TOPIC = "images.pull.progress"
     pull_id: str
-    ref: str
+    ref: ImageRef
     layers: list[LayerProgress]
     finished: bool = False
     error: str = ""

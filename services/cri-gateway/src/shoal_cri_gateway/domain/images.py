@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 from shoal_common.clients import Clients
-from shoal_common.errors import NotFound
+from shoal_common.errors import Invalid, NotFound
 from shoal_common.messages.images import (
     ImageGetRequest,
     ImageInfo,
@@ -22,6 +22,16 @@ from shoal_cri_gateway.domain.pods import pull_id
 DEFAULT_PULL_TIMEOUT = 3600.0
 
 
+MAX_REFERENCE = 4096  # what the bus messages accept (messages.fields.ImageRef)
+
+
+def checked_ref(ref: str) -> str:
+    if len(ref) > MAX_REFERENCE:
+        raise Invalid(f"image reference is {len(ref)} characters long; at most "
+                      f"{MAX_REFERENCE}: {ref[:64]}...")
+    return ref
+
+
 class Images:
     def __init__(self, clients: Clients) -> None:
         self.clients = clients
@@ -30,24 +40,25 @@ class Images:
         """The pulled image's id; `timeout` is the client's remaining deadline."""
         secret = msgspec.msgpack.encode(auth) if auth is not None else b""
         reply = await self.clients.images.pull(
-            PullRequest(ref=ref, pull_id=pull_id(ref, secret), auth=auth),
+            PullRequest(ref=checked_ref(ref), pull_id=pull_id(ref, secret), auth=auth),
             timeout=timeout if timeout is not None else DEFAULT_PULL_TIMEOUT)
         return reply.image.id
 
     async def list(self, ref: str = "") -> list[ImageInfo]:
-        reply = await self.clients.images.list_images(ImageListRequest(ref=ref,
+        reply = await self.clients.images.list_images(ImageListRequest(ref=checked_ref(ref),
                                                                        with_config=True))
         return reply.images
 
     async def get(self, ref: str) -> ImageInfo | None:
         try:
-            return await self.clients.images.get(ImageGetRequest(ref=ref, with_config=True))
+            return await self.clients.images.get(ImageGetRequest(ref=checked_ref(ref),
+                                                                 with_config=True))
         except NotFound:
             return None
 
     async def remove(self, ref: str) -> None:
         try:
-            await self.clients.images.remove(ImageRemoveRequest(ref=ref))
+            await self.clients.images.remove(ImageRemoveRequest(ref=checked_ref(ref)))
         except NotFound:
             pass  # the CRI makes removal idempotent
 

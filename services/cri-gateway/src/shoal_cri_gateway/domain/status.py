@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,9 +90,25 @@ def _version_of(components: dict[str, object], name: str) -> str:
     return str(entry.get("version", "")) if isinstance(entry, dict) else ""
 
 
+# Keys whose values are secrets, or say where one lives: never shown (registry passwords,
+# NATS credentials, TLS keys).
+SECRET_KEYS = re.compile(r"password|passwd|secret|token|(^|_)key$|credential", re.I)
+REDACTED = "<redacted>"
+
+
+def redact(tree: Any) -> Any:
+    """`tree` with every secret-looking key's value replaced (non-empty ones only, so an
+    operator can still see that none is set)."""
+    if isinstance(tree, dict):
+        return {k: (REDACTED if SECRET_KEYS.search(str(k)) and v not in ("", None, [], {})
+                    else redact(v)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    return tree
+
+
 def verbose_info(bus: Bus, components: dict[str, object]) -> dict[str, str]:
-    config: dict[str, Any] = msgspec.to_builtins(bus.config)
-    config["nats"].pop("password_file", None)  # where a secret lives stays private
+    config = redact(msgspec.to_builtins(bus.config))
     return {
         "config": json.dumps(config),
         "components": json.dumps(components),

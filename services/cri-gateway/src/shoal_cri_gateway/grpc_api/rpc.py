@@ -32,6 +32,17 @@ POLLING_RPCS = frozenset({
     "ListPodSandboxMetrics", "RuntimeConfig",
 })
 
+# An error echoes parts of the request (a 1 MB image reference would overflow the client's
+# metadata limit, 8 KiB in grpc-go): keep the message well under it.
+MAX_MESSAGE = 2048
+
+
+def bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return message[:MAX_MESSAGE - 40] + f"... ({len(message)} characters in all)"
+
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Method = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
@@ -52,8 +63,9 @@ def rpc(fn: Method[Req, Resp]) -> Method[Req, Resp]:
             return await fn(self, request, context)
         except ShoalError as exc:
             code = grpc.StatusCode[GRPC_STATUS[exc.code]]
-            log.info("rpc failed", code=code.name, error=exc.message)
-            await context.abort(code, exc.message)
+            message = bounded(exc.message)
+            log.info("rpc failed", code=code.name, error=message)
+            await context.abort(code, message)
             raise  # unreachable: abort raises
         except NotImplementedError as exc:
             code = grpc.StatusCode.UNIMPLEMENTED
@@ -65,7 +77,7 @@ def rpc(fn: Method[Req, Resp]) -> Method[Req, Resp]:
         except Exception as exc:
             code = grpc.StatusCode.INTERNAL
             log.exception("rpc crashed")
-            await context.abort(code, f"{type(exc).__name__}: {exc}")
+            await context.abort(code, bounded(f"{type(exc).__name__}: {exc}"))
             raise
         finally:
             elapsed = time.perf_counter() - started
