@@ -78,23 +78,25 @@ async def test_real_flows_work_under_per_service_permissions(
             name="sec", uid=uuid.uuid4().hex, namespace="default"), log_directory=str(tmp_path))
         pod = (await runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
                ).pod_sandbox_id
-        cid = (await runtime.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=pod, sandbox_config=config, config=cri.ContainerConfig(
-                metadata=cri.ContainerMetadata(name="c"),
-                image=cri.ImageSpec(image=images["busybox"]), command=["sleep", "3600"])))
-        ).container_id
-        events = runtime.GetContainerEvents(cri.GetEventsRequest())  # its own JS consumer
-        await asyncio.sleep(0.5)
-        await runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-        status = await runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid))
-        assert status.status.state == cri.CONTAINER_RUNNING
-        async with asyncio.timeout(10):
-            event = await events.read()
-        assert (event.container_id, event.container_event_type) == (
-            cid, cri.CONTAINER_STARTED_EVENT)
-        events.cancel()
-        await runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
-        await runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+        try:
+            cid = (await runtime.CreateContainer(cri.CreateContainerRequest(
+                pod_sandbox_id=pod, sandbox_config=config, config=cri.ContainerConfig(
+                    metadata=cri.ContainerMetadata(name="c"),
+                    image=cri.ImageSpec(image=images["busybox"]), command=["sleep", "3600"])))
+            ).container_id
+            events = runtime.GetContainerEvents(cri.GetEventsRequest())  # its own JS consumer
+            await asyncio.sleep(0.5)
+            await runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+            status = await runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid))
+            assert status.status.state == cri.CONTAINER_RUNNING
+            async with asyncio.timeout(10):
+                event = await events.read()
+            assert (event.container_id, event.container_event_type) == (
+                cid, cri.CONTAINER_STARTED_EVENT)
+            events.cancel()
+            await runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+        finally:  # a failed check must not leave the pod running on the host
+            await runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
 
 
 async def test_no_credentials_cannot_connect(
