@@ -13,8 +13,9 @@ WITH_TEST=0
 
 APT_PACKAGES=(runc conmon containernetworking-plugins iproute2 iptables busybox-static catatonit
               ca-certificates python3 python3-venv)
-# The test suite runs a real OCI registry and a real Prometheus (tests/ops).
-(( WITH_TEST )) && APT_PACKAGES+=(docker-registry prometheus)
+# The test suite runs a real OCI registry and a real Prometheus (tests/ops), and compares
+# unpacked trees with umoci (tests/snapshotter).
+(( WITH_TEST )) && APT_PACKAGES+=(docker-registry prometheus umoci)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

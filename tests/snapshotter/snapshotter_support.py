@@ -1,6 +1,7 @@
 """Helpers for the snapshotter tests: layers as LayerInfo, a content store stand-in (in
-process, or served on the bus as the puller would), tree fingerprints, mounting the mounts
-a snapshotter returns the way the executor will."""
+process, or served on the bus as the puller would), the snapshotter's domain without
+processes, tree fingerprints, mounting the mounts a snapshotter returns the way the
+executor will."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import hashlib
 import os
 import stat
 import subprocess
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import zstandard
 from shoal_common.bus import Bus, RequestContext, Router
 from shoal_common.config import Config, load_config
 from shoal_common.errors import NotFound
+from shoal_common.messages import Event
 from shoal_common.messages.images import (
     ContentInfo,
     ContentInfoRequest,
@@ -28,10 +32,25 @@ from shoal_common.messages.images import (
 )
 from shoal_common.messages.snapshots import Mount
 from shoal_common.oci import chain_ids
+from shoal_common.sqlite import Database
+from shoal_snapshotter.domain import mounts as sysmount
+from shoal_snapshotter.domain.drivers import choose_driver
+from shoal_snapshotter.domain.images import Images
+from shoal_snapshotter.domain.layers import PROCESS_MIN_BYTES, Unpacker
+from shoal_snapshotter.domain.locks import ChainLocks
+from shoal_snapshotter.domain.snapshots import Snapshots
+from shoal_snapshotter.store import metadata as md
 from support.images import Layer, LayerBuilder, sha256_digest
 from support.processes import Node
 
 OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+NS = "k8s.io"
+# Every way a layer gets applied, as (name, driver, unpack workers, process_min_bytes):
+# overlayfs in parallel (each layer alone, in worker processes), overlayfs one layer after
+# another onto a mounted overlay (in threads), and native (in threads).
+UNPACK_PATHS = (("parallel", "overlayfs", 4, 0),
+                ("sequential", "overlayfs", 1, PROCESS_MIN_BYTES),
+                ("native", "native", 4, PROCESS_MIN_BYTES))
 
 
 def node_config(node: Node) -> Config:
@@ -221,3 +240,62 @@ async def eventually(predicate: Any, timeout: float = 10.0, what: str = "conditi
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{what} not reached in {timeout}s")
         await asyncio.sleep(0.02)
+
+
+# -- the domain without processes ---------------------------------------------------------
+
+@dataclass
+class Domain:
+    root: Path
+    db: Database
+    snapshots: Snapshots
+    unpacker: Unpacker
+    images: Images
+    locks: ChainLocks
+    events: list[tuple[Event, str]] = field(default_factory=list)
+
+    async def unpack(self, name: str, layers: list[Layer], content: FakeContent | None = None,
+                     **kw: Any) -> Any:
+        content = content or FakeContent(layers)
+        return await self.images.unpack(NS, name, layer_infos(layers), content, **kw)
+
+    async def tree_of(self, chain: str, *, links: bool = True) -> dict[str, Any]:
+        """The file tree a container would see on top of `chain` (through a view mount)."""
+        key = f"view-{uuid.uuid4().hex[:8]}"
+        mounts = await self.snapshots.view(key, chain, {})
+        try:
+            with mounted(mounts, self.root.parent / f"mnt-{key}") as target:
+                found = tree(target)
+        finally:
+            await self.snapshots.remove(key, NS)
+        if not links:
+            for rec in found.values():
+                rec.pop("link_of", None)
+        return found
+
+    def committed(self, event_type: type[Event]) -> list[str]:
+        return [e.key for e, _ in self.events if isinstance(e, event_type)]  # type: ignore[attr-defined]
+
+
+@contextlib.asynccontextmanager
+async def open_domain(root: Path, driver: str, *, workers: int = 4,
+                      process_min_bytes: int = PROCESS_MIN_BYTES) -> AsyncIterator[Domain]:
+    root.mkdir(parents=True, exist_ok=True)
+    db = Database(root / "metadata.db", md.MIGRATIONS)
+    await db.open()
+    events: list[tuple[Event, str]] = []
+
+    async def publish(event: Event, namespace: str) -> None:
+        events.append((event, namespace))
+
+    snapshots = Snapshots(db, choose_driver(driver, root, None, False), root, publish)
+    assert snapshots.driver.name == driver
+    locks = ChainLocks(root / "locks")
+    unpacker = Unpacker(snapshots, locks, workers=workers, process_min_bytes=process_min_bytes)
+    try:
+        yield Domain(root, db, snapshots, unpacker, Images(snapshots, unpacker), locks, events)
+    finally:
+        unpacker.close()
+        await db.close()
+        with contextlib.suppress(OSError):
+            sysmount.unmount_all_under(root.parent)

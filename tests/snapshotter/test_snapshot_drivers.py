@@ -7,109 +7,43 @@ overlay mounts."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import stat
 import subprocess
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from shoal_common.errors import AlreadyExists, FailedPrecondition, Invalid, NotFound
-from shoal_common.messages import Event
 from shoal_common.messages.images import ContentInfo, LayerInfo
 from shoal_common.messages.snapshots import SnapshotCommitted, SnapshotRemoved
 from shoal_common.oci import chain_ids
-from shoal_common.sqlite import Database
 from shoal_snapshotter.domain import metrics
-from shoal_snapshotter.domain import mounts as sysmount
 from shoal_snapshotter.domain.drivers import (
     NativeDriver,
     OverlayDriver,
     choose_driver,
     probe_overlay,
 )
-from shoal_snapshotter.domain.images import Images
-from shoal_snapshotter.domain.layers import PROCESS_MIN_BYTES, Unpacker
-from shoal_snapshotter.domain.locks import ChainLocks
-from shoal_snapshotter.domain.snapshots import LABEL_UNPACK, Snapshots
-from shoal_snapshotter.store import metadata as md
+from shoal_snapshotter.domain.layers import PROCESS_MIN_BYTES
+from shoal_snapshotter.domain.snapshots import LABEL_UNPACK
 from snapshotter_support import (
+    NS,
+    UNPACK_PATHS,
+    Domain,
     FakeContent,
     eventually,
-    layer_infos,
     mounted,
     mounted_paths,
-    tree,
+    open_domain,
     workers_alive,
     zstd_layer,
 )
 from support.images import Layer, LayerBuilder, busybox_layer
 
 pytestmark = pytest.mark.usefixtures("root")  # mounts, chown, mknod
-
-NS = "k8s.io"
-
-
-@dataclass
-class Domain:
-    root: Path
-    db: Database
-    snapshots: Snapshots
-    unpacker: Unpacker
-    images: Images
-    locks: ChainLocks
-    events: list[tuple[Event, str]] = field(default_factory=list)
-
-    async def unpack(self, name: str, layers: list[Layer], content: FakeContent | None = None,
-                     **kw: Any) -> Any:
-        content = content or FakeContent(layers)
-        return await self.images.unpack(NS, name, layer_infos(layers), content, **kw)
-
-    async def tree_of(self, chain: str, *, links: bool = True) -> dict[str, Any]:
-        """The file tree a container would see on top of `chain` (through a view mount)."""
-        key = f"view-{uuid.uuid4().hex[:8]}"
-        mounts = await self.snapshots.view(key, chain, {})
-        try:
-            with mounted(mounts, self.root.parent / f"mnt-{key}") as target:
-                found = tree(target)
-        finally:
-            await self.snapshots.remove(key, NS)
-        if not links:
-            for rec in found.values():
-                rec.pop("link_of", None)
-        return found
-
-    def committed(self, event_type: type[Event]) -> list[str]:
-        return [e.key for e, _ in self.events if isinstance(e, event_type)]  # type: ignore[attr-defined]
-
-
-@contextlib.asynccontextmanager
-async def open_domain(root: Path, driver: str, *, workers: int = 4,
-                      process_min_bytes: int = PROCESS_MIN_BYTES) -> AsyncIterator[Domain]:
-    root.mkdir(parents=True, exist_ok=True)
-    db = Database(root / "metadata.db", md.MIGRATIONS)
-    await db.open()
-    events: list[tuple[Event, str]] = []
-
-    async def publish(event: Event, namespace: str) -> None:
-        events.append((event, namespace))
-
-    snapshots = Snapshots(db, choose_driver(driver, root, None, False), root, publish)
-    assert snapshots.driver.name == driver
-    locks = ChainLocks(root / "locks")
-    unpacker = Unpacker(snapshots, locks, workers=workers, process_min_bytes=process_min_bytes)
-    try:
-        yield Domain(root, db, snapshots, unpacker, Images(snapshots, unpacker), locks, events)
-    finally:
-        unpacker.close()
-        await db.close()
-        with contextlib.suppress(OSError):
-            sysmount.unmount_all_under(root.parent)
 
 
 @pytest.fixture
@@ -286,12 +220,14 @@ async def test_unsafe_layer_is_refused_and_thrown_away(domain: Domain, tmp_path:
     outside.mkdir()
     (outside / "passwd").write_text("root")
     good = LayerBuilder().file("ok", "ok").build()
-    evil = LayerBuilder(sort=False).symlink("etc", str(outside)).file("etc/passwd", "owned")
+    # The symlink out is followed inside the root; the `..` name is refused.
+    evil = (LayerBuilder(sort=False).symlink("etc", str(outside)).file("etc/passwd", "mine")
+            .file("../outside/passwd", "owned"))
     layers = [good, evil.build()]
     with pytest.raises(Invalid) as err:
         await domain.unpack("evil:latest", layers)
-    assert "etc/passwd" in err.value.message and "evil:latest" in err.value.message
-    assert err.value.details["entry"] == "etc/passwd"
+    assert "../outside/passwd" in err.value.message and "evil:latest" in err.value.message
+    assert err.value.details["entry"] == "../outside/passwd"
     assert (outside / "passwd").read_text() == "root"
     snaps = await domain.snapshots.list()
     assert [(s.key, s.kind) for s in snaps] == [(good.diff_id, "committed")]
@@ -575,9 +511,7 @@ async def committed_parents(d: Domain) -> dict[str, str]:
 async def test_parallel_unpack_matches_sequential_and_native(tmp_path: Path, image: str) -> None:
     layers = IMAGES[image]()
     trees = {}
-    for name, driver, workers, in_process in (
-            ("parallel", "overlayfs", 4, 0), ("sequential", "overlayfs", 1, PROCESS_MIN_BYTES),
-            ("native", "native", 4, PROCESS_MIN_BYTES)):
+    for name, driver, workers, in_process in UNPACK_PATHS:
         async with open_domain(tmp_path / name / "state", driver, workers=workers,
                                process_min_bytes=in_process) as d:
             reply = await d.unpack(image, layers)
@@ -651,17 +585,18 @@ async def test_hardlinks_to_lower_layers_fall_back(tmp_path: Path) -> None:
 
 
 @by_driver
-async def test_implied_directory_over_a_lower_symlink_is_refused(domain: Domain,
-                                                                 tmp_path: Path) -> None:
+async def test_a_lower_symlink_out_is_followed_inside_the_root(domain: Domain,
+                                                               tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     base = LayerBuilder().symlink("etc", str(outside)).build()
-    evil = LayerBuilder().file("etc/passwd", "owned").build()
-    with pytest.raises(Invalid) as err:
-        await domain.unpack("evil", [base, evil])
-    assert err.value.details["entry"] == "etc/passwd"
+    top = LayerBuilder().file("etc/passwd", "mine").build()
+    reply = await domain.unpack("clamped", [base, top])
+    files = await domain.tree_of(reply.chain_id)
+    assert files["etc"]["target"] == str(outside)
+    inside = str(outside).lstrip("/")
+    assert files[f"{inside}/passwd"]["sha256"] == hashlib.sha256(b"mine").hexdigest()
     assert list(outside.iterdir()) == []
-    assert [s.key for s in await domain.snapshots.list()] == [base.diff_id]
     assert not mounted_paths(domain.root)
 
 
@@ -706,13 +641,14 @@ async def test_layers_apply_at_once_and_commit_in_chain_order(tmp_path: Path) ->
 async def test_a_failing_layer_stops_those_above_and_keeps_those_below(
         tmp_path: Path, in_process: int) -> None:
     good = [LayerBuilder().file(f"g{i}", os.urandom(256 << 10)).build() for i in range(2)]
-    evil = LayerBuilder(sort=False).symlink("etc", "/etc").file("etc/shoal-owned", "x").build()
+    evil = (LayerBuilder(sort=False).symlink("etc", "/etc").file("../etc/shoal-owned", "x")
+            .build())
     above = LayerBuilder().file("above", os.urandom(4 << 20)).build(compression=None)
     layers = [*good, evil, above]
     async with open_domain(tmp_path / "state", "overlayfs", process_min_bytes=in_process) as d:
         with pytest.raises(Invalid) as err:
             await d.unpack("img", layers)
-        assert err.value.details["entry"] == "etc/shoal-owned"
+        assert err.value.details["entry"] == "../etc/shoal-owned"
         chains = chain_ids([x.diff_id for x in layers])
         assert d.committed(SnapshotCommitted) == chains[:2]
         assert [(s.key, s.kind) for s in await d.snapshots.list()] == [
@@ -762,9 +698,9 @@ async def test_worker_process_errors_map_like_thread_errors(tmp_path: Path) -> N
                           size=bad.size, media_type=bad.media_type)
         with pytest.raises(Invalid, match="diff ID"):
             await d.images.unpack(NS, "img", [wrong], FakeContent([bad]))
-        evil = LayerBuilder(sort=False).symlink("etc", "/etc").file("etc/x", "x").build()
+        evil = LayerBuilder(sort=False).symlink("etc", "/etc").file("../etc/x", "x").build()
         with pytest.raises(Invalid) as err:
             await d.unpack("evil", [evil])
-        assert err.value.details["entry"] == "etc/x"
+        assert err.value.details["entry"] == "../etc/x"
         assert await d.snapshots.list() == []
         assert not workers_alive(d.root)

@@ -181,7 +181,7 @@ async def test_snapshot_api_over_the_bus(node: Node, services: ServiceSet, bus: 
 async def test_unpack_by_events_and_requests(node: Node, services: ServiceSet, bus: Bus) -> None:
     base = LayerBuilder().dir("etc").file("etc/os", "shoal").file("etc/gone", "x").build()
     top = LayerBuilder().whiteout("etc/gone").hardlink("etc/os-link", "etc/os").build()
-    evil = LayerBuilder(sort=False).symlink("etc", "/etc").file("etc/shoal-owned", "x").build()
+    evil = LayerBuilder(sort=False).symlink("etc", "/etc").file("../etc/shoal-owned", "x").build()
     content = FakeContent([base, top, evil])
     events = await watch(bus, node)
     async with serve_content(node, content):

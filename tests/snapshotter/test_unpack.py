@@ -1,18 +1,15 @@
-"""Layer unpacking: tar semantics, whiteouts, compression, and a hostile corpus of layers
-that try to reach outside the snapshot root. Runs as root on a real filesystem."""
+"""Layer unpacking: tar semantics, metadata, whiteouts, hardlinks, compression, OVERLAY
+mode under real overlayfs. Where entries land (symlinks on the way, what is refused):
+test_unpack_paths.py. Runs as root on a real filesystem."""
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import hashlib
 import io
 import os
 import stat
-import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,251 +20,35 @@ from shoal_snapshotter.unpack import (
     UnsafeLayerError,
     Whiteouts,
     apply_layer,
-    merge_lower_dirs,
 )
 from shoal_snapshotter.unpack.compression import ZstdFrameWalker
 from shoal_snapshotter.unpack.safe_fs import CACHE_DEPTH, DirCache, remove_tree
+from unpack_support import (
+    MTIME,
+    Entry,
+    alone_vs_native,
+    apply,
+    d,
+    dev,
+    f,
+    fifo,
+    hl,
+    listing,
+    open_fds,
+    overlay_mount,
+    sym,
+    tar,
+    tar_info,
+    wh,
+)
 
 pytestmark = pytest.mark.usefixtures("root")  # chown, mknod, xattrs
-
-MTIME = 1_600_000_000
-Entry = tuple[tarfile.TarInfo, bytes]
-BOTH = pytest.mark.parametrize(
-    "mode", [Whiteouts.NATIVE, Whiteouts.OVERLAY], ids=["native", "overlay"])
-
-
-# --- building layers -------------------------------------------------------------------------
-
-def _info(name: str, kind: bytes, *, mode: int, uid: int = 0, gid: int = 0,
-          mtime: int = MTIME, xattrs: dict[str, str] | None = None) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.type, ti.mode, ti.uid, ti.gid, ti.mtime = kind, mode, uid, gid, mtime
-    ti.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in (xattrs or {}).items()}
-    return ti
-
-
-def f(name: str, data: bytes = b"", *, mode: int = 0o644, **kw: Any) -> Entry:
-    ti = _info(name, tarfile.REGTYPE, mode=mode, **kw)
-    ti.size = len(data)
-    return ti, data
-
-
-def d(name: str, *, mode: int = 0o755, **kw: Any) -> Entry:
-    return _info(name, tarfile.DIRTYPE, mode=mode, **kw), b""
-
-
-def sym(name: str, target: str, **kw: Any) -> Entry:
-    ti = _info(name, tarfile.SYMTYPE, mode=0o777, **kw)
-    ti.linkname = target
-    return ti, b""
-
-
-def hl(name: str, target: str) -> Entry:
-    ti = _info(name, tarfile.LNKTYPE, mode=0o644)
-    ti.linkname = target
-    return ti, b""
-
-
-def dev(name: str, kind: bytes, major: int, minor: int, *, mode: int = 0o666, **kw: Any) -> Entry:
-    ti = _info(name, kind, mode=mode, **kw)
-    ti.devmajor, ti.devminor = major, minor
-    return ti, b""
-
-
-def fifo(name: str, *, mode: int = 0o644, **kw: Any) -> Entry:
-    return _info(name, tarfile.FIFOTYPE, mode=mode, **kw), b""
-
-
-def wh(name: str) -> Entry:
-    """A whiteout entry: `dir/.wh.name`, or `dir/.wh..wh..opq` for opaque."""
-    return f(name)
-
-
-def tar(*entries: Entry) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for ti, data in entries:
-            tf.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
-    return buf.getvalue()
-
-
-def apply(root: Path, *entries: Entry, mode: Whiteouts = Whiteouts.NATIVE, **kw: Any) -> Any:
-    return apply_layer(io.BytesIO(tar(*entries)), root, whiteouts=mode, **kw)
-
-
-# --- inspecting trees ------------------------------------------------------------------------
-
-def describe(p: Path, *, mtime: bool = True) -> dict[str, Any]:
-    st = os.lstat(p)
-    rec: dict[str, Any] = {"type": stat.S_IFMT(st.st_mode), "mode": oct(stat.S_IMODE(st.st_mode)),
-                           "uid": st.st_uid, "gid": st.st_gid}
-    if stat.S_ISREG(st.st_mode):
-        rec["size"] = st.st_size
-        rec["sha"] = hashlib.sha256(p.read_bytes()).hexdigest()
-    elif stat.S_ISLNK(st.st_mode):
-        rec["target"] = os.readlink(p)
-    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        rec["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
-    if mtime:
-        rec["mtime"] = st.st_mtime_ns
-    if not stat.S_ISLNK(st.st_mode):
-        rec["xattrs"] = {k: os.getxattr(p, k, follow_symlinks=False)
-                         for k in sorted(os.listxattr(p, follow_symlinks=False))
-                         if k.startswith("user.")}
-    return rec
-
-
-def listing(top: Path, *, mtime: bool = True, skip: str | None = None) -> dict[str, Any]:
-    """Everything below `top` (never following symlinks), keyed by relative path."""
-    out: dict[str, Any] = {".": describe(top, mtime=mtime)}
-    for dirpath, dirnames, filenames in os.walk(top):
-        if skip is not None and Path(dirpath) == top and skip in dirnames:
-            dirnames.remove(skip)
-        for name in dirnames + filenames:
-            p = Path(dirpath, name)
-            out[str(p.relative_to(top))] = describe(p, mtime=mtime)
-    return out
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     (tmp_path / "root").mkdir()
     return tmp_path / "root"
-
-
-@pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    """A sentinel tree next to root standing in for the host (/etc and friends)."""
-    out = tmp_path / "outside"
-    (out / "sub").mkdir(parents=True)
-    (out / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
-    (out / "sub" / "keep").write_text("keep")
-    os.utime(out / "sub", ns=(MTIME * 10**9, MTIME * 10**9))
-    os.utime(out, ns=(MTIME * 10**9, MTIME * 10**9))
-    return out
-
-
-# --- the hostile corpus ----------------------------------------------------------------------
-
-def hostile_cases(outside: Path) -> dict[str, tuple[list[list[Entry]], str, dict[str, Any]]]:
-    """name -> (layers, entry expected to be refused, apply_layer kwargs). All but the last
-    layer apply cleanly; the last must raise UnsafeLayerError naming that entry."""
-    o = str(outside)
-    return {
-        "dotdot": ([[f("../escaped", b"x")]], "../escaped", {}),
-        "dotdot-inner": ([[d("a"), f("a/../../escaped", b"x")]], "a/../../escaped", {}),
-        "dotdot-only": ([[d("..")]], "..", {}),
-        "symlink-abs-then-write": ([[sym("a", o), f("a/passwd", b"owned")]], "a/passwd", {}),
-        "symlink-rel-then-write": ([[sym("a", "../.."), f("a/escaped", b"x")]], "a/escaped", {}),
-        "symlink-dotdot-then-write": ([[sym("a", ".."), f("a/escaped", b"x")]], "a/escaped", {}),
-        "symlink-then-dir": ([[sym("a", o), d("a/newdir")]], "a/newdir", {}),
-        "symlink-then-symlink": ([[sym("a", o), sym("a/l", "/x")]], "a/l", {}),
-        "symlink-then-fifo": ([[sym("a", o), fifo("a/p")]], "a/p", {}),
-        "symlink-then-device": ([[sym("a", o), dev("a/c", tarfile.CHRTYPE, 1, 3)]], "a/c", {}),
-        "symlink-deep-then-write": ([[d("x"), sym("x/a", o), f("x/a/sub/keep", b"x")]],
-                                    "x/a/sub/keep", {}),
-        "earlier-layer-symlink": ([[sym("etc", o)], [f("etc/passwd", b"owned")]],
-                                  "etc/passwd", {}),
-        "symlink-swapped-for-dir": ([[d("d"), f("d/x")], [sym("d", o)], [f("d/passwd", b"x")]],
-                                    "d/passwd", {}),
-        "hardlink-abs-outside": ([[hl("h", f"{o}/passwd")]], "h", {}),
-        "hardlink-etc-passwd-missing": ([[hl("h", "/etc/passwd")]], "h", {}),
-        "hardlink-dotdot": ([[hl("h", "../outside/passwd")]], "h", {}),
-        "hardlink-through-symlink": ([[sym("s", o), hl("h", "s/passwd")]], "h", {}),
-        "hardlink-through-earlier-symlink": ([[sym("s", o)], [hl("h", "s/passwd")]], "h", {}),
-        "hardlink-name-through-symlink": ([[sym("s", o), f("t"), hl("s/h", "t")]], "s/h", {}),
-        "hardlink-to-root": ([[hl("h", "./")]], "h", {}),
-        "whiteout-dotdot": ([[wh(".wh...")]], ".wh...", {}),
-        "whiteout-dotdot-nested": ([[d("a"), wh("a/.wh...")]], "a/.wh...", {}),
-        "whiteout-dot": ([[wh(".wh..")]], ".wh..", {}),
-        "whiteout-through-symlink": ([[sym("link", o), wh("link/.wh.passwd")]],
-                                     "link/.wh.passwd", {}),
-        "whiteout-through-earlier-symlink": ([[sym("link", o)], [wh("link/.wh.sub")]],
-                                             "link/.wh.sub", {}),
-        "opaque-through-symlink": ([[sym("link", o), wh("link/.wh..wh..opq")]],
-                                   "link/.wh..wh..opq", {}),
-        "char-device-disallowed": ([[dev("dev/null", tarfile.CHRTYPE, 1, 3)]], "dev/null",
-                                   {"allow_devices": False}),
-        "block-device-disallowed": ([[dev("sda", tarfile.BLKTYPE, 8, 0)]], "sda",
-                                    {"allow_devices": False}),
-    }
-
-
-HOSTILE = sorted(hostile_cases(Path("/x")))
-
-
-@BOTH
-@pytest.mark.parametrize("case", HOSTILE)
-def test_hostile_layer_is_refused_and_nothing_outside_changes(
-        case: str, mode: Whiteouts, root: Path, outside: Path, tmp_path: Path) -> None:
-    layers, bad_entry, kwargs = hostile_cases(outside)[case]
-    before = listing(tmp_path, skip="root")
-    above = set(os.listdir(tmp_path.parent))
-    fds = open_fds()
-    for layer in layers[:-1]:
-        apply(root, *layer, mode=mode, **kwargs)
-    with pytest.raises(UnsafeLayerError) as info:
-        apply(root, *layers[-1], mode=mode, **kwargs)
-    assert info.value.entry == bad_entry
-    assert repr(bad_entry) in str(info.value)
-    assert listing(tmp_path, skip="root") == before
-    assert set(os.listdir(tmp_path.parent)) == above
-    assert os.stat(outside / "passwd").st_nlink == 1
-    assert open_fds() == fds
-
-
-def test_absolute_names_are_normalised_inside_root(root: Path, outside: Path) -> None:
-    target = outside / "from-layer"
-    apply(root, f("/etc/x", b"inside"), f(str(target), b"abs"), f("./a/./b", b"dot"),
-          f("c/../d", b"lexical"), d("/"), d("./"))
-    assert (root / "etc/x").read_bytes() == b"inside"
-    assert (root / str(target).lstrip("/")).read_bytes() == b"abs"
-    assert (root / "a/b").read_bytes() == b"dot"
-    assert (root / "d").read_bytes() == b"lexical"
-    assert not target.exists()
-    assert not Path("/etc/x").exists() or Path("/etc/x").read_bytes() != b"inside"
-
-
-def test_symlinks_pointing_outside_may_be_created(root: Path, outside: Path) -> None:
-    apply(root, sym("abs", str(outside / "passwd"), uid=7, gid=8), sym("dangling", "/nope/x"),
-          sym("climb", "../../../.."), d("dir"), sym("dir/rel", "../abs"))
-    assert os.readlink(root / "abs") == str(outside / "passwd")
-    assert os.readlink(root / "dangling") == "/nope/x"
-    assert os.readlink(root / "climb") == "../../../.."
-    assert os.readlink(root / "dir/rel") == "../abs"
-    st = os.lstat(root / "abs")
-    assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (7, 8, MTIME * 10**9)
-    assert describe(outside / "passwd")["uid"] == 0
-
-
-def test_file_over_symlink_replaces_the_link_not_its_target(root: Path, outside: Path) -> None:
-    apply(root, sym("passwd", str(outside / "passwd")), sym("dir", str(outside / "sub")))
-    before = listing(outside)
-    apply(root, f("passwd", b"mine", mode=0o600, uid=5), d("dir", mode=0o700))
-    assert (root / "passwd").read_bytes() == b"mine"
-    assert (root / "dir").is_dir() and not (root / "dir").is_symlink()
-    assert listing(outside) == before
-
-
-def test_earlier_symlink_removed_by_whiteout_not_followed(root: Path, outside: Path) -> None:
-    apply(root, sym("link", str(outside)))
-    before = listing(outside)
-    apply(root, wh(".wh.link"))
-    assert not os.path.lexists(root / "link")
-    assert listing(outside) == before
-
-
-def test_whiteout_of_directory_containing_symlinks_out(root: Path, outside: Path) -> None:
-    apply(root, d("var"), d("var/lib"), sym("var/lib/out", str(outside)),
-          sym("var/lib/outdir", str(outside / "sub")), f("var/lib/f", b"x"))
-    before = listing(outside)
-    apply(root, wh("var/.wh.lib"))
-    assert os.listdir(root / "var") == []
-    assert listing(outside) == before
 
 
 # --- metadata ---------------------------------------------------------------------------------
@@ -366,14 +147,6 @@ def test_entries_replace_existing_paths(root: Path) -> None:
     st = os.stat(root / "c")
     assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o755, 9)
     assert os.readlink(root / "e") == "elsewhere"
-
-
-def test_same_layer_replacement_invalidates_cached_directories(root: Path, outside: Path) -> None:
-    # d/x is walked (and cached), then replaced by a symlink out, then written through.
-    with pytest.raises(UnsafeLayerError) as info:
-        apply(root, d("d"), d("d/x"), f("d/x/f"), sym("d/x", str(outside)), f("d/x/g"))
-    assert info.value.entry == "d/x/g"
-    assert sorted(os.listdir(outside)) == ["passwd", "sub"]
 
 
 def test_whiteout_then_recreate_in_same_layer(root: Path) -> None:
@@ -580,7 +353,7 @@ def test_zstd_frame_walker_accepts_skippable_frames() -> None:
 
 
 def test_unsupported_entry_type(root: Path) -> None:
-    ti = _info("vol", b"V", mode=0o644)
+    ti = tar_info("vol", b"V", mode=0o644)
     with pytest.raises(LayerFormatError):
         apply(root, (ti, b""))
 
@@ -618,22 +391,6 @@ def overlay_layers() -> tuple[list[Entry], list[Entry]]:
         d("dev", mtime=209), wh("dev/.wh.fifo"),
     ]
     return lower, upper
-
-
-@contextlib.contextmanager
-def overlay_mount(lowers: list[Path], work: Path) -> Iterator[Path]:
-    upper, workdir, merged = work / "upper", work / "work", work / "merged"
-    for p in (upper, workdir, merged):
-        p.mkdir()
-    opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={workdir}"
-    proc = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"cannot mount overlayfs here: {proc.stderr.strip()}", pytrace=False)
-    try:
-        yield merged
-    finally:
-        subprocess.run(["umount", str(merged)], check=True)
 
 
 def test_overlay_mode_matches_native_under_real_overlayfs(tmp_path: Path) -> None:
@@ -704,30 +461,8 @@ def test_layer_alone_plus_lower_metadata_matches_native_under_real_overlayfs(
     upper = [f("srv/sub/new"), d("etc", xattrs={"user.b": "up"}), f("etc/more"),
              wh(".wh.gone"), f("gone/again"), wh(".wh.re"), d("re", mode=0o755),
              f("re/new"), d("file", mode=0o700), f("file/in"), d("link"), f("link/in")]
-    l1, l2, native = tmp_path / "l1", tmp_path / "l2", tmp_path / "native"
-    for p in (l1, l2, native):
-        p.mkdir()
-    apply(l1, *lower, mode=Whiteouts.NATIVE)  # a bottom layer has nothing to hide
-    result = apply(l2, *upper, mode=Whiteouts.OVERLAY)
-    assert merge_lower_dirs(l2, l1, result.lower_dirs) == 3  # srv, srv/sub, etc
-    apply(native, *lower)
-    apply(native, *upper)
-    with overlay_mount([l2, l1], tmp_path) as merged:
-        got = listing(merged, mtime=False)
-    want = listing(native, mtime=False)
-    del got["."], want["."]
+    got, want, changed = alone_vs_native(tmp_path, lower, upper)
+    assert changed == 3  # srv, srv/sub, etc
     assert got == want
     assert want["srv/sub"]["uid"] == 7 and want["etc"]["xattrs"] == {"user.a": b"1",
                                                                      "user.b": b"up"}
-
-
-def test_implied_directory_over_a_lower_file_needs_the_lower_layers(tmp_path: Path) -> None:
-    l1, l2 = tmp_path / "l1", tmp_path / "l2"
-    l1.mkdir()
-    l2.mkdir()
-    apply(l1, f("etc"), sym("usr", "/usr"))
-    for entry in ("etc/x", "usr/lib/x"):
-        result = apply(l2, f(entry), mode=Whiteouts.OVERLAY)
-        with pytest.raises(LowerLayerNeeded) as info:
-            merge_lower_dirs(l2, l1, result.lower_dirs)
-        assert info.value.entry == entry.split("/")[0]

@@ -17,8 +17,9 @@ prepared without a parent and applied at once (up to `workers` at a time) into i
 dir with overlay whiteouts; each then waits for the layer below to be committed, copies up
 what it keeps of the lower directories (unpack.lower), and is committed onto it, so layers
 are committed strictly in chain order (the commit transaction checks the parent). A layer
-that cannot be applied alone (a hardlink to a lower layer's file) is thrown away and applied
-again the sequential way once its parent is committed.
+that cannot be applied alone (a hardlink to a lower layer's file, a path through a lower
+layer's symlink such as usrmerge's `lib -> usr/lib`) is thrown away and applied again the
+sequential way once its parent is committed.
 """
 
 from __future__ import annotations
@@ -276,12 +277,12 @@ class Unpacker:
                                                        Whiteouts.OVERLAY)
             _check_diff_id(image, layer, diff_id)
             await _wait_below(below)
-            if result.lower_dirs:
+            if result.lower_dirs or result.implied_dirs:
                 parents = await self.snapshots.lineage(parent)
                 async with self.snapshots.driver.lower_view(
                         snap_dir, [self.snapshots.snap_dir(p.id) for p in parents]) as lower:
                     await asyncio.to_thread(merge_lower_dirs, fs_dir(snap_dir), lower,
-                                            result.lower_dirs)
+                                            result.lower_dirs, result.implied_dirs)
             await asyncio.to_thread(syncfs, fs_dir(snap_dir))
             await asyncio.shield(self.snapshots.commit(chain, key, {LABEL_LAYER: layer.diff_id},
                                                        internal=True, parent=parent))

@@ -15,6 +15,7 @@ import structlog
 
 from .compression import open_decompressed
 from .errors import LayerFormatError, LowerLayerNeeded, UnsafeLayerError
+from .resolve import resolve
 from .safe_fs import (
     O_READ_DIR,
     OVERLAY_OPAQUE_XATTR,
@@ -54,6 +55,11 @@ class ApplyResult:
     # below), False = listed by the layer (only the xattrs it did not set). For
     # merge_lower_dirs once the lower layers are final.
     lower_dirs: dict[tuple[str, ...], bool] = field(default_factory=dict)
+    # OVERLAY mode: every directory made for a deeper entry where the upper dir had nothing
+    # (and no opaque parent hid the lower layers), kept even if a later entry lists or
+    # replaces it. Onto the merged tree that entry's path would have gone through whatever
+    # the lower layers have there: merge_lower_dirs checks that it is a directory.
+    implied_dirs: set[tuple[str, ...]] = field(default_factory=set)
 
 
 def apply_layer(
@@ -66,12 +72,14 @@ def apply_layer(
 ) -> ApplyResult:
     """Apply the layer tar in `stream` onto the existing directory `root`.
 
-    Raises UnsafeLayerError if an entry would touch anything outside root (nothing outside
-    is touched before that), LayerFormatError for a corrupt or unsupported stream. OVERLAY
-    mode raises LowerLayerNeeded for an entry that cannot be applied without the lower
-    layers (a hardlink to a file that is not in this layer): apply the layer again onto the
-    merged tree, with NATIVE whiteouts. On any error root is left half-applied and should be
-    thrown away.
+    Symlinks on the way to an entry's directory are followed inside root (unpack.resolve:
+    one pointing outside leads to the same path inside), so nothing outside root is ever
+    touched. Raises UnsafeLayerError for an entry that is refused (a name or hardlink that
+    climbs out of root with `..`, a device when not allowed, ...), LayerFormatError for a
+    corrupt or unsupported stream. OVERLAY mode raises LowerLayerNeeded for an entry that
+    cannot be applied without the lower layers (a hardlink to a file that is not in this
+    layer): apply the layer again onto the merged tree, with NATIVE whiteouts. On any error
+    root is left half-applied and should be thrown away.
     """
     tar_stream = open_decompressed(stream, compression)
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -169,7 +177,8 @@ class _Applier:
             self._hardlink(m, comps)
             return
 
-        pfd = self._parent(m, parent)
+        real, pfd = self._parent(m, parent)
+        comps = (*real, base)
         self._mark_written(comps)
         if m.isdir():
             self._directory(m, pfd, comps)
@@ -190,10 +199,13 @@ class _Applier:
         else:
             raise LayerFormatError(f"layer entry {m.name!r}: unsupported tar type {m.type!r}")
 
-    def _parent(self, m: tarfile.TarInfo, parent: tuple[str, ...]) -> int:
-        fd = self._dirs.get(parent, create=True, entry=m.name)
+    def _parent(self, m: tarfile.TarInfo, parent: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
+        """The directory of an entry named below `parent`, made if missing: its real path
+        (symlinks followed inside root) and a borrowed fd."""
+        real, fd = resolve(self._dirs, parent, create=True, entry=m.name,
+                           overlay=not self._native)
         assert fd is not None  # create=True never yields None
-        return fd
+        return real, fd
 
     def _directory(self, m: tarfile.TarInfo, pfd: int, comps: tuple[str, ...]) -> None:
         base = comps[-1]
@@ -233,6 +245,7 @@ class _Applier:
             self._hiding.add(comps)
         elif not self._under_hiding(comps):
             self.result.lower_dirs[comps] = True
+            self.result.implied_dirs.add(comps)
 
     def _under_hiding(self, comps: tuple[str, ...]) -> bool:
         return bool(self._hiding) and any(comps[:i] in self._hiding
@@ -261,10 +274,14 @@ class _Applier:
 
     def _hardlink(self, m: tarfile.TarInfo, comps: tuple[str, ...]) -> None:
         # Absolute targets are taken relative to root, like entry names; `..` may not climb out.
+        # The target's directory resolves like an entry's (containerd does the same); its
+        # last component is not followed: a hardlink to a symlink links the symlink.
         target = normalize(m.linkname, m.name)
         if not target:
             raise UnsafeLayerError(m.name, "hardlink to the root directory")
-        tparent = self._dirs.get(target[:-1], create=False, entry=m.name)
+        tdir, tparent = resolve(self._dirs, target[:-1], create=False, entry=m.name,
+                                overlay=not self._native)
+        target = (*tdir, target[-1])
         tst = lstat_at(tparent, target[-1]) if tparent is not None else None
         if not self._native and (tst is None or is_whiteout(tst)):
             # Maybe a file of a lower layer, which is not in this directory to link to.
@@ -274,13 +291,14 @@ class _Applier:
             raise UnsafeLayerError(m.name, f"hardlink target {m.linkname!r} does not exist in root")
         if stat.S_ISDIR(tst.st_mode):
             raise UnsafeLayerError(m.name, f"hardlink target {m.linkname!r} is a directory")
-        if target == comps:
-            return
         assert tparent is not None
         # Own a copy: resolving the link's parent may recycle the cached fd of the target's.
         tfd = os.dup(tparent)
         try:
-            pfd = self._parent(m, comps[:-1])
+            real, pfd = self._parent(m, comps[:-1])
+            comps = (*real, comps[-1])
+            if target == comps:
+                return
             self._mark_written(comps)
             self._replace(pfd, comps)
             os.link(target[-1], comps[-1], src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
@@ -288,7 +306,7 @@ class _Applier:
             os.close(tfd)
 
     def _whiteout(self, m: tarfile.TarInfo, parent: tuple[str, ...], base: str) -> None:
-        pfd = self._parent(m, parent)
+        parent, pfd = self._parent(m, parent)  # the real directory: whiteouts follow symlinks too
         if self._native:
             # Overlay creates parents of whiteouts in the upper dir; keep them likewise.
             self._mark_written(parent)

@@ -23,7 +23,8 @@ class LayerFormatError(Exception):
 class LowerLayerNeeded(UnsafeLayerError):
     """OVERLAY mode only: an entry cannot be applied to the layer's own upper directory on
     its own, because its effect depends on the files of the layers below (a hardlink whose
-    target is not in this layer, an opaque marker on the root, which overlayfs ignores).
+    target is not in this layer, an opaque marker on the root, which overlayfs ignores, a
+    path through a lower layer's symlink, which is followed).
     Not necessarily a fault of the layer: apply it again onto the merged tree of its
     parents, which decides. A subclass of UnsafeLayerError so that a caller that does not
     do that refuses the layer, as it would refuse a hardlink to something that is not there.

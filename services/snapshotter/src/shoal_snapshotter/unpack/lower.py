@@ -5,8 +5,11 @@ not restate of a directory that is already there: a directory it only implies (`
 without an `a/b` entry) keeps the lower one's owner, mode and xattrs, and a directory it
 lists keeps the lower one's xattrs it does not set. Applied alone into its own upper dir,
 it cannot see them; `merge_lower_dirs` copies them up afterwards, from a read-only view of
-the parents. Everything else an OVERLAY apply writes reads the same merged as applied onto
-the merged tree (see `Whiteouts.OVERLAY`), and what it cannot do alone it refuses with
+the parents. It also checks every directory the layer implied where its upper dir had
+nothing: onto the merged tree, a lower layer's symlink there (usrmerge's `lib -> usr/lib`)
+would have been followed, and its file refused, so then the layer must be applied there.
+Everything else an OVERLAY apply writes reads the same merged as applied onto the merged
+tree (see `Whiteouts.OVERLAY`), and what it cannot do alone it refuses with
 LowerLayerNeeded.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import structlog
 
@@ -28,14 +31,16 @@ _OPTIONAL_XATTR_ERRNOS = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOT
 
 
 def merge_lower_dirs(root: str | os.PathLike[str], lower: str | os.PathLike[str],
-                     dirs: Mapping[tuple[str, ...], bool]) -> int:
+                     dirs: Mapping[tuple[str, ...], bool],
+                     implied: Collection[tuple[str, ...]] = ()) -> int:
     """Give the directories `dirs` of the upper dir `root` (ApplyResult.lower_dirs: True =
     implied, False = listed) what they keep from the directory at the same path in `lower`,
     the parents' merged tree. Returns how many were changed.
 
-    Raises LowerLayerNeeded when an implied directory stands where the lower tree has
-    something else: onto the merged tree that path would have failed to resolve (a file) or
-    been refused (a symlink), so the layer must be applied there to find out.
+    Raises LowerLayerNeeded when a directory the layer implied (True in `dirs`, or in
+    `implied`: ApplyResult.implied_dirs) stands where the lower tree has something else:
+    onto the merged tree the entries below it would have been written through that symlink,
+    or refused (a file), so the layer must be applied there.
     """
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -46,25 +51,27 @@ def merge_lower_dirs(root: str | os.PathLike[str], lower: str | os.PathLike[str]
     uppers, lowers = DirCache(root_fd), DirCache(lower_fd)
     changed = 0
     try:
-        for comps in sorted(dirs):  # parents first, depth-first like the caches like it
-            implied = dirs[comps]
+        # Parents first, depth-first as the caches like it.
+        for comps in sorted({*dirs, *implied}):
             entry = "/".join(comps)
             try:
                 lparent = lowers.get(comps[:-1], create=False, entry=entry)
             except (UnsafeLayerError, LayerFormatError):
                 continue  # below, a parent is not a directory: nothing shows through
             lst = lstat_at(lparent, comps[-1]) if lparent is not None else None
-            if lst is None:
+            if lparent is None or lst is None:
                 continue
             if not stat.S_ISDIR(lst.st_mode):
-                if implied:
-                    raise LowerLayerNeeded(entry, "an implied directory where a lower layer "
-                                           f"has a {_kind(lst)}")
+                if dirs.get(comps) or comps in implied:
+                    raise LowerLayerNeeded(entry, "a directory this layer implies where a "
+                                           f"lower layer has a {_kind(lst)}")
                 continue  # a listed directory replaces it, as onto the merged tree
+            if comps not in dirs:
+                continue  # replaced later in the layer: only the check above was owed
             uparent = uppers.get(comps[:-1], create=False, entry=entry)
             if uparent is None:
                 raise LayerFormatError(f"directory {entry!r} is gone from the layer")
-            if _copy_up(uparent, lparent, comps[-1], implied=implied, entry=entry):
+            if _copy_up(uparent, lparent, comps[-1], implied=dirs[comps], entry=entry):
                 changed += 1
     finally:
         uppers.close()

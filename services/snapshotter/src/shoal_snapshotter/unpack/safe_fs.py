@@ -1,8 +1,9 @@
-"""Directory-fd relative filesystem primitives that never follow symlinks.
+"""Directory-fd relative filesystem primitives on which the kernel never follows a symlink.
 
-Every path is resolved one component at a time from a directory fd with O_NOFOLLOW, so a
-symlink anywhere in a path (placed by this layer or an earlier one) is refused instead of
-followed, and nothing outside the root fd can be reached. The layer application is the only
+Every path is walked one component at a time from a directory fd with O_NOFOLLOW, so
+nothing outside the root fd can be reached by a symlink (placed by this layer or an earlier
+one): DirCache reports one it meets (SymlinkInPath) instead of following it, and
+unpack.resolve follows it by hand, inside the root. The layer application is the only
 writer of the snapshot while it runs, so a check made here stays true until it is used.
 """
 
@@ -29,6 +30,20 @@ OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 # Called with the path of each directory DirCache creates and whether it replaced an
 # overlay whiteout (and so was made opaque).
 OnMkdir = Callable[[tuple[str, ...], bool], None]
+
+
+class SymlinkInPath(UnsafeLayerError):
+    """DirCache met a symlink at component `depth` of the path it walked; `target` is what
+    it points to. An UnsafeLayerError, so a caller that does not follow it (unpack.resolve
+    does) refuses the path."""
+
+    def __init__(self, entry: str, where: str, depth: int, target: str) -> None:
+        super().__init__(entry, f"{where!r} is a symlink")
+        self.depth = depth
+        self.target = target
+
+    def __reduce__(self) -> tuple[type[UnsafeLayerError], tuple[str, str]]:
+        return (UnsafeLayerError, (self.entry, self.reason))  # crosses processes as a refusal
 
 
 def is_whiteout(st: os.stat_result) -> bool:
@@ -123,7 +138,7 @@ class DirCache:
         """Return a borrowed fd of the directory `comps` (root for ()).
 
         Missing directories are created 0755 root:root when `create`, else None is returned.
-        A symlink on the way raises UnsafeLayerError; another non-directory LayerFormatError.
+        A symlink on the way raises SymlinkInPath; another non-directory LayerFormatError.
         """
         shallow = comps[:CACHE_DEPTH]
         common = 0
@@ -201,9 +216,7 @@ class DirCache:
             where = "/".join(comps[: i + 1])
             st = lstat_at(parent_fd, name)
             if st is not None and stat.S_ISLNK(st.st_mode):
-                raise UnsafeLayerError(
-                    entry, f"{where!r} is a symlink; paths never resolve through one"
-                ) from None
+                raise SymlinkInPath(entry, where, i, os.readlink(name, dir_fd=parent_fd)) from None
             if not (self._overlay and st is not None and is_whiteout(st)):
                 raise LayerFormatError(
                     f"layer entry {entry!r}: {where!r} is not a directory"
