@@ -141,3 +141,29 @@ async def restart_when_dead(services: ServiceSet, gateway: object, env: dict[str
     await asyncio.to_thread(gateway.proc.wait)  # type: ignore[attr-defined]
     sp = services.start("cri-gateway", extra=services.extra, env=env)
     await asyncio.to_thread(services.wait_serving, sp)
+
+
+async def test_create_container_retried_while_its_image_still_unpacks(
+        services: ServiceSet, images: dict[str, str], tmp_path: Path) -> None:
+    """kubelet gives CreateContainer 2 minutes; PullImage returns before the layers are
+    unpacked. A create that times out while the unpack goes on leaves it running, and the
+    retry joins it and succeeds (the unpack here is slowed by a fault point)."""
+    await start_shoal(services, images, env={"snapshotter": {
+        "SHOAL_FAULTS": "snapshotter.unpack.apply=delay:3"}})
+    async with connect(services) as api:
+        config = pod_config(tmp_path, "unpacking")
+        pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+                  ).pod_sandbox_id
+        await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(
+            image=images["busybox"])))
+        request = cri.CreateContainerRequest(pod_sandbox_id=pod_id, sandbox_config=config,
+                                             config=container(images["busybox"]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await api.runtime.CreateContainer(request, timeout=1)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        cid = await kubelet_retry(lambda: api.runtime.CreateContainer(request))
+        listed = (await api.runtime.ListContainers(cri.ListContainersRequest())).containers
+        assert [c.id for c in listed] == [cid.container_id]
+        await api.runtime.StartContainer(cri.StartContainerRequest(
+            container_id=cid.container_id))
+        await remove_all(api)

@@ -36,6 +36,7 @@ import uuid
 from pathlib import Path
 
 import structlog
+from shoal_common import faults
 from shoal_common.errors import FailedPrecondition, Internal, Invalid, ShoalError
 from shoal_common.messages.images import ContentInfo, LayerInfo
 from shoal_common.messages.snapshots import SnapshotCommitted, UnpackReply
@@ -308,6 +309,7 @@ class Unpacker:
     async def _apply(self, root: Path, source: ContentSource, info: ContentInfo,
                      whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
         async with self._slots:
+            await faults.point("snapshotter.unpack.apply")  # tests: a slow layer
             in_process = info.size >= self.process_min_bytes
             # On the puller's machine the blob is read from its file: no chunk crosses the
             # bus, and a worker process reads it as its stdin directly.
