@@ -99,10 +99,11 @@ class Shoal:
 async def shoal(services: ServiceSet, images: dict[str, str],
                 tmp_path: Path) -> AsyncIterator[Shoal]:
     n = next(_subnets)
-    extra = ["--set", f'cri.sandbox_image="{images["pause"]}"',
+    # Tests read the subnet and bridge from the last entries: keep them last.
+    extra = ["--set", 'services.puller.registries."private.example".password="s3cret-pw"',
+             "--set", f'cri.sandbox_image="{images["pause"]}"',
              "--set", f'services.executor.pod_subnet="10.{n}.0.0/24"',
-             "--set", f'services.executor.cni_bridge="shoalb{n}"',
-             "--set", 'services.puller.registries."private.example".password="s3cret-pw"']
+             "--set", f'services.executor.cni_bridge="shoalb{n}"']
     procs = {name: services.start(name, extra=extra) for name in SERVICES}
     for sp in procs.values():
         await asyncio.to_thread(services.wait_serving, sp)

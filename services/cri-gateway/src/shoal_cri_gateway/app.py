@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from shoal_common.clients import Clients
 from shoal_common.service import ServiceContext
 
+from shoal_cri_gateway.domain.cri_metrics import CriMetrics
 from shoal_cri_gateway.domain.events import ContainerEvents
 from shoal_cri_gateway.domain.images import Images
 from shoal_cri_gateway.domain.metrics import PodsByState
@@ -40,8 +41,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[GatewayApp]:
     views = Views(pods)
     streams = StreamServer(ctx.config.cri.stream_addr, StreamRuntime(pods),
                            ctx.config.cri.stream_idle_timeout)
-    runtime = Runtime(ctx.bus, pods, views, Stats(pods), ContainerEvents(ctx.bus, views),
-                      streams)
+    runtime = Runtime(ctx.bus, pods, views, Stats(pods, CriMetrics(pods)),
+                      ContainerEvents(ctx.bus, views), streams)
     server = CriServer(ctx.config.cri_socket, runtime, Images(clients))
     try:
         await streams.start()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 from cri_api.v1 import api_pb2 as cri
+from shoal_common.clients import Clients
 from shoal_common.errors import NotFound, ShoalError
 from shoal_common.messages.monitor import StatsRequest, TaskStats
 from shoal_common.messages.snapshots import SnapshotKeyRequest, SnapshotUsage
@@ -18,6 +20,17 @@ from shoal_cri_gateway.domain.views import (
     pod_metadata,
 )
 from shoal_cri_gateway.store.metadata import ContainerRecord, PodRecord
+
+if TYPE_CHECKING:  # cri_metrics uses layer_usage from here
+    from shoal_cri_gateway.domain.cri_metrics import CriMetrics
+
+
+async def layer_usage(clients: Clients, container_id: str) -> SnapshotUsage | None:
+    """The container's writable layer (its snapshot's own files); None when unknown."""
+    try:
+        return await clients.snapshots.usage(SnapshotKeyRequest(key=container_id))
+    except ShoalError:
+        return None
 
 
 def _container_stats(c: ContainerRecord, s: TaskStats,
@@ -38,22 +51,16 @@ def _container_stats(c: ContainerRecord, s: TaskStats,
 
 
 class Stats:
-    def __init__(self, pods: Pods) -> None:
+    def __init__(self, pods: Pods, cri_metrics: CriMetrics) -> None:
         self.pods = pods
         self.clients = pods.clients
-
-    async def _layer_usage(self, container_id: str) -> SnapshotUsage | None:
-        """The container's writable layer (its snapshot's own files)."""
-        try:
-            return await self.clients.snapshots.usage(SnapshotKeyRequest(key=container_id))
-        except ShoalError:
-            return None
+        self.cri_metrics = cri_metrics  # the same readings as Prometheus series (CRI metrics)
 
     async def _of(self, ctrs: list[ContainerRecord]) -> list[cri.ContainerStats]:
         reply = await self.clients.monitor.stats(StatsRequest(ids=[c.id for c in ctrs]))
         stats = {s.id: s for s in reply.stats}
         present = [c for c in ctrs if c.id in stats]
-        layers = await asyncio.gather(*(self._layer_usage(c.id) for c in present))
+        layers = await asyncio.gather(*(layer_usage(self.clients, c.id) for c in present))
         return [_container_stats(c, stats[c.id], layer)
                 for c, layer in zip(present, layers, strict=True)]
 

@@ -118,15 +118,15 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     async def ListMetricDescriptors(self, request: cri.ListMetricDescriptorsRequest,
                                     context: grpc.aio.ServicerContext
                                     ) -> cri.ListMetricDescriptorsResponse:
-        raise Unimplemented("ListMetricDescriptors: CRI-served metrics are not implemented; "
-                            "scrape each service's /metrics (docs/metrics.md)")
+        return cri.ListMetricDescriptorsResponse(
+            descriptors=self.rt.stats.cri_metrics.descriptors())
 
     @rpc
     async def ListPodSandboxMetrics(self, request: cri.ListPodSandboxMetricsRequest,
                                     context: grpc.aio.ServicerContext
                                     ) -> cri.ListPodSandboxMetricsResponse:
-        raise Unimplemented("ListPodSandboxMetrics: CRI-served metrics are not implemented; "
-                            "use ListPodSandboxStats or each service's /metrics")
+        return cri.ListPodSandboxMetricsResponse(
+            pod_metrics=await self.rt.stats.cri_metrics.list_pods())
 
     @rpc
     async def UpdatePodSandboxResources(self, request: cri.UpdatePodSandboxResourcesRequest,
