@@ -4,12 +4,16 @@ started with their own pod subnet and bridge, and a CRI client of the node's soc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
 import re
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -17,7 +21,7 @@ from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
 from support.images import busybox_image, pause_image, push
-from support.processes import ServiceProcess, ServiceSet, pids_mentioning
+from support.processes import Node, ServiceProcess, ServiceSet, pids_mentioning
 from support.registry import Registry
 
 # Each start gets 10.<n>.0.0/24 on bridge shoalt<n>, so nodes never share a network.
@@ -73,16 +77,44 @@ class RunningShoal:
     procs: dict[str, ServiceProcess]
 
 
-@pytest.fixture(name="running")
-async def running_fixture(services: ServiceSet, images: dict[str, str]
-                          ) -> AsyncIterator[RunningShoal]:
-    """`running` (import it into a test module, beside `images_fixture`): a node started
-    with start_shoal; every pod is removed after the test."""
-    procs = await start_shoal(services, images)
-    async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
-        node = RunningShoal(Cri(channel), services, procs)
-        yield node
-        await remove_all_pods(node.api)
+@contextlib.asynccontextmanager
+async def running_node(nats_url: str, root: Path, node_id: str, images: dict[str, str]
+                       ) -> AsyncIterator[RunningShoal]:
+    """A node of its own under `root` (one a module's tests can share, e.g. from a
+    module-scoped fixture): started with start_shoal; at the end every pod is removed and
+    the services are stopped."""
+    services = ServiceSet(Node(node_id, nats_url, root))
+    try:
+        procs = await start_shoal(services, images)
+        async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
+            node = RunningShoal(Cri(channel), services, procs)
+            yield node
+            await remove_all_pods(node.api)
+    finally:
+        services.stop_all()
+
+
+def pod_config(tmp: Path, name: str, **kw: Any) -> cri.PodSandboxConfig:
+    """A pod named `name` (a fresh uid) logging under `tmp`; `kw`: more config fields."""
+    logs = tmp / f"logs-{name}"
+    logs.mkdir(exist_ok=True)
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, uid=uuid.uuid4().hex, namespace="default"),
+        hostname=name, log_directory=str(logs), **kw)
+
+
+def shared_node(name: str) -> Any:
+    """A module-scoped `running` fixture, one node for all of a module's tests (each must
+    leave it as it found it): `running = shared_node("input")` in the module."""
+
+    @pytest.fixture(scope="module", name="running")
+    async def running(nats_url: str, tmp_path_factory: pytest.TempPathFactory,
+                      images: dict[str, str]) -> AsyncIterator[RunningShoal]:
+        async with running_node(nats_url, tmp_path_factory.mktemp("node"),
+                                f"t{os.getpid()}-{name}", images) as node:
+            yield node
+
+    return running
 
 
 def host_names() -> set[str]:
@@ -90,8 +122,9 @@ def host_names() -> set[str]:
     netns_dir = Path("/var/run/netns")
     names = {f"netns {p.name}" for p in netns_dir.iterdir()} if netns_dir.exists() else set()
     for ctrl in ("memory", "pids", "cpu"):
-        names |= {f"cgroup {p}" for p in Path(f"/sys/fs/cgroup/{ctrl}/shoal").glob("**/")
-                  if p.name != "shoal"}
+        # os.walk, not glob: another node's cgroups may vanish while they are listed.
+        base = f"/sys/fs/cgroup/{ctrl}/shoal"
+        names |= {f"cgroup {d}" for d, _, _ in os.walk(base) if d != base}
     return names
 
 

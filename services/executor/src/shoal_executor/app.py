@@ -45,7 +45,10 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[ExecutorApp]:
     records = Records(ctx.state_dir / "executor.db")
     await records.open()
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    runtime = Runtime(RuntimeSettings(ctx.run_dir, ctx.config.runtime, cni), records, ctx.bus)
+    snapshots = Path(ctx.config.state_root) / "snapshotter" / "snapshots"
+    runtime = Runtime(RuntimeSettings(ctx.run_dir, ctx.config.runtime, cni, snapshots,
+                                      cgroup_roots=tuple(cfg.pod_cgroup_roots)),
+                      records, ctx.bus)
     try:
         yield ExecutorApp(runtime, cni)
     finally:

@@ -80,6 +80,14 @@ def is_mountpoint(path: str) -> bool:
         return any(_unescape(line.split(b" ", 5)[4]) == wanted for line in fh)
 
 
+def mounted_below(path: str) -> bool:
+    """Whether anything is mounted at `path` or below it."""
+    wanted = os.fsencode(os.path.realpath(path))
+    with open("/proc/self/mountinfo", "rb") as fh:
+        points = [_unescape(line.split(b" ", 5)[4]) for line in fh]
+    return any(p == wanted or p.startswith(wanted + b"/") for p in points)
+
+
 def mount_tmpfs(target: str, options: list[str]) -> None:
     try:
         mount("tmpfs", target, "tmpfs", options)

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 
-from shoal_common.errors import Internal
+from shoal_common.errors import Internal, Invalid
 
 NETNS_DIR = "/var/run/netns"
+# The names Shoal gives (`shoal-<sandbox id prefix>`): one component under NETNS_DIR, so
+# neither `ip netns add` nor `delete` can reach anything but a pod's own namespace.
+_NAME = re.compile(r"\Ashoal-[A-Za-z0-9_+][A-Za-z0-9_.+-]{0,63}\Z")
 
 
 def netns_path(name: str) -> str:
+    if not _NAME.match(name):
+        raise Invalid(f"{name[:80]!r} is not the name of a pod network namespace")
     return os.path.join(NETNS_DIR, name)
 
 

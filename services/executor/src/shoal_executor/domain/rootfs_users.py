@@ -11,6 +11,12 @@ from shoal_common.errors import Invalid
 
 MAX_SYMLINKS = 40
 MAX_FILE = 4 << 20
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to the kernel
+
+
+def _is_id(text: str) -> bool:
+    """ASCII digits only (str.isdigit also takes "²", which int() refuses), in range."""
+    return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_ID
 
 
 def resolve_in_root(root: str, path: str) -> str:
@@ -61,12 +67,14 @@ class User:
     name: str = ""
 
 
-def _entries(text: str | None, width: int) -> list[list[str]]:
+def _entries(text: str | None, width: int, ids: tuple[int, ...]) -> list[list[str]]:
+    """The entries with at least `width` fields whose `ids` fields are numbers: the files
+    are the image's, and a malformed line is skipped as libc skips it."""
     out = []
     for line in (text or "").splitlines():
         if line and not line.startswith("#"):
             fields = line.split(":")
-            if len(fields) >= width:
+            if len(fields) >= width and all(_is_id(fields[i]) for i in ids):
                 out.append(fields)
     return out
 
@@ -75,11 +83,13 @@ def _lookup(entries: list[list[str]], spec: str, what: str, path: str
             ) -> tuple[int, list[str] | None]:
     """A "name" or numeric id of a passwd or group file: (id, its entry). A number needs
     no entry, a name does."""
-    if spec.isdigit():
+    if spec.isascii() and spec.isdigit():
+        if not _is_id(spec):
+            raise Invalid(f"{what} id {spec[:20]} is out of range (0-{MAX_ID})")
         return int(spec), next((e for e in entries if e[2] == spec), None)
     entry = next((e for e in entries if e[0] == spec), None)
     if entry is None:
-        raise Invalid(f"{what} {spec!r} not found in the image's {path}")
+        raise Invalid(f"{what} {spec[:64]!r} not found in the image's {path}")
     return int(entry[2]), entry
 
 
@@ -87,8 +97,8 @@ def resolve_user(root: str, user: str, *, group: int | None = None,
                  supplemental: list[int] | None = None) -> User:
     """Resolve an image/CRI user spec ("", "name", "uid", "uid:gid", "name:group") against
     the rootfs' passwd and group files, as runc/containerd do."""
-    passwd = _entries(read_in_root(root, "/etc/passwd"), 7)
-    groups = _entries(read_in_root(root, "/etc/group"), 4)
+    passwd = _entries(read_in_root(root, "/etc/passwd"), 7, (2, 3))
+    groups = _entries(read_in_root(root, "/etc/group"), 4, (2,))
     name_part, _, group_part = (user or "0").partition(":")
     uid, entry = _lookup(passwd, name_part, "user", "/etc/passwd")
     gid = int(entry[3]) if entry else 0
@@ -98,7 +108,7 @@ def resolve_user(root: str, user: str, *, group: int | None = None,
         gid = group
     username = entry[0] if entry else ""
     additional = sorted({int(g[2]) for g in groups
-                         if username and username in g[3].split(",") and g[2].isdigit()}
+                         if username and username in g[3].split(",")}
                         - {gid})
     for extra in supplemental or []:
         if extra not in additional and extra != gid:

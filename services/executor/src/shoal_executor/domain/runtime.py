@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,15 @@ from shoal_common.messages.snapshots import Mount
 from shoal_common.messages.tasks import ContainerCreateReply, SandboxInfo
 
 from shoal_executor.domain import mounts, netns
+from shoal_executor.domain.checks import (
+    POD_CGROUP_ROOTS,
+    check_container_config,
+    check_image_config,
+    check_pod_config,
+    confine_rootfs,
+)
 from shoal_executor.domain.cni import AttachResult, Cni
+from shoal_executor.domain.paths import RunDirs, write_public
 from shoal_executor.domain.spec import ContainerContext, PodContext, build_spec, stop_signal
 from shoal_executor.store.records import ContainerRecord, Records, SandboxRecord
 
@@ -54,13 +61,14 @@ def decode_proto(cls: Any, data: bytes, what: str) -> Any:
     return msg
 
 
-def _json(data: bytes, what: str) -> dict[str, Any]:
+def _image_config(data: bytes, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(data) if data else {}
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise Invalid(f"{what} is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise Invalid(f"{what} is not a JSON object")
+    check_image_config(doc, what)
     return doc
 
 
@@ -78,11 +86,34 @@ def resolv_conf(dns: cri.DNSConfig | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def port_mappings(config: cri.PodSandboxConfig) -> list[dict[str, Any]]:
+    """The CNI portmap plugin's runtimeConfig.portMappings (checked by check_pod_config)."""
+    return [{"hostPort": p.host_port, "containerPort": p.container_port,
+             "protocol": cri.Protocol.Name(p.protocol).lower(),
+             **({"hostIP": p.host_ip} if p.host_ip else {})}
+            for p in config.port_mappings if p.host_port]
+
+
+def pause_container_config(config: cri.PodSandboxConfig) -> cri.ContainerConfig:
+    """The pause container: the pod's namespaces, user, read-only rootfs and privilege."""
+    pause = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="pause"))
+    sec, out = config.linux.security_context, pause.linux.security_context
+    out.namespace_options.CopyFrom(sec.namespace_options)
+    if sec.HasField("run_as_user"):
+        out.run_as_user.CopyFrom(sec.run_as_user)
+    out.readonly_rootfs = sec.readonly_rootfs
+    out.privileged = sec.privileged
+    return pause
+
+
 @dataclass
 class RuntimeSettings:
     run_dir: Path  # <run_root>/executor
     runtimes: RuntimeConfig
     cni: Cni
+    # <state_root>/snapshotter/snapshots: rootfs mounts may name directories there only.
+    snapshots_dir: Path
+    cgroup_roots: tuple[str, ...] = POD_CGROUP_ROOTS
 
     def runtime_for(self, handler: str) -> str:
         """`handler` if configured ("" is "runc"); the supervisor maps it to its binary."""
@@ -97,24 +128,24 @@ class Runtime:
         self.s = settings
         self.records = records
         self.bus = bus
+        self.dirs = RunDirs(settings.run_dir)
 
     # -- helpers -----------------------------------------------------------------------
 
     def _sandbox_dir(self, sandbox_id: str) -> Path:
-        return self.s.run_dir / "sandboxes" / sandbox_id
+        return self.dirs.path("sandboxes", sandbox_id)
 
     def _bundle_dir(self, container_id: str) -> Path:
-        return self.s.run_dir / "bundles" / container_id
+        return self.dirs.path("bundles", container_id)
 
     def _monitor(self, namespace: str) -> MonitorClient:
         return MonitorClient(self.bus, namespace=namespace)
 
     async def _write_bundle(self, container_id: str, spec: dict[str, Any]) -> Path:
-        bundle = self._bundle_dir(container_id)
-        bundle.mkdir(parents=True, exist_ok=True)
+        bundle = self.dirs.make("bundles", container_id)
         tmp = bundle / "config.json.tmp"
         # Owner-only from the first byte: the spec holds the container's environment.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(spec, indent=1))
         tmp.replace(bundle / "config.json")
@@ -125,73 +156,36 @@ class Runtime:
     async def create_sandbox(self, sandbox_id: str, config_bytes: bytes, pause_config: bytes,
                              rootfs: list[Mount], namespace: str,
                              handler: str = "") -> SandboxInfo:
+        runtime = self.s.runtime_for(handler)
+        # Everything the request asks for is checked before anything is made.
+        config = decode_proto(cri.PodSandboxConfig, config_bytes, "PodSandboxConfig")
+        cgroup_parent = check_pod_config(config, self.s.cgroup_roots)
+        image_config = _image_config(pause_config, "pause image config")
+        rootfs = confine_rootfs(rootfs, self.s.snapshots_dir)
         existing = await self.records.sandbox(sandbox_id)
         if existing is not None and existing.pid:
             return self._info(existing)
-        runtime = self.s.runtime_for(handler)
-        config = decode_proto(cri.PodSandboxConfig, config_bytes, "PodSandboxConfig")
-        image_config = _json(pause_config, "pause image config")
-        pod_dir = self._sandbox_dir(sandbox_id)
-        pod_dir.mkdir(parents=True, exist_ok=True)
-        opts = config.linux.security_context.namespace_options
-        host_network = opts.network == cri.NODE
+        pod_dir = self.dirs.make("sandboxes", sandbox_id)
+        host_network = config.linux.security_context.namespace_options.network == cri.NODE
         record = existing or SandboxRecord(
             id=sandbox_id, created_at=time.time(), dir=str(pod_dir),
-            cgroup_parent=config.linux.cgroup_parent or DEFAULT_CGROUP_PARENT)
-        record.runtime_config = {"portMappings": [
-            {"hostPort": p.host_port, "containerPort": p.container_port,
-             "protocol": cri.Protocol.Name(p.protocol).lower(),
-             **({"hostIP": p.host_ip} if p.host_ip else {})}
-            for p in config.port_mappings if p.host_port]}
+            cgroup_parent=cgroup_parent or DEFAULT_CGROUP_PARENT)
+        record.runtime_config = {"portMappings": port_mappings(config)}
         await self.records.put_sandbox(record)  # remembered before anything is set up
         network: asyncio.Task[AttachResult] | None = None
         try:
             if not host_network:
-                record.netns_name = f"shoal-{sandbox_id[:32]}"
-                record.netns_path = await netns.create(record.netns_name)
-                await self.records.put_sandbox(record)
-                await faults.point("executor.sandbox.netns")
-                # CNI ADD (tens of ms of plugin runs) goes on while the pause container is
-                # created and started: neither needs the other, only the namespace.
-                network = asyncio.create_task(self.s.cni.add(
-                    sandbox_id, record.netns_path, runtime_config=record.runtime_config))
+                network = await self._create_network(record)
             hostname = config.hostname or (os.uname().nodename if host_network else "")
-            (pod_dir / "hostname").write_text(hostname + "\n")
-            (pod_dir / "resolv.conf").write_text(
-                resolv_conf(config.dns_config if config.HasField("dns_config") else None))
-            shm = pod_dir / "shm"
-            shm.mkdir(exist_ok=True)
-            if not mounts.is_mountpoint(str(shm)) and opts.ipc != cri.NODE:
-                mounts.mount_tmpfs(str(shm), ["nosuid", "nodev", "noexec", "mode=1777",
-                                              f"size={SHM_SIZE}"])
-            pause_id = sandbox_id
-            rootfs_dir = self._bundle_dir(pause_id) / "rootfs"
-            await mounts.mount_all(rootfs, str(rootfs_dir))
-            await faults.point("executor.sandbox.rootfs")
-            pod = PodContext.of(sandbox_id, config, netns_path=record.netns_path)
-            pause_cfg = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="pause"))
-            sec = config.linux.security_context
-            pause_cfg.linux.security_context.namespace_options.CopyFrom(sec.namespace_options)
-            if sec.HasField("run_as_user"):
-                pause_cfg.linux.security_context.run_as_user.CopyFrom(sec.run_as_user)
-            pause_cfg.linux.security_context.readonly_rootfs = sec.readonly_rootfs
-            pause_cfg.linux.security_context.privileged = sec.privileged
-            spec = build_spec(pod, ContainerContext(
-                pause_id, pause_cfg, image_config, str(rootfs_dir),
-                f"{record.cgroup_parent}/{pause_id}", is_sandbox=True))
-            bundle = await self._write_bundle(pause_id, spec)
-            state = await self._monitor(namespace).create(MonitorCreateRequest(
-                id=pause_id, bundle=str(bundle), runtime_handler=runtime,
-                sandbox_id=sandbox_id, cgroup_path=spec["linux"]["cgroupsPath"]))
-            if state.state == "created":
-                state = await self._monitor(namespace).start(TaskIdRequest(id=pause_id))
-            await faults.point("executor.sandbox.started")
+            self._pod_files(pod_dir, config, hostname)
+            state = await self._start_pause(record, config, image_config, rootfs, runtime,
+                                            namespace)
             if network is not None:
                 record.ips = (await network).ips
                 await faults.point("executor.sandbox.network")
             # Containers bind-mount it; the pause container does not, so it can come last.
-            (pod_dir / "hosts").write_text(
-                HOSTS + (f"{record.ips[0]}\t{hostname}\n" if record.ips and hostname else ""))
+            write_public(pod_dir / "hosts", HOSTS + (
+                f"{record.ips[0]}\t{hostname}\n" if record.ips and hostname else ""))
             record.pid = state.pid
             record.state = "ready"
             await self.records.put_sandbox(record)
@@ -207,6 +201,52 @@ class Runtime:
         log.info("sandbox ready", sandbox=sandbox_id, ip=record.ips[0] if record.ips else "",
                  pid=record.pid)
         return self._info(record)
+
+    async def _create_network(self, record: SandboxRecord) -> asyncio.Task[AttachResult]:
+        """The pod's named netns, then CNI ADD started: its tens of ms of plugin runs go on
+        while the pause container is created and started (neither needs the other, only
+        the namespace)."""
+        record.netns_name = f"shoal-{record.id[:32]}"
+        record.netns_path = await netns.create(record.netns_name)
+        await self.records.put_sandbox(record)
+        await faults.point("executor.sandbox.netns")
+        return asyncio.create_task(self.s.cni.add(
+            record.id, record.netns_path, runtime_config=record.runtime_config))
+
+    def _pod_files(self, pod_dir: Path, config: cri.PodSandboxConfig, hostname: str) -> None:
+        """hostname and resolv.conf (from checked fields: no line can be injected), and a
+        tmpfs for the pod's /dev/shm unless it shares the host's IPC namespace."""
+        write_public(pod_dir / "hostname", hostname + "\n")
+        write_public(pod_dir / "resolv.conf", resolv_conf(
+            config.dns_config if config.HasField("dns_config") else None))
+        shm = pod_dir / "shm"
+        shm.mkdir(exist_ok=True)
+        ipc = config.linux.security_context.namespace_options.ipc
+        if not mounts.is_mountpoint(str(shm)) and ipc != cri.NODE:
+            mounts.mount_tmpfs(str(shm), ["nosuid", "nodev", "noexec", "mode=1777",
+                                          f"size={SHM_SIZE}"])
+
+    async def _start_pause(self, record: SandboxRecord, config: cri.PodSandboxConfig,
+                           image_config: dict[str, Any], rootfs: list[Mount], runtime: str,
+                           namespace: str) -> TaskState:
+        """The pause container's rootfs, bundle and process (created, then started)."""
+        pause_id = record.id
+        rootfs_dir = self.dirs.make("bundles", pause_id) / "rootfs"
+        await mounts.mount_all(rootfs, str(rootfs_dir))
+        await faults.point("executor.sandbox.rootfs")
+        pod = PodContext.of(record.id, config, netns_path=record.netns_path)
+        spec = build_spec(pod, ContainerContext(
+            pause_id, pause_container_config(config), image_config, str(rootfs_dir),
+            f"{record.cgroup_parent}/{pause_id}", is_sandbox=True))
+        bundle = await self._write_bundle(pause_id, spec)
+        monitor = self._monitor(namespace)
+        state = await monitor.create(MonitorCreateRequest(
+            id=pause_id, bundle=str(bundle), runtime_handler=runtime,
+            sandbox_id=record.id, cgroup_path=spec["linux"]["cgroupsPath"]))
+        if state.state == "created":
+            state = await monitor.start(TaskIdRequest(id=pause_id))
+        await faults.point("executor.sandbox.started")
+        return state
 
     def _info(self, r: SandboxRecord) -> SandboxInfo:
         return SandboxInfo(id=r.id, state=r.state, ip=r.ips[0] if r.ips else "",
@@ -272,8 +312,8 @@ class Runtime:
         await mounts.unmount(str(self._sandbox_dir(record.id) / "shm"))
         if record.netns_name:
             await netns.delete(record.netns_name)
-        shutil.rmtree(self._bundle_dir(record.id), ignore_errors=True)
-        shutil.rmtree(self._sandbox_dir(record.id), ignore_errors=True)
+        self.dirs.remove(self._bundle_dir(record.id))
+        self.dirs.remove(self._sandbox_dir(record.id))
         if forget:
             await self.records.delete_sandbox(record.id)
         else:
@@ -286,6 +326,14 @@ class Runtime:
                                sandbox_config: bytes, image_config: bytes,
                                rootfs: list[Mount], namespace: str,
                                handler: str = "") -> ContainerCreateReply:
+        runtime = self.s.runtime_for(handler)
+        # Everything the request asks for is checked before anything is made.
+        config = decode_proto(cri.ContainerConfig, config_bytes, "ContainerConfig")
+        check_container_config(config)
+        pod_config = decode_proto(cri.PodSandboxConfig, sandbox_config, "PodSandboxConfig")
+        check_pod_config(pod_config, self.s.cgroup_roots)
+        image = _image_config(image_config, "image config")
+        rootfs = confine_rootfs(rootfs, self.s.snapshots_dir)
         existing = await self.records.container(container_id)
         if existing is not None and existing.pid:
             return ContainerCreateReply(id=container_id, pid=existing.pid,
@@ -296,10 +344,6 @@ class Runtime:
             raise NotFound(f"sandbox {sandbox_id} not found")
         if sandbox.state != "ready" or not sandbox.pid:
             raise FailedPrecondition(f"sandbox {sandbox_id} is not ready")
-        runtime = self.s.runtime_for(handler)
-        config = decode_proto(cri.ContainerConfig, config_bytes, "ContainerConfig")
-        pod_config = decode_proto(cri.PodSandboxConfig, sandbox_config, "PodSandboxConfig")
-        image = _json(image_config, "image config")
         bundle_dir = self._bundle_dir(container_id)
         rootfs_dir = bundle_dir / "rootfs"
         pod_dir = self._sandbox_dir(sandbox_id)
@@ -318,6 +362,7 @@ class Runtime:
         record = ContainerRecord(container_id, sandbox_id, str(bundle_dir), signal, 0)
         await self.records.put_container(record)
         try:
+            self.dirs.make("bundles", container_id)
             await mounts.mount_all(rootfs, str(rootfs_dir))
             await faults.point("executor.container.rootfs")
             spec = build_spec(pod, ContainerContext(
@@ -366,7 +411,8 @@ class Runtime:
             await self._monitor(namespace).delete(TaskIdRequest(id=container_id))
         except NotFound:
             pass
-        bundle = Path(record.bundle)
+        # Found by id, not by the recorded path: only ever under the run dir.
+        bundle = self._bundle_dir(record.id)
         await mounts.unmount(str(bundle / "rootfs"))
-        shutil.rmtree(bundle, ignore_errors=True)
+        self.dirs.remove(bundle)
         await self.records.delete_container(container_id)

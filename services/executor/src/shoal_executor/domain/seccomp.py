@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import stat
 from typing import Any, Literal
 
 from cri_api.v1 import api_pb2 as cri
@@ -30,6 +31,7 @@ DENIED = [
     "vm86old",
 ]
 EPERM = 1
+MAX_PROFILE = 1 << 20
 
 
 def runtime_default_profile() -> dict[str, Any]:
@@ -65,13 +67,27 @@ def _request(profile: cri.SecurityProfile | None, legacy_path: str) -> tuple[Kin
     return "runtime-default", ""  # RuntimeDefault is the enum's zero value
 
 
+def _read_profile(path: str) -> bytes:
+    """A regular file of at most MAX_PROFILE bytes: the path comes from the request, and
+    /dev/zero or a FIFO must not hang or exhaust the executor."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Invalid(f"seccomp profile {path} is not a regular file")
+        if st.st_size > MAX_PROFILE:
+            raise Invalid(f"seccomp profile {path} is larger than {MAX_PROFILE} bytes")
+        return os.read(fd, MAX_PROFILE + 1)
+    finally:
+        os.close(fd)
+
+
 def load_profile(path: str) -> dict[str, Any]:
     """A localhost profile: an absolute path to an OCI seccomp JSON document."""
-    if not os.path.isabs(path):
-        raise Invalid(f"seccomp localhost profile {path!r} must be an absolute path")
+    if not os.path.isabs(path) or "\0" in path:
+        raise Invalid(f"seccomp localhost profile {path[:200]!r} must be an absolute path")
     try:
-        with open(path, "rb") as fh:
-            loaded = json.load(fh)
+        loaded = json.loads(_read_profile(path))
     except (OSError, ValueError) as exc:
         raise Invalid(f"seccomp profile {path}: {exc}") from None
     if not isinstance(loaded, dict) or "defaultAction" not in loaded:

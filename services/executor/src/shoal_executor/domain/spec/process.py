@@ -13,6 +13,7 @@ from shoal_executor.domain.rootfs_users import User, resolve_user
 from shoal_executor.domain.spec.capabilities import capabilities
 from shoal_executor.domain.spec.context import SpecInput
 
+MAX_SIGNAL = 64
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -27,14 +28,16 @@ def own_oom_score_adj() -> int:
 def parse_signal(name: str) -> int:
     """An image StopSignal ("SIGQUIT", "QUIT", "3") as a number."""
     text = name.strip().upper()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
+        if len(text) > 3 or not 1 <= int(text) <= MAX_SIGNAL:
+            raise Invalid(f"stop signal {name[:20]!r} is not a signal number (1-{MAX_SIGNAL})")
         return int(text)
     if not text.startswith("SIG"):
         text = "SIG" + text
     try:
         return int(signals.Signals[text])
     except KeyError:
-        raise Invalid(f"unknown stop signal {name!r}") from None
+        raise Invalid(f"unknown stop signal {name[:64]!r}") from None
 
 
 def stop_signal(cfg: cri.ContainerConfig, image_config: dict[str, Any]) -> int:
