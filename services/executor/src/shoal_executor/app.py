@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from shoal_common.locks import KeyedLocks
 from shoal_common.service import ServiceContext
 
 from shoal_executor.domain.cni import DEFAULT_CONFLIST_NAME, Cni, default_conflist
@@ -22,6 +23,9 @@ log = structlog.get_logger("shoal.executor")
 class ExecutorApp:
     runtime: Runtime
     cni: Cni
+    # One command at a time per sandbox or container id: a create the bus resends after a
+    # silent attempt waits for the first and finds it done (each step is idempotent by id).
+    locks: KeyedLocks = field(default_factory=KeyedLocks)
 
 
 def install_default_network(conf_dir: Path, subnet: str, bridge: str) -> None:

@@ -42,8 +42,9 @@ async def status(ctx: Ctx, req: RuntimeStatusRequest) -> RuntimeStatusReply:
 
 @router.command("sandbox.create")
 async def sandbox_create(ctx: Ctx, req: SandboxCreateRequest) -> SandboxInfo:
-    return await ctx.app.runtime.create_sandbox(req.id, req.config, req.pause_image_config,
-                                                req.rootfs, ctx.namespace, req.runtime_handler)
+    async with ctx.app.locks.hold(req.id):
+        return await ctx.app.runtime.create_sandbox(req.id, req.config, req.pause_image_config,
+                                                    req.rootfs, ctx.namespace, req.runtime_handler)
 
 
 @router.command("sandbox.status")
@@ -53,34 +54,40 @@ async def sandbox_status(ctx: Ctx, req: SandboxIdRequest) -> SandboxInfo:
 
 @router.command("sandbox.stop")
 async def sandbox_stop(ctx: Ctx, req: SandboxIdRequest) -> SandboxInfo:
-    return await ctx.app.runtime.stop_sandbox(req.id, ctx.namespace)
+    async with ctx.app.locks.hold(req.id):
+        return await ctx.app.runtime.stop_sandbox(req.id, ctx.namespace)
 
 
 @router.command("sandbox.remove")
 async def sandbox_remove(ctx: Ctx, req: SandboxIdRequest) -> Empty:
-    await ctx.app.runtime.remove_sandbox(req.id, ctx.namespace)
-    return Empty()
+    async with ctx.app.locks.hold(req.id):
+        await ctx.app.runtime.remove_sandbox(req.id, ctx.namespace)
+        return Empty()
 
 
 @router.command("container.create")
 async def container_create(ctx: Ctx, req: ContainerCreateRequest) -> ContainerCreateReply:
-    return await ctx.app.runtime.create_container(req.id, req.sandbox_id, req.config,
-                                                  req.sandbox_config, req.image_config,
-                                                  req.rootfs, ctx.namespace,
-                                                  req.runtime_handler)
+    async with ctx.app.locks.hold(req.id):
+        return await ctx.app.runtime.create_container(req.id, req.sandbox_id, req.config,
+                                                      req.sandbox_config, req.image_config,
+                                                      req.rootfs, ctx.namespace,
+                                                      req.runtime_handler)
 
 
 @router.command("container.start")
 async def container_start(ctx: Ctx, req: ContainerIdRequest) -> TaskState:
-    return await ctx.app.runtime.start_container(req.id, ctx.namespace)
+    async with ctx.app.locks.hold(req.id):
+        return await ctx.app.runtime.start_container(req.id, ctx.namespace)
 
 
 @router.command("container.stop")
 async def container_stop(ctx: Ctx, req: ContainerStopRequest) -> TaskState:
-    return await ctx.app.runtime.stop_container(req.id, req.timeout, ctx.namespace)
+    async with ctx.app.locks.hold(req.id):
+        return await ctx.app.runtime.stop_container(req.id, req.timeout, ctx.namespace)
 
 
 @router.command("container.remove")
 async def container_remove(ctx: Ctx, req: ContainerIdRequest) -> Empty:
-    await ctx.app.runtime.remove_container(req.id, ctx.namespace)
-    return Empty()
+    async with ctx.app.locks.hold(req.id):
+        await ctx.app.runtime.remove_container(req.id, ctx.namespace)
+        return Empty()
