@@ -2,20 +2,23 @@
 
 Children run in their own session (Ctrl-C reaches only the launcher, which stops them in
 order: services first, NATS last) and get SIGTERM if the launcher itself dies
-(PR_SET_PDEATHSIG), so no process outlives it. A child that exits unexpectedly is restarted
-with exponential backoff; restarts are logged and counted in shoal_service_restarts_total.
+(PR_SET_PDEATHSIG), so no process outlives it. A child that exits unexpectedly, the
+embedded nats-server included, is restarted (supervision.RestartPolicy: at once after a
+healthy run, with backoff in a crash loop); restarts are logged and counted in
+shoal_service_restarts_total. The run root holds a lock and the children's pids
+(runstate), so a launcher started after one was killed waits for what that one left.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,27 +29,24 @@ from shoal_common.bus import Bus
 from shoal_common.catalog import SERVICES, ServiceInfo
 from shoal_common.clients import CLIENTS
 from shoal_common.config import Config, parse_addr
-from shoal_common.errors import ShoalError
+from shoal_common.errors import ShoalError, Unavailable
+from shoal_common.fs import private_dir, write_private
 from shoal_common.messages import HealthReply
 from shoal_common.metrics import MetricsServer
+
+from shoal_cli.runstate import RunState
+from shoal_cli.supervision import RestartPolicy, spawn
 
 log = structlog.get_logger("shoal.launcher")
 
 RESTARTS = Counter("shoal_service_restarts_total",
-                   "Child processes restarted by shoal up after they exited, by service.",
-                   ["service"])
+                   "Child processes restarted by shoal up after they exited, by service "
+                   "(nats: the embedded nats-server).", ["service"])
 CHILDREN_UP = Gauge("shoal_launcher_children_running", "Child processes running, by service.",
                     ["service"])
 
-# A child that stayed up this long is considered healthy again: its backoff resets.
-STABLE_AFTER = 60.0
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+NATS = "nats"  # the embedded server's name as a child and its metrics label
+NATS_LISTEN_TIMEOUT = 10.0
 
 
 def nats_server_binary() -> str:
@@ -61,14 +61,24 @@ def nats_server_binary() -> str:
 
 @dataclass
 class Child:
-    name: str  # replica id, e.g. puller-0
+    name: str  # replica id, e.g. puller-0; "nats" for the embedded server
     service: str
     argv: list[str]
+    policy: RestartPolicy
     metrics_addr: str = ""
+    # Awaited after each spawn: returns once the child is up, raises ShoalError if not.
+    ready: Callable[[asyncio.subprocess.Process], Awaitable[None]] | None = None
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
-    started: float = 0.0
+    # Since the last spawn: its first health answer (services) and when it began serving.
+    health: HealthReply | None = None
+    serving_since: float | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def served(self, reply: HealthReply | None = None) -> None:
+        self.health = reply
+        if self.serving_since is None:
+            self.serving_since = time.monotonic()
 
 
 class Launcher:
@@ -80,22 +90,32 @@ class Launcher:
         self.replicas = replicas
         self.external_nats = external_nats
         self.children: list[Child] = []
-        self.nats: asyncio.subprocess.Process | None = None
+        self.nats: Child | None = None
         self.stopping = False
         self.metrics = MetricsServer(config.launcher.metrics_addr)
         self.auth_dir = Path(config.nats_store_dir) / "auth"
+        self.runstate = RunState(config.run_root)
+        self._spawned = asyncio.Event()  # wakes the health watch
+        self._watch: asyncio.Task[None] | None = None
+
+    def _policy(self) -> RestartPolicy:
+        cfg = self.config.launcher
+        return RestartPolicy(cfg.restart_backoff_initial, cfg.restart_backoff_max)
 
     # -- NATS ----------------------------------------------------------------------------
 
-    async def start_nats(self) -> None:
+    def _nats_argv(self) -> list[str]:
+        """Write the server's config and return its command line. Written once: every
+        restart reuses it, so the server comes back on the same address, store, users and
+        TLS, and the services' reconnects find what they left."""
         host, port = parse_addr(self.config.nats.embedded.listen)
         if host not in {"127.0.0.1", "localhost", "::1"}:
             raise SystemExit("shoal up: the embedded NATS listens on loopback only "
                              f"(nats.embedded.listen = {self.config.nats.embedded.listen})")
         store = Path(self.config.nats_store_dir)
-        store.mkdir(parents=True, exist_ok=True)
+        private_dir(store)
         log_file = Path(self.config.run_root) / "nats" / "nats-server.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(log_file.parent)
         emb = self.config.nats.embedded
         passwords = None
         if emb.auth:
@@ -105,31 +125,40 @@ class Launcher:
             self.config.nats.password_file = str(nats_auth.password_file(self.auth_dir,
                                                                          nats_auth.ADMIN))
         conf_file = log_file.parent / "nats-server.conf"
-        conf_file.write_text(nats_auth.server_config(
+        # It holds every password: owner-only from its first byte.
+        write_private(conf_file, nats_auth.server_config(
             listen_host=host, port=port, store_dir=str(store),
             server_name=f"shoal-{self.config.node_id}", node=self.config.node_id,
             stream=self.config.events.stream, passwords=passwords,
             tls_cert=emb.tls_cert, tls_key=emb.tls_key))
-        conf_file.chmod(0o600)  # it holds the passwords
-        argv = [nats_server_binary(), "-c", str(conf_file), "-l", str(log_file)]
-        self.nats = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 10
+        return [nats_server_binary(), "-c", str(conf_file), "-l", str(log_file)]
+
+    async def _nats_listening(self, proc: asyncio.subprocess.Process) -> None:
+        host, port = parse_addr(self.config.nats.embedded.listen)
+        log_file = Path(self.config.run_root) / "nats" / "nats-server.log"
+        deadline = time.monotonic() + NATS_LISTEN_TIMEOUT
         while time.monotonic() < deadline:
-            if self.nats.returncode is not None:
-                raise SystemExit(f"shoal up: nats-server exited ({self.nats.returncode}); "
-                                 f"see {log_file}")
+            if proc.returncode is not None:
+                raise Unavailable(f"nats-server exited ({proc.returncode}); see {log_file}")
             try:
                 _, writer = await asyncio.open_connection(host, port)
                 writer.close()
                 await writer.wait_closed()
-                log.info("nats-server ready", url=self.config.nats.url, store=str(store),
-                         pid=self.nats.pid)
+                log.info("nats-server ready", url=self.config.nats.url,
+                         store=self.config.nats_store_dir, pid=proc.pid)
                 return
             except OSError:
                 await asyncio.sleep(0.05)
-        raise SystemExit(f"shoal up: nats-server did not listen on {host}:{port} within 10 s")
+        raise Unavailable(f"nats-server did not listen on {host}:{port} within "
+                          f"{NATS_LISTEN_TIMEOUT:.0f} s")
+
+    async def start_nats(self) -> None:
+        """Start the embedded server, wait until it listens, then supervise it like a
+        service. Its store is on disk, so JetStream state survives a restart."""
+        self.nats = Child(NATS, NATS, self._nats_argv(), self._policy(),
+                          ready=self._nats_listening)
+        await self._start(self.nats)
+        self.nats.task = asyncio.create_task(self._supervise(self.nats, running=True))
 
     # -- children ------------------------------------------------------------------------
 
@@ -156,44 +185,88 @@ class Launcher:
                 # Replica i of a service listens 100*i ports above the configured one.
                 addr = f"{host}:{port + 100 * i if port else 0}"
                 self.children.append(Child(f"{svc.name}-{i}", svc.name,
-                                           self._child_argv(svc, i, addr), addr))
+                                           self._child_argv(svc, i, addr), self._policy(),
+                                           metrics_addr=addr))
 
-    async def _supervise(self, child: Child) -> None:
-        backoff = self.config.launcher.restart_backoff_initial
-        while not self.stopping:
-            child.started = time.monotonic()
-            child.proc = await asyncio.create_subprocess_exec(
-                *child.argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_parent)
-            CHILDREN_UP.labels(child.service).inc()
-            code = await child.proc.wait()
+    def _running_pids(self) -> list[int]:
+        everyone = [*self.children, *([self.nats] if self.nats else [])]
+        return [c.proc.pid for c in everyone if c.proc and c.proc.returncode is None]
+
+    async def _start(self, child: Child) -> None:
+        child.health = child.serving_since = None
+        child.proc = await spawn(child.argv)
+        self._spawned.set()
+        self.runstate.record(self._running_pids())
+        if child.ready is not None:
+            await child.ready(child.proc)
+            child.served()  # the services' answers come from watch_health
+
+    async def _wait(self, child: Child) -> int | None:
+        if child.proc is None:
+            return None
+        CHILDREN_UP.labels(child.service).inc()
+        try:
+            return await child.proc.wait()
+        finally:
             CHILDREN_UP.labels(child.service).dec()
+
+    async def _supervise(self, child: Child, *, running: bool = False) -> None:
+        """Keep `child` running until shutdown: restart it whenever it exits."""
+        while not self.stopping:
+            if not running:
+                try:
+                    await self._start(child)
+                except (OSError, ShoalError) as exc:  # counted below as a quick death
+                    log.error("child did not start", child=child.name, error=str(exc))
+            running = False
+            code = await self._wait(child)
             if self.stopping:
                 return
-            if time.monotonic() - child.started > STABLE_AFTER:
-                backoff = self.config.launcher.restart_backoff_initial
+            served_for = (None if child.serving_since is None
+                          else round(time.monotonic() - child.serving_since, 1))
+            backoff = child.policy.delay(served_for)
             child.restarts += 1
             RESTARTS.labels(child.service).inc()
             log.warning("child exited; restarting", child=child.name, code=code,
-                        restarts=child.restarts, backoff_s=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.config.launcher.restart_backoff_max)
+                        served_s=served_for, restarts=child.restarts, backoff_s=backoff)
+            if backoff:
+                await asyncio.sleep(backoff)
 
-    async def wait_ready(self, bus: Bus) -> dict[str, HealthReply]:
-        """Until every replica answers health (by replica id), or the ready timeout."""
-        expected = {c.name for c in self.children}
-        seen: dict[str, HealthReply] = {}
+    async def watch_health(self, bus: Bus) -> None:
+        """Note each child's first health answer after each (re)start: whether it got to
+        serve decides how it is restarted. Polls only while some child has not answered."""
+        by_name = {c.name: c for c in self.children}
+        while True:
+            waiting = {c.service for c in self.children
+                       if c.health is None and c.proc and c.proc.returncode is None}
+            if not waiting:
+                self._spawned.clear()
+                await self._spawned.wait()
+                continue
+            answers = await asyncio.gather(
+                *(CLIENTS[s.subject](bus).health_of_all(wait=0.2)
+                  for s in SERVICES if s.name in waiting), return_exceptions=True)
+            for replies in answers:  # an error (NATS away) only means no answer yet
+                for reply in replies if isinstance(replies, list) else []:
+                    child = by_name.get(reply.replica)
+                    # Only the process now running: a reply from the one before is stale.
+                    if child and child.health is None and child.proc \
+                            and child.proc.pid == reply.pid:
+                        child.served(reply)
+            await asyncio.sleep(0.2)
+
+    async def wait_ready(self) -> dict[str, HealthReply]:
+        """Until every replica has answered health (by replica id), or the ready timeout."""
         deadline = time.monotonic() + self.config.launcher.ready_timeout
         while time.monotonic() < deadline:
-            for svc in SERVICES:
-                for reply in await CLIENTS[svc.subject](bus).health_of_all(wait=0.2):
-                    seen[reply.replica] = reply
-            if expected <= seen.keys():
+            seen = {c.name: c.health for c in self.children if c.health is not None}
+            if len(seen) == len(self.children):
                 return seen
-            dead = [c.name for c in self.children if c.restarts > 2]
+            dead = [c.name for c in self.children if c.policy.crash_looping]
             if dead:
                 raise ShoalError(f"children keep exiting: {', '.join(dead)} (see their logs)")
-        missing = ", ".join(sorted(expected - seen.keys()))
+            await asyncio.sleep(0.1)
+        missing = ", ".join(sorted(c.name for c in self.children if c.health is None))
         raise ShoalError(f"not healthy within {self.config.launcher.ready_timeout:.0f} s: "
                          f"{missing}")
 
@@ -216,6 +289,9 @@ class Launcher:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    def _grace(self) -> float:
+        return max(self.config.service(s.name).shutdown_timeout for s in SERVICES) + 5
+
     async def run(self) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -223,10 +299,12 @@ class Launcher:
             loop.add_signal_handler(sig, stop.set)
         Path(self.config.run_root).mkdir(parents=True, exist_ok=True)
         Path(self.config.state_root).mkdir(parents=True, exist_ok=True)
+        self.runstate.lock()
+        await self.runstate.wait_for_leftovers(self._grace())
         self.metrics.start()
-        for svc in SERVICES:  # present from the start, so rate() sees the first restart
-            RESTARTS.labels(svc.name)
-            CHILDREN_UP.labels(svc.name)
+        for name in [s.name for s in SERVICES] + ([] if self.external_nats else [NATS]):
+            RESTARTS.labels(name)  # present from the start, so rate() sees the first restart
+            CHILDREN_UP.labels(name)
         bus = Bus(self.config, service="launcher", replica=f"launcher-{os.getpid()}")
         try:
             if not self.external_nats:
@@ -235,7 +313,8 @@ class Launcher:
             self.plan()
             for child in self.children:
                 child.task = asyncio.create_task(self._supervise(child))
-            ready = asyncio.create_task(self.wait_ready(bus))
+            self._watch = asyncio.create_task(self.watch_health(bus))
+            ready = asyncio.create_task(self.wait_ready())
             stopped = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if ready in done:
@@ -253,6 +332,8 @@ class Launcher:
             print(f"shoal up: {exc.message}", file=sys.stderr)
             return 1
         finally:
+            # The watch polls on the bus: end it before the bus is drained.
+            await _cancel([self._watch])
             await bus.close()
             await self.shutdown()
             self.metrics.stop()
@@ -260,18 +341,21 @@ class Launcher:
     async def shutdown(self) -> None:
         self.stopping = True
         log.info("stopping services")
+        # Supervisors first, so none restarts what is being stopped (one cancelled while
+        # spawning kills its child: asyncio closes a half-made subprocess transport).
+        await _cancel([c.task for c in self.children])
         procs = [c.proc for c in self.children if c.proc and c.proc.returncode is None]
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
-        grace = max(self.config.service(s.name).shutdown_timeout for s in SERVICES) + 5
-        await _wait_or_kill(procs, grace)
-        for child in self.children:
-            if child.task:
-                child.task.cancel()
-        if self.nats and self.nats.returncode is None:
-            self.nats.send_signal(signal.SIGTERM)
-            await _wait_or_kill([self.nats], 10)
+        await _wait_or_kill(procs, self._grace())
+        if self.nats:
+            await _cancel([self.nats.task])
+            if self.nats.proc and self.nats.proc.returncode is None:
+                self.nats.proc.send_signal(signal.SIGTERM)
+                await _wait_or_kill([self.nats.proc], 10)
         (Path(self.config.run_root) / "prometheus-targets.json").unlink(missing_ok=True)
+        self.runstate.clear()
+        self.runstate.unlock()
         log.info("stopped")
 
     def print_summary(self, health: dict[str, HealthReply], targets: Path) -> None:
@@ -290,6 +374,13 @@ class Launcher:
                          f"http://{h.metrics_addr}/metrics")
         lines.append("\nPress Ctrl-C to stop.")
         print("\n".join(lines), flush=True)
+
+
+async def _cancel(tasks: list[asyncio.Task[None] | None]) -> None:
+    live = [t for t in tasks if t is not None]
+    for task in live:
+        task.cancel()
+    await asyncio.gather(*live, return_exceptions=True)
 
 
 async def _wait_or_kill(procs: list[asyncio.subprocess.Process], grace: float) -> None:

@@ -14,6 +14,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from shoal_common.fs import private_dir
+
 ADMIN = "admin"
 SERVICE_USERS = ("puller", "snapshotter", "executor", "supervisor", "cri-gateway")
 JS_API = "$JS.API"
@@ -75,8 +77,7 @@ def server_config(*, listen_host: str, port: int, store_dir: str, server_name: s
 
 def ensure_passwords(auth_dir: Path) -> dict[str, str]:
     """Random passwords per user, created once and kept (root-only files)."""
-    auth_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(auth_dir, 0o700)
+    private_dir(auth_dir)
     out = {}
     for user in (ADMIN, *SERVICE_USERS):
         path = auth_dir / f"{user}.password"
