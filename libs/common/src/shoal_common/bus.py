@@ -47,6 +47,7 @@ RepT = TypeVar("RepT", bound=Message)
 T = TypeVar("T")
 
 DEFAULT_NAMESPACE = "default"
+DRAIN_TIMEOUT = 2.0
 log = structlog.get_logger("shoal.bus")
 
 
@@ -191,7 +192,10 @@ class Bus:
         self._closing = True
         if self.nc.is_connected:
             try:
-                await self.nc.drain()
+                # Bounded: with the server going away at the same moment (shoal up killed),
+                # nats-py's own drain would wait its 30 s flush timeout.
+                async with asyncio.timeout(DRAIN_TIMEOUT):
+                    await self.nc.drain()
             except (TimeoutError, nats.errors.Error):
                 await self.nc.close()
         elif not self.nc.is_closed:
