@@ -110,3 +110,4 @@ async def test_first_schema_database_is_migrated(tmp_path: Path) -> None:
         await meta.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
     assert version == len(MIGRATIONS) == 3
+

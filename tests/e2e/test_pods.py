@@ -236,3 +236,34 @@ async def test_a_huge_reference_gets_a_bounded_error(shoal: Cri) -> None:
             image="x" * (1 << 20))))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(err.value.details() or "") < 4096
+
+
+async def test_exec_sync_output_larger_than_a_bus_message(shoal: Cri, images: dict[str, str],
+                                                          services: ServiceSet,
+                                                          tmp_path: Path) -> None:
+    """ExecSync output well past NATS' 1 MiB payload reaches the CRI client byte for byte
+    (the supervisor keeps it in files and the gateway's client reads it in chunks); as much
+    as the gateway's 16 MiB gRPC message allows."""
+    api = shoal
+    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
+    config = pod_config(tmp_path, "big")
+    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+              ).pod_sandbox_id
+    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod_id, sandbox_config=config,
+        config=container_config(images["busybox"], "sleep", "3600")))).container_id
+    await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+    assert (await wait_state(api, cid, cri.CONTAINER_RUNNING)).state == cri.CONTAINER_RUNNING
+    # 2.1 million short lines: the CRI log conmon writes is split back exactly.
+    out = "".join(f"{i}\n" for i in range(1, 1_800_001)).encode()
+    err = "".join(f"{i}\n" for i in range(1, 300_001)).encode()
+    limit = 16 << 20  # the gateway's (and kubelet's) gRPC message limit
+    async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}", options=[
+            ("grpc.max_receive_message_length", limit)]) as channel:
+        begin = time.monotonic()
+        reply = await Cri(channel).runtime.ExecSync(cri.ExecSyncRequest(
+            container_id=cid, cmd=["sh", "-c", "seq 1 1800000; seq 1 300000 >&2; exit 4"],
+            timeout=60))
+        print(f"CRI ExecSync of {len(out) + len(err)} bytes: {time.monotonic() - begin:.2f}s")
+    assert reply.exit_code == 4
+    assert reply.stdout == out and reply.stderr == err

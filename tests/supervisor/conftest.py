@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 import pytest
 from shoal_common.bus import Bus
 from supervisor_harness import Harness
+from support.bundles import runc_spec
 from support.processes import Node, ServiceSet
 
 
@@ -26,9 +25,7 @@ def base_spec(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                     pytrace=False)
     if os.geteuid() != 0:
         pytest.fail("running containers needs root", pytrace=False)
-    where = tmp_path_factory.mktemp("spec")
-    subprocess.run(["runc", "spec"], cwd=where, check=True)
-    return json.loads((where / "config.json").read_text())
+    return runc_spec(tmp_path_factory.mktemp("spec"))
 
 
 @pytest.fixture

@@ -5,12 +5,7 @@ conmon a test made (so reruns start clean). Fixtures are in conftest.py."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import re
-import shutil
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -33,15 +28,13 @@ from shoal_common.messages.monitor import (
     TaskStarted,
     TaskState,
 )
+from support.bundles import CGROUP_ROOT, bundle_root, busybox_bundle, remove_containers
+from support.bundles import conmon_pids as conmon_pids
 from support.processes import Node, ServiceProcess, ServiceSet
 
 R = TypeVar("R", bound=Message)
 
-BUSYBOX = Path("/bin/busybox")
-APPLETS = ("sh", "echo", "sleep", "cat", "head", "tr", "dd", "true", "false", "env", "printf",
-           "kill", "ls", "wc", "seq", "stty")
 CGROUP_PARENT = "shoal-test"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 EVENT_TYPES: dict[str, type[Event]] = {
     c.TOPIC: c for c in (TaskCreated, TaskStarted, TaskExited, TaskOOM, TaskDeleted)}
 # conmon's k8s-file format: "<RFC3339Nano> <stdout|stderr> <P|F> <content>"
@@ -113,6 +106,11 @@ class Harness:
         return self.node.run_root / "supervisor" / "runc"
 
     @property
+    def bundle_root(self) -> Path:
+        """Where the executor puts bundles: the only place the supervisor takes them from."""
+        return bundle_root(self.node.run_root)
+
+    @property
     def exit_dir(self) -> Path:
         return self.node.state_root / "supervisor" / "exits"
 
@@ -148,31 +146,15 @@ class Harness:
         return task_id
 
     def bundle(self, task_id: str, args: list[str], *, memory: int = 0) -> Path:
-        """A bundle with its own busybox rootfs (hard links: cheap) and a config.json made
-        from `runc spec`: our args, no terminal, writable rootfs, cgroup /shoal-test/<id>."""
-        bundle = self.root / "bundles" / task_id
-        bin_dir = bundle / "rootfs" / "bin"
-        bin_dir.mkdir(parents=True)
-        try:
-            os.link(BUSYBOX, bin_dir / "busybox")
-        except OSError:
-            shutil.copy2(BUSYBOX, bin_dir / "busybox")
-        for applet in APPLETS:
-            (bin_dir / applet).symlink_to("busybox")
-        spec = json.loads(json.dumps(self.base_spec))
-        spec["process"]["args"] = args
-        spec["process"]["terminal"] = False
-        spec["root"] = {"path": "rootfs", "readonly": False}
-        spec["linux"]["cgroupsPath"] = f"/{CGROUP_PARENT}/{task_id}"
-        if memory:
-            # swap = limit: no swap, so exceeding the limit OOM-kills instead of swapping.
-            spec["linux"].setdefault("resources", {})["memory"] = {"limit": memory,
-                                                                   "swap": memory}
-        (bundle / "config.json").write_text(json.dumps(spec, indent=1))
-        return bundle
+        """A busybox bundle for `task_id` in the cgroup /shoal-test/<id>."""
+        return busybox_bundle(self.bundle_root / task_id, self.base_spec, args,
+                              f"/{CGROUP_PARENT}/{task_id}", memory=memory)
 
     def log_path(self, task_id: str) -> Path:
-        return self.root / "logs" / f"{task_id}.log"
+        """In a directory that exists, as kubelet makes it before CreateContainer."""
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        return logs / f"{task_id}.log"
 
     async def call(self, verb: str, msg: Message, reply: type[R], **kw: Any) -> R:
         return await self.bus.request("monitor", verb, msg, reply, **kw)
@@ -206,36 +188,7 @@ class Harness:
     def cleanup(self) -> None:
         """Every container, conmon and cgroup this test made goes, whatever state the test
         left them in."""
-        for task_id in self.ids:
-            subprocess.run(["runc", "--root", str(self.runtime_root), "delete", "--force",
-                            task_id], capture_output=True)
-        for pid in conmon_pids(str(self.node.root)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for task_id in self.ids:
-            for ctrl in CGROUP_ROOT.iterdir():
-                cg = ctrl / CGROUP_PARENT / task_id
-                if cg.is_dir():
-                    try:
-                        cg.rmdir()
-                    except OSError:
-                        pass
-
-
-def conmon_pids(mentioning: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"conmon") and any(mentioning.encode() in a for a in argv):
-            found.append(int(entry))
-    return found
+        remove_containers(self.runtime_root, self.ids, self.node.root, CGROUP_PARENT)
 
 
 def pid_alive(pid: int) -> bool:

@@ -62,7 +62,7 @@ async def test_lifecycle_logs_and_events(sup: Harness) -> None:
         sandbox_id="pod-a")
     assert failing.pid > 0 and failing.created_at > 0
     # A retried create is answered with the same task, not redone.
-    bundle = str(sup.root / "bundles" / failing.id)
+    bundle = str(sup.bundle_root / failing.id)
     again = await sup.call("create", MonitorCreateRequest(id=failing.id, bundle=bundle),
                            TaskState)
     assert (again.state, again.pid) == ("created", failing.pid)
@@ -125,8 +125,8 @@ async def test_lifecycle_logs_and_events(sup: Harness) -> None:
 
 async def test_create_errors(sup: Harness) -> None:
     await sup.start_supervisor()
-    empty = sup.root / "empty-bundle"
-    empty.mkdir()
+    empty = sup.bundle_root / "empty-bundle"
+    empty.mkdir(parents=True)
     with pytest.raises(Invalid, match=r"no config\.json"):
         await sup.call("create", MonitorCreateRequest(id="sup-x1", bundle=str(empty)),
                        TaskState)
@@ -135,7 +135,7 @@ async def test_create_errors(sup: Harness) -> None:
         await sup.call("create", MonitorCreateRequest(id="sup-x2", bundle="rel/bundle"),
                        TaskState)
     # A message names a runtime handler, never a binary: only configured ones run.
-    named = sup.root / "named-bundle"
+    named = sup.bundle_root / "named-bundle"
     named.mkdir()
     (named / "config.json").write_text("{}")
     with pytest.raises(Invalid, match="runtime_handler 'evil' is not configured"):

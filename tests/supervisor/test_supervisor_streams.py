@@ -110,6 +110,7 @@ async def test_exec_sessions(sup: Harness) -> None:
     await sup.call("exec_create", ExecCreateRequest(id=task.id, exec_id=exec_id,
                                                     cmd=["sleep", "100"]), ExecSession)
     assert conmon_pids(exec_id)
+    assert_owner_only(sup, task.id, exec_id)
     await sup.call("exec_remove", ExecIdRequest(id=task.id, exec_id=exec_id), Empty)
     assert not conmon_pids(exec_id)
     with pytest.raises(NotFound):
@@ -130,3 +131,19 @@ async def test_exec_sessions(sup: Harness) -> None:
                                                         cmd=["true"]), ExecSession)
     with pytest.raises(FailedPrecondition, match="not running"):
         await sup.call("attach", TaskIdRequest(id=task.id), AttachInfo)
+
+
+def assert_owner_only(sup: Harness, task_id: str, exec_id: str) -> None:
+    """What the supervisor itself writes (the exec's process spec with its environment,
+    conmon's stderr, the database) is 0600 and its directories 0700; pid and exit files
+    are conmon's, in those directories."""
+    run, state = sup.node.run_root / "supervisor", sup.node.state_root / "supervisor"
+    task_dir = run / "tasks" / task_id
+    session = task_dir / "exec" / exec_id
+    dirs = [run / "tasks", run / "attach", run / "runc", run / "exec-output", state / "exits",
+            state / "persist", task_dir, state / "persist" / task_id, session]
+    assert {str(d): d.stat().st_mode & 0o777 for d in dirs} == {str(d): 0o700 for d in dirs}
+    files = [session / "process.json", session / "conmon.log", task_dir / "conmon.log",
+             session / "start", session / "sync",
+             *(f for f in state.iterdir() if f.name.startswith("tasks.db"))]
+    assert {str(f): f.stat().st_mode & 0o777 for f in files} == {str(f): 0o600 for f in files}

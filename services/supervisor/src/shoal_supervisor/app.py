@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from shoal_common.messages import Event
 from shoal_common.service import ServiceContext
 
+from shoal_supervisor.domain.confine import Roots
 from shoal_supervisor.domain.execs import ExecSessions
 from shoal_supervisor.domain.layout import Layout
 from shoal_supervisor.domain.tasks import TaskManager
@@ -31,8 +33,12 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SupervisorApp]:
     async def publish(event: Event, namespace: str, event_id: str) -> None:
         await ctx.bus.publish_event(event, namespace=namespace, event_id=event_id)
 
+    # Bundles are the executor's (the same config names its run dir); Shoal's own roots
+    # hold every database and credential, so no CRI log may be written in them.
+    roots = Roots(bundles=ctx.config.run_dir("executor") / "bundles", run_dir=ctx.run_dir,
+                  private=(Path(ctx.config.state_root), Path(ctx.config.run_root)))
     manager = TaskManager(store, layout, ctx.config.services.supervisor.conmon_path, publish,
-                          runtimes=ctx.config.runtime)
+                          roots, runtimes=ctx.config.runtime)
     try:
         # Reconciles before the first command is served: exits that happened while no
         # supervisor ran are recorded (and published) now.

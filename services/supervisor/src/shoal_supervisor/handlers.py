@@ -8,6 +8,9 @@ from __future__ import annotations
 from shoal_common.bus import RequestContext, Router
 from shoal_common.messages import Empty, RuntimeStatusReply, RuntimeStatusRequest
 from shoal_common.messages.monitor import (
+    ExecOutputChunk,
+    ExecOutputIdRequest,
+    ExecOutputRequest,
     ExecSyncReply,
     ExecSyncRequest,
     KillRequest,
@@ -83,6 +86,17 @@ async def delete(ctx: Ctx, req: TaskIdRequest) -> TaskState:
 @router.command("exec_sync")
 async def exec_sync(ctx: Ctx, req: ExecSyncRequest) -> ExecSyncReply:
     return await ctx.app.tasks.exec_sync(req)
+
+
+@router.command("exec_output", quiet=True)
+async def exec_output(ctx: Ctx, req: ExecOutputRequest) -> ExecOutputChunk:
+    return await ctx.app.tasks.outputs.read(req.output_id, req.stream, req.offset, req.size)
+
+
+@router.command("exec_output_remove")
+async def exec_output_remove(ctx: Ctx, req: ExecOutputIdRequest) -> Empty:
+    ctx.app.tasks.outputs.remove(req.output_id)
+    return Empty()
 
 
 @router.command("update")

@@ -5,6 +5,10 @@ exit codes they record, the CRI log files, and stats from the cgroups."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from msgspec import Meta
+
 from shoal_common.messages.base import Event, Message
 from shoal_common.messages.fields import (
     AbsPath,
@@ -14,7 +18,19 @@ from shoal_common.messages.fields import (
     OptionalId,
     Seconds,
     Signal,
+    Size,
 )
+
+# ExecSync output. NATS refuses a message over its max_payload (1 MiB by default), so a
+# large output stays in a file on the supervisor's node and is read in chunks
+# (`exec_output`); MonitorClient.exec_sync_within does that for its callers.
+EXEC_OUTPUT_CAP = 32 << 20  # bytes kept per stream; the rest is dropped (`truncated`)
+EXEC_OUTPUT_INLINE = 256 << 10  # per stream in the exec_sync reply itself
+MAX_EXEC_OUTPUT_READ = 512 << 10  # per exec_output reply: well under the payload limit
+# uuid4().hex: unguessable, and names a directory without any path trick.
+OutputId = Annotated[str, Meta(pattern=r"\A[a-f0-9]{32}\Z")]
+# A pattern, not a Literal: msgspec's error for a Literal echoes the value (1 MB, say).
+OutputStream = Annotated[str, Meta(pattern=r"\A(stdout|stderr)\Z")]
 
 
 class MonitorCreateRequest(Message):
@@ -89,8 +105,34 @@ class ExecSyncRequest(Message):
 
 class ExecSyncReply(Message):
     exit_code: int
-    stdout: bytes
+    stdout: bytes  # all of it, or its first EXEC_OUTPUT_INLINE bytes when output_id is set
     stderr: bytes
+    # Set when a stream did not fit in this reply: read the rest with exec_output, then
+    # exec_output_remove (files nobody removes are dropped after a few minutes).
+    output_id: str = ""
+    stdout_size: int = 0  # of the whole stream as kept (at most EXEC_OUTPUT_CAP)
+    stderr_size: int = 0
+    truncated: bool = False  # a stream passed EXEC_OUTPUT_CAP; its excess was dropped
+
+
+class ExecOutputRequest(Message):
+    """Read part of one stream of a large ExecSync output."""
+
+    output_id: OutputId
+    stream: OutputStream
+    offset: Size = 0
+    size: Annotated[int, Meta(ge=1, le=MAX_EXEC_OUTPUT_READ)] = MAX_EXEC_OUTPUT_READ
+
+
+class ExecOutputChunk(Message):
+    data: bytes
+    total: int  # the stream's size
+
+
+class ExecOutputIdRequest(Message):
+    """For exec_output_remove (idempotent)."""
+
+    output_id: OutputId
 
 
 class Resources(Message):

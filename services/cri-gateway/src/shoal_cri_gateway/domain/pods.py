@@ -401,8 +401,27 @@ class Pods:
         ctr = await self.meta.container(container_id)
         if not cmd:
             raise Invalid("ExecSync: cmd is empty")
-        return await self.clients.monitor.exec_sync_within(ExecSyncRequest(
+        reply = await self.clients.monitor.exec_sync_within(ExecSyncRequest(
             id=ctr.id, cmd=cmd, timeout=float(timeout)))
+        return fit_exec_output(reply, ctr.id)
+
+
+# The CRI's ExecSyncResponse must fit one gRPC message (16 MiB here, as containerd):
+# keep the head of each stream, as CRI-O does, rather than fail the call.
+EXEC_SYNC_BUDGET = 16 * 1024 * 1024 - 64 * 1024
+
+
+def fit_exec_output(reply: ExecSyncReply, container_id: str,
+                    budget: int = EXEC_SYNC_BUDGET) -> ExecSyncReply:
+    out, err = reply.stdout, reply.stderr
+    if len(out) + len(err) <= budget:
+        return reply
+    # stderr is usually the short one: give it up to half, stdout the rest.
+    err = err[:max(budget // 2, budget - len(out))]
+    out = out[:budget - len(err)]
+    log.warning("ExecSync output truncated to fit the CRI response", container=container_id,
+                stdout=len(reply.stdout), stderr=len(reply.stderr), kept=len(out) + len(err))
+    return ExecSyncReply(exit_code=reply.exit_code, stdout=out, stderr=err, truncated=True)
 
 
 def _pod_key(md: cri.PodSandboxMetadata | PodRecord) -> tuple[str, ...]:

@@ -1,5 +1,8 @@
 """Reading a container's cgroup: usage for stats and the OOM kill counter, on cgroup v1
-(one hierarchy per controller) and v2 (unified)."""
+(one hierarchy per controller) and v2 (unified).
+
+A cgroup path comes from a request (or /proc/<pid>/cgroup): every file is opened only once
+its directory resolves inside the hierarchy, so no path can make us read elsewhere."""
 
 from __future__ import annotations
 
@@ -33,15 +36,25 @@ def proc_cgroup(pid: int) -> str:
     return unified
 
 
-def _read_int(path: Path) -> int | None:
+def within(path: Path, root: Path = ROOT) -> bool:
+    """Whether `path`, symlinks resolved, is `root` or below it."""
+    real = Path(os.path.realpath(path))
+    return real.is_relative_to(os.path.realpath(root))
+
+
+def _read_int(path: Path | None) -> int | None:
+    if path is None:
+        return None
     try:
         return int(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def _read_keyed(path: Path) -> dict[str, int]:
+def _read_keyed(path: Path | None) -> dict[str, int]:
     """`key value` lines (memory.stat, memory.oom_control, memory.events, cpu.stat)."""
+    if path is None:
+        return {}
     try:
         text = path.read_text()
     except OSError:
@@ -76,41 +89,47 @@ class Cgroup:
     def dir(self, controller: str) -> Path:
         return self.root / self.path if self.unified else self.root / controller / self.path
 
+    def file(self, controller: str, name: str) -> Path | None:
+        """`name` in the directory of `controller`; None if that would leave the root."""
+        d = self.dir(controller)
+        return d / name if within(d, self.root) else None
+
     def exists(self) -> bool:
-        return self.dir("memory").is_dir()
+        return within(self.dir("memory"), self.root) and self.dir("memory").is_dir()
 
     def usage(self) -> Usage:
         """CPU time, memory and pids now; missing files (cgroup gone) read as 0. The working
         set is usage minus inactive file pages, as kubelet/cAdvisor compute it."""
         now = time.time_ns()
         if self.unified:
-            d = self.dir("")
-            cpu = _read_keyed(d / "cpu.stat").get("usage_usec", 0) * 1000
-            memory = _read_int(d / "memory.current") or 0
-            inactive = _read_keyed(d / "memory.stat").get("inactive_file", 0)
-            pids = _read_int(d / "pids.current") or 0
+            cpu = _read_keyed(self.file("", "cpu.stat")).get("usage_usec", 0) * 1000
+            memory = _read_int(self.file("", "memory.current")) or 0
+            inactive = _read_keyed(self.file("", "memory.stat")).get("inactive_file", 0)
+            pids = _read_int(self.file("", "pids.current")) or 0
         else:
-            cpu = _read_int(self.dir("cpuacct") / "cpuacct.usage") or 0
-            memory = _read_int(self.dir("memory") / "memory.usage_in_bytes") or 0
-            inactive = _read_keyed(self.dir("memory") / "memory.stat").get(
+            cpu = _read_int(self.file("cpuacct", "cpuacct.usage")) or 0
+            memory = _read_int(self.file("memory", "memory.usage_in_bytes")) or 0
+            inactive = _read_keyed(self.file("memory", "memory.stat")).get(
                 "total_inactive_file", 0)
-            pids = _read_int(self.dir("pids") / "pids.current") or 0
+            pids = _read_int(self.file("pids", "pids.current")) or 0
         return Usage(now, cpu, memory, max(0, memory - inactive), pids)
 
     def oom_kills(self) -> int | None:
         """Processes the kernel OOM-killed in this cgroup; None when it cannot be read (the
         cgroup is gone, or a kernel before 4.13 without the counter)."""
         if self.unified:
-            values = _read_keyed(self.dir("") / "memory.events")
+            values = _read_keyed(self.file("", "memory.events"))
         else:
-            values = _read_keyed(self.dir("memory") / "memory.oom_control")
+            values = _read_keyed(self.file("memory", "memory.oom_control"))
         return values.get("oom_kill")
 
     def memory_swap_accounted(self) -> bool:
         """Whether a memory limit must be paired with a swap limit (v1 with memsw)."""
         if self.unified:
-            return (self.dir("") / "memory.swap.max").exists()
-        return (self.root / "memory" / "memory.memsw.limit_in_bytes").exists()
+            path = self.file("", "memory.swap.max")
+        else:  # the hierarchy's own file: no request path in it
+            path = self.root / "memory" / "memory.memsw.limit_in_bytes"
+        return path is not None and path.exists()
 
 
 class OomEventFd:
@@ -120,6 +139,8 @@ class OomEventFd:
 
     def __init__(self, cgroup: Cgroup) -> None:
         memdir = cgroup.dir("memory")
+        if not within(memdir, cgroup.root):
+            raise OSError(f"cgroup {cgroup.path} leaves {cgroup.root}")
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             self._control = os.open(memdir / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)

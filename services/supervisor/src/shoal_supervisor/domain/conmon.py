@@ -40,14 +40,17 @@ from pathlib import Path
 from typing import Any
 
 from shoal_common.errors import FailedPrecondition, Internal
+from shoal_common.fs import write_private
 
 from shoal_supervisor.domain import monitor
+from shoal_supervisor.domain.exec_output import ExecOutput, LogFifo
 from shoal_supervisor.domain.metrics import timed
 from shoal_supervisor.domain.oci_runtime import runtime_message
 
 TIMED_OUT_MESSAGE = "command timed out"
 CONMON_LOG = "conmon.log"  # conmon's own stderr before it detaches from it
 EXEC_BACKSTOP_SECONDS = 10  # conmon's own exec timeout, after ours
+REPORT_LIMIT = 1 << 20  # one JSON line from conmon (runc's error text is in it)
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,7 @@ class Created:
 @dataclass(frozen=True)
 class ExecResult:
     exit_code: int
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool
+    timed_out: bool  # the output went to the ExecOutput the caller gave
 
 
 class _SyncPipe:
@@ -127,7 +128,7 @@ class _SyncPipe:
     async def message(self) -> dict[str, Any] | None:
         """The next JSON line, or None at EOF."""
         assert self._reader is not None
-        line = await self._reader.readline()
+        line = await _report_line(self._reader)
         if not line:
             return None
         try:
@@ -149,11 +150,19 @@ class _SyncPipe:
 
 async def _pipe_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.ReadTransport]:
     """A stream over the read end `fd` (owned by the transport from now on)."""
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=REPORT_LIMIT)
     protocol = asyncio.StreamReaderProtocol(reader)
     transport, _ = await asyncio.get_running_loop().connect_read_pipe(
         lambda: protocol, os.fdopen(fd, "rb", buffering=0))
     return reader, transport
+
+
+async def _report_line(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.readline()
+    except ValueError:  # longer than REPORT_LIMIT: the runtime's error text gone wild
+        raise FailedPrecondition(f"conmon reported more than {REPORT_LIMIT} bytes at once"
+                                 ) from None
 
 
 async def read_report(fd: int, timeout: float) -> dict[str, Any] | None:
@@ -162,7 +171,7 @@ async def read_report(fd: int, timeout: float) -> dict[str, Any] | None:
     reader, transport = await _pipe_reader(fd)
     try:
         async with asyncio.timeout(timeout):
-            line = await reader.readline()
+            line = await _report_line(reader)
     finally:
         transport.close()
     if not line:
@@ -239,66 +248,51 @@ class Conmon:
         return Created(pid=pid, conmon_pid=conmon_pid)
 
     async def exec_sync(self, task_id: str, runtime: str, runtime_root: str,
-                        process: dict[str, Any], work_dir: Path, *, tty: bool,
-                        timeout: float) -> ExecResult:
+                        process: dict[str, Any], work_dir: Path, output: ExecOutput, *,
+                        tty: bool, timeout: float) -> ExecResult:
         """Run a process in the container under a foreground conmon (`--sync`), which
-        writes the output as a CRI log that we read back.
+        writes the output as a CRI log into a FIFO that fills `output`.
 
         The timeout is ours, not conmon's: conmon's own kills the process and exits without
         reaping it, leaving a zombie in the pod until the host's init gets to it. We kill
         the process group while conmon still lives, so conmon reaps it before we answer.
         conmon keeps a later timeout as a backstop in case this process dies meanwhile."""
         spec_path = work_dir / "process.json"
-        spec_path.write_text(json.dumps(process))
-        log_path = work_dir / "exec.log"
+        write_private(spec_path, json.dumps(process))  # the exec's environment
+        fifo = LogFifo(work_dir / "exec.log", output)
         argv = self._argv(
             task_id, f"{task_id}-{work_dir.name}", runtime, runtime_root,
             "--exec", "--exec-process-spec", str(spec_path),
             "--container-pidfile", str(work_dir / "exec.pid"),
-            "--log-path", f"k8s-file:{log_path}", "--sync",
+            # fsync means nothing on a FIFO (and would only be warned about).
+            "--log-path", f"k8s-file:{fifo.path}", "--no-sync-log", "--sync",
             tty=tty)
         if timeout > 0:
             argv += ["--timeout", str(math.ceil(timeout) + EXEC_BACKSTOP_SECONDS)]
         conmon_log = work_dir / CONMON_LOG
         pipe = _SyncPipe()
-        exec_pid = 0
-        timed_out = False
         proc: asyncio.subprocess.Process | None = None
         try:
             with timed("exec"):
                 proc = await _spawn(argv, conmon_log, pipe, work_dir)
-                started = await pipe.message()
-                if started is None or int(started.get("data", -1)) <= 0:
-                    await proc.wait()
-                    text = (runtime_message(str(started.get("message", ""))) if started
-                            else monitor.tail(conmon_log)) or \
-                        f"conmon exit status {proc.returncode}"
-                    raise FailedPrecondition(f"exec in {task_id} failed: {text}")
-                exec_pid = int(started["data"])
-                try:
-                    async with asyncio.timeout(timeout if timeout > 0 else None):
-                        finished = await pipe.message()
-                except TimeoutError:
-                    timed_out = True
-                    _kill_group(exec_pid)
-                    finished = await pipe.message()  # conmon reaped it
-                await proc.wait()
+                finished, timed_out = await _exec_reports(pipe, proc, task_id, conmon_log,
+                                                          timeout)
         except BaseException:
-            # Cancelled (the caller's deadline) or failed: stop the process, then conmon.
-            _kill(exec_pid)
+            # Cancelled (the caller's deadline) or failed: the exec's process was killed
+            # (_exec_reports); now conmon.
             if proc is not None and proc.returncode is None:
                 proc.kill()
                 await asyncio.shield(proc.wait())
             raise
         finally:
             pipe.close()
+            await fifo.release()  # conmon is gone: the log is complete
         if finished is None and not timed_out:
             raise Internal(f"conmon exec in {task_id} ended without an exit code: "
                            f"{monitor.tail(conmon_log) or proc.returncode}")
         finished = finished or {}
         timed_out = timed_out or finished.get("message") == TIMED_OUT_MESSAGE
-        stdout, stderr = read_cri_log(log_path)
-        return ExecResult(int(finished.get("data", -1)), stdout, stderr, timed_out)
+        return ExecResult(int(finished.get("data", -1)), timed_out)
 
     async def exec_attached(self, spec: AttachedExecSpec, process: dict[str, Any],
                             timeout: float) -> int:
@@ -309,7 +303,7 @@ class Conmon:
         read-write: whichever supervisor replica handles `exec_start` can then release it
         and read its report, and the FIFO never reads as closed while conmon lives."""
         d = spec.session_dir
-        (d / "process.json").write_text(json.dumps(process))
+        write_private(d / "process.json", json.dumps(process))  # the exec's environment
         os.mkfifo(spec.start_fifo, 0o600)
         os.mkfifo(spec.sync_fifo, 0o600)
         argv = self._argv(
@@ -354,22 +348,32 @@ class Conmon:
         return conmon_pid
 
 
-def read_cri_log(path: Path) -> tuple[bytes, bytes]:
-    """Rebuild stdout and stderr from a CRI log: F ends a line, P continues it."""
-    streams: dict[bytes, bytearray] = {b"stdout": bytearray(), b"stderr": bytearray()}
+async def _exec_reports(pipe: _SyncPipe, proc: asyncio.subprocess.Process, task_id: str,
+                        conmon_log: Path, timeout: float
+                        ) -> tuple[dict[str, Any] | None, bool]:
+    """conmon's two reports on a sync exec, its start and its exit, until conmon exits;
+    past `timeout` the process group is killed (conmon then reaps it and reports)."""
+    started = await pipe.message()
+    if started is None or int(started.get("data", -1)) <= 0:
+        await proc.wait()
+        text = (runtime_message(str(started.get("message", ""))) if started
+                else monitor.tail(conmon_log)) or f"conmon exit status {proc.returncode}"
+        raise FailedPrecondition(f"exec in {task_id} failed: {text}")
+    exec_pid = int(started["data"])
+    timed_out = False
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return b"", b""
-    for line in data.split(b"\n"):
-        parts = line.split(b" ", 3)
-        if len(parts) < 3 or parts[1] not in streams:
-            continue
-        out = streams[parts[1]]
-        out += parts[3] if len(parts) > 3 else b""
-        if parts[2] == b"F":
-            out += b"\n"
-    return bytes(streams[b"stdout"]), bytes(streams[b"stderr"])
+        try:
+            async with asyncio.timeout(timeout if timeout > 0 else None):
+                finished = await pipe.message()
+        except TimeoutError:
+            timed_out = True
+            _kill_group(exec_pid)
+            finished = await pipe.message()  # conmon reaped it
+        await proc.wait()
+    except BaseException:
+        _kill(exec_pid)
+        raise
+    return finished, timed_out
 
 
 def _open_log(path: Path) -> int:

@@ -52,10 +52,30 @@ log = structlog.get_logger("shoal.supervisor")
 # Passed in (TaskManager.record), so sessions need not know how tasks are managed.
 RecordLookup = Callable[[str], Awaitable[TaskRecord]]
 
-_EXEC_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Stricter than the message's ExecId: no leading dash, as it becomes conmon's --cuuid value.
+_EXEC_ID_RE = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z")
 PREPARE_TIMEOUT = 30.0  # conmon up to its attach socket
 START_TIMEOUT = 60.0  # `runtime exec` run and reported
 REMOVE_GRACE = 2.0  # for conmon to record the exit of a killed exec before it is killed too
+
+
+PATH_MAX = 4096  # no program has a longer path: nothing longer can be run
+MAX_ARG_STRLEN = 131072  # execve refuses a longer argument or variable (with its NUL)
+
+
+def check_command(verb: str, cmd: list[str], env: list[str]) -> None:
+    """Refuse what could never run before runc tries: runc echoes an unknown program's
+    name in its error, and conmon only reads that error once runc exits, so a name larger
+    than a pipe buffer leaves both stuck until the caller's deadline."""
+    if not cmd:
+        raise Invalid(f"{verb}: cmd is empty", details={"field": "cmd"})
+    if len(cmd[0].encode()) >= PATH_MAX:
+        raise Invalid(f"{verb}: cmd[0] is longer than a path can be ({PATH_MAX} bytes)",
+                      details={"field": "cmd"})
+    for field, values in (("cmd", cmd), ("env", env)):
+        if any(len(v.encode()) >= MAX_ARG_STRLEN for v in values):
+            raise Invalid(f"{verb}: an item of {field} is longer than execve takes "
+                          f"({MAX_ARG_STRLEN - 1} bytes)", details={"field": field})
 
 
 def exec_process(task: TaskRecord, cmd: list[str], env: list[str], tty: bool,
@@ -116,7 +136,8 @@ class ExecSessions:
 
     def _dir(self, task_id: str, exec_id: str) -> Path:
         if not _EXEC_ID_RE.match(exec_id):
-            raise Invalid(f"exec id {exec_id!r} is not valid (1-64 of A-Z a-z 0-9 _ -)")
+            raise Invalid(f"exec id {exec_id!r} is not valid (1-64 of A-Z a-z 0-9 _ -, not "
+                          "starting with -)")
         return sessions_dir(self.layout.task_dir(task_id)) / exec_id
 
     def _existing(self, task_id: str, exec_id: str) -> Path:
@@ -132,8 +153,9 @@ class ExecSessions:
         return task
 
     async def create(self, req: ExecCreateRequest, budget: float) -> ExecSession:
-        if not req.cmd:
-            raise Invalid("exec: cmd is empty")
+        check_command("exec", req.cmd, req.env)
+        if not (0 <= req.height < 65536 and 0 <= req.width < 65536):  # runc takes uint16
+            raise Invalid(f"exec: terminal size {req.width}x{req.height} is not valid")
         d = self._dir(req.id, req.exec_id)
         task = await self._running(req.id)
         conmon_path = conmon.find(self.conmon_path)
@@ -147,7 +169,7 @@ class ExecSessions:
                     and spec.attach_socket.exists()):
                 return ExecSession(exec_id=req.exec_id, attach_socket=str(spec.attach_socket))
             raise AlreadyExists(f"exec session {req.exec_id} already exists")
-        d.mkdir(parents=True)
+        d.mkdir(mode=0o700, parents=True)
         console = (req.height, req.width) if req.height > 0 and req.width > 0 else None
         process = exec_process(task, req.cmd, req.env, req.tty, console)
         try:

@@ -6,6 +6,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoal_common.fs import private_dir
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -40,10 +42,17 @@ class Layout:
     def runtime_root(self) -> Path:
         return self.run_dir / "runc"
 
+    @property
+    def output_dir(self) -> Path:
+        """Large ExecSync outputs, until their caller has read them."""
+        return self.run_dir / "exec-output"
+
     def make(self) -> None:
+        # Owner-only like the service dirs above them: only root (conmon, runc, the
+        # gateway's streaming server) needs anything in here.
         for d in (self.exit_dir, self.state_dir / "persist", self.run_dir / "tasks",
-                  self.socket_dir, self.runtime_root):
-            d.mkdir(parents=True, exist_ok=True)
+                  self.socket_dir, self.runtime_root, self.output_dir):
+            private_dir(d)
 
     def clear_task(self, task_id: str) -> None:
         """Remove the exit file, persist dir and run dir of `task_id`, whatever is left."""

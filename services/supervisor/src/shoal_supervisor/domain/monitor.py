@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,12 +97,16 @@ def _control(bundle: Path, line: str) -> None:
 def write_fifo(path: Path, data: bytes, gone: str) -> None:
     """Write to a FIFO conmon reads; FailedPrecondition(`gone`) when it has no reader."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.ENXIO, errno.ENOENT):  # no reader: conmon has exited
             raise FailedPrecondition(gone) from None
+        if exc.errno == errno.ELOOP:
+            raise FailedPrecondition(f"{path} is not a FIFO") from None
         raise
     try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):  # never write into a file put there
+            raise FailedPrecondition(f"{path} is not a FIFO")
         os.write(fd, data)
     finally:
         os.close(fd)

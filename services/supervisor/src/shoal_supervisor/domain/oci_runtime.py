@@ -16,6 +16,7 @@ from shoal_supervisor.domain.metrics import timed
 # runc reports errors as logrus lines: time="..." level=error msg="..."
 _MSG_RE = re.compile(r'\bmsg="((?:[^"\\]|\\.)*)"')
 NOT_FOUND_TEXT = "does not exist"
+MESSAGE_LIMIT = 4000
 
 
 def runtime_message(text: str) -> str:
@@ -31,7 +32,8 @@ def runtime_message(text: str) -> str:
                 messages.append(match.group(1))
         elif line.strip():
             messages.append(line.strip())
-    return "; ".join(messages) or text.strip()
+    # Bounded: it goes into error replies, and a reply over NATS' payload is never sent.
+    return ("; ".join(messages) or text.strip())[:MESSAGE_LIMIT]
 
 
 @dataclass(frozen=True)

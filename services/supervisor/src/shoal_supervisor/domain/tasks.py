@@ -31,6 +31,7 @@ from shoal_common.errors import (
     Unavailable,
 )
 from shoal_common.messages.monitor import (
+    EXEC_OUTPUT_CAP,
     ExecSyncReply,
     ExecSyncRequest,
     MonitorCreateRequest,
@@ -39,10 +40,12 @@ from shoal_common.messages.monitor import (
     TaskStats,
 )
 
-from shoal_supervisor.domain import cgroups, conmon, monitor
+from shoal_supervisor.domain import cgroups, confine, conmon, monitor
 from shoal_supervisor.domain.cgroups import Cgroup
+from shoal_supervisor.domain.confine import Roots
 from shoal_supervisor.domain.conmon import Conmon, CreateSpec
-from shoal_supervisor.domain.execs import discard_sessions, exec_process
+from shoal_supervisor.domain.exec_output import ExecOutput, ExecOutputs
+from shoal_supervisor.domain.execs import check_command, discard_sessions, exec_process
 from shoal_supervisor.domain.exits import ExitWatcher, Locks
 from shoal_supervisor.domain.layout import Layout
 from shoal_supervisor.domain.oci_runtime import OciRuntime
@@ -60,14 +63,6 @@ log = structlog.get_logger("shoal.supervisor")
 
 CREATE_TIMEOUT = 60.0  # conmon + runtime create; beyond this a create is failed
 KILL_MARGIN = 2.0  # of a stop's budget, kept for SIGKILL and the reply
-_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
-
-
-def _validate_id(task_id: str) -> None:
-    # The id names files (exit file, run dirs) and runc state: no path tricks.
-    if not task_id or len(task_id) > 255 or not set(task_id) <= _ID_OK or task_id[0] in ".-":
-        raise Invalid(f"task id {task_id!r} is not valid (letters, digits, _ . + -; at most "
-                      "255 characters)")
 
 
 def _supervisor_alive(pid: int) -> bool:
@@ -108,11 +103,14 @@ class TaskManager:
     """The task commands; owns the per-task locks, the outbox and the exit watcher."""
 
     def __init__(self, store: TaskStore, layout: Layout, conmon_path: str, publish: Publish,
-                 *, runtimes: RuntimeConfig | None = None, poll_interval: float = 1.0) -> None:
+                 roots: Roots, *, runtimes: RuntimeConfig | None = None,
+                 poll_interval: float = 1.0) -> None:
         self.store = store
         self.layout = layout
         self.conmon_path = conmon_path
+        self.roots = roots
         self.runtimes = runtimes or RuntimeConfig()
+        self.outputs = ExecOutputs(layout.output_dir)
         self._locks: Locks = defaultdict(asyncio.Lock)
         self._outbox = Outbox(store, publish)
         self.exits = ExitWatcher(store, layout, self._locks, self._outbox,
@@ -127,8 +125,10 @@ class TaskManager:
         self.exits.watch()
         await self._reconcile()
         self.exits.start_polling()
+        self.outputs.start()
 
     async def close(self) -> None:
+        await self.outputs.close()
         await self.exits.close()
 
     async def _reconcile(self) -> None:
@@ -167,7 +167,8 @@ class TaskManager:
 
     async def create(self, namespace: str, req: MonitorCreateRequest,
                      budget: float) -> TaskState:
-        bundle, runtime_path = _check_create(req, self.runtimes)
+        checked = confine.check_create(req, self.roots, self.runtimes)
+        bundle = checked.bundle
         conmon_path = conmon.find(self.conmon_path)
         async with self._locks[req.id]:
             existing = await self.store.get(req.id)
@@ -183,9 +184,9 @@ class TaskManager:
                     return (await self.record(req.id)).to_state()
             task = TaskRecord(
                 id=req.id, uid=uuid.uuid4().hex, namespace=namespace, state=CREATING,
-                bundle=str(bundle), runtime=runtime_path,
-                runtime_root=req.runtime_root or str(self.layout.runtime_root),
-                log_path=req.log_path, tty=req.tty, stdin=req.stdin,
+                bundle=str(bundle), runtime=checked.runtime,
+                runtime_root=checked.runtime_root or str(self.layout.runtime_root),
+                log_path=checked.log_path, tty=req.tty, stdin=req.stdin,
                 stdin_once=req.stdin_once, sandbox_id=req.sandbox_id,
                 cgroup_path=req.cgroup_path, labels=dict(req.labels), created_at=time.time(),
                 owner_pid=os.getpid())
@@ -223,11 +224,10 @@ class TaskManager:
 
     def _prepare_files(self, task: TaskRecord) -> None:
         # Leftovers of an earlier task with this id would read as this one's exit or OOM.
+        # The log's directory is the CRI's to make (kubelet does): none is made here.
         self.layout.clear_task(task.id)
-        self.layout.persist_dir(task.id).mkdir(parents=True)
-        self.layout.task_dir(task.id).mkdir(parents=True)
-        if task.log_path:
-            Path(task.log_path).parent.mkdir(parents=True, exist_ok=True)
+        self.layout.persist_dir(task.id).mkdir(mode=0o700)
+        self.layout.task_dir(task.id).mkdir(mode=0o700)
 
     async def _resume_create(self, task: TaskRecord) -> bool:
         """A create its supervisor did not finish: adopt the container if conmon made it,
@@ -371,25 +371,27 @@ class TaskManager:
                 path.unlink(missing_ok=True)
 
     async def exec_sync(self, req: ExecSyncRequest) -> ExecSyncReply:
-        if not req.cmd:
-            raise Invalid("exec_sync: cmd is empty")
+        check_command("exec_sync", req.cmd, req.env)
         task = await self.record(req.id)
         if task.state != RUNNING:
             raise FailedPrecondition(f"task {req.id} is not running ({task.state})")
         conmon_path = conmon.find(self.conmon_path)
         process = exec_process(task, req.cmd, req.env, req.tty)
         work_dir = self.layout.task_dir(task.id) / f"exec-{uuid.uuid4().hex[:12]}"
-        work_dir.mkdir(parents=True)
+        work_dir.mkdir(mode=0o700)
+        output = self.outputs.new()
         try:
             result = await Conmon(conmon_path).exec_sync(
-                task.id, task.runtime, task.runtime_root, process, work_dir, tty=req.tty,
-                timeout=req.timeout)
+                task.id, task.runtime, task.runtime_root, process, work_dir, output,
+                tty=req.tty, timeout=req.timeout)
+            if result.timed_out:
+                raise DeadlineExceeded(f"exec in {req.id} timed out after {req.timeout:g}s")
+        except BaseException:
+            output.discard()
+            raise
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
-        if result.timed_out:
-            raise DeadlineExceeded(f"exec in {req.id} timed out after {req.timeout:g}s")
-        return ExecSyncReply(exit_code=result.exit_code, stdout=result.stdout,
-                             stderr=result.stderr)
+        return _exec_reply(req.id, result.exit_code, output)
 
     async def update(self, task_id: str, resources: Resources) -> TaskState:
         task = await self.record(task_id)
@@ -435,24 +437,12 @@ class TaskManager:
         return task.to_state()
 
 
-def _check_create(req: MonitorCreateRequest, runtimes: RuntimeConfig) -> tuple[Path, str]:
-    """The bundle and the resolved runtime binary of a create request, or why not. Only
-    configured runtimes run: the message names a handler, never a binary."""
-    _validate_id(req.id)
-    bundle = Path(req.bundle)
-    if not bundle.is_absolute():
-        raise Invalid(f"bundle {req.bundle!r} is not an absolute path")
-    if not (bundle / "config.json").is_file():
-        raise Invalid(f"bundle {bundle} has no config.json")
-    if req.log_path and not Path(req.log_path).is_absolute():
-        raise Invalid(f"log_path {req.log_path!r} is not an absolute path")
-    try:
-        binary = runtimes.binary(req.runtime_handler)
-    except KeyError:
-        raise Invalid(f"runtime_handler {req.runtime_handler!r} is not configured (known: "
-                      f"{', '.join(runtimes.names())})") from None
-    runtime_path = shutil.which(binary)
-    if runtime_path is None:
-        raise FailedPrecondition(f"OCI runtime {binary!r} (handler "
-                                 f"{req.runtime_handler or 'runc'}) not found")
-    return bundle, runtime_path
+def _exec_reply(task_id: str, exit_code: int, output: ExecOutput) -> ExecSyncReply:
+    """The reply carries each stream whole, or its head and the id to read the rest."""
+    if output.truncated:
+        log.warning("exec output truncated", task=task_id, cap=EXEC_OUTPUT_CAP,
+                    stdout_dropped=output.stdout.dropped, stderr_dropped=output.stderr.dropped)
+    return ExecSyncReply(
+        exit_code=exit_code, stdout=bytes(output.stdout.head), stderr=bytes(output.stderr.head),
+        output_id=output.id if output.in_files else "", stdout_size=output.stdout.size,
+        stderr_size=output.stderr.size, truncated=output.truncated)
