@@ -6,6 +6,7 @@ which owns it, so a restarted gateway never reports stale state."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,14 @@ class ContainerRecord:
     state: str = "created"  # or "creating": recorded, not made yet
 
 
+_ID_PREFIX = re.compile(r"[0-9a-f]{1,64}")
+
+
+def _shown(text: str) -> str:
+    """An id as an error message may quote it: bounded, control characters escaped."""
+    return repr(text[:80] + ("..." if len(text) > 80 else ""))
+
+
 def _pod(row: sqlite3.Row) -> PodRecord:
     d = dict(row)
     for key in ("labels", "annotations", "additional_ips"):
@@ -141,11 +150,19 @@ class Metadata:
 
     async def pod(self, pod_id: str) -> PodRecord:
         """By full id or unique prefix (crictl passes short ids)."""
-        rows = await self.db.run(lambda c: c.execute(
-            "SELECT * FROM pods WHERE id LIKE ? LIMIT 2", (f"{pod_id}%",)).fetchall())
-        if len(rows) != 1 or not pod_id:
-            raise NotFound(f"pod sandbox {pod_id!r} not found")
+        rows = await self._by_prefix("pods", pod_id)
+        if len(rows) != 1:
+            raise NotFound(f"pod sandbox {_shown(pod_id)} not found")
         return _pod(rows[0])
+
+    async def _by_prefix(self, table: str, prefix: str) -> list[sqlite3.Row]:
+        """At most two rows whose id starts with `prefix`. Ids are 64 hex characters: any
+        other prefix names nothing (and a LIKE pattern would read `%`/`_` as wildcards)."""
+        if not _ID_PREFIX.fullmatch(prefix):
+            return []
+        return await self.db.run(lambda c: c.execute(
+            f"SELECT * FROM {table} WHERE substr(id, 1, ?) = ? LIMIT 2",
+            (len(prefix), prefix)).fetchall())
 
     async def pod_named(self, namespace: str, name: str, uid: str, attempt: int
                         ) -> PodRecord | None:
@@ -206,10 +223,9 @@ class Metadata:
         await self.db.transaction(tx)
 
     async def container(self, container_id: str) -> ContainerRecord:
-        rows = await self.db.run(lambda c: c.execute(
-            "SELECT * FROM containers WHERE id LIKE ? LIMIT 2", (f"{container_id}%",)).fetchall())
-        if len(rows) != 1 or not container_id:
-            raise NotFound(f"container {container_id!r} not found")
+        rows = await self._by_prefix("containers", container_id)
+        if len(rows) != 1:
+            raise NotFound(f"container {_shown(container_id)} not found")
         return _ctr(rows[0])
 
     async def containers(self, pod_id: str | None = None) -> list[ContainerRecord]:
