@@ -229,7 +229,7 @@ async def test_unsafe_layer_is_refused_and_thrown_away(domain: Domain, tmp_path:
     assert "../outside/passwd" in err.value.message and "evil:latest" in err.value.message
     assert err.value.details["entry"] == "../outside/passwd"
     assert (outside / "passwd").read_text() == "root"
-    snaps = await domain.snapshots.list()
+    snaps = await domain.snapshots.list_snapshots()
     assert [(s.key, s.kind) for s in snaps] == [(good.diff_id, "committed")]
     assert sorted(p.name for p in (domain.root / "snapshots").iterdir()) == ["1"]
     assert not mounted_paths(domain.root)
@@ -242,7 +242,7 @@ async def test_wrong_diff_id_is_refused(domain: Domain) -> None:
                     chain_id="sha256:" + "0" * 64, size=layer.size, media_type=layer.media_type)
     with pytest.raises(Invalid, match="diff ID"):
         await domain.images.unpack(NS, "img", [bad], FakeContent([layer]))
-    assert await domain.snapshots.list() == []
+    assert await domain.snapshots.list_snapshots() == []
     wrong_chain = LayerInfo(digest=layer.digest, diff_id=layer.diff_id,
                             chain_id="sha256:" + "1" * 64, size=layer.size,
                             media_type=layer.media_type)
@@ -259,7 +259,7 @@ async def test_missing_content_and_corrupt_blob(domain: Domain) -> None:
     content.blobs[layer.digest] = layer.blob[:-20] + b"\0" * 20  # same size, broken gzip
     with pytest.raises(Invalid):
         await domain.unpack("img", [layer], content)
-    assert await domain.snapshots.list() == []
+    assert await domain.snapshots.list_snapshots() == []
 
 
 @by_driver
@@ -272,7 +272,7 @@ async def test_cancelled_unpack_leaves_nothing(domain: Domain) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await domain.snapshots.list() == []
+    assert await domain.snapshots.list_snapshots() == []
     assert list((domain.root / "snapshots").iterdir()) == []
     content.delay = 0
     assert (await domain.unpack("img", [big], content)).unpacked == 1
@@ -369,10 +369,10 @@ async def test_snapshot_api_semantics(domain: Domain) -> None:
         await s.commit("layer1", "c2", {})
     with pytest.raises(FailedPrecondition):
         await s.remove("layer1", NS)  # has children
-    assert {x.key for x in await s.list(parent="layer1")} == {"c2", "v1"}
-    assert [x.key for x in await s.list(kind="committed")] == ["layer1"]
+    assert {x.key for x in await s.list_snapshots(parent="layer1")} == {"c2", "v1"}
+    assert [x.key for x in await s.list_snapshots(kind="committed")] == ["layer1"]
     with pytest.raises(Invalid):
-        await s.list(kind="bogus")
+        await s.list_snapshots(kind="bogus")
     info = await s.stat("c2")
     assert (info.kind, info.parent) == ("active", "layer1")
     usage = await s.usage("layer1")
@@ -438,15 +438,15 @@ async def test_layers_go_with_their_last_image(tmp_path: Path) -> None:
         assert await d.images.delete(NS, "b:1", seq=6) == []
         # ...until the container's snapshot goes.
         await d.snapshots.remove("ctr", NS)
-        assert await d.snapshots.list() == []
+        assert await d.snapshots.list_snapshots() == []
         assert d.committed(SnapshotRemoved) == [chain_a[1], chain_b[1], chain_b[0]]
         # A late redelivery of b's create (older than its delete) changes nothing.
         assert await d.unpack("b:1", [base, b_top], seq=3) is None
-        assert await d.snapshots.list() == []
+        assert await d.snapshots.list_snapshots() == []
         # An update re-points a name: the layers only the old version used go.
         await d.unpack("c:1", [base, a_top], seq=10)
         await d.unpack("c:1", [base, b_top], seq=11)
-        assert {s.key for s in await d.snapshots.list()} == set(chain_b)
+        assert {s.key for s in await d.snapshots.list_snapshots()} == set(chain_b)
 
 
 # -- crash cleanup --------------------------------------------------------------------------
@@ -479,7 +479,7 @@ async def test_startup_cleanup_after_a_crash(domain: Domain) -> None:
         await domain.snapshots.cleanup(domain.locks, NS)
     finally:
         domain.locks.release(fd)
-    assert {s.key for s in await domain.snapshots.list()} == {base.diff_id, "unpack/live"}
+    assert {s.key for s in await domain.snapshots.list_snapshots()} == {base.diff_id, "unpack/live"}
     assert sorted(p.name for p in (domain.root / "snapshots").iterdir()) == ["1", str(live.id)]
     assert list((domain.root / "trash").iterdir()) == []
     assert not mounted_paths(domain.root)
@@ -504,7 +504,7 @@ def reapplied() -> float:
 
 
 async def committed_parents(d: Domain) -> dict[str, str]:
-    return {s.key: s.parent for s in await d.snapshots.list(kind="committed")}
+    return {s.key: s.parent for s in await d.snapshots.list_snapshots(kind="committed")}
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
@@ -520,7 +520,7 @@ async def test_parallel_unpack_matches_sequential_and_native(tmp_path: Path, ima
             chains = chain_ids([x.diff_id for x in layers])
             assert await committed_parents(d) == dict(zip(chains, ["", *chains[:-1]],
                                                           strict=True))
-            assert await d.snapshots.list(kind="active") == []
+            assert await d.snapshots.list_snapshots(kind="active") == []
     assert trees["parallel"] == trees["native"]  # layers applied in worker processes
     assert trees["sequential"] == trees["native"]  # in threads
 
@@ -581,7 +581,7 @@ async def test_hardlinks_to_lower_layers_fall_back(tmp_path: Path) -> None:
         with pytest.raises(Invalid) as err:
             await d.unpack("bad", [layers[0], bad])
         assert err.value.details["entry"] == "h"
-        assert await d.snapshots.list(kind="active") == []
+        assert await d.snapshots.list_snapshots(kind="active") == []
 
 
 @by_driver
@@ -623,13 +623,13 @@ async def test_layers_apply_at_once_and_commit_in_chain_order(tmp_path: Path) ->
         # The layers above are read to the end while the bottom one cannot start...
         await eventually(lambda: all(content.full_reads(x) >= 1 for x in layers[1:]),
                          what="upper layers read")
-        actives = await d.snapshots.list(kind="active")
+        actives = await d.snapshots.list_snapshots(kind="active")
         assert sorted(s.labels[LABEL_UNPACK] for s in actives) == sorted(chains)
         assert all(s.parent == "" for s in actives)  # prepared before their parents exist
         await asyncio.sleep(0.2)
         # ...and none is committed before the layer below it.
         assert d.committed(SnapshotCommitted) == []
-        assert await d.snapshots.list(kind="committed") == []
+        assert await d.snapshots.list_snapshots(kind="committed") == []
         content.gate.set()
         reply = await task
         assert reply.unpacked == 4
@@ -651,7 +651,7 @@ async def test_a_failing_layer_stops_those_above_and_keeps_those_below(
         assert err.value.details["entry"] == "../etc/shoal-owned"
         chains = chain_ids([x.diff_id for x in layers])
         assert d.committed(SnapshotCommitted) == chains[:2]
-        assert [(s.key, s.kind) for s in await d.snapshots.list()] == [
+        assert [(s.key, s.kind) for s in await d.snapshots.list_snapshots()] == [
             (c, "committed") for c in chains[:2]]
         assert len(list((d.root / "snapshots").iterdir())) == 2
         assert not Path("/etc/shoal-owned").exists()
@@ -668,12 +668,12 @@ async def test_cancelled_parallel_unpack_leaves_only_whole_layers(tmp_path: Path
         task = asyncio.create_task(d.unpack("img", layers, content))
         await eventually(lambda: all(content.reads[x.digest] for x in layers),
                          what="every layer being read")
-        assert len(await d.snapshots.list(kind="active")) == 4
+        assert len(await d.snapshots.list_snapshots(kind="active")) == 4
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await d.snapshots.list(kind="active") == []
-        committed = [s.key for s in await d.snapshots.list(kind="committed")]
+        assert await d.snapshots.list_snapshots(kind="active") == []
+        committed = [s.key for s in await d.snapshots.list_snapshots(kind="committed")]
         chains = chain_ids([x.diff_id for x in layers])
         assert committed == chains[:len(committed)]
         assert len(list((d.root / "snapshots").iterdir())) == len(committed)
@@ -702,5 +702,5 @@ async def test_worker_process_errors_map_like_thread_errors(tmp_path: Path) -> N
         with pytest.raises(Invalid) as err:
             await d.unpack("evil", [evil])
         assert err.value.details["entry"] == "../etc/x"
-        assert await d.snapshots.list() == []
+        assert await d.snapshots.list_snapshots() == []
         assert not workers_alive(d.root)

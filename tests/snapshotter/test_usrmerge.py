@@ -136,7 +136,7 @@ async def test_usrmerge_image_gives_containerds_tree_on_every_path(
             reply = await d.unpack("usrmerge", layers)
             assert reply.unpacked == 3, name
             got = await d.tree_of(reply.chain_id)
-            assert await d.snapshots.list(kind="active") == []
+            assert await d.snapshots.list_snapshots(kind="active") == []
         del got["."]
         assert got == want, name
         # Parallel: the top layer goes through the base layer's symlinks, so it is applied

@@ -166,9 +166,10 @@ class Bus:
                 await self.nc.connect(
                     servers=cfg.url.split(","),
                     name=f"shoal-{self.service}-{self.replica}", **auth,
-                    connect_timeout=self.config.nats.connect_timeout,
+                    # nats-py annotates both as int but uses them as float seconds.
+                    connect_timeout=self.config.nats.connect_timeout,  # type: ignore[arg-type]
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]
                     allow_reconnect=True,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,

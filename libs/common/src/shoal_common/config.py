@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -140,8 +140,10 @@ def services_type() -> type[_Section]:
     """The `services` table: one field per registered section."""
     fields = [(key, cls, msgspec.field(default_factory=cls))
               for key, cls in sorted(_sections().items())]
-    return msgspec.defstruct("ServicesConfig", fields, bases=(_Section,), kw_only=True,
-                             forbid_unknown_fields=True, module=__name__)
+    # defstruct is typed as returning type[Struct]; with bases=(_Section,) it is a _Section.
+    return cast("type[_Section]",
+                msgspec.defstruct("ServicesConfig", fields, bases=(_Section,), kw_only=True,
+                                  forbid_unknown_fields=True, module=__name__))
 
 
 def _default_services() -> Any:
@@ -193,7 +195,7 @@ class Config(_Section):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     def service(self, name: str) -> ServiceConfig:
-        return getattr(self.services, name.replace("-", "_"))  # type: ignore[no-any-return]
+        return getattr(self.services, name.replace("-", "_"))
 
     def section(self, cls: type[S]) -> S:
         """A service's own section, typed: `config.section(PullerConfig)`."""
@@ -378,4 +380,4 @@ def _unknown_key(error: msgspec.ValidationError) -> str:
 
 
 def to_toml_dict(cfg: Config) -> dict[str, Any]:
-    return msgspec.to_builtins(cfg)  # type: ignore[no-any-return]
+    return msgspec.to_builtins(cfg)

@@ -51,4 +51,4 @@ def configure_logging(cfg: LogConfig, **static: str) -> None:
 
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name) if name else structlog.get_logger()  # type: ignore[no-any-return]
+    return structlog.get_logger(name) if name else structlog.get_logger()

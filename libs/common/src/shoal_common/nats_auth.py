@@ -68,7 +68,7 @@ def server_config(*, listen_host: str, port: int, store_dir: str, server_name: s
     if tls_cert and tls_key:
         conf["tls"] = {"cert_file": tls_cert, "key_file": tls_key}
     if passwords is not None:
-        users = [{"user": ADMIN, "password": passwords[ADMIN]}]  # everything
+        users: list[dict[str, Any]] = [{"user": ADMIN, "password": passwords[ADMIN]}]  # everything
         users += [{"user": u, "password": passwords[u], "permissions": _perms(node, stream, u)}
                   for u in SERVICE_USERS]
         conf["authorization"] = {"users": users}

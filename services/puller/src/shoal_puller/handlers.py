@@ -43,7 +43,7 @@ async def get(ctx: Ctx, req: ImageGetRequest) -> ImageInfo:
 
 @router.command("list")
 async def list_images(ctx: Ctx, req: ImageListRequest) -> ImageListReply:
-    return ImageListReply(images=await ctx.app.catalog.list(ctx.namespace, req.ref,
+    return ImageListReply(images=await ctx.app.catalog.list_images(ctx.namespace, req.ref,
                                                                req.with_config))
 
 

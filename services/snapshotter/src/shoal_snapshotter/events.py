@@ -25,8 +25,9 @@ is_permanent = permanent_by_default
 def image_event_handler(images: Images, bus: Bus) -> Handler:
     async def handle(d: Delivery) -> None:
         if d.topic in (ImageCreate.TOPIC, ImageUpdate.TOPIC):
-            event = codec.decode(d.data, ImageCreate if d.topic == ImageCreate.TOPIC
-                                 else ImageUpdate)
+            typ: type[ImageCreate | ImageUpdate] = \
+                ImageCreate if d.topic == ImageCreate.TOPIC else ImageUpdate
+            event = codec.decode(d.data, typ)
             reply = await images.unpack(d.namespace, event.name, event.layers,
                                         BusContent(bus, d.namespace), seq=d.seq)
             if reply is not None:

@@ -72,7 +72,7 @@ async def usage(ctx: Ctx, req: SnapshotKeyRequest) -> SnapshotUsage:
 
 @router.command("list")
 async def list_snapshots(ctx: Ctx, req: SnapshotListRequest) -> SnapshotListReply:
-    return SnapshotListReply(snapshots=await ctx.app.snapshots.list(req.parent, req.kind))
+    return SnapshotListReply(snapshots=await ctx.app.snapshots.list_snapshots(req.parent, req.kind))
 
 
 @router.command("unpack")

@@ -55,9 +55,9 @@ class Catalog:
             info.config = self.content.read(info.id)
         return info
 
-    async def list(self, namespace: str, ref: str, with_config: bool) -> list[ImageInfo]:
+    async def list_images(self, namespace: str, ref: str, with_config: bool) -> list[ImageInfo]:
         if not ref:
-            infos = await self.images.list(namespace)
+            infos = await self.images.list_images(namespace)
         else:
             try:
                 infos = [await self.images.info(namespace, await self.resolve(namespace, ref))]

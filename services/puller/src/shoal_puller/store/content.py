@@ -19,7 +19,7 @@ import fcntl
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +96,7 @@ class Writer:
         """Append; short writes are completed (disk writes of one chunk are brief)."""
         self.write_chunks([chunk])
 
-    def write_chunks(self, chunks: list[bytes | bytearray]) -> None:
+    def write_chunks(self, chunks: Sequence[bytes | bytearray]) -> None:
         """Append the chunks in order with writev (no joining copy), hashing each."""
         assert self._hash is not None
         total = sum(len(c) for c in chunks)

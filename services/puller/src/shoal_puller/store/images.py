@@ -208,7 +208,7 @@ class ImageStore:
             raise NotFound(f"image {config_digest} not found")
         return images[0]
 
-    async def list(self, namespace: str, names: list[str] | None = None) -> list[ImageInfo]:
+    async def list_images(self, namespace: str, names: list[str] | None = None) -> list[ImageInfo]:
         if names is None:
             return await self._infos(namespace, "1", ())
         marks = ",".join("?" * len(names))

@@ -16,7 +16,7 @@ import io
 import os
 import stat
 from pathlib import PurePosixPath
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from shoal_common.bus import Bus
 from shoal_common.clients import ImagesClient
@@ -90,6 +90,10 @@ class Prefetcher:
         self._pending.clear()
 
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer is 3.12+
+
+
 class ThreadReader(io.RawIOBase):
     """A blocking, readable stream over a Prefetcher, for use off the event loop only."""
 
@@ -112,7 +116,9 @@ class ThreadReader(io.RawIOBase):
         if self._current is not None:
             self._current.cancel()
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, b: Buffer) -> int:
+        # io.RawIOBase.read passes a bytearray; io.BufferedReader, a memoryview.
+        assert isinstance(b, (bytearray, memoryview))
         while not self._buf:
             if self._eof:
                 return 0
@@ -178,7 +184,7 @@ class LocalReader(io.RawIOBase):
     def abort(self) -> None:
         self._aborted = True
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, b: Buffer) -> int:
         if self._aborted:
             raise Internal("layer read aborted")
         return self._file.readinto(b) or 0

@@ -222,7 +222,7 @@ class Unpacker:
 
     async def _remove_dead_attempts(self, chain: str) -> None:
         # We hold the chain's lock, so any unpack snapshot for it belongs to a dead attempt.
-        for snap in await self.snapshots.list(kind="active"):
+        for snap in await self.snapshots.list_snapshots(kind="active"):
             if snap.labels.get(LABEL_UNPACK) == chain:
                 row = await self.snapshots.find(snap.key)
                 if row is not None:
@@ -379,7 +379,7 @@ class Unpacker:
         kind, value = pickle.loads(out)  # our own child's answer
         if kind == "error":
             raise value
-        return value  # type: ignore[no-any-return]
+        return value
 
 
 def _check_diff_id(image: str, layer: LayerInfo, diff_id: str) -> None:

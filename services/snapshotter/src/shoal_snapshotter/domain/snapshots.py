@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
+import functools
 import os
 import sqlite3
 import time
@@ -20,7 +22,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
-from shoal_common.errors import AlreadyExists, FailedPrecondition, Invalid, NotFound, ShoalError
+from shoal_common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    Invalid,
+    NotFound,
+    ShoalError,
+)
 from shoal_common.messages import Event
 from shoal_common.messages.snapshots import (
     Mount,
@@ -31,7 +40,7 @@ from shoal_common.messages.snapshots import (
 from shoal_common.sqlite import Database
 
 from shoal_snapshotter.domain import mounts as sysmount
-from shoal_snapshotter.domain.drivers import Driver, fs_dir
+from shoal_snapshotter.domain.drivers import Driver, fs_dir, mnt_dir
 from shoal_snapshotter.domain.fsutil import disk_usage, remove_dir
 from shoal_snapshotter.domain.locks import ChainLocks
 from shoal_snapshotter.store import metadata as md
@@ -46,6 +55,11 @@ LABEL_UNPACK = "shoal/unpack"
 # automatically once no image references them.
 LABEL_LAYER = "shoal/layer"
 _RESERVED = (LABEL_UNPACK, LABEL_LAYER)
+# On a view, set by its caller: the snapshotter mounts the view itself, at the view's own
+# `mnt/`, and answers one read-only bind of that directory, where the driver's mounts would
+# be an overlay of several layers. For callers that need a directory (the gateway's image
+# volumes, which the executor binds into containers). Removing the view unmounts it.
+LABEL_MOUNTED_VIEW = "shoal/mounted-view"
 MAX_KEY = 4096
 
 Publish = Callable[[Event, str], Awaitable[None]]
@@ -114,7 +128,7 @@ class Snapshots:
         _check_key(key)
         return info(await self.get(key))
 
-    async def list(self, parent: str = "", kind: str = "") -> list[SnapshotInfo]:
+    async def list_snapshots(self, parent: str = "", kind: str = "") -> list[SnapshotInfo]:
         if kind and kind not in md.KINDS:
             raise Invalid(f"kind {kind!r} is not one of {', '.join(md.KINDS)}")
         rows = await self.db.run(lambda c: md.list_rows(c, parent=parent, kind=kind))
@@ -137,7 +151,7 @@ class Snapshots:
 
     async def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         row, parents = await self.create(key, parent, "view", _user_labels(labels))
-        return self._mounts(row, parents)
+        return await self._view_mounts(row, parents)
 
     async def create(self, key: str, parent: str, kind: Kind,
                      labels: dict[str, str]) -> tuple[SnapshotRow, list[SnapshotRow]]:
@@ -219,7 +233,37 @@ class Snapshots:
                                      "snapshot prepared on it")
         parents = await self.db.run(lambda c: md.ancestors(c, row.parent_id))
         await self._ensure_dir(row, parents)
-        return self._mounts(row, parents)
+        return await self._view_mounts(row, parents)
+
+    async def _view_mounts(self, row: SnapshotRow, parents: list[SnapshotRow]) -> list[Mount]:
+        """The driver's mounts, or for a view labelled LABEL_MOUNTED_VIEW whose mounts are
+        not already one directory: a bind of the view mounted at its `mnt/`."""
+        mounts = self._mounts(row, parents)
+        if (row.kind != "view" or LABEL_MOUNTED_VIEW not in row.labels
+                or (len(mounts) == 1 and mounts[0].type == "bind")):
+            return mounts
+        try:
+            target = await asyncio.to_thread(self._mount_view, self.snap_dir(row.id),
+                                             mounts[0])
+        except OSError as exc:
+            raise Internal(f"mounting view {row.key}: {exc}") from None
+        return [Mount(type="bind", source=str(target), options=["rbind", "ro"])]
+
+    @staticmethod
+    def _mount_view(snap_dir: Path, overlay: Mount) -> Path:
+        target = mnt_dir(snap_dir)
+        fd = os.open(snap_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # Replicas asked for the same view at once: one mounts, the others find it
+            # mounted (two stacked mounts would outlive one unmount).
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            target.mkdir(mode=0o700, exist_ok=True)
+            if os.path.realpath(target) not in sysmount.mounts_under(target):
+                sysmount.mount(overlay.source, target, overlay.type, list(overlay.options),
+                               sysmount.MS_RDONLY)
+        finally:
+            os.close(fd)
+        return target
 
     # -- commit / remove -----------------------------------------------------------------
 
@@ -326,7 +370,7 @@ class Snapshots:
         todo = list(dict.fromkeys(chains))
         while todo:
             chain = todo.pop(0)
-            row = await self.db.transaction(lambda c, chain=chain: txn(c, chain))
+            row = await self.db.transaction(functools.partial(txn, chain=chain))
             if row is None:
                 continue
             await self.discard_dir(row.id)

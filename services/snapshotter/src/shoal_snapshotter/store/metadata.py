@@ -158,7 +158,7 @@ def ids(conn: sqlite3.Connection) -> set[int]:
 
 
 def count_by_kind(conn: sqlite3.Connection) -> dict[str, int]:
-    counts = dict.fromkeys(KINDS, 0)
+    counts: dict[str, int] = dict.fromkeys(KINDS, 0)
     for kind, n in conn.execute("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind"):
         counts[kind] = n
     return counts

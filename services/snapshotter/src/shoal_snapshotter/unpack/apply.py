@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import structlog
 
-from .compression import open_decompressed
+from .compression import Readable, open_decompressed
 from .errors import LayerFormatError, LowerLayerNeeded, UnsafeLayerError
 from .resolve import resolve
 from .safe_fs import (
@@ -63,7 +63,7 @@ class ApplyResult:
 
 
 def apply_layer(
-    stream: BinaryIO,
+    stream: Readable,
     root: str | os.PathLike[str],
     *,
     whiteouts: Whiteouts,
@@ -98,10 +98,13 @@ class _StrictTarInfo(tarfile.TarInfo):
     """tarfile takes a corrupt header after the first as a silent end of archive; refuse it."""
 
     @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> _StrictTarInfo:
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> _StrictTarInfo:
         try:
             return super().frombuf(buf, encoding, errors)
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
+        # Both exist (HeaderError subclasses) but typeshed omits them; HeaderError itself
+        # would also catch EOFHeaderError/EmptyHeaderError, which end the archive.
+        except (tarfile.InvalidHeaderError,  # type: ignore[attr-defined]
+                tarfile.TruncatedHeaderError) as e:  # type: ignore[attr-defined]
             raise LayerFormatError(f"corrupt tar header: {e}") from e
 
 
@@ -143,7 +146,7 @@ class _Applier:
                 if member is None:
                     break
                 # Streaming: nothing needs earlier headers, so don't keep them all in memory.
-                tar.members.clear()
+                tar.members.clear()  # type: ignore[attr-defined]  # undocumented, not in typeshed
                 self.result.entries += 1
                 try:
                     self._apply(tar, member)

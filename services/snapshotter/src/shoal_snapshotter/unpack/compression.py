@@ -5,21 +5,26 @@ from __future__ import annotations
 import gzip
 import io
 import zlib
-from typing import BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 from .errors import LayerFormatError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer is 3.12+
 
 try:
     # ISA-L's inflate (python-isal) reads the same gzip streams in well under half the CPU
     # time of zlib's (2.3x on the benchmark's layers; docs/benchmarks.md).
-    from isal import igzip as _gzip
+    from isal import igzip
     from isal import isal_zlib as _zlib
 
+    _GzipFile: type[gzip.GzipFile] = igzip.GzipFile  # a gzip.GzipFile subclass
     GZIP_INFLATER = "isal"
     _GZIP_ERRORS: tuple[type[BaseException], ...] = (
-        EOFError, zlib.error, _zlib.error, gzip.BadGzipFile)
+        # isal's stub declares `error: Exception`; it is the exception class IsalError.
+        EOFError, zlib.error, cast("type[Exception]", _zlib.error), gzip.BadGzipFile)
 except ImportError:  # pragma: no cover - isal is a dependency, but zlib always works
-    _gzip = gzip  # type: ignore[assignment]
+    _GzipFile = gzip.GzipFile
     GZIP_INFLATER = "zlib"
     _GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
@@ -41,18 +46,21 @@ _ALIASES = {
 _BUFFER = 1 << 16
 
 
-class _Readable(Protocol):
+class Readable(Protocol):
+    """What a layer is read from: BinaryIO, or a blocking io.RawIOBase (whose read() never
+    returns None, which only non-blocking streams do)."""
+
     def read(self, size: int = -1, /) -> bytes | None: ...
 
 
-def open_decompressed(stream: BinaryIO, compression: str | None = None) -> BinaryIO:
+def open_decompressed(stream: Readable, compression: str | None = None) -> BinaryIO:
     """Wrap `stream` in a reader yielding the tar bytes.
 
     `compression` is "gzip", "zstd", "none" (or an alias), or None to sniff the magic bytes.
     Decompression errors, including truncation, surface as LayerFormatError from read().
     The caller's stream is never closed.
     """
-    source: _Readable
+    source: Readable
     if compression is None:
         head = _read_upto(stream, 4)
         source = _Prefixed(head, stream)
@@ -74,7 +82,7 @@ def open_decompressed(stream: BinaryIO, compression: str | None = None) -> Binar
         source = stream
 
     if kind == "gzip":
-        inner: _Readable = _gzip.GzipFile(fileobj=cast(BinaryIO, source), mode="rb")
+        inner: Readable = _GzipFile(fileobj=cast(BinaryIO, source), mode="rb")
         errors: tuple[type[BaseException], ...] = _GZIP_ERRORS
     elif kind == "zstd":
         inner, errors = _open_zstd(source)
@@ -83,7 +91,7 @@ def open_decompressed(stream: BinaryIO, compression: str | None = None) -> Binar
     return cast(BinaryIO, io.BufferedReader(_Guarded(inner, errors, kind), _BUFFER))
 
 
-def _read_upto(stream: BinaryIO, n: int) -> bytes:
+def _read_upto(stream: Readable, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         chunk = stream.read(n - len(buf))
@@ -93,7 +101,7 @@ def _read_upto(stream: BinaryIO, n: int) -> bytes:
     return buf
 
 
-def _open_zstd(source: _Readable) -> tuple[_Readable, tuple[type[BaseException], ...]]:
+def _open_zstd(source: Readable) -> tuple[Readable, tuple[type[BaseException], ...]]:
     try:
         import zstandard
     except ImportError:
@@ -101,8 +109,9 @@ def _open_zstd(source: _Readable) -> tuple[_Readable, tuple[type[BaseException],
             "zstd-compressed layer, but the 'zstandard' package is not installed"
         ) from None
     tracked = _ZstdTracked(source)
+    # zstandard's stub wants IO[bytes]; stream_reader only needs a read() method.
     reader = zstandard.ZstdDecompressor().stream_reader(
-        tracked, read_across_frames=True, closefd=False
+        tracked, read_across_frames=True, closefd=False  # type: ignore[arg-type]
     )
     return reader, (zstandard.ZstdError,)
 
@@ -110,7 +119,7 @@ def _open_zstd(source: _Readable) -> tuple[_Readable, tuple[type[BaseException],
 class _Prefixed(io.RawIOBase):
     """Replays the sniffed magic bytes, then the rest of the source."""
 
-    def __init__(self, prefix: bytes, source: BinaryIO) -> None:
+    def __init__(self, prefix: bytes, source: Readable) -> None:
         super().__init__()
         self._prefix = prefix
         self._source = source
@@ -121,13 +130,19 @@ class _Prefixed(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         if self._prefix:
             if size is None or size < 0:
-                data, self._prefix = self._prefix + self._source.read(), b""
+                rest = self._source.read()
+                assert rest is not None  # a blocking source (see Readable)
+                data, self._prefix = self._prefix + rest, b""
                 return data
             data, self._prefix = self._prefix[:size], self._prefix[size:]
             return data
-        return self._source.read(-1 if size is None else size)
+        chunk = self._source.read(-1 if size is None else size)
+        assert chunk is not None  # a blocking source (see Readable)
+        return chunk
 
-    def readinto(self, b: bytearray | memoryview) -> int:
+    def readinto(self, b: Buffer) -> int:
+        # io.BufferedReader passes a memoryview; direct callers, a bytearray.
+        assert isinstance(b, (bytearray, memoryview))
         data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
@@ -137,7 +152,7 @@ class _Guarded(io.RawIOBase):
     """Turns decompressor exceptions into LayerFormatError; never closes the inner stream."""
 
     def __init__(
-        self, inner: _Readable, errors: tuple[type[BaseException], ...], kind: str
+        self, inner: Readable, errors: tuple[type[BaseException], ...], kind: str
     ) -> None:
         super().__init__()
         self._inner = inner
@@ -154,7 +169,9 @@ class _Guarded(io.RawIOBase):
             raise LayerFormatError(f"corrupt {self._kind} stream: {e}") from e
         return bytes(data or b"")
 
-    def readinto(self, b: bytearray | memoryview) -> int:
+    def readinto(self, b: Buffer) -> int:
+        # io.BufferedReader passes a memoryview; direct callers, a bytearray.
+        assert isinstance(b, (bytearray, memoryview))
         data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
@@ -167,7 +184,7 @@ class _ZstdTracked(io.RawIOBase):
     would let a truncated blob pass as a shorter layer; the walker notices instead.
     """
 
-    def __init__(self, source: _Readable) -> None:
+    def __init__(self, source: Readable) -> None:
         super().__init__()
         self._source = source
         self._frames = ZstdFrameWalker()
@@ -183,7 +200,9 @@ class _ZstdTracked(io.RawIOBase):
             self._frames.finish()
         return bytes(data)
 
-    def readinto(self, b: bytearray | memoryview) -> int:
+    def readinto(self, b: Buffer) -> int:
+        # io.BufferedReader passes a memoryview; direct callers, a bytearray.
+        assert isinstance(b, (bytearray, memoryview))
         data = self.read(len(b))
         b[: len(data)] = data
         return len(data)

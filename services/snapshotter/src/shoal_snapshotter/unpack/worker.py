@@ -21,12 +21,15 @@ import pickle
 import signal
 import sys
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
 from .apply import ApplyResult, Whiteouts, apply_layer
-from .compression import open_decompressed
+from .compression import Readable, open_decompressed
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer is 3.12+
 
 _PR_SET_PDEATHSIG = 1
 _STDIN_BUFFER = 1 << 20
@@ -44,7 +47,7 @@ class _Digesting(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, b: Buffer) -> int:
         n = self._inner.readinto(b)  # straight into the caller's buffer: no extra copy
         if n:
             self.sha.update(memoryview(b)[:n])
@@ -52,7 +55,7 @@ class _Digesting(io.RawIOBase):
         return n
 
 
-def apply_and_digest(blob: BinaryIO, root: str | os.PathLike[str],
+def apply_and_digest(blob: Readable, root: str | os.PathLike[str],
                      whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
     """Apply the (compressed) layer `blob` onto `root`; (result, diff ID, tar bytes)."""
     # apply_layer reads its input to the end (so gzip checks its trailer), so the hash
