@@ -430,7 +430,8 @@ async def test_every_rpc_answers(shoal: Shoal) -> None:
     assert "s3cret-pw" not in status.info["config"]
     registry = json.loads(status.info["config"])["services"]["puller"]["registries"]
     assert registry["private.example"]["password"] == "<redacted>"
-    assert [h.name for h in status.runtime_handlers] == ["runc"]
+    # containerd 2's shape: the default handler "" first, then each configured one.
+    assert [h.name for h in status.runtime_handlers] == ["", "runc"]
     await shoal.runtime.UpdateRuntimeConfig(cri.UpdateRuntimeConfigRequest(
         runtime_config=cri.RuntimeConfig(network_config=cri.NetworkConfig(
             pod_cidr="10.244.0.0/16"))))

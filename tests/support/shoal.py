@@ -134,19 +134,31 @@ def leftovers(services: ServiceSet, subnet_prefix: str, before: set[str]) -> lis
     since `before` (host_names()), IP leases, bundles, pod directories, executor and
     supervisor records."""
     node = services.node
+    # Every id a service handles is in its log (see leftovers_at).
+    logs = " ".join(p.read_text(errors="replace") for p in (node.root / "logs").glob("*.log"))
+    return leftovers_at(node, logs, {sp.proc.pid for sp in services}, subnet_prefix, before)
+
+
+def leftovers_at(node: Node, logs: str, ours: set[int], subnet_prefix: str,
+                 before: set[str]) -> list[str]:
+    """leftovers() of a node whatever started it (e.g. `shoal up`, whose children all log
+    to its stderr): `logs` is the text of its services' logs, `ours` the pids that may
+    still name its root (its services, the caller's own ancestors)."""
     # Only this node's: other tests may run beside it. Every id a service handles is in its
     # log (a 64-hex pod or container id; a netns is named by its first 32 characters).
-    logs = " ".join(p.read_text(errors="replace") for p in (node.root / "logs").glob("*.log"))
     ids = set(re.findall(r"[0-9a-f]{64}", logs))
     found: list[str] = sorted(
         name for name in host_names() - before
         if name.rsplit("/", 1)[-1] in ids
         or name.removeprefix("netns shoal-") in {i[:32] for i in ids})
-    ours = {sp.proc.pid for sp in services}
     for pid in pids_mentioning(str(node.root)):
         if pid not in ours:
-            found.append(f"process {pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes()
-                         .replace(b"\0", b" ").decode(errors="replace")[:200])
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue  # gone meanwhile
+            found.append(f"process {pid}: " + cmdline.replace(b"\0", b" ")
+                         .decode(errors="replace")[:200])
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         point = line.split()[4]
         if point.startswith(str(node.root)):

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from shoal_common.bus import Bus
-from shoal_common.catalog import SERVICES, lookup
+from shoal_common.catalog import SERVICES, ServiceInfo, lookup
 from shoal_common.clients import CLIENTS
 from shoal_common.config import Config
 from shoal_common.errors import ShoalError
 from shoal_common.messages import HealthReply, PingRequest
+
+from shoal_cli.runstate import PIDS_FILE, _start_time
+
+# `shoal status` asks in rounds until every expected replica has answered: the first is
+# short (a healthy replica answers on loopback in about a millisecond) and each next one
+# twice as long, so a slow replica still gets its answer in, within `wait` in all.
+FIRST_ROUND = 0.05
 
 
 async def connect(config: Config) -> Bus:
@@ -19,28 +30,94 @@ async def connect(config: Config) -> Bus:
     return bus
 
 
+@dataclass(frozen=True)
+class Expected:
+    """A replica `shoal up` runs now (from its pid list): who should answer health."""
+
+    service: str
+    replica: str
+    pid: int
+
+
+def _argv_value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else ""
+
+
+def expected_replicas(config: Config) -> list[Expected] | None:
+    """The service replicas of this node that `shoal up` has running, from
+    `<run_root>/shoal-up.pids` (each child's command line names its service, node and
+    replica); None without that file (no `shoal up` on this run root: nobody to expect)."""
+    try:
+        entries = json.loads((Path(config.run_root) / PIDS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    by_module = {svc.module: svc.name for svc in SERVICES}
+    found = []
+    for pid, started in entries:
+        if _start_time(pid) != started:  # gone, or the pid now names another process
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except (OSError, UnicodeDecodeError):
+            continue
+        service = by_module.get(_argv_value(argv, "-m"))
+        replica = _argv_value(argv, "--replica-id")
+        if service and replica and _argv_value(argv, "--node-id") == config.node_id:
+            found.append(Expected(service, replica, pid))
+    return found
+
+
+async def _health(bus: Bus, svc: ServiceInfo, expect: set[str] | None,
+                  wait: float) -> list[HealthReply]:
+    """Every replica's answer: within `wait` when nobody is expected, else as soon as each
+    replica in `expect` has answered (and at the latest after `wait`)."""
+    client = CLIENTS[svc.subject](bus)
+    if expect is None:
+        return await client.health_of_all(wait=wait)
+    seen: dict[str, HealthReply] = {}
+    end = time.monotonic() + wait
+    round_wait = FIRST_ROUND
+    while (left := end - time.monotonic()) > 0:
+        for reply in await client.health_of_all(wait=min(round_wait, left)):
+            seen[reply.replica] = reply
+        if expect <= seen.keys():
+            break
+        round_wait *= 2
+    return list(seen.values())
+
+
 async def status(config: Config, wait: float) -> int:
     """Every replica's health; exit 1 if a service has no replica answering."""
+    expected = expected_replicas(config)
     bus = await connect(config)
     try:
-        rows: list[tuple[str, HealthReply | None]] = []
-        for svc in SERVICES:
-            replies = await CLIENTS[svc.subject](bus).health_of_all(wait=wait)
-            rows += [(svc.name, r) for r in sorted(replies, key=lambda r: r.replica)] or [
-                (svc.name, None)]
+        # All services at once: each waits only for its own replicas.
+        answers = await asyncio.gather(*(_health(bus, svc, None if expected is None else {
+            e.replica for e in expected if e.service == svc.name}, wait) for svc in SERVICES))
     finally:
         await bus.close()
+    return _print_status(config, answers, expected or [])
+
+
+def _print_status(config: Config, answers: list[list[HealthReply]],
+                  expected: list[Expected]) -> int:
     print(f"node {config.node_id}  nats {config.nats.url}")
     print(f"{'SERVICE':<13}{'REPLICA':<18}{'STATUS':<10}{'PID':>8}{'UPTIME':>10}"
           f"{'IN-FLIGHT':>11}  {'VERSION':<9}METRICS")
     down = 0
-    for name, h in rows:
-        if h is None:
+    for svc, replies in zip(SERVICES, answers, strict=True):
+        heard = {r.replica for r in replies}
+        silent = [e for e in expected if e.service == svc.name and e.replica not in heard]
+        for h in sorted(replies, key=lambda r: r.replica):
+            print(f"{svc.name:<13}{h.replica:<18}{h.status:<10}{h.pid:>8}"
+                  f"{h.uptime_seconds:>9.0f}s{h.in_flight:>11}  {h.version:<9}"
+                  f"http://{h.metrics_addr}/metrics")
+        for e in sorted(silent, key=lambda e: e.replica):  # running, but not answering
+            print(f"{svc.name:<13}{e.replica:<18}{'DOWN':<10}{e.pid:>8}")
+        if not replies:
             down += 1
-            print(f"{name:<13}{'-':<18}{'DOWN':<10}")
-            continue
-        print(f"{name:<13}{h.replica:<18}{h.status:<10}{h.pid:>8}{h.uptime_seconds:>9.0f}s"
-              f"{h.in_flight:>11}  {h.version:<9}http://{h.metrics_addr}/metrics")
+            if not silent:
+                print(f"{svc.name:<13}{'-':<18}{'DOWN':<10}")
     return 1 if down else 0
 
 

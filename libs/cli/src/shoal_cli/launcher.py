@@ -224,7 +224,7 @@ class Launcher:
                 return
             served_for = (None if child.serving_since is None
                           else round(time.monotonic() - child.serving_since, 1))
-            backoff = child.policy.delay(served_for)
+            backoff = child.policy.delay(served_for, killed=code == -signal.SIGKILL)
             child.restarts += 1
             RESTARTS.labels(child.service).inc()
             log.warning("child exited; restarting", child=child.name, code=code,

@@ -5,7 +5,10 @@ before it died) was healthy: its death came from outside (kill, OOM killer, a bu
 once) and waiting only keeps the node unreachable, so it is restarted at once. Only a child
 that keeps dying before it serves or right after (a crash loop: bad config, a port taken)
 is restarted with exponential backoff. Time since spawn would not tell the two apart: on a
-loaded node a service's imports alone can take seconds.
+loaded node a service's imports alone can take seconds. A child that died of SIGKILL was
+killed from outside (an operator, the OOM killer; no process dies of it by itself): it is
+restarted at once however soon after its start, as the systemd units do (Restart=always), so a
+node whose processes are killed again and again is never left waiting out a backoff.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ class RestartPolicy:
     maximum: float  # launcher.restart_backoff_max
     quick_deaths: int = 0  # consecutive deaths before serving HEALTHY_AFTER seconds
 
-    def delay(self, served_for: float | None) -> float:
+    def delay(self, served_for: float | None, *, killed: bool = False) -> float:
         """Seconds to wait before restarting a child that died after serving `served_for`
-        seconds (None: it never answered).
+        seconds (None: it never answered); `killed`: it died of SIGKILL.
 
-        After a healthy run: 0. The first quick death is restarted at once too (one kill
-        right after a restart is not a loop); from the second on the wait doubles from
-        `initial` up to `maximum`."""
+        After a healthy run, or a SIGKILL (which counts for no crash loop): 0. The first
+        quick death is restarted at once too (one kill right after a restart is not a
+        loop); from the second on the wait doubles from `initial` up to `maximum`."""
+        if killed:
+            return 0.0
         if served_for is not None and served_for >= HEALTHY_AFTER:
             self.quick_deaths = 0
             return 0.0

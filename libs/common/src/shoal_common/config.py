@@ -153,8 +153,9 @@ def _default_services() -> Any:
 class CriConfig(_Section):
     # Empty = <run_root>/cri.sock
     socket: str = ""
-    # The image every pod's pause process runs from (pulled on first use).
-    sandbox_image: str = "registry.k8s.io/pause:3.9"
+    # The image every pod's pause process runs from. The default is built on the node by the
+    # puller from Debian's catatonit (no registry needed: an air-gapped node runs pods).
+    sandbox_image: str = "shoal.local/pause:1"
     # The streaming server (Exec/Attach/PortForward URLs). Loopback by default: kubelet,
     # on the same node, proxies streams to it; port 0 = any free port, chosen at start.
     stream_addr: str = "127.0.0.1:0"

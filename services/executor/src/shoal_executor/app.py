@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from shoal_common.fs import TRAVERSE_DIR
 from shoal_common.locks import KeyedLocks
 from shoal_common.service import ServiceContext
 
+from shoal_executor.domain import reconcile
 from shoal_executor.domain.cni import DEFAULT_CONFLIST_NAME, Cni, default_conflist
 from shoal_executor.domain.runtime import Runtime, RuntimeSettings
 from shoal_executor.store.records import Records
@@ -49,11 +53,23 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[ExecutorApp]:
     records = Records(ctx.state_dir / "executor.db")
     await records.open()
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    # Traversable, not listable (as its bundles and sandboxes dirs): the root of a pod with
+    # a user namespace is an unprivileged host uid, and runc sets its rootfs up as that uid.
+    os.chmod(ctx.run_dir, TRAVERSE_DIR)
     snapshots = Path(ctx.config.state_root) / "snapshotter" / "snapshots"
     runtime = Runtime(RuntimeSettings(ctx.run_dir, ctx.config.runtime, cni, snapshots,
                                       cgroup_roots=tuple(cfg.pod_cgroup_roots)),
                       records, ctx.bus)
+    sweep: asyncio.Task[None] | None = None
     try:
+        # What a killed executor left half done is finished or undone before any command
+        # is served (a retried create then starts clean), and what no record claims goes.
+        await reconcile.before_serving(runtime)
+        sweep = asyncio.create_task(reconcile.sweep_tasks(runtime))
         yield ExecutorApp(runtime, cni)
     finally:
+        if sweep is not None:
+            sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweep
         await records.close()

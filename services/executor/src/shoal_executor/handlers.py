@@ -21,14 +21,31 @@ from shoal_common.messages.tasks import (
 from shoal_common.probe import probe_binary
 
 from shoal_executor.app import ExecutorApp
+from shoal_executor.domain.features import FEATURE_COMPONENT, FEATURES, handler_features
 
 router: Router[ExecutorApp] = Router()
 Ctx = RequestContext[ExecutorApp]
 
 
+async def _feature_components(ctx: Ctx) -> list[ComponentStatus]:
+    """Each handler's features as components `feature:<handler>:<feature>` (ok = has it,
+    error = why not), until RuntimeStatusReply has a field of its own for them."""
+    out: list[ComponentStatus] = []
+    runtimes = ctx.bus.config.runtime
+    for name in runtimes.names():
+        binary = runtimes.binary(name)
+        where = ctx.app.runtime.s.where()
+        found = await handler_features(binary, where.snapshots_dir, where.run_dir)
+        out.extend(ComponentStatus(name=f"{FEATURE_COMPONENT}:{name}:{feature}", path=binary,
+                                   ok=found.has(feature), error=found.why_not.get(feature, ""))
+                   for feature in FEATURES)
+    return out
+
+
 @router.command("status")
 async def status(ctx: Ctx, req: RuntimeStatusRequest) -> RuntimeStatusReply:
-    """runc must run; the `cni` component says whether pod networking is usable."""
+    """runc must run; the `cni` component says whether pod networking is usable; the
+    `feature:` ones what each handler can do beyond the basics."""
     runc = await probe_binary("runc", ctx.bus.config.runtime.path)
     try:
         net = ctx.app.cni.network()
@@ -36,7 +53,8 @@ async def status(ctx: Ctx, req: RuntimeStatusRequest) -> RuntimeStatusReply:
     except ShoalError as exc:
         cni = ComponentStatus(name="cni", path=str(ctx.app.cni.conf_dir), ok=False,
                               error=exc.message)
-    return RuntimeStatusReply(ready=runc.ok, components=[runc, cni],
+    return RuntimeStatusReply(ready=runc.ok,
+                              components=[runc, cni, *await _feature_components(ctx)],
                               handlers=ctx.bus.config.runtime.names())
 
 

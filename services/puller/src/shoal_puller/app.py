@@ -10,9 +10,11 @@ from shoal_common.messages import Event
 from shoal_common.service import ServiceContext
 
 from shoal_puller.domain import metrics
+from shoal_puller.domain.builtin import BuiltinImages
 from shoal_puller.domain.catalog import Catalog
 from shoal_puller.domain.pull import Puller, PullSettings
 from shoal_puller.registry import Platform, RegistryClient
+from shoal_puller.reserved import BUILTIN_HOST
 from shoal_puller.store.content import ContentStore
 from shoal_puller.store.images import ImageStore
 
@@ -38,8 +40,13 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[PullerApp]:
     settings = PullSettings(cfg.max_concurrent_downloads, cfg.min_progress_bytes,
                             cfg.progress_window, platform)
     client = RegistryClient(cfg.registries, max_attempts=cfg.max_attempts)
+    builtins = BuiltinImages(content, images, publish)
     try:
-        yield PullerApp(Puller(content, images, client, settings, publish),
+        # Before serving: the first RunPodSandbox finds the pause image without a registry.
+        # Made only for a node whose pods use it (the default): others keep an empty store.
+        if ctx.config.cri.sandbox_image.split("/", 1)[0] == BUILTIN_HOST:
+            await builtins.ensure()
+        yield PullerApp(Puller(content, images, client, settings, publish, builtins),
                         Catalog(content, images, publish))
     finally:
         await client.close()

@@ -9,6 +9,8 @@ import re
 import msgspec
 from shoal_common.config import ConfigError, ServiceConfig
 
+from shoal_puller.reserved import BUILTIN_HOST, is_builtin_host
+
 
 class RegistryHostConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How to reach one registry (the key of services.puller.registries: `host[:port]`)."""
@@ -69,6 +71,9 @@ def _check_registry(where: str, host: str, reg: RegistryHostConfig) -> None:
         hint = (" (name the registry as image references do: host[:port], no scheme or "
                 "path)" if "://" in host or "/" in host else "")
         raise ConfigError(f"config key {where}: {host!r} is not a registry host{hint}")
+    if is_builtin_host(host):
+        raise ConfigError(f"config key {where}: {BUILTIN_HOST} is Shoal's built-in image "
+                          "host, never fetched from a registry")
     for i, mirror in enumerate(reg.mirrors):
         if not _ENDPOINT_RE.match(mirror):
             raise ConfigError(f"config key {where}.mirrors[{i}]: {mirror!r} is not an "

@@ -44,7 +44,7 @@ from shoal_common.messages.tasks import (
 )
 from shoal_common.tracing import deadline_var
 
-from shoal_cri_gateway.domain import metrics, resources
+from shoal_cri_gateway.domain import image_volumes, metrics, resources
 from shoal_cri_gateway.store.metadata import ContainerRecord, Metadata, PodRecord
 
 log = structlog.get_logger("shoal.cri")
@@ -183,6 +183,7 @@ class Pods:
                                labels=dict(config.labels),
                                annotations=dict(config.annotations), runtime_handler=handler)
             await self.meta.add_pod(record)  # the intent, before anything is made
+            await faults.point("cri.sandbox.recorded")
         try:
             pause = await self.image(self.sandbox_image, pull=True)
             mounts = await self.rootfs(f"sandbox-{record.id}", pause, self.sandbox_image)
@@ -216,6 +217,7 @@ class Pods:
             await self.clients.tasks.sandbox_remove(SandboxIdRequest(id=pod_id))
         except NotFound:
             pass
+        await faults.point("cri.sandbox.removing")
         await self._remove_snapshot(f"sandbox-{pod_id}")
         await self.meta.delete_pod(pod_id)
 
@@ -229,6 +231,7 @@ class Pods:
             await self.clients.tasks.sandbox_stop(SandboxIdRequest(id=pod.id))
         except NotFound:
             pass  # the executor has nothing of it (left) to stop
+        await faults.point("cri.sandbox.stopping")
         pod.state = "notready"
         await self.meta.update_pod(pod)
 
@@ -243,16 +246,42 @@ class Pods:
         await self._forget_pod(pod.id)
 
     async def reconcile(self) -> None:
-        """Undo the creates no one is finishing (a gateway killed mid-create): called when
-        this replica takes the CRI socket, so no other replica serves them any more."""
+        """Undo the creates no one is finishing (a gateway killed mid-create), then tasks no
+        record names: called when this replica takes the CRI socket, serving alone."""
         for pod in await self.meta.pods():
             for ctr in await self.meta.containers(pod.id):
                 if ctr.state == "creating" and _ctr_key(ctr) not in self._inflight:
-                    log.info("undoing a half-made container", id=ctr.id)
-                    await self._once(_ctr_key(ctr), partial(self._undo_container, ctr.id))
+                    await self._once(_ctr_key(ctr), partial(self._undo_creating, ctr.id, True))
             if pod.state == "creating" and _pod_key(pod) not in self._inflight:
-                log.info("undoing a half-made pod sandbox", id=pod.id)
-                await self._once(_pod_key(pod), partial(self._undo_pod, pod))
+                await self._once(_pod_key(pod), partial(self._undo_creating, pod.id, False))
+        await self._sweep_tasks()
+
+    async def _undo_creating(self, object_id: str, container: bool) -> None:
+        """Read again under the create's key: a retry may have finished it meanwhile."""
+        with contextlib.suppress(NotFound):
+            if container and (await self.meta.container(object_id)).state == "creating":
+                log.info("undoing a half-made container", id=object_id)
+                await self._undo_container(object_id)
+            elif not container and (pod := await self.meta.pod(object_id)).state == "creating":
+                log.info("undoing a half-made pod sandbox", id=object_id)
+                await self._undo_pod(pod)
+
+    async def _sweep_tasks(self) -> None:
+        """Remove, through the executor, each sandbox or container with a task but no record
+        here: records are written before anything is made and deleted after it is removed."""
+        tasks = (await self.task_states()).values()  # listed before the records are read
+        pods = {p.id for p in await self.meta.pods()}
+        ctrs = {c.id for c in await self.meta.containers()}
+        for task in tasks:
+            pod_id = task.sandbox_id or task.id
+            try:
+                if pod_id not in pods:  # its containers go with it
+                    pods.add(pod_id)
+                    await self.clients.tasks.sandbox_remove(SandboxIdRequest(id=pod_id))
+                elif task.id != pod_id and task.id not in ctrs:
+                    await self.clients.tasks.container_remove(ContainerIdRequest(id=task.id))
+            except ShoalError as exc:
+                log.warning("could not remove an unrecorded task", id=task.id, error=exc.message)
 
     async def sandbox_state(self, pod: PodRecord) -> str:
         """A pod whose pause process died is NOTREADY even if nobody stopped it."""
@@ -275,6 +304,7 @@ class Pods:
         if not config.image.image:
             raise Invalid("CreateContainer: image is required")
         check_security_context(config)
+        image_volumes.check(config)
         key = ("container", pod.id, config.metadata.name, str(config.metadata.attempt))
         while True:  # None: it joined the undo of an abandoned create; now make it anew
             record = await self._once(key, lambda: self._create_container(pod, config,
@@ -295,6 +325,7 @@ class Pods:
                 return record
             log.info("finishing a half-made container", id=record.id)
         image = await self.image(config.image.image, pull=False)
+        volume_images = await image_volumes.find(partial(self.image, pull=False), config)
         if record is None:
             record = ContainerRecord(
                 id=new_id(), pod_id=pod.id, name=md.name, attempt=md.attempt,
@@ -304,12 +335,14 @@ class Pods:
                 labels=dict(config.labels), annotations=dict(config.annotations),
                 log_path=_log_path(sandbox_config, config), state="creating")
             await self.meta.add_container(record)  # the intent, before anything is made
+            await faults.point("cri.container.recorded")
         try:
             mounts = await self.rootfs(record.id, image, config.image.image)
             made = cri.ContainerConfig()
             made.CopyFrom(config)
             if record.log_path:
                 made.log_path = record.log_path
+            await image_volumes.mount(self.clients, record.id, made, volume_images)
             await self.clients.tasks.container_create(ContainerCreateRequest(
                 id=record.id, sandbox_id=pod.id, config=made.SerializeToString(),
                 sandbox_config=sandbox_config.SerializeToString() or pod.config,
@@ -369,6 +402,9 @@ class Pods:
         except NotFound:
             pass
         await self._remove_snapshot(container_id)
+        with contextlib.suppress(NotFound):  # its image volumes' views, no longer bound
+            ctr = await self.meta.container(container_id)
+            await image_volumes.remove(self.clients, ctr.id, ctr.config)
         await self.meta.delete_container(container_id)
 
     async def task_states(self) -> dict[str, TaskState]:

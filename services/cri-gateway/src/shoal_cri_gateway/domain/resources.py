@@ -11,19 +11,64 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from cri_api.v1 import api_pb2 as cri
+from shoal_common.config import Config
 
 # What an UpdateContainerResources applies (the supervisor's `Resources`); 0/"" keeps the
 # current value, as in containerd's WithResources. Other fields of the request (hugepages,
 # unified, swap, oom_score_adj) are not applied, so they are not recorded either.
 UPDATED_FIELDS = ("cpu_period", "cpu_quota", "cpu_shares", "cpuset_cpus", "cpuset_mems",
                   "memory_limit_in_bytes")
-# The executor pairs swap with the memory limit where cgroup v1 accounts swap, and the
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup2_mounted(root: Path = CGROUP_ROOT, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether cgroup2 is what is mounted at `root` (the last mount over it), as runc
+    tells v2 from v1; a cgroup2 at `root`/unified (systemd's hybrid layout) is v1."""
+    try:
+        with open(mountinfo) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return False
+    unified = False
+    for line in lines:
+        pre, _, post = line.partition(" - ")
+        fields, tail = pre.split(), post.split()
+        if len(fields) >= 5 and tail and fields[4] == str(root):
+            unified = tail[0] == "cgroup2"
+    return unified
+
+
+def swap_accounting(root: Path = CGROUP_ROOT, unified: bool | None = None) -> bool:
+    """Whether the kernel accounts swap in memory cgroups. v1: the memory hierarchy has
+    memory.memsw.*; v2: memory.swap.max, which only non-root cgroups have, so any
+    first-level cgroup with it answers."""
+    if not (cgroup2_mounted(root) if unified is None else unified):
+        return (root / "memory" / "memory.memsw.limit_in_bytes").exists()
+    try:
+        children = list(os.scandir(root))
+    except OSError:
+        return False
+    return any(e.is_dir(follow_symlinks=False) and os.path.exists(
+        os.path.join(e.path, "memory.swap.max")) for e in children)
+
+
+# The executor pairs swap with the memory limit where the kernel accounts swap, and the
 # supervisor moves it with the limit on update: the status follows the same rule.
-SWAP_ACCOUNTING = Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
+SWAP_ACCOUNTING = swap_accounting()
+
+
+def cgroup_driver(config: Config) -> cri.CgroupDriver.ValueType:
+    """The CRI CgroupDriver Shoal's containers use. The executor's config decides it and
+    refuses systemd at start where systemd is not PID 1; a shared `[runtime]
+    cgroup_driver`, once there, wins (read defensively until then)."""
+    name = getattr(config.runtime, "cgroup_driver", None) or getattr(
+        config.service("executor"), "cgroup_driver", "cgroupfs")
+    return cri.SYSTEMD if name == "systemd" else cri.CGROUPFS
 
 
 def from_config(config: cri.ContainerConfig) -> cri.LinuxContainerResources:

@@ -20,6 +20,11 @@ from shoal_common.errors import ShoalError
 from shoal_common.messages import HealthRequest, RuntimeStatusRequest
 
 RUNTIME_READY = "RuntimeReady"
+# The executor reports each runtime handler's features as components
+# `feature:<handler>:<feature>` (ok = supported), until RuntimeStatusReply has a field.
+FEATURE_COMPONENT = "feature"
+RRO = "recursive_read_only"
+USERNS = "user_namespaces"
 NETWORK_READY = "NetworkReady"
 # On the container path; executor and supervisor also report runc/conmon/CNI readiness.
 NEEDED = {"puller": "images", "snapshotter": "snapshots", "executor": "tasks",
@@ -46,7 +51,9 @@ async def _problem(bus: Bus, service: str, components: dict[str, object]) -> str
                 components[c.name] = {"path": c.path, "ok": c.ok, "version": c.version,
                                       "error": c.error}
             if not status.ready:
-                return f"{service}: " + "; ".join(c.error for c in status.components if not c.ok)
+                return f"{service}: " + "; ".join(
+                    c.error for c in status.components
+                    if not c.ok and not c.name.startswith(f"{FEATURE_COMPONENT}:"))
         else:
             await client.health(HealthRequest())
     except ShoalError as exc:
@@ -70,6 +77,30 @@ async def runtime_conditions(bus: Bus) -> tuple[list[Condition], dict[str, objec
         network = Condition(NETWORK_READY, False, "NetworkPluginNotReady",
                             f"Network plugin returns error: cni config uninitialized ({why})")
     return [runtime, network], components
+
+
+@dataclass
+class Handler:
+    """A runtime handler as CRI Status lists it."""
+
+    name: str
+    recursive_read_only: bool = False
+    user_namespaces: bool = False
+
+
+def _has(components: dict[str, object], handler: str, feature: str) -> bool:
+    entry = components.get(f"{FEATURE_COMPONENT}:{handler}:{feature}")
+    return isinstance(entry, dict) and bool(entry.get("ok"))
+
+
+def runtime_handlers(components: dict[str, object]) -> list[Handler]:
+    """The executor's handlers with their features, led by "" (the default, which is
+    runc), as containerd 2 lists them: critest and kubelet look the default up by ""."""
+    names = components.get("handlers")
+    handlers = [str(n) for n in names] if isinstance(names, list) else ["runc"]
+    return [Handler(name, _has(components, name or "runc", RRO),
+                    _has(components, name or "runc", USERNS))
+            for name in ["", *handlers]]
 
 
 def nats_server_version(version: ServerVersion) -> str:

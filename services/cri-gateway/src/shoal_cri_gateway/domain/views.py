@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
+from typing import Any
 
 from cri_api.v1 import api_pb2 as cri
 from shoal_common.messages.monitor import TaskState
@@ -30,9 +32,66 @@ def ctr_metadata(c: ContainerRecord) -> cri.ContainerMetadata:
     return cri.ContainerMetadata(name=c.name, attempt=c.attempt)
 
 
-def container_state(task: TaskState | None) -> int:
+def container_state(task: TaskState | None) -> cri.ContainerState.ValueType:
     return CONTAINER_STATES.get(task.state, cri.CONTAINER_UNKNOWN) if task else \
         cri.CONTAINER_UNKNOWN
+
+
+OVERFLOW_ID = 65534  # what the kernel shows for an id a user namespace does not map
+
+
+def _to_container(host_id: int, id_map: list[list[int]]) -> int:
+    """A host id as the container sees it, by its /proc/<pid>/uid_map (or gid_map) lines
+    `container host length`, read from the host's user namespace."""
+    for inside, outside, length in id_map:
+        if outside <= host_id < outside + length:
+            return inside + host_id - outside
+    return OVERFLOW_ID
+
+
+def _proc_user(pid: int) -> cri.ContainerUser | None:
+    """The real ids the process runs with (/proc/<pid>/status: the host's ids, mapped back
+    into its user namespace); None when it cannot be read (gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        maps = [[[int(n) for n in line.split()] for line in
+                 Path(f"/proc/{pid}/{kind}_map").read_text().splitlines()]
+                for kind in ("uid", "gid")]
+    except (OSError, ValueError):
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    try:
+        uid, gid = (int(fields[key].split()[0]) for key in ("Uid", "Gid"))
+        groups = [int(g) for g in fields.get("Groups", "").split()]
+    except (KeyError, IndexError, ValueError):
+        return None
+    return cri.ContainerUser(linux=cri.LinuxContainerUser(
+        uid=_to_container(uid, maps[0]), gid=_to_container(gid, maps[1]),
+        supplemental_groups=[_to_container(g, maps[1]) for g in groups]))
+
+
+def _spec_user(bundle: str) -> cri.ContainerUser | None:
+    """The ids the OCI spec gives the process: what it runs with once started."""
+    try:
+        spec: Any = json.loads((Path(bundle) / "config.json").read_text())
+        user = spec["process"]["user"]
+        return cri.ContainerUser(linux=cri.LinuxContainerUser(
+            uid=int(user["uid"]), gid=int(user["gid"]),
+            supplemental_groups=[int(g) for g in user.get("additionalGids") or []]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # removed meanwhile: no user to report
+
+
+def container_user(task: TaskState | None) -> cri.ContainerUser | None:
+    """ContainerStatus.user: the running process's ids, else (created, exited, or its
+    /proc gone) those of the spec."""
+    if task is None:
+        return None
+    if task.state == "running" and task.pid:
+        found = _proc_user(task.pid)
+        if found is not None:
+            return found
+    return _spec_user(task.bundle) if task.bundle else None
 
 
 def pod_status(pod: PodRecord, state: str) -> cri.PodSandboxStatus:
@@ -61,6 +120,9 @@ async def container_status(ctr: ContainerRecord, task: TaskState | None
         image_ref=ctr.image_ref, image_id=ctr.image_id, labels=ctr.labels,
         annotations=ctr.annotations, mounts=list(config.mounts), log_path=ctr.log_path,
         resources=resources.current(created, ctr.updated_resources))
+    user = await asyncio.to_thread(container_user, task)
+    if user is not None:
+        status.user.CopyFrom(user)
     if task is not None:
         status.started_at = int(task.started_at * 1e9)
         status.finished_at = int(task.finished_at * 1e9)

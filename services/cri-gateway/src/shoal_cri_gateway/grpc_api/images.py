@@ -9,6 +9,7 @@ from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 from shoal_common.errors import Invalid
 from shoal_common.messages.images import ImageInfo, RegistryAuth
+from shoal_common.messages.snapshots import FsUsageReply
 
 from shoal_cri_gateway.domain.images import Images
 from shoal_cri_gateway.grpc_api.rpc import rpc
@@ -34,6 +35,14 @@ def to_cri(info: ImageInfo) -> cri.Image:
     if uid is not None:
         image.uid.value = uid
     return image
+
+
+def fs_usage(usage: FsUsageReply) -> cri.FilesystemUsage:
+    fs = cri.FilesystemUsage(timestamp=usage.timestamp_ns,
+                             fs_id=cri.FilesystemIdentifier(mountpoint=usage.mountpoint))
+    fs.used_bytes.value = usage.used_bytes
+    fs.inodes_used.value = usage.inodes_used
+    return fs
 
 
 class ImageService(cri_grpc.ImageServiceServicer):
@@ -94,9 +103,8 @@ class ImageService(cri_grpc.ImageServiceServicer):
     @rpc
     async def ImageFsInfo(self, request: cri.ImageFsInfoRequest,
                           context: grpc.aio.ServicerContext) -> cri.ImageFsInfoResponse:
-        usage = await self.images.fs_usage()
-        fs = cri.FilesystemUsage(timestamp=usage.timestamp_ns,
-                                 fs_id=cri.FilesystemIdentifier(mountpoint=usage.mountpoint))
-        fs.used_bytes.value = usage.used_bytes
-        fs.inodes_used.value = usage.inodes_used
-        return cri.ImageFsInfoResponse(image_filesystems=[fs])
+        images, containers = await self.images.fs_usage()
+        response = cri.ImageFsInfoResponse(image_filesystems=[fs_usage(images)])
+        if containers is not None:  # KEP-4191: writable layers on a filesystem of their own
+            response.container_filesystems.append(fs_usage(containers))
+        return response

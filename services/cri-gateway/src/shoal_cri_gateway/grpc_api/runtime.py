@@ -19,8 +19,9 @@ from shoal_common.tracing import bind_trace, new_trace_id
 
 from shoal_cri_gateway.domain.events import ContainerEvents
 from shoal_cri_gateway.domain.pods import Pods
+from shoal_cri_gateway.domain.resources import cgroup_driver
 from shoal_cri_gateway.domain.stats import Stats
-from shoal_cri_gateway.domain.status import runtime_conditions, verbose_info
+from shoal_cri_gateway.domain.status import runtime_conditions, runtime_handlers, verbose_info
 from shoal_cri_gateway.domain.views import Views
 from shoal_cri_gateway.grpc_api.rpc import CRI_REQUESTS, rpc
 from shoal_cri_gateway.streaming.server import StreamServer
@@ -93,8 +94,12 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         response = cri.StatusResponse(status=cri.RuntimeStatus(conditions=[
             cri.RuntimeCondition(type=c.type, status=c.status, reason=c.reason,
                                  message=c.message) for c in conditions]),
-            runtime_handlers=[cri.RuntimeHandler(name=h) for h in components.get(
-                "handlers", ["runc"])])  # type: ignore[union-attr]
+            runtime_handlers=[cri.RuntimeHandler(name=h.name, features=cri.RuntimeHandlerFeatures(
+                recursive_read_only_mounts=h.recursive_read_only,
+                user_namespaces=h.user_namespaces)) for h in runtime_handlers(components)],
+            # The executor applies SupplementalGroupsPolicy (Merge and Strict) on every
+            # handler, and ContainerStatus reports the ids the process runs with.
+            features=cri.RuntimeFeatures(supplemental_groups_policy=True))
         if request.verbose:
             response.info.update(verbose_info(self.rt.bus, components))
         return response
@@ -138,8 +143,9 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     @rpc
     async def RuntimeConfig(self, request: cri.RuntimeConfigRequest,
                             context: grpc.aio.ServicerContext) -> cri.RuntimeConfigResponse:
+        # kubelet 1.31+ takes its cgroup driver from here (KubeletCgroupDriverFromCRI).
         return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(
-            cgroup_driver=cri.CGROUPFS))
+            cgroup_driver=cgroup_driver(self.rt.bus.config)))
 
     # -- pod sandboxes -----------------------------------------------------------------
 

@@ -27,6 +27,7 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_RELATIME = 0x200000
 MNT_DETACH = 0x2
+MAX_STACKED = 16  # mounts on one point unmount_below takes off before giving up
 
 # Options that are mount flags rather than filesystem data (as mount(8) splits them).
 _FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
@@ -86,6 +87,28 @@ def mounted_below(path: str) -> bool:
     with open("/proc/self/mountinfo", "rb") as fh:
         points = [_unescape(line.split(b" ", 5)[4]) for line in fh]
     return any(p == wanted or p.startswith(wanted + b"/") for p in points)
+
+
+def _points_below(prefix: bytes) -> list[bytes]:
+    with open("/proc/self/mountinfo", "rb") as fh:
+        points = [_unescape(line.split(b" ", 5)[4]) for line in fh]
+    return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
+
+
+def unmount_below(path: str) -> None:
+    """Detach every mount strictly below `path`, deepest first (stacked ones too): what a
+    crash or a container's idmapped volumes left in a bundle before its tree is removed."""
+    prefix = os.fsencode(os.path.realpath(path)) + b"/"
+    for _ in range(MAX_STACKED):
+        points = _points_below(prefix)
+        if not points:
+            return
+        for point in points:
+            try:
+                _umount(os.fsdecode(point), MNT_DETACH)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # not mounted any more: a stacked twin went
+                    raise Internal(f"unmounting {os.fsdecode(point)}: {exc.strerror}") from None
 
 
 def mount_tmpfs(target: str, options: list[str]) -> None:

@@ -30,13 +30,17 @@ async def _ip(*args: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode(errors="replace").strip()
 
 
-async def create(name: str) -> str:
+async def create(name: str, owner_pid: int = 0) -> str:
+    """A new named namespace, or (`owner_pid`) the one that process is in: a pod with a
+    user namespace needs its network namespace owned by it (sysfs is mounted only by a
+    root that owns the network namespace), which a helper process made."""
     path = netns_path(name)
     if os.path.exists(path):
         return path  # idempotent: a retried sandbox create keeps its namespace
-    code, out = await _ip("netns", "add", name)
+    verb = ("attach", name, str(owner_pid)) if owner_pid else ("add", name)
+    code, out = await _ip("netns", *verb)
     if code != 0:
-        raise Internal(f"ip netns add {name}: {out}")
+        raise Internal(f"ip netns {verb[0]} {name}: {out}")
     code, out = await _ip("-n", name, "link", "set", "lo", "up")
     if code != 0:
         raise Internal(f"bringing lo up in {name}: {out}")

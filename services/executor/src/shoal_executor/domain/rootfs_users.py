@@ -94,9 +94,13 @@ def _lookup(entries: list[list[str]], spec: str, what: str, path: str
 
 
 def resolve_user(root: str, user: str, *, group: int | None = None,
-                 supplemental: list[int] | None = None) -> User:
+                 supplemental: list[int] | None = None, strict: bool = False) -> User:
     """Resolve an image/CRI user spec ("", "name", "uid", "uid:gid", "name:group") against
-    the rootfs' passwd and group files, as runc/containerd do."""
+    the rootfs' passwd and group files, as runc/containerd do.
+
+    The process's groups, as containerd sets them: the primary group first, then (unless
+    `strict`, SupplementalGroupsPolicy Strict) the groups the image's /etc/group gives the
+    user, then `supplemental` (the CRI's)."""
     passwd = _entries(read_in_root(root, "/etc/passwd"), 7, (2, 3))
     groups = _entries(read_in_root(root, "/etc/group"), 4, (2,))
     name_part, _, group_part = (user or "0").partition(":")
@@ -107,13 +111,8 @@ def resolve_user(root: str, user: str, *, group: int | None = None,
     if group is not None:
         gid = group
     username = entry[0] if entry else ""
-    additional = sorted({int(g[2]) for g in groups
-                         if username and username in g[3].split(",")}
-                        - {gid})
-    for extra in supplemental or []:
-        if extra not in additional and extra != gid:
-            additional.append(extra)
+    image_groups = [] if strict else sorted(
+        {int(g[2]) for g in groups if username and username in g[3].split(",")})
+    additional = list(dict.fromkeys([gid, *image_groups, *(supplemental or [])]))
     home = entry[5] if entry and entry[5] else "/"
     return User(uid=uid, gid=gid, additional_gids=additional, home=home, name=username)
-
-

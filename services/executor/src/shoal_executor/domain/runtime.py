@@ -32,7 +32,7 @@ from shoal_common.messages.monitor import (
 from shoal_common.messages.snapshots import Mount
 from shoal_common.messages.tasks import ContainerCreateReply, SandboxInfo
 
-from shoal_executor.domain import mounts, netns
+from shoal_executor.domain import features, mounts, netns, userns
 from shoal_executor.domain.checks import (
     POD_CGROUP_ROOTS,
     check_container_config,
@@ -40,10 +40,21 @@ from shoal_executor.domain.checks import (
     check_pod_config,
     confine_rootfs,
 )
+from shoal_executor.domain.checks.image_volumes import check_image_volumes
 from shoal_executor.domain.cni import AttachResult, Cni
+from shoal_executor.domain.image_volumes import mount_image_volumes, unmount_image_volumes
 from shoal_executor.domain.paths import RunDirs, write_public
 from shoal_executor.domain.spec import ContainerContext, PodContext, build_spec, stop_signal
-from shoal_executor.store.records import ContainerRecord, Records, SandboxRecord
+from shoal_executor.store.records import (
+    CREATING,
+    NOTREADY,
+    READY,
+    REMOVING,
+    ContainerRecord,
+    Records,
+    SandboxRecord,
+    owner_token,
+)
 
 log = structlog.get_logger("shoal.executor")
 
@@ -115,6 +126,9 @@ class RuntimeSettings:
     snapshots_dir: Path
     cgroup_roots: tuple[str, ...] = POD_CGROUP_ROOTS
 
+    def where(self) -> features.Where:
+        return features.Where(str(self.snapshots_dir), str(self.run_dir))
+
     def runtime_for(self, handler: str) -> str:
         """`handler` if configured ("" is "runc"); the supervisor maps it to its binary."""
         if handler in ("", "runc") or handler in self.runtimes.handlers:
@@ -129,6 +143,7 @@ class Runtime:
         self.records = records
         self.bus = bus
         self.dirs = RunDirs(settings.run_dir)
+        self.owner = owner_token()  # names this process in the operations it records
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -162,20 +177,31 @@ class Runtime:
         cgroup_parent = check_pod_config(config, self.s.cgroup_roots)
         image_config = _image_config(pause_config, "pause image config")
         rootfs = confine_rootfs(rootfs, self.s.snapshots_dir)
+        idmap = await features.check_pod(config, self.s.runtimes.binary(runtime), runtime,
+                                         self.s.where())
         existing = await self.records.sandbox(sandbox_id)
         if existing is not None and existing.pid:
             return self._info(existing)
-        pod_dir = self.dirs.make("sandboxes", sandbox_id)
+        if existing is not None and existing.abandoned():
+            # Killed mid-create and not undone at start (the supervisor did not answer):
+            # undone now, since CNI ADD cannot be run twice into one namespace.
+            await self.remove_sandbox(sandbox_id, namespace)
+            existing = None
+        pod_dir = self._sandbox_dir(sandbox_id)
         host_network = config.linux.security_context.namespace_options.network == cri.NODE
         record = existing or SandboxRecord(
             id=sandbox_id, created_at=time.time(), dir=str(pod_dir),
             cgroup_parent=cgroup_parent or DEFAULT_CGROUP_PARENT)
         record.runtime_config = {"portMappings": port_mappings(config)}
-        await self.records.put_sandbox(record)  # remembered before anything is set up
+        record.state, record.owner = CREATING, self.owner
+        # The intent, before anything is set up: a kill from here on leaves a record the
+        # next start undoes (domain/reconcile.py).
+        await self.records.put_sandbox(record)
+        self.dirs.make("sandboxes", sandbox_id)
         network: asyncio.Task[AttachResult] | None = None
         try:
             if not host_network:
-                network = await self._create_network(record)
+                network = await self._create_network(record, idmap)
             hostname = config.hostname or (os.uname().nodename if host_network else "")
             self._pod_files(pod_dir, config, hostname)
             state = await self._start_pause(record, config, image_config, rootfs, runtime,
@@ -187,7 +213,7 @@ class Runtime:
             write_public(pod_dir / "hosts", HOSTS + (
                 f"{record.ips[0]}\t{hostname}\n" if record.ips and hostname else ""))
             record.pid = state.pid
-            record.state = "ready"
+            record.state, record.owner = READY, ""
             await self.records.put_sandbox(record)
         except BaseException:
             log.warning("sandbox setup failed; tearing down", sandbox=sandbox_id)
@@ -202,13 +228,17 @@ class Runtime:
                  pid=record.pid)
         return self._info(record)
 
-    async def _create_network(self, record: SandboxRecord) -> asyncio.Task[AttachResult]:
+    async def _create_network(self, record: SandboxRecord, idmap: userns.IdMap | None
+                              ) -> asyncio.Task[AttachResult]:
         """The pod's named netns, then CNI ADD started: its tens of ms of plugin runs go on
         while the pause container is created and started (neither needs the other, only
         the namespace)."""
         record.netns_name = f"shoal-{record.id[:32]}"
-        record.netns_path = await netns.create(record.netns_name)
-        await self.records.put_sandbox(record)
+        record.netns_path = netns.netns_path(record.netns_name)
+        # Claimed before it exists (and CNI ADD runs in it): only claimed namespaces are
+        # ever swept, so another node's `shoal-*` on a shared host is never touched.
+        await self.records.put_sandbox(record, claim_netns=True)
+        await userns.make_netns(Path(record.dir), record.netns_name, idmap)
         await faults.point("executor.sandbox.netns")
         return asyncio.create_task(self.s.cni.add(
             record.id, record.netns_path, runtime_config=record.runtime_config))
@@ -232,9 +262,12 @@ class Runtime:
         """The pause container's rootfs, bundle and process (created, then started)."""
         pause_id = record.id
         rootfs_dir = self.dirs.make("bundles", pause_id) / "rootfs"
-        await mounts.mount_all(rootfs, str(rootfs_dir))
+        pod_dir = Path(record.dir)
+        idmap = userns.pod_idmap(pod_dir)
+        await userns.mount_rootfs(rootfs, str(rootfs_dir), rootfs_dir.parent, pod_dir, idmap)
         await faults.point("executor.sandbox.rootfs")
-        pod = PodContext.of(record.id, config, netns_path=record.netns_path)
+        pod = PodContext.of(record.id, config, idmap, netns_path=record.netns_path,
+                            userns_path=userns.ns_file(pod_dir, idmap))
         spec = build_spec(pod, ContainerContext(
             pause_id, pause_container_config(config), image_config, str(rootfs_dir),
             f"{record.cgroup_parent}/{pause_id}", is_sandbox=True))
@@ -271,24 +304,40 @@ class Runtime:
             await self._monitor(namespace).stop(StopRequest(id=sandbox_id, timeout=0.0))
         except NotFound:
             pass
-        if record.netns_path and record.state != "notready":
-            try:
-                await self.s.cni.delete(sandbox_id, record.netns_path,
-                                        runtime_config=record.runtime_config)
-            except ShoalError as exc:
-                log.warning("CNI DEL failed", sandbox=sandbox_id, error=exc.message)
-        record.state = "notready"
+        await faults.point("executor.sandbox.stopping")
+        await self._detach(record)
+        await faults.point("executor.sandbox.stopped")
+        if record.state != REMOVING:  # a remove under way stays one (a restart finishes it)
+            record.state = NOTREADY
         await self.records.put_sandbox(record)
         return self._info(record)
+
+    async def _detach(self, record: SandboxRecord) -> None:
+        """CNI DEL while the sandbox's netns claim says CNI may hold something (an IP
+        lease, port mappings), then the claim says it does not. A DEL that fails stays
+        owed: the next stop or remove, or the start-up sweep, runs it again."""
+        for claim in await self.records.netns_claims(record.id):
+            if not claim.attached:
+                continue
+            try:
+                await self.s.cni.delete(record.id, claim.path,
+                                        runtime_config=claim.runtime_config)
+            except ShoalError as exc:
+                log.warning("CNI DEL failed", sandbox=record.id, error=exc.message)
+                continue
+            await self.records.netns_detached(claim.name)
 
     async def remove_sandbox(self, sandbox_id: str, namespace: str) -> None:
         record = await self.records.sandbox(sandbox_id)
         if record is None:
             return
-        if record.state != "notready":
+        if record.state not in (NOTREADY, REMOVING):
             await self.stop_sandbox(sandbox_id, namespace)
+        record.state, record.owner = REMOVING, self.owner
+        await self.records.put_sandbox(record)  # the intent: a restart finishes it
         for ctr in await self.records.containers_of(sandbox_id):
             await self.remove_container(ctr.id, namespace)
+        await faults.point("executor.sandbox.removing")
         await self._teardown(record, namespace, forget=True)
 
     async def _teardown(self, record: SandboxRecord, namespace: str, forget: bool) -> None:
@@ -296,29 +345,32 @@ class Runtime:
         setup that failed after the pause process started leaves it running: it is killed
         first, since the supervisor refuses to delete a running task."""
         monitor = self._monitor(namespace)
+        failure: ShoalError | None = None
         try:
             await monitor.stop(StopRequest(id=record.id, signal=9, timeout=0.0))
             await monitor.delete(TaskIdRequest(id=record.id))
         except ShoalError as exc:
             if not isinstance(exc, NotFound):
                 log.warning("deleting the pause task", sandbox=record.id, error=exc.message)
-        if record.netns_path and record.state == "ready":
-            try:
-                await self.s.cni.delete(record.id, record.netns_path,
-                                        runtime_config=record.runtime_config)
-            except ShoalError:
-                pass
+                failure = exc
+        await self._detach(record)
         await mounts.unmount(str(self._bundle_dir(record.id) / "rootfs"))
+        mounts.unmount_below(str(self._bundle_dir(record.id)))
         await mounts.unmount(str(self._sandbox_dir(record.id) / "shm"))
+        await userns.unmount_pod(self._sandbox_dir(record.id))
         if record.netns_name:
             await netns.delete(record.netns_name)
+            await self.records.release_netns(record.netns_name)
         self.dirs.remove(self._bundle_dir(record.id))
         self.dirs.remove(self._sandbox_dir(record.id))
-        if forget:
-            await self.records.delete_sandbox(record.id)
-        else:
-            record.state, record.pid = "notready", 0
+        if not forget:
+            record.state, record.pid, record.owner = NOTREADY, 0, ""
             await self.records.put_sandbox(record)
+        elif failure is not None:
+            raise failure  # the record stays for a retry: without it the pause task leaks
+        else:
+            await faults.point("executor.sandbox.removed")
+            await self.records.delete_sandbox(record.id)
 
     # -- containers --------------------------------------------------------------------
 
@@ -334,6 +386,7 @@ class Runtime:
         check_pod_config(pod_config, self.s.cgroup_roots)
         image = _image_config(image_config, "image config")
         rootfs = confine_rootfs(rootfs, self.s.snapshots_dir)
+        volumes = check_image_volumes(config, self.s.snapshots_dir)
         existing = await self.records.container(container_id)
         if existing is not None and existing.pid:
             return ContainerCreateReply(id=container_id, pid=existing.pid,
@@ -347,8 +400,12 @@ class Runtime:
         bundle_dir = self._bundle_dir(container_id)
         rootfs_dir = bundle_dir / "rootfs"
         pod_dir = self._sandbox_dir(sandbox_id)
+        idmap = userns.pod_idmap(pod_dir)
+        id_maps = await features.check_container(config, idmap, self.s.runtimes.binary(
+            runtime), runtime, self.s.where())
         proc = f"/proc/{sandbox.pid}/ns"
-        pod = PodContext.of(sandbox_id, pod_config, netns_path=sandbox.netns_path,
+        pod = PodContext.of(sandbox_id, pod_config, idmap, netns_path=sandbox.netns_path,
+                            userns_path=userns.ns_file(pod_dir, idmap),
                             pid_ns_path=f"{proc}/pid", ipc_ns_path=f"{proc}/ipc",
                             uts_ns_path=f"{proc}/uts",
                             hostname_path=str(pod_dir / "hostname"),
@@ -359,15 +416,18 @@ class Runtime:
         signal = stop_signal(config, image)
         # The intent first (pid 0 = not made yet): a crash from here on leaves a record that
         # a retry finishes and a remove (or the start-up sweep) undoes.
-        record = ContainerRecord(container_id, sandbox_id, str(bundle_dir), signal, 0)
+        record = ContainerRecord(container_id, sandbox_id, str(bundle_dir), signal, 0,
+                                 owner=self.owner)
         await self.records.put_container(record)
         try:
             self.dirs.make("bundles", container_id)
-            await mounts.mount_all(rootfs, str(rootfs_dir))
+            await userns.mount_rootfs(rootfs, str(rootfs_dir), bundle_dir, pod_dir, idmap)
+            await mount_image_volumes(volumes, config, bundle_dir)
+            sources = await userns.mount_volumes(config, id_maps, bundle_dir, pod_dir, idmap)
             await faults.point("executor.container.rootfs")
             spec = build_spec(pod, ContainerContext(
                 container_id, config, image, str(rootfs_dir),
-                f"{sandbox.cgroup_parent}/{container_id}"))
+                f"{sandbox.cgroup_parent}/{container_id}", mount_sources=sources))
             bundle = await self._write_bundle(container_id, spec)
             state = await self._monitor(namespace).create(MonitorCreateRequest(
                 id=container_id, bundle=str(bundle), log_path=config.log_path,
@@ -382,7 +442,7 @@ class Runtime:
                 log.warning("undoing a failed container create", container=container_id,
                             error=exc.message)
             raise
-        record.pid = state.pid
+        record.pid, record.owner = state.pid, ""
         await self.records.put_container(record)
         return ContainerCreateReply(id=container_id, pid=state.pid, bundle=str(bundle),
                                     stop_signal=signal)
@@ -390,7 +450,17 @@ class Runtime:
     async def start_container(self, container_id: str, namespace: str) -> TaskState:
         if await self.records.container(container_id) is None:
             raise NotFound(f"container {container_id} not found")
-        return await self._monitor(namespace).start(TaskIdRequest(id=container_id))
+        monitor = self._monitor(namespace)
+        try:
+            return await monitor.start(TaskIdRequest(id=container_id))
+        except FailedPrecondition:
+            # A start repeated after its reply was lost (the gateway, this executor or the
+            # supervisor killed meanwhile) finds a short-lived container already exited:
+            # the first start did start it, so the repeat succeeds as on a running one.
+            state = await monitor.state(TaskIdRequest(id=container_id))
+            if state.state == "stopped" and state.started_at > 0:
+                return state
+            raise
 
     async def stop_container(self, container_id: str, timeout: float,
                              namespace: str) -> TaskState:
@@ -414,5 +484,7 @@ class Runtime:
         # Found by id, not by the recorded path: only ever under the run dir.
         bundle = self._bundle_dir(record.id)
         await mounts.unmount(str(bundle / "rootfs"))
+        await unmount_image_volumes(bundle)
+        mounts.unmount_below(str(bundle))  # idmapped volumes, an interrupted mount's layers
         self.dirs.remove(bundle)
         await self.records.delete_container(container_id)

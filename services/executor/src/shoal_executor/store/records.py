@@ -1,8 +1,16 @@
-"""What the executor must remember across restarts to tear down what it set up."""
+"""What the executor must remember across restarts to tear down what it set up.
+
+Every step is recorded before it is taken: a sandbox or container record names its owner
+(the executor process making or removing it) until the operation ends, and a network
+namespace is claimed (`netns` table, in the sandbox record's transaction) before `ip netns
+add` and CNI ADD run and released only after CNI DEL and `ip netns delete`. So what a
+killed executor left half done is known to the next one, and what it made on the host is
+provably this node's."""
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +38,46 @@ CREATE TABLE containers(
     stop_signal INTEGER NOT NULL,
     pid INTEGER NOT NULL
 )
+""", """
+ALTER TABLE sandboxes ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+ALTER TABLE containers ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+CREATE TABLE netns(
+    name TEXT PRIMARY KEY,
+    sandbox_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    runtime_config TEXT NOT NULL,
+    attached INTEGER NOT NULL
+);
+INSERT INTO netns SELECT netns_name, id, netns_path, runtime_config, 1 FROM sandboxes
+    WHERE netns_name != ''
 """]
+
+# Sandbox states: `creating` and `removing` are operations under way (by `owner`); `ready`
+# and `notready` are settled.
+CREATING, READY, NOTREADY, REMOVING = "creating", "ready", "notready", "removing"
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with
+    the pid it names one process for good, however pids are reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+    return stat.rsplit(b")", 1)[-1].split()[19].decode()
+
+
+def owner_token(pid: int | None = None) -> str:
+    """`<pid>:<start time>` of this process (or `pid`): who holds an operation."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_time(pid)}"
+
+
+def owner_alive(token: str) -> bool:
+    """Whether the process that wrote `token` still runs (another replica mid-operation)."""
+    pid, _, started = token.partition(":")
+    return pid.isdigit() and bool(started) and _start_time(int(pid)) == started
 
 
 @dataclass
@@ -40,11 +87,18 @@ class SandboxRecord:
     netns_path: str = ""
     ips: list[str] = field(default_factory=list)
     pid: int = 0
-    state: str = "ready"
+    state: str = CREATING
     created_at: float = 0.0
     dir: str = ""
     runtime_config: dict[str, Any] = field(default_factory=dict)  # CNI runtimeConfig
     cgroup_parent: str = ""
+    owner: str = ""  # owner_token() of the process creating or removing it, "" once settled
+
+    def abandoned(self) -> bool:
+        """An operation under way whose process is gone (killed mid-create or mid-remove);
+        `ready` without a pid is the intent as versions before `creating` wrote it."""
+        return not owner_alive(self.owner) and (
+            self.state in (CREATING, REMOVING) or (self.state == READY and not self.pid))
 
 
 @dataclass
@@ -53,7 +107,23 @@ class ContainerRecord:
     sandbox_id: str
     bundle: str
     stop_signal: int
-    pid: int
+    pid: int  # 0 until its task is made
+    owner: str = ""  # owner_token() of the process creating it, "" once made
+
+    def abandoned(self) -> bool:
+        return not self.pid and not owner_alive(self.owner)
+
+
+@dataclass
+class NetnsClaim:
+    """A network namespace this executor made (or is about to make) for a sandbox, and
+    whether CNI may still hold an attachment (an IP lease, port mappings) in it."""
+
+    name: str
+    sandbox_id: str
+    path: str
+    runtime_config: dict[str, Any]
+    attached: bool
 
 
 class Records:
@@ -66,11 +136,18 @@ class Records:
     async def close(self) -> None:
         await self.db.close()
 
-    async def put_sandbox(self, s: SandboxRecord) -> None:
-        await self.db.transaction(lambda c: c.execute(
-            "INSERT OR REPLACE INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (s.id, s.netns_name, s.netns_path, json.dumps(s.ips), s.pid, s.state,
-             s.created_at, s.dir, json.dumps(s.runtime_config), s.cgroup_parent)))
+    async def put_sandbox(self, s: SandboxRecord, *, claim_netns: bool = False) -> None:
+        """`claim_netns`: also claim its netns (attached), in the same transaction, before
+        the namespace is made and CNI ADD runs."""
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("INSERT OR REPLACE INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                      (s.id, s.netns_name, s.netns_path, json.dumps(s.ips), s.pid, s.state,
+                       s.created_at, s.dir, json.dumps(s.runtime_config), s.cgroup_parent,
+                       s.owner))
+            if claim_netns and s.netns_name:
+                c.execute("INSERT OR REPLACE INTO netns VALUES (?,?,?,?,1)",
+                          (s.netns_name, s.id, s.netns_path, json.dumps(s.runtime_config)))
+        await self.db.transaction(tx)
 
     async def sandbox(self, sandbox_id: str) -> SandboxRecord | None:
         row = await self.db.run(lambda c: c.execute(
@@ -87,8 +164,12 @@ class Records:
 
     async def put_container(self, r: ContainerRecord) -> None:
         await self.db.transaction(lambda c: c.execute(
-            "INSERT OR REPLACE INTO containers VALUES (?,?,?,?,?)",
-            (r.id, r.sandbox_id, r.bundle, r.stop_signal, r.pid)))
+            "INSERT OR REPLACE INTO containers VALUES (?,?,?,?,?,?)",
+            (r.id, r.sandbox_id, r.bundle, r.stop_signal, r.pid, r.owner)))
+
+    async def containers(self) -> list[ContainerRecord]:
+        rows = await self.db.run(lambda c: c.execute("SELECT * FROM containers").fetchall())
+        return [ContainerRecord(**dict(r)) for r in rows]
 
     async def container(self, container_id: str) -> ContainerRecord | None:
         row = await self.db.run(lambda c: c.execute(
@@ -103,6 +184,32 @@ class Records:
     async def delete_container(self, container_id: str) -> None:
         await self.db.transaction(lambda c: c.execute(
             "DELETE FROM containers WHERE id=?", (container_id,)))
+
+
+    # -- network namespace claims ---------------------------------------------------------
+
+    async def netns_claims(self, sandbox_id: str | None = None) -> list[NetnsClaim]:
+        rows = await self.db.run(lambda c: c.execute(
+            "SELECT * FROM netns" if sandbox_id is None else
+            "SELECT * FROM netns WHERE sandbox_id=?",
+            () if sandbox_id is None else (sandbox_id,)).fetchall())
+        return [NetnsClaim(r["name"], r["sandbox_id"], r["path"],
+                           json.loads(r["runtime_config"]), bool(r["attached"]))
+                for r in rows]
+
+    async def netns_detached(self, name: str) -> None:
+        """CNI DEL succeeded: nothing of CNI is left for this namespace."""
+        await self.db.transaction(lambda c: c.execute(
+            "UPDATE netns SET attached=0 WHERE name=?", (name,)))
+
+    async def release_netns(self, name: str) -> None:
+        """The namespace is deleted; the claim goes unless CNI DEL is still owed."""
+        await self.db.transaction(lambda c: c.execute(
+            "DELETE FROM netns WHERE name=? AND attached=0", (name,)))
+
+    async def drop_netns_claim(self, name: str) -> None:
+        await self.db.transaction(lambda c: c.execute(
+            "DELETE FROM netns WHERE name=?", (name,)))
 
 
 def _sandbox(row: sqlite3.Row) -> SandboxRecord:

@@ -11,17 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from shoal_common.errors import Invalid, ShoalError, Unavailable
-from shoal_common.messages import Event
 from shoal_common.messages.images import (
-    ImageCreate,
     ImageInfo,
-    ImageUpdate,
     LayerInfo,
     LayerProgress,
     PullProgress,
@@ -37,6 +33,8 @@ from shoal_common.oci import (
 )
 
 from shoal_puller.domain import metrics
+from shoal_puller.domain.builtin import BuiltinImages
+from shoal_puller.domain.records import Publish, record_image
 from shoal_puller.registry import (
     Credentials,
     Platform,
@@ -45,12 +43,12 @@ from shoal_puller.registry import (
     parse_reference,
     select_manifest,
 )
+from shoal_puller.reserved import is_builtin_host
 from shoal_puller.store.content import ContentStore, DigestMismatch
 from shoal_puller.store.images import ImageStore, ManifestRecord
 
 log = structlog.get_logger("shoal.puller")
 
-Publish = Callable[[Event, str, bool], Awaitable[None]]
 MAX_CONFIG_BYTES = 8 << 20
 PROGRESS_INTERVAL = 0.5
 LEASE_TTL = 3600.0
@@ -80,12 +78,14 @@ class _Layer:
 
 class Puller:
     def __init__(self, content: ContentStore, images: ImageStore, client: RegistryClient,
-                 settings: PullSettings, publish: Publish) -> None:
+                 settings: PullSettings, publish: Publish,
+                 builtins: BuiltinImages | None = None) -> None:
         self.content = content
         self.images = images
         self.client = client
         self.settings = settings
         self.publish = publish
+        self.builtins = builtins or BuiltinImages(content, images, publish)
         self._downloads = asyncio.Semaphore(settings.max_concurrent_downloads)
         self._inflight: dict[tuple[str, str], asyncio.Task[ImageInfo]] = {}
 
@@ -102,6 +102,8 @@ class Puller:
 
     async def _pull(self, namespace: str, req: PullRequest) -> ImageInfo:
         ref = parse_reference(req.ref)
+        if is_builtin_host(ref.domain):
+            return await self.builtins.pull(namespace, ref)  # made here, never fetched
         creds = _credentials(req)
         platform = Platform.parse(req.platform) if req.platform else self.settings.platform
         lease = uuid.uuid4().hex
@@ -171,14 +173,8 @@ class Puller:
         names = [f"{ref.repository}@{top.digest}"]
         if ref.tag:
             names.insert(0, f"{ref.repository}:{ref.tag}")
-        changes = await self.images.put(namespace, names, top.digest, media_type, record, blobs)
-        for change in changes:
-            if change.created or change.changed:
-                cls = ImageCreate if change.created else ImageUpdate
-                await self.publish(cls(name=change.name, target_digest=top.digest,
-                                       manifest_digest=manifest_digest,
-                                       config_digest=record.config_digest,
-                                       layers=record.layers), namespace, True)
+        await record_image(self.images, self.publish, namespace, names, top.digest, media_type,
+                           record, blobs)
         await self._progress(namespace, req, str(ref), layers, finished=True)
         log.info("pulled", ref=str(ref), digest=top.digest, image_id=record.config_digest,
                  bytes=record.size)

@@ -16,11 +16,12 @@ from typing import TypeVar
 
 import structlog
 import yarl
-from shoal_common.errors import ShoalError, Unavailable
+from shoal_common.errors import NotFound, ShoalError, Unavailable
 
 from shoal_puller.config import RegistryHostConfig
 from shoal_puller.registry.reference import DOCKER_HUB, Reference
 from shoal_puller.registry.tls import has_tls_settings, ssl_context
+from shoal_puller.reserved import BUILTIN_HOST, is_builtin_host
 
 log = structlog.get_logger("shoal.puller.registry")
 
@@ -78,6 +79,10 @@ class Endpoints:
 
     def all(self, domain: str) -> list[Endpoint]:
         """Every endpoint of registry `domain`, in the order they are tried."""
+        if is_builtin_host(domain):
+            # Every request goes through here: the reserved host never reaches the network.
+            raise NotFound(f"{BUILTIN_HOST} is Shoal's built-in image host: it is never "
+                           "fetched from a registry")
         cfg = self.config(domain)
         tls = self._ssl_for(domain, cfg)
         out: list[Endpoint] = []

@@ -1,39 +1,85 @@
 """Reading a container's cgroup: usage for stats and the OOM kill counter, on cgroup v1
 (one hierarchy per controller) and v2 (unified).
 
+Which one is decided as runc decides it (libcontainer/cgroups IsCgroup2UnifiedMode): by the
+filesystem mounted at /sys/fs/cgroup, statfs(2)'s f_type. cgroup2 there is the unified
+mode; a tmpfs of v1 hierarchies is v1, even with a cgroup2 at /sys/fs/cgroup/unified
+("hybrid": runc's v1 manager, and the controllers all bound to v1, so v1 files are read).
+
 A cgroup path comes from a request (or /proc/<pid>/cgroup): every file is opened only once
 its directory resolves inside the hierarchy, so no path can make us read elsewhere."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+from shoal_supervisor.domain.inotify import IN_MODIFY, Inotify
 
 ROOT = Path("/sys/fs/cgroup")
+# statfs(2) f_type values (linux/magic.h).
+CGROUP2_SUPER_MAGIC = 0x63677270
+CGROUP_SUPER_MAGIC = 0x27E0EB
+TMPFS_MAGIC = 0x01021994
+UNIFIED, HYBRID, LEGACY = "unified", "hybrid", "legacy"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def fs_type(path: Path) -> int | None:
+    """statfs(2)'s f_type of `path`, None when it cannot be statted. f_type is the first
+    member of struct statfs (a word); the buffer is larger than the whole struct."""
+    buf = ctypes.create_string_buffer(512)
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
+@functools.cache
+def mode(root: Path = ROOT) -> str:
+    """UNIFIED (cgroup2 at `root`), HYBRID (v1 with cgroup2 at `root`/unified) or LEGACY."""
+    if fs_type(root) == CGROUP2_SUPER_MAGIC:
+        return UNIFIED
+    return HYBRID if fs_type(root / "unified") == CGROUP2_SUPER_MAGIC else LEGACY
 
 
 def is_unified(root: Path = ROOT) -> bool:
-    return (root / "cgroup.controllers").exists()
+    return mode(root) == UNIFIED
 
 
-def proc_cgroup(pid: int) -> str:
-    """The cgroup path of a process as its memory controller sees it (v1) or its unified
-    path (v2); "" when the process is gone. This is where runc really put the container,
-    whatever form (absolute, relative, systemd slice) its cgroupsPath had."""
+def parse_proc_cgroup(text: str, unified: bool) -> str:
+    """The cgroup path in a /proc/<pid>/cgroup text: v2's `0::/path` line when unified;
+    on v1 the path of the memory hierarchy (`N:ctrl[,ctrl]:/path` lines; runc puts every
+    controller at the same path), then cpuacct or pids where memory is not mounted."""
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        hierarchy, sep, rest = line.partition(":")
+        controllers, sep2, path = rest.partition(":")
+        if not (sep and sep2):
+            continue
+        if hierarchy == "0" and controllers == "":
+            paths[""] = path
+        for controller in controllers.split(","):
+            paths.setdefault(controller, path)
+    if unified:
+        return paths.get("", "")
+    return next((paths[c] for c in ("memory", "cpuacct", "pids") if c in paths), "")
+
+
+def proc_cgroup(pid: int, unified: bool | None = None) -> str:
+    """The cgroup a process is in; "" when the process is gone. This is where runc really
+    put the container, whatever form (absolute, relative, systemd slice) its cgroupsPath
+    had."""
     try:
         text = Path(f"/proc/{pid}/cgroup").read_text()
     except OSError:
         return ""
-    unified = ""
-    for line in text.splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return path
-        if controllers == "":
-            unified = path
-    return unified
+    return parse_proc_cgroup(text, is_unified() if unified is None else unified)
 
 
 def within(path: Path, root: Path = ROOT) -> bool:
@@ -52,7 +98,8 @@ def _read_int(path: Path | None) -> int | None:
 
 
 def _read_keyed(path: Path | None) -> dict[str, int]:
-    """`key value` lines (memory.stat, memory.oom_control, memory.events, cpu.stat)."""
+    """Flat keyed files, `key value` lines (memory.stat, memory.oom_control, memory.events,
+    cpu.stat)."""
     if path is None:
         return {}
     try:
@@ -76,15 +123,36 @@ class Usage:
     memory_usage_bytes: int
     memory_working_set_bytes: int
     pids: int
+    # cAdvisor's RSS and fault counters (CRI MemoryUsage has fields for them).
+    memory_rss_bytes: int = 0
+    page_faults: int = 0
+    major_page_faults: int = 0
+
+
+@dataclass(frozen=True)
+class _Files:
+    """Where each reading lives: v1 spreads them over controllers' hierarchies and counts
+    children in `total_*` keys of memory.stat; v2 has one directory and plain keys."""
+
+    cpu: tuple[str, str]  # (controller, file)
+    cpu_key: str  # "" = the file is one number in ns; else a cpu.stat key in µs
+    memory: str
+    stat_prefix: str
+    rss_key: str
+
+
+_V1 = _Files(("cpuacct", "cpuacct.usage"), "", "memory.usage_in_bytes", "total_", "rss")
+_V2 = _Files(("cpu", "cpu.stat"), "usage_usec", "memory.current", "", "anon")
 
 
 class Cgroup:
-    """One container's cgroup, given its path inside the hierarchy (e.g. /shoal/<id>)."""
+    """One container's cgroup, given its path inside the hierarchy (e.g. /shoal/<id>).
+    `unified`: the host's mode unless given (tests build either layout anywhere)."""
 
-    def __init__(self, path: str, root: Path = ROOT) -> None:
+    def __init__(self, path: str, root: Path = ROOT, unified: bool | None = None) -> None:
         self.path = path.strip("/")
         self.root = root
-        self.unified = is_unified(root)
+        self.unified = is_unified(root) if unified is None else unified
 
     def dir(self, controller: str) -> Path:
         return self.root / self.path if self.unified else self.root / controller / self.path
@@ -101,35 +169,76 @@ class Cgroup:
         """CPU time, memory and pids now; missing files (cgroup gone) read as 0. The working
         set is usage minus inactive file pages, as kubelet/cAdvisor compute it."""
         now = time.time_ns()
-        if self.unified:
-            cpu = _read_keyed(self.file("", "cpu.stat")).get("usage_usec", 0) * 1000
-            memory = _read_int(self.file("", "memory.current")) or 0
-            inactive = _read_keyed(self.file("", "memory.stat")).get("inactive_file", 0)
-            pids = _read_int(self.file("", "pids.current")) or 0
+        f = _V2 if self.unified else _V1
+        if f.cpu_key:
+            cpu = _read_keyed(self.file(*f.cpu)).get(f.cpu_key, 0) * 1000
         else:
-            cpu = _read_int(self.file("cpuacct", "cpuacct.usage")) or 0
-            memory = _read_int(self.file("memory", "memory.usage_in_bytes")) or 0
-            inactive = _read_keyed(self.file("memory", "memory.stat")).get(
-                "total_inactive_file", 0)
-            pids = _read_int(self.file("pids", "pids.current")) or 0
-        return Usage(now, cpu, memory, max(0, memory - inactive), pids)
+            cpu = _read_int(self.file(*f.cpu)) or 0
+        memory = _read_int(self.file("memory", f.memory)) or 0
+        stat = _read_keyed(self.file("memory", "memory.stat"))
+        inactive = stat.get(f.stat_prefix + "inactive_file", 0)
+        pids = _read_int(self.file("pids", "pids.current")) or 0
+        return Usage(now, cpu, memory, max(0, memory - inactive), pids,
+                     memory_rss_bytes=stat.get(f.stat_prefix + f.rss_key, 0),
+                     page_faults=stat.get(f.stat_prefix + "pgfault", 0),
+                     major_page_faults=stat.get(f.stat_prefix + "pgmajfault", 0))
 
     def oom_kills(self) -> int | None:
         """Processes the kernel OOM-killed in this cgroup; None when it cannot be read (the
         cgroup is gone, or a kernel before 4.13 without the counter)."""
-        if self.unified:
-            values = _read_keyed(self.file("", "memory.events"))
-        else:
-            values = _read_keyed(self.file("memory", "memory.oom_control"))
-        return values.get("oom_kill")
+        return _read_keyed(self.oom_file()).get("oom_kill")
+
+    def oom_file(self) -> Path | None:
+        """v2 memory.events, v1 memory.oom_control: both hold the `oom_kill` counter."""
+        return self.file("memory", "memory.events" if self.unified else "memory.oom_control")
 
     def memory_swap_accounted(self) -> bool:
-        """Whether a memory limit must be paired with a swap limit (v1 with memsw)."""
+        """Whether a memory limit must be paired with a swap limit: the kernel accounts swap
+        (v1: memsw files; v2: memory.swap.max, absent without swap accounting)."""
         if self.unified:
-            path = self.file("", "memory.swap.max")
+            path = self.file("memory", "memory.swap.max")
         else:  # the hierarchy's own file: no request path in it
             path = self.root / "memory" / "memory.memsw.limit_in_bytes"
         return path is not None and path.exists()
+
+
+class OomWatch(Protocol):
+    """A descriptor that becomes readable when the cgroup may have OOM-killed."""
+
+    fd: int
+
+    def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def oom_watch(cgroup: Cgroup) -> OomWatch:
+    """The host's way of being told of OOM events; OSError when it cannot be set up."""
+    return OomEventsWatch(cgroup) if cgroup.unified else OomEventFd(cgroup)
+
+
+class OomEventsWatch:
+    """cgroup v2 OOM notification: memory.events "generates a file modified event" on
+    every change of its counters (cgroup-v2.rst), seen here as inotify IN_MODIFY. The
+    counter read afterwards tells whether it was an oom_kill."""
+
+    def __init__(self, cgroup: Cgroup) -> None:
+        events = cgroup.oom_file()
+        if events is None:
+            raise OSError(f"cgroup {cgroup.path} leaves {cgroup.root}")
+        self._inotify = Inotify()
+        try:
+            self._inotify.add_watch(events, IN_MODIFY)
+        except OSError:
+            self._inotify.close()
+            raise
+        self.fd = self._inotify.fd
+
+    def drain(self) -> None:
+        self._inotify.read()
+
+    def close(self) -> None:
+        self._inotify.close()
 
 
 class OomEventFd:

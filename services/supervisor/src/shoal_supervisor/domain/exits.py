@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from shoal_supervisor.domain import cgroups, monitor
-from shoal_supervisor.domain.cgroups import Cgroup, OomEventFd
+from shoal_supervisor.domain.cgroups import Cgroup, OomWatch
 from shoal_supervisor.domain.inotify import IN_CLOSE_WRITE, IN_MOVED_TO, IN_Q_OVERFLOW, Inotify
 from shoal_supervisor.domain.layout import Layout
 from shoal_supervisor.domain.metrics import EXITS, OOMS
@@ -63,11 +63,11 @@ class ExitWatcher:
         self._outbox = outbox
         self._poll_interval = poll_interval
         self._exit_events: dict[str, asyncio.Event] = {}
-        self._oom_watches: dict[str, OomEventFd] = {}
+        self._oom_watches: dict[str, OomWatch] = {}
+        self._oom_rechecks: set[str] = set()  # task ids with a recheck under way
         self._background: set[asyncio.Task[Any]] = set()
         self._inotify: Inotify | None = None
         self._poller: asyncio.Task[None] | None = None
-        self._unified = cgroups.is_unified()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -146,8 +146,8 @@ class ExitWatcher:
                 task = await self.store.get(listed.id)
                 if task is None or task.state not in LIVE:
                     continue
-                # The eventfd makes OOM kills seen at once; this read (one small file per
-                # live task) is the backstop, and the only way on cgroup v2.
+                # The OOM watch makes kills seen at once; this read (one small file per
+                # live task) is the backstop.
                 task = await self._check_oom(task)
             if check_monitors:
                 await self._check_monitor(task)
@@ -256,12 +256,12 @@ class ExitWatcher:
         return updated
 
     def watch_oom(self, task: TaskRecord) -> None:
-        """cgroup v1: an eventfd per live container, so tasks.oom goes out as the kernel
-        kills, not at the next scan."""
-        if self._unified or not task.cgroup_path or task.id in self._oom_watches:
+        """A watch per live container (v1 eventfd, v2 inotify on memory.events), so
+        tasks.oom goes out as the kernel kills, not at the next scan."""
+        if not task.cgroup_path or task.id in self._oom_watches:
             return
         try:
-            watch = OomEventFd(Cgroup(task.cgroup_path))
+            watch = cgroups.oom_watch(Cgroup(task.cgroup_path))
         except OSError as exc:
             log.warning("cannot watch OOM events; polling instead", task=task.id,
                         error=str(exc))
@@ -283,9 +283,19 @@ class ExitWatcher:
         if watch is None:
             return
         watch.drain()
-        self._spawn(self._recheck_oom(task_id))
+        # v2's memory.events also changes on each memory.high/max event, which may come
+        # in bursts: one recheck at a time per task (the scan is the backstop).
+        if task_id not in self._oom_rechecks:
+            self._oom_rechecks.add(task_id)
+            self._spawn(self._recheck_oom(task_id))
 
     async def _recheck_oom(self, task_id: str) -> None:
+        try:
+            await self._recheck_oom_now(task_id)
+        finally:
+            self._oom_rechecks.discard(task_id)
+
+    async def _recheck_oom_now(self, task_id: str) -> None:
         # The event comes when the cgroup hits its limit, before the kernel has chosen and
         # counted a victim: look again for a moment until the count moves.
         for delay in OOM_RECHECK_DELAYS:

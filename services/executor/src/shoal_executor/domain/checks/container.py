@@ -17,6 +17,7 @@ from shoal_executor.domain.checks.text import (
     check_id,
     check_no_nul,
     check_text,
+    enum_name,
     refuse,
     shown,
 )
@@ -52,6 +53,14 @@ def _check_paths(config: cri.ContainerConfig) -> None:
     for i, m in enumerate(config.mounts):
         check_abs_path(f"{CTR}.mounts[{i}].container_path", m.container_path)
         check_no_nul(f"{CTR}.mounts[{i}].host_path", m.host_path)
+        if m.recursive_read_only:
+            # As kubelet and containerd: read-only below the mount needs it read-only
+            # itself, and no propagation that would bring writable mounts in later.
+            if not m.readonly:
+                raise refuse(f"{CTR}.mounts[{i}].recursive_read_only", "needs readonly")
+            if m.propagation != cri.PROPAGATION_PRIVATE:
+                raise refuse(f"{CTR}.mounts[{i}].recursive_read_only", "conflicts with "
+                             f"propagation {enum_name(cri.MountPropagation, m.propagation)}")
     for i, dev in enumerate(config.devices):
         check_abs_path(f"{CTR}.devices[{i}].host_path", dev.host_path)
         if dev.container_path:
@@ -81,6 +90,9 @@ def _check_security(sec: cri.LinuxContainerSecurityContext) -> None:
         check_id(f"{field}.run_as_group", sec.run_as_group.value)
     for i, gid in enumerate(sec.supplemental_groups):
         check_id(f"{field}.supplemental_groups[{i}]", gid)
+    if sec.supplemental_groups_policy not in cri.SupplementalGroupsPolicy.values():
+        raise refuse(f"{field}.supplemental_groups_policy", f"{sec.supplemental_groups_policy}"
+                     f" is not one of {', '.join(cri.SupplementalGroupsPolicy.keys())}")
     check_text(f"{field}.run_as_username", sec.run_as_username, 256)
     check_no_nul(f"{field}.seccomp_profile_path", sec.seccomp_profile_path)
     check_no_nul(f"{field}.seccomp.localhost_ref", sec.seccomp.localhost_ref)

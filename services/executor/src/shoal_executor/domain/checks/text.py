@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Any
 
 from shoal_common.errors import Invalid
 
@@ -26,6 +27,11 @@ MAX_ID = 2**32 - 2  # uid/gid: (uid_t)-1 means "unchanged" to the kernel
 def shown(value: str) -> str:
     """`value` for a message: quoted with escapes, at most MAX_SHOWN characters of it."""
     return repr(value[:MAX_SHOWN]) + ("..." if len(value) > MAX_SHOWN else "")
+
+
+def enum_name(enum: Any, value: int) -> str:
+    """A protobuf enum value's name, or the number for one the schema does not know."""
+    return str(enum.Name(value)) if value in enum.values() else str(value)
 
 
 def refuse(field: str, why: str) -> Invalid:

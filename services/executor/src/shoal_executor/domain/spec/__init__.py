@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from shoal_executor.domain.cgroups import HostCgroups, host_cgroups
+from shoal_executor.domain.cgroups import HostCgroups, cgroups_path, host_cgroups
 from shoal_executor.domain.spec.capabilities import ALL_CAPS, DEFAULT_CAPS, GRANTABLE_CAPS
 from shoal_executor.domain.spec.context import ContainerContext, PodContext, SpecInput
 from shoal_executor.domain.spec.devices import DEFAULT_DEVICES, devices
 from shoal_executor.domain.spec.mounts import mounts
-from shoal_executor.domain.spec.namespaces import namespaces
+from shoal_executor.domain.spec.namespaces import namespaces, user_namespace
 from shoal_executor.domain.spec.process import (
     DEFAULT_PATH,
     own_oom_score_adj,
@@ -55,7 +55,8 @@ def _annotations(req: SpecInput) -> dict[str, str]:
 def build_spec(pod: PodContext, ctr: ContainerContext,
                cgroups: HostCgroups | None = None) -> dict[str, Any]:
     """`cgroups`: what the host's cgroups can enforce (detected once when not given)."""
-    req = SpecInput(pod, ctr, cgroups or host_cgroups())
+    # On v2 the container's parent may offer fewer controllers than the root.
+    req = SpecInput(pod, ctr, (cgroups or host_cgroups()).below(ctr.cgroups_path))
     # The order the sections are built in decides which fault of a config with several
     # is reported: keep it.
     proc = process(req)
@@ -65,13 +66,14 @@ def build_spec(pod: PodContext, ctr: ContainerContext,
     linux: dict[str, Any] = {
         "namespaces": spec_namespaces,
         "resources": resources(req, device_rules),
-        "cgroupsPath": ctr.cgroups_path,
+        "cgroupsPath": cgroups_path(ctr.cgroups_path, req.host),  # the driver's form
         "devices": device_nodes,
         **confinement(req),
     }
     if propagation:
         linux["rootfsPropagation"] = propagation
     linux.update(sysctls(req))
+    linux.update(user_namespace(req, proc["user"]))
     return {
         "ociVersion": OCI_VERSION,
         "process": proc,

@@ -8,6 +8,7 @@ from typing import Any
 from cri_api.v1 import api_pb2 as cri
 
 from shoal_executor.domain.cgroups import HostCgroups
+from shoal_executor.domain.checks.userns import IdMap
 
 
 @dataclass
@@ -27,12 +28,16 @@ class PodContext:
     host_network: bool = False
     host_pid: bool = False
     host_ipc: bool = False
+    userns: IdMap | None = None  # None: the host's user namespace
+    userns_path: str = ""  # the pod's user namespace, which all its containers join
 
     @classmethod
-    def of(cls, sandbox_id: str, config: cri.PodSandboxConfig, **paths: str) -> PodContext:
+    def of(cls, sandbox_id: str, config: cri.PodSandboxConfig, userns: IdMap | None = None,
+           **paths: str) -> PodContext:
         opts = config.linux.security_context.namespace_options
         return cls(sandbox_id, config, host_network=opts.network == cri.NODE,
-                   host_pid=opts.pid == cri.NODE, host_ipc=opts.ipc == cri.NODE, **paths)
+                   host_pid=opts.pid == cri.NODE, host_ipc=opts.ipc == cri.NODE,
+                   userns=userns, **paths)
 
 
 @dataclass
@@ -44,6 +49,8 @@ class ContainerContext:
     cgroups_path: str
     is_sandbox: bool = False  # the pod's pause container
     extra_env: list[str] = field(default_factory=list)
+    # CRI mount index → what to bind instead of its host path (an idmapped copy of it).
+    mount_sources: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

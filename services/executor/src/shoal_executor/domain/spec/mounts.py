@@ -37,13 +37,16 @@ def default_mounts(readonly_sys: bool) -> list[dict[str, Any]]:
     ]
 
 
-def _bind(dest: str, source: str, propagation: str = "rprivate", readonly: bool = False
-          ) -> dict[str, Any]:
+def _bind(dest: str, source: str, propagation: str = "rprivate", readonly: bool = False,
+          recursive_ro: bool = False) -> dict[str, Any]:
+    # `rro`: read-only all the way down, mounts below the source too (checked: the runtime
+    # takes it, the mount is read-only and private).
+    access = "rro" if recursive_ro else "ro" if readonly else "rw"
     return {"destination": dest, "type": "bind", "source": source,
-            "options": ["rbind", propagation, "ro" if readonly else "rw"]}
+            "options": ["rbind", propagation, access]}
 
 
-def _cri_bind(m: cri.Mount) -> tuple[dict[str, Any], str]:
+def _cri_bind(m: cri.Mount, source: str = "") -> tuple[dict[str, Any], str]:
     """A CRI mount as an OCI bind mount, and the rootfs propagation it needs."""
     if not m.container_path.startswith("/"):
         raise Invalid(f"mount container_path {m.container_path!r} must be absolute")
@@ -53,7 +56,9 @@ def _cri_bind(m: cri.Mount) -> tuple[dict[str, Any], str]:
         # kubelet creates hostPath volumes; a missing one is a caller error.
         raise Invalid(f"mount source {m.host_path} does not exist")
     option, needs = _PROPAGATION.get(m.propagation, _PRIVATE)
-    return _bind(m.container_path, m.host_path, option, m.readonly), needs
+    # `source`: an idmapped copy of the host path the executor made (user namespaces).
+    return _bind(m.container_path, source or m.host_path, option, m.readonly,
+                 m.recursive_read_only), needs
 
 
 def _pod_mounts(req: SpecInput, mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,8 +82,8 @@ def mounts(req: SpecInput) -> tuple[list[dict[str, Any]], str]:
     """The spec's mounts, and the rootfs propagation ("" for the default) they need."""
     out = default_mounts(readonly_sys=not req.privileged)
     propagation = ""
-    for m in req.cfg.mounts:
-        bind, needs = _cri_bind(m)
+    for i, m in enumerate(req.cfg.mounts):
+        bind, needs = _cri_bind(m, req.ctr.mount_sources.get(i, ""))
         out.append(bind)
         propagation = max(propagation, needs, key=_STRENGTH.index)
     return out + _pod_mounts(req, out), propagation

@@ -70,7 +70,8 @@ def user(req: SpecInput) -> User:
         if sec.HasField("run_as_group"):
             group = sec.run_as_group.value
     return resolve_user(req.ctr.rootfs, user_spec, group=group,
-                        supplemental=list(sec.supplemental_groups) if sec else [])
+                        supplemental=list(sec.supplemental_groups) if sec else [],
+                        strict=bool(sec and sec.supplemental_groups_policy == cri.Strict))
 
 
 def _with_default(env: list[str], name: str, value: str, first: bool = False) -> None:
