@@ -81,6 +81,7 @@ async def tail(config: Config, bus: Bus, *, all_nodes: bool, namespace: str | No
                topics: list[str], since: str | None, follow: bool, as_json: bool) -> int:
     types = event_types()
     filters = _filters(config, all_nodes, namespace, topics)
+    policy: dict[str, Any]
     if since:
         policy = {"deliver_policy": DeliverPolicy.BY_START_TIME,
                   "opt_start_time": parse_since(since).isoformat().replace("+00:00", "Z")}

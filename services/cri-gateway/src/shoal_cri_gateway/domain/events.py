@@ -19,7 +19,8 @@ from shoal_cri_gateway.domain.pods import NAMESPACE
 from shoal_cri_gateway.domain.views import Views
 
 # Task event → CRI container event type (and the message type to decode it with).
-TASK_EVENTS: dict[str, tuple[int, type[TaskCreated | TaskStarted | TaskExited | TaskDeleted]]] = {
+TASK_EVENTS: dict[str, tuple[cri.ContainerEventType.ValueType,
+                             type[TaskCreated | TaskStarted | TaskExited | TaskDeleted]]] = {
     TaskCreated.TOPIC: (cri.CONTAINER_CREATED_EVENT, TaskCreated),
     TaskStarted.TOPIC: (cri.CONTAINER_STARTED_EVENT, TaskStarted),
     TaskExited.TOPIC: (cri.CONTAINER_STOPPED_EVENT, TaskExited),
@@ -54,7 +55,8 @@ class ContainerEvents:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    async def _event(self, kind: int, task_id: str) -> cri.ContainerEventResponse | None:
+    async def _event(self, kind: cri.ContainerEventType.ValueType, task_id: str
+                     ) -> cri.ContainerEventResponse | None:
         event = cri.ContainerEventResponse(container_id=task_id, container_event_type=kind,
                                            created_at=time.time_ns())
         meta = self.views.pods.meta

@@ -20,6 +20,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -285,8 +286,8 @@ async def _websocket_session(ws: web.WebSocketResponse, protocol: str, pod_id: s
         forwards = [asyncio.create_task(forward(i, port)) for i, port in enumerate(ports)]
         try:
             # Done when every port's connection ended, or when the client closed.
-            await asyncio.wait([asyncio.gather(*forwards, return_exceptions=True), receiver],
-                               return_when=asyncio.FIRST_COMPLETED)
+            everything: asyncio.Future[Any] = asyncio.gather(*forwards, return_exceptions=True)
+            await asyncio.wait([everything, receiver], return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (*forwards, receiver):
                 task.cancel()

@@ -181,6 +181,8 @@ def pack_headers(headers: Headers) -> bytes:
 
 
 def unpack_headers(block: bytes) -> Headers:
+    pos = 0
+
     def take(n: int) -> bytes:
         nonlocal pos
         if pos + n > len(block):
@@ -189,7 +191,6 @@ def unpack_headers(block: bytes) -> Headers:
         pos += n
         return chunk
 
-    pos = 0
     (count,) = struct.unpack(">I", take(4))
     headers: Headers = {}
     for _ in range(count):

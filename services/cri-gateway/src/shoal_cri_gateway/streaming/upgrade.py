@@ -76,7 +76,7 @@ class Hijacked(web.StreamResponse):
     def __init__(self) -> None:
         super().__init__(status=101)
 
-    async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
+    async def prepare(self, request: web.BaseRequest) -> None:
         return None
 
     async def write_eof(self, data: bytes = b"") -> None:

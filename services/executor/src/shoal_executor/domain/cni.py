@@ -134,7 +134,7 @@ class Cni:
         if not out.strip():
             return prev or {}
         try:
-            return json.loads(out)  # type: ignore[no-any-return]
+            return json.loads(out)
         except ValueError:
             raise Internal(f"CNI plugin {plugin['type']} returned invalid JSON") from None
 
