@@ -317,15 +317,11 @@ class Bus:
                       *, node: str | None = None, namespace: str | None = None,
                       timeout: float | None = None, attempt_timeout: float | None = None,
                       retries: int | None = None, wait_for_service: bool = True) -> RepT:
-        """Send a command and return its typed reply, or raise the ShoalError it answered.
-
-        Each attempt waits `attempt_timeout` (default nats.request_timeout). No responders, a
-        timeout (e.g. the replica died) and `unavailable` replies are retried, up to `retries`
-        times and within the overall deadline (`timeout`, capped by the deadline of the
-        command being handled, if any). Commands are idempotent by the caller's id, so a
-        retry after a lost reply is safe. With `wait_for_service`, no responders (the
-        service is restarting) is retried until the deadline, then answered `unavailable`;
-        probes turn it off to fail fast."""
+        """The typed reply, or raise the ShoalError answered. Each attempt waits
+        `attempt_timeout`; a timeout (a replica died) or `unavailable` is retried up to
+        `retries` times within the deadline (`timeout`, capped by the handled command's).
+        No responders (a restart) is retried until the deadline, then `unavailable`,
+        unless `wait_for_service` is off (probes fail fast)."""
         label = f"{service}.{verb}"
         subject = subjects.command(node or self.node, service, verb)
         attempt_timeout = attempt_timeout or self.config.nats.request_timeout
@@ -372,18 +368,10 @@ class Bus:
                                              f"{min(attempt_timeout, remaining):.1f}s")
                     pause = 0.0
                 else:
-                    status = (msg.headers or {}).get(headers.STATUS, "ok")
-                    metrics.REQUESTS_SENT.labels(label, status).inc()
-                    if status == "ok":
-                        try:
-                            return codec.decode(msg.data, reply_type)
-                        except Invalid as exc:
-                            raise Internal(f"{label}: malformed reply: {exc.message}") from None
-                    try:
-                        err = codec.decode(msg.data, ErrorBody)
-                        error = ShoalError.from_code(err.code, err.message, err.details)
-                    except Invalid:
-                        error = ShoalError.from_code(status, f"{label} failed")
+                    reply = _reply(msg, label, reply_type)
+                    if not isinstance(reply, ShoalError):
+                        return reply
+                    error = reply
                     if error.code not in RETRYABLE:
                         raise error
                     pause = min(0.05 * 2 ** attempt, 1.0)
@@ -494,3 +482,19 @@ class Bus:
             raise Unavailable(f"publishing {topic}: {exc or type(exc).__name__}") from exc
         metrics.EVENTS_PUBLISHED.labels(topic, "ok").inc()
 
+
+def _reply(msg: Msg, label: str, reply_type: type[RepT]) -> RepT | ShoalError:
+    """The typed reply, or the error a peer answered. A reply that does not fit its type is
+    the replier's fault: `internal`, raised at once."""
+    status = (msg.headers or {}).get(headers.STATUS, "ok")
+    metrics.REQUESTS_SENT.labels(label, status).inc()
+    if status == "ok":
+        try:
+            return codec.decode(msg.data, reply_type)
+        except Invalid as exc:
+            raise Internal(f"{label}: malformed reply: {exc.message}") from None
+    try:
+        err = codec.decode(msg.data, ErrorBody)
+        return ShoalError.from_code(err.code, err.message, err.details)
+    except Invalid:
+        return ShoalError.from_code(status, f"{label} failed")
