@@ -267,3 +267,19 @@ async def test_exec_sync_output_larger_than_a_bus_message(shoal: Cri, images: di
         print(f"CRI ExecSync of {len(out) + len(err)} bytes: {time.monotonic() - begin:.2f}s")
     assert reply.exit_code == 4
     assert reply.stdout == out and reply.stderr == err
+
+
+async def test_update_pod_sandbox_resources_is_recorded(shoal: Cri, tmp_path: Path) -> None:
+    """Kubelet resizes the pod's cgroup itself, then tells the runtime (best effort): the
+    pod's config follows; an unknown pod is NOT_FOUND."""
+    config = pod_config(tmp_path, "resized")
+    pod_id = (await shoal.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+              ).pod_sandbox_id
+    await shoal.runtime.UpdatePodSandboxResources(cri.UpdatePodSandboxResourcesRequest(
+        pod_sandbox_id=pod_id[:12], resources=cri.LinuxContainerResources(
+            cpu_shares=512, memory_limit_in_bytes=256 << 20)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await shoal.runtime.UpdatePodSandboxResources(cri.UpdatePodSandboxResourcesRequest(
+            pod_sandbox_id="0" * 64))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    await shoal.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))

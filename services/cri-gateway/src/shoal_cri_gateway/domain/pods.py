@@ -283,6 +283,19 @@ class Pods:
             except ShoalError as exc:
                 log.warning("could not remove an unrecorded task", id=task.id, error=exc.message)
 
+    async def update_pod_resources(self, pod_id: str, request: cri.UpdatePodSandboxResourcesRequest
+                                   ) -> None:
+        """Kubelet has already resized the pod's cgroup (the CRI's contract: best effort,
+        after the fact); the pod's recorded config follows, so status and a restarted
+        gateway report the new pod-level resources."""
+        pod = await self.meta.pod(pod_id)
+        config = _parse(cri.PodSandboxConfig, pod.config)
+        if request.HasField("overhead"):
+            config.linux.overhead.CopyFrom(request.overhead)
+        if request.HasField("resources"):
+            config.linux.resources.CopyFrom(request.resources)
+        await self.meta.set_pod_config(pod.id, config.SerializeToString(deterministic=True))
+
     async def sandbox_state(self, pod: PodRecord) -> str:
         """A pod whose pause process died is NOTREADY even if nobody stopped it."""
         if pod.state != "ready":

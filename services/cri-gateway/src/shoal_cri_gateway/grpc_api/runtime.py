@@ -116,8 +116,9 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     async def CheckpointContainer(self, request: cri.CheckpointContainerRequest,
                                   context: grpc.aio.ServicerContext
                                   ) -> cri.CheckpointContainerResponse:
-        raise Unimplemented("CheckpointContainer: checkpoint/restore is not implemented in "
-                            "Shoal")
+        raise Unimplemented("CheckpointContainer: not implemented in Shoal: it needs CRIU, and "
+                            "CRIU cannot run on the kernels it was built on (`criu check`: "
+                            "'kerndat_vdso_fill_symtable failed' on Linux 6.18)")
 
     @rpc
     async def ListMetricDescriptors(self, request: cri.ListMetricDescriptorsRequest,
@@ -137,8 +138,8 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     async def UpdatePodSandboxResources(self, request: cri.UpdatePodSandboxResourcesRequest,
                                         context: grpc.aio.ServicerContext
                                         ) -> cri.UpdatePodSandboxResourcesResponse:
-        raise Unimplemented("UpdatePodSandboxResources: pod-level resource updates are not "
-                            "implemented; UpdateContainerResources is")
+        await self.pods.update_pod_resources(request.pod_sandbox_id, request)
+        return cri.UpdatePodSandboxResourcesResponse()
 
     @rpc
     async def RuntimeConfig(self, request: cri.RuntimeConfigRequest,

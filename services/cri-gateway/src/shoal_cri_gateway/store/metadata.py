@@ -143,6 +143,10 @@ class Metadata:
                                     f"{p.attempt}) already exists") from None
         await self.db.transaction(tx)
 
+    async def set_pod_config(self, pod_id: str, config: bytes) -> None:
+        await self.db.transaction(lambda c: c.execute(
+            "UPDATE pods SET config=? WHERE id=?", (config, pod_id)))
+
     async def update_pod(self, p: PodRecord) -> None:
         await self.db.transaction(lambda c: c.execute(
             "UPDATE pods SET state=?, ip=?, additional_ips=?, netns_path=? WHERE id=?",
