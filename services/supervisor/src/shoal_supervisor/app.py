@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal_common.catalog import SERVICES
 from shoal_common.messages import Event
 from shoal_common.service import ServiceContext
 
@@ -34,14 +33,13 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SupervisorApp]:
     async def publish(event: Event, namespace: str, event_id: str) -> None:
         await ctx.bus.publish_event(event, namespace=namespace, event_id=event_id)
 
-    # Bundles are the executor's (the same config names its run dir). The state root and
-    # each service's and NATS' run dirs hold every database and credential, so no CRI log
-    # may be written in them; `shoal run` keeps its pods' logs in <run_root>/cli-logs.
+    # Bundles are the executor's (the same config names its run dir). Shoal's own roots
+    # hold every database and credential, so no CRI log may be written in them, but in
+    # <run_root>/cli-logs, where `shoal run` keeps its pods' logs.
     run_root = Path(ctx.config.run_root)
-    private = (Path(ctx.config.state_root), run_root / "nats",
-               *(run_root / svc.name for svc in SERVICES))
     roots = Roots(bundles=ctx.config.run_dir("executor") / "bundles", run_dir=ctx.run_dir,
-                  private=private)
+                  private=(Path(ctx.config.state_root), run_root),
+                  log_dirs=(run_root / "cli-logs",))
     manager = TaskManager(store, layout, ctx.config.services.supervisor.conmon_path, publish,
                           roots, runtimes=ctx.config.runtime)
     try:

@@ -40,6 +40,8 @@ class Roots:
     bundles: Path  # the executor's bundle root: every bundle is a directory right under it
     run_dir: Path  # the supervisor's own: a runtime root, if given, lies under it
     private: tuple[Path, ...] = ()  # Shoal's state and run roots: no CRI log goes there
+    # ...but for these, inside them: where `shoal run` keeps its pods' logs.
+    log_dirs: tuple[Path, ...] = ()
 
 
 def validate_id(task_id: str) -> None:
@@ -94,7 +96,7 @@ def cgroup_path(value: str) -> str:
     return value
 
 
-def log_path(value: str, private: tuple[Path, ...]) -> str:
+def log_path(value: str, private: tuple[Path, ...], allowed: tuple[Path, ...] = ()) -> str:
     """The CRI log file, with its parent resolved: conmon creates it, appends to it and
     replaces it on reopen, as root. Kubelet chooses it (/var/log/pods/...) and makes its
     directory first, so nothing here creates one."""
@@ -110,7 +112,7 @@ def log_path(value: str, private: tuple[Path, ...]) -> str:
     if not stat.S_ISDIR(os.stat(parent).st_mode):
         raise refusal("log_path", value, "has a parent that is not a directory")
     for candidate in (path.parent, parent):
-        refused = _forbidden(candidate, private)
+        refused = _forbidden(candidate, private, allowed)
         if refused is not None:
             raise refusal("log_path", value, f"lies under {refused}")
     _check_dirs(value, parent)
@@ -141,11 +143,14 @@ def _is_cri_log(path: Path) -> bool:
     return _CRI_LINE.match(head) is not None
 
 
-def _forbidden(path: Path, private: tuple[Path, ...]) -> Path | None:
+def _forbidden(path: Path, private: tuple[Path, ...],
+               allowed: tuple[Path, ...] = ()) -> Path | None:
     """The forbidden tree `path` lies in, if any."""
     top = Path(*path.parts[:2])
     if top.name.startswith("lib"):
         return top
+    if any(path.is_relative_to(root) and path != root for root in allowed):
+        return None
     for root in (*SYSTEM_DIRS, *private):
         if path == root or path.is_relative_to(root):
             return root
@@ -183,7 +188,7 @@ def check_create(req: MonitorCreateRequest, roots: Roots, runtimes: RuntimeConfi
     validate_id(req.id)
     bundle_path = bundle(req.bundle, roots.bundles)
     root = runtime_root(req.runtime_root, roots.run_dir)
-    log = log_path(req.log_path, roots.private)
+    log = log_path(req.log_path, roots.private, roots.log_dirs)
     cgroup_path(req.cgroup_path)
     try:
         binary = runtimes.binary(req.runtime_handler)
