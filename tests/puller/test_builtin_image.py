@@ -64,6 +64,7 @@ async def pull(bus: Bus, ref: str) -> PullReply:
 
 async def start(services: ServiceSet, service: str = "puller", *sets: str,
                 env: dict[str, str] | None = None) -> ServiceProcess:
+    sets = (f'cri.sandbox_image="{BUILTIN_PAUSE}"', *sets)  # the default outside tests
     sp = services.start(service, extra=[a for s in sets for a in ("--set", s)], env=env)
     await asyncio.to_thread(services.wait_serving, sp)
     return sp

@@ -104,9 +104,12 @@ class ServiceSet:
         log_dir = self.node.root / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{replica}.log"
+        # Tests name their pause image (extra's --set wins); without one the puller would
+        # make the built-in one and every store would start with its three blobs.
         argv = [sys.executable, "-m", SERVICE_MODULES[service], *self.node.flags(),
                 "--replica-id", replica, "--metrics-addr", "127.0.0.1:0",
-                "--set", "log.format=json", *extra]
+                "--set", "log.format=json",
+                "--set", 'cri.sandbox_image="registry.k8s.io/pause:3.9"', *extra]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     env={**os.environ, **env} if env else None)
