@@ -320,7 +320,9 @@ def test_every_shoal_process_is_an_up_target_with_service_and_node(stack: Stack)
     # Relabeling: the launcher's per-child series carry the child's service (not
     # "launcher"), and no exported_* copies of service/node are left anywhere.
     children = query(stack.prom, f'shoal_launcher_children_running{{node="{NODE}"}}')
-    assert sorted(r["metric"]["service"] for r in children) == sorted(s.name for s in SERVICES)
+    # The embedded nats-server is supervised like the services.
+    assert sorted(r["metric"]["service"] for r in children) == sorted(
+        ["nats", *(s.name for s in SERVICES)])
     assert all(r["value"][1] == "1" for r in children)
     for label in ("exported_service", "exported_node"):
         assert query(stack.prom, f'count({{job="shoal", {label}!=""}})') == [], label
