@@ -7,15 +7,13 @@ One way to define a command handler (`Router.command`), one way to send a comman
 from __future__ import annotations
 
 import asyncio
-import inspect
+import contextlib
 import ssl
 import time
-import typing
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -39,6 +37,7 @@ from shoal_common.errors import (
     Unavailable,
 )
 from shoal_common.messages import ErrorBody, Event, Message
+from shoal_common.router import Command, RequestContext, Router
 from shoal_common.tracing import bind_trace, current_trace_id, deadline_var, new_trace_id
 
 AppT = TypeVar("AppT")
@@ -50,63 +49,13 @@ DEFAULT_NAMESPACE = "default"
 DRAIN_TIMEOUT = 2.0
 log = structlog.get_logger("shoal.bus")
 
-
-@dataclass
-class RequestContext(Generic[AppT]):
-    """What a handler knows about the command it is handling."""
-
-    app: AppT
-    bus: Bus
-    subject: str
-    trace_id: str
-    namespace: str
-    deadline: float
-
-    def remaining(self) -> float:
-        return max(0.0, self.deadline - time.time())
+# Services import what they declare handlers with from here, beside the Bus itself.
+__all__ = ["DEFAULT_NAMESPACE", "Bus", "RequestContext", "Router"]
 
 
-Handler = Callable[[RequestContext[Any], Any], Awaitable[Message]]
-
-
-@dataclass(frozen=True)
-class Command:
-    verb: str
-    request_type: type[Message]
-    handler: Handler
-    queue: bool = True  # False: every replica answers (health)
-    quiet: bool = False  # log at debug, not info (probes)
-
-
-class Router(Generic[AppT]):
-    """The commands one service serves, declared with `@router.command("verb")`.
-
-    The request type is read from the handler's second parameter annotation:
-
-        @router.command("pull")
-        async def pull(ctx: RequestContext[Puller], req: PullRequest) -> PullReply: ...
-    """
-
-    def __init__(self) -> None:
-        self.commands: dict[str, Command] = {}
-
-    def command(self, verb: str, *, queue: bool = True,
-                quiet: bool = False) -> Callable[[Handler], Handler]:
-        def register(fn: Handler) -> Handler:
-            if verb in self.commands:
-                raise ValueError(f"command {verb!r} registered twice")
-            params = list(inspect.signature(fn).parameters)
-            request_type = typing.get_type_hints(fn)[params[1]]
-            self.commands[verb] = Command(verb, request_type, fn, queue, quiet)
-            return fn
-
-        return register
-
-    def include(self, other: Router[Any]) -> None:
-        for verb, cmd in other.commands.items():
-            if verb in self.commands:
-                raise ValueError(f"command {verb!r} registered twice")
-            self.commands[verb] = cmd
+class ConnectionDropped(Exception):
+    """The reply to an attempt in flight is lost: the NATS connection dropped, or a replica
+    of the service announced its start (it may be the one that died holding the request)."""
 
 
 class Bus:
@@ -125,6 +74,11 @@ class Bus:
         self._slots = asyncio.Semaphore(max_concurrency)
         self.serving = False
         self._closing = False
+        # Set (and replaced) when the connection drops: a reply due to an attempt in flight
+        # then is lost for good (NATS does not keep it), so the attempt is over at once.
+        self._dropped = asyncio.Event()
+        self._up = asyncio.Event()  # connected (not reconnecting)
+        self._restarted: dict[str, asyncio.Event] = {}  # service token -> set at a start
 
     # -- connection ------------------------------------------------------------------------
 
@@ -133,11 +87,15 @@ class Bus:
         connected, nats-py reconnects forever and buffers publishes meanwhile."""
 
         async def on_disconnect() -> None:
+            self._up.clear()
+            self._dropped.set()
+            self._dropped = asyncio.Event()
             if not self._closing:
                 log.warning("nats disconnected")
 
         async def on_reconnect() -> None:
             metrics.BUS_RECONNECTS.inc()
+            self._up.set()
             log.info("nats reconnected", url=str(self.nc.connected_url))
 
         async def on_error(exc: Exception) -> None:
@@ -175,6 +133,8 @@ class Bus:
                     reconnected_cb=on_reconnect,
                     error_cb=on_error,
                 )
+                await self.nc.subscribe(subjects.started(self.node, "*"), cb=self._on_started)
+                self._up.set()
                 return
             except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
                 if time.monotonic() + delay > give_up:
@@ -182,6 +142,11 @@ class Bus:
                                       f"{exc or type(exc).__name__}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _on_started(self, msg: Msg) -> None:
+        event = self._restarted.pop(msg.subject.rpartition(".")[2], None)
+        if event is not None:
+            event.set()
 
     @property
     def js(self) -> JetStreamContext:
@@ -197,7 +162,7 @@ class Bus:
                 # nats-py's own drain would wait its 30 s flush timeout.
                 async with asyncio.timeout(DRAIN_TIMEOUT):
                     await self.nc.drain()
-            except (TimeoutError, nats.errors.Error):
+            except (TimeoutError, OSError, nats.errors.Error):  # OSError: the link just broke
                 await self.nc.close()
         elif not self.nc.is_closed:
             await self.nc.close()
@@ -219,6 +184,9 @@ class Bus:
 
             self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg))
         self.serving = True
+        # Callers waiting on a replica that died resend their idempotent commands now
+        # rather than after their attempt timeout.
+        await self.nc.publish(subjects.started(self.node, self.service), b"")
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -345,8 +313,20 @@ class Bus:
                     raise DeadlineExceeded(f"{label}: no reply within {total:.1f}s "
                                            f"({attempt} attempt(s))")
                 try:
-                    msg = await self.nc.request(subject, body, headers=hdrs,
-                                                timeout=min(attempt_timeout, remaining))
+                    msg = await self._attempt(service, subject, body, hdrs,
+                                              min(attempt_timeout, remaining), retries > 0)
+                except ConnectionDropped:
+                    metrics.REQUESTS_SENT.labels(label, "dropped").inc()
+                    error = Unavailable(f"{label}: the bus connection dropped before the reply")
+                    if retries == 0:
+                        raise error from None  # not idempotent: it may have been done
+                    # NATS or a replica was restarted: resend once it is back (sent while
+                    # still reconnecting, a second drop would send it twice more), without
+                    # using up a retry.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, deadline - time.time())):
+                            await self._up.wait()
+                    continue
                 except nats.errors.MaxPayloadError:
                     raise Invalid(f"{label}: the request is {len(body)} bytes, more than the "
                                   f"bus carries ({self.nc.max_payload})") from None
@@ -383,6 +363,27 @@ class Bus:
                     await asyncio.sleep(min(pause, max(0.0, deadline - time.time())))
         finally:
             metrics.REQUEST_SECONDS.labels(label).observe(time.perf_counter() - started)
+
+    async def _attempt(self, service: str, subject: str, body: bytes, hdrs: dict[str, str],
+                       timeout: float, resendable: bool) -> Msg:
+        """One request, cut short by `ConnectionDropped` if the connection drops first or
+        (`resendable`) a replica of `service` starts meanwhile."""
+        events = [self._dropped]
+        if resendable:
+            events.append(self._restarted.setdefault(service, asyncio.Event()))
+        lost = [asyncio.ensure_future(e.wait()) for e in events]
+        sent = asyncio.ensure_future(self.nc.request(subject, body, headers=hdrs,
+                                                     timeout=timeout))
+        try:
+            await asyncio.wait((sent, *lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in lost:
+                waiter.cancel()
+            if not sent.done():
+                sent.cancel()  # its reply future leaves nats-py's map as it is cancelled
+        if not sent.done() or sent.cancelled():
+            raise ConnectionDropped
+        return sent.result()
 
     async def gather(self, service: str, verb: str, message: Message, reply_type: type[RepT],
                      *, node: str | None = None, wait: float = 1.0) -> list[RepT]:

@@ -32,6 +32,7 @@ def _perms(node: str, stream: str, user: str) -> dict[str, Any]:
     events = {"puller": ["images", "content"], "snapshotter": ["snapshots"],
               "executor": [], "supervisor": ["tasks"], "cri-gateway": []}[user]
     publish = [f"shoal.v1.{n}.events.*.{topic}.>" for topic in events]
+    publish += [f"shoal.v1.{n}.started.{own}"]  # "I serve": callers resend what was lost
     # Every service makes sure the events stream exists.
     publish += [f"{JS_API}.STREAM.INFO.{stream}", f"{JS_API}.STREAM.CREATE.{stream}"]
     if user == "snapshotter":
@@ -52,7 +53,7 @@ def _perms(node: str, stream: str, user: str) -> dict[str, Any]:
                     f"{JS_API}.CONSUMER.CREATE.{stream}.>",
                     f"{JS_API}.CONSUMER.DELETE.{stream}.>", f"{JS_API}.CONSUMER.INFO.{stream}.>",
                     "$JS.FC.>", "$JS.ACK.>"]
-    subscribe = [f"shoal.v1.{n}.{own}.>", f"{inbox_prefix(user)}.>"]
+    subscribe = [f"shoal.v1.{n}.{own}.>", f"shoal.v1.{n}.started.*", f"{inbox_prefix(user)}.>"]
     return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe},
             "allow_responses": True}
 

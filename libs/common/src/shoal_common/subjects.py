@@ -16,6 +16,12 @@ def command(node: str, service: str, verb: str) -> str:
     return f"{PREFIX}.{node}.{service}.{verb}"
 
 
+def started(node: str, service: str) -> str:
+    """`shoal.v1.<node>.started.<service>`: a replica announces it serves (core NATS, no
+    body); `service` "*" is the filter every bus subscribes to."""
+    return f"{PREFIX}.{node}.started.{service}"
+
+
 def health(node: str, service: str) -> str:
     return command(node, service, "health")
 
