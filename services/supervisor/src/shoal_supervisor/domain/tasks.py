@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from shoal_common import faults
 from shoal_common.config import RuntimeConfig
 from shoal_common.errors import (
     AlreadyExists,
@@ -213,6 +214,7 @@ class TaskManager:
             # Failed or cancelled: leave no half-made container, files or record.
             await asyncio.shield(self._discard(task))
             raise
+        await faults.point("supervisor.task.created")
         # Where runc really put it; the request's path when the process is already gone.
         cgroup_path = cgroups.proc_cgroup(created.pid) or task.cgroup_path
         updated = await self.store.mark_created(task, created.pid, created.conmon_pid,
@@ -278,12 +280,27 @@ class TaskManager:
             # Taken before the runtime runs the process: a fast exit's time (the exit file's)
             # then never precedes the start.
             started_at = time.time()
-            await _runtime(task).start(task_id)
+            await self._start_once(task)
+            await faults.point("supervisor.task.started")
             # Under the lock: an exit right after start is recorded after the start.
             await self.store.mark_started(task, started_at)
             log.info("task started", task=task_id, pid=task.pid)
         await self._outbox.after_change()
         return (await self.record(task_id)).to_state()
+
+    async def _start_once(self, task: TaskRecord) -> None:
+        """`runc start`, unless an earlier attempt did it: killed between the runtime's
+        start and our record of it, this replica's predecessor left the task `created` in
+        the store while the runtime ran it (and may have seen it exit since)."""
+        runtime = _runtime(task)
+        try:
+            await runtime.start(task.id)
+        except FailedPrecondition:
+            state = await runtime.state(task.id)
+            if state is None or state.get("status") not in ("running", "paused", "stopped"):
+                raise
+            log.info("task was started by an earlier attempt", task=task.id,
+                     status=state.get("status"))
 
     async def state(self, task_id: str) -> TaskState:
         return (await self.record(task_id)).to_state()
