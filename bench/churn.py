@@ -21,16 +21,26 @@ busybox-static, pushed to a local `docker-registry` this script starts) gets:
    netns, cgroups, IP leases, bundles, pod directories, executor and supervisor records
    (tests/support/shoal.py `leftovers_at`).
 
+With `--runtime containerd` the same churn runs against a throwaway containerd 1.6 (its
+CRI plugin, own root, state, socket, subnet and bridge, in a mount namespace of its own;
+`apt-get install -y containerd` first), whose daemon is the one kill target (`--kill
+containerd`, the default there): SIGKILLed, its shims live on, and it is started again at
+once in the same namespace, as systemd's Restart=always would (bench/_containerd_churn.py).
+Leftovers are checked the same way: processes, mounts, netns, cgroups, IP leases, runc state
+and bundles, pod directories, containerd's container and task records.
+
 The engine is tests/support/chaos.py (tests/e2e/test_chaos.py runs it small). Every
 setting (`--kill-every` takes a list; 0 = never) is run `--runs` times, seed `--seed` + run
 number, in turn. It prints one line per run, every failure in full, and a markdown table;
 raw results go to <root>/results.json, each run's logs (everything `shoal up` and its
-children logged) to <root>/run-<n>/shoal-up.log. Nothing is deleted.
+children logged) to <root>/run-<n>/shoal-up.log (containerd: containerd.log). Nothing is
+deleted.
 
     .venv/bin/python bench/churn.py                            # kills every 10 s, 3 runs
     .venv/bin/python bench/churn.py --kill-every 0,10,2 --runs 3
     .venv/bin/python bench/churn.py --kill nats --kill-every 3 --lives 30
     .venv/bin/python bench/churn.py --kill executor,supervisor --seed 7 --runs 1
+    .venv/bin/python bench/churn.py --runtime containerd --kill-every 0,10,2 --runs 3
 """
 
 from __future__ import annotations
@@ -45,16 +55,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import _containerd_churn as ctrd
 import _harness as h
-from support.chaos import (
-    NATS,
-    SERVICES,
-    SLOW,
-    ChaosReport,
-    ChaosSettings,
-    ShoalUp,
-    run_chaos,
-)
+from support.chaos import SLOW, ChaosReport, ChaosSettings, run_chaos
+from support.chaos_nodes import NATS, SERVICES, ShoalUp
 from support.images import busybox_image, pause_image, push
 from support.registry import Registry
 from support.shoal import host_names
@@ -77,10 +81,11 @@ def targets(text: str) -> tuple[str, ...]:
     for name in text.split(","):
         names += (list(SERVICES) if name == "services"
                   else [*SERVICES, NATS] if name == "all" else [name])
-    bad = [n for n in names if n not in (*SERVICES, NATS)]
+    bad = [n for n in names if n not in (*SERVICES, NATS, ctrd.TARGET)]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown kill target(s) {bad}: use services, nats, "
-                                         f"all or {', '.join(SERVICES)}")
+                                         f"all, {', '.join(SERVICES)} or (--runtime "
+                                         f"containerd) {ctrd.TARGET}")
     return tuple(names)
 
 
@@ -102,8 +107,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="more lives are begun until the churn lasted this long (%(default)s)")
     p.add_argument("--kill-every", type=intervals, default=[10.0], metavar="S[,S...]",
                    help="seconds between kills, one setting each; 0 = never (10)")
-    p.add_argument("--kill", type=targets, default=SERVICES, metavar="WHAT",
-                   help="services (default), nats, all, or service names, comma-separated")
+    p.add_argument("--runtime", choices=("shoal", "containerd"), default="shoal",
+                   help="the node churned: a `shoal up` (default) or containerd 1.6")
+    p.add_argument("--kill", type=targets, default=None, metavar="WHAT",
+                   help="services (default), nats, all, or service names, comma-separated; "
+                        "with --runtime containerd: containerd (its daemon; the default)")
     p.add_argument("--runs", type=int, default=3, help="runs per setting (%(default)s)")
     p.add_argument("--seed", type=int, default=1, help="run r uses seed + r (%(default)s)")
     p.add_argument("--survivors", type=int, default=5, help="long-lived pods (%(default)s)")
@@ -117,6 +125,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.lives, args.concurrency, args.runs) < 1 or args.survivors < 0:
         p.error("--lives, --concurrency and --runs must be >= 1")
+    shoal = args.runtime == "shoal"
+    args.kill = args.kill or (SERVICES if shoal else (ctrd.TARGET,))
+    if shoal == (ctrd.TARGET in args.kill) or (not shoal and set(args.kill) != {ctrd.TARGET}):
+        p.error(f"--kill {ctrd.TARGET} (the daemon) goes with --runtime containerd, and only "
+                "it")
+    if not shoal and (problem := ctrd.missing()):
+        p.error(problem)
     return args
 
 
@@ -138,13 +153,22 @@ def free_net() -> int:
     raise RuntimeError(f"no free subnet 10.210.N.0/24: leases under {LEASES}")
 
 
-async def one_run(root: Path, n: int, images: dict[str, str],
-                  settings: ChaosSettings) -> ChaosReport:
+async def one_run(root: Path, n: int, images: dict[str, str], settings: ChaosSettings,
+                  args: argparse.Namespace, registry: Registry) -> tuple[ChaosReport, Path]:
+    """One run; what it saw, and where its node logged."""
+    if args.runtime == "containerd":
+        subnet, bridge = ctrd.free_network()
+        node = ctrd.ContainerdUp(root / f"run-{n}", images, registry.host, subnet, bridge)
+        try:
+            return (await run_chaos(node, settings, host_names(), spawn=h.spawn,
+                                    ours=ancestors()), node.log_path)
+        finally:
+            node.close(ancestors())
     net = free_net()
     up = ShoalUp(root / f"run-{n}", f"churn{n}", images, SUBNET.format(n=net),
                  f"shoalchurn{net}")
     before = host_names()
-    return await run_chaos(up, settings, before, spawn=h.spawn, ours=ancestors())
+    return await run_chaos(up, settings, before, spawn=h.spawn, ours=ancestors()), up.log_path
 
 
 def print_run(n: int, every: float, report: ChaosReport, log: Path) -> None:
@@ -187,9 +211,10 @@ async def main_async(args: argparse.Namespace, root: Path, registry: Registry
     for every in args.kill_every:
         for r in range(args.runs):
             n += 1
-            report = await one_run(root, n, images, settings_of(args, every, args.seed + r))
+            report, log = await one_run(root, n, images, settings_of(args, every, args.seed + r),
+                                        args, registry)
             results.append((every, report))
-            print_run(n, every, report, root / f"run-{n}" / "shoal-up.log")
+            print_run(n, every, report, log)
             (root / "results.json").write_text(json.dumps(
                 [{"kill_every": e, **rep.as_json()} for e, rep in results], indent=1))
     return results

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 from shoal_cli.supervision import HEALTHY_AFTER, RestartPolicy
-from support.chaos import NATS, SERVICES, ChaosReport, ChaosSettings, ShoalUp, run_chaos
+from support.chaos import ChaosReport, ChaosSettings, run_chaos
+from support.chaos_nodes import NATS, SERVICES, ShoalUp
 from support.shoal import host_names, images_fixture  # noqa: F401
 
 pytestmark = pytest.mark.e2e

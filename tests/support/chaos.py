@@ -1,7 +1,8 @@
 """Crash boundaries of a whole node: pod lives driven through the CRI as kubelet drives
 them, while a random Shoal process is SIGKILLed every few seconds and `shoal up` restarts
 it; then what every life saw, whether long-lived containers kept their processes, and what
-was left on the host. tests/e2e/test_chaos.py runs it small; bench/churn.py runs it big.
+was left on the host (chaos_nodes.py: on what). tests/e2e/test_chaos.py runs it small;
+bench/churn.py runs it big.
 
 A life: RunPodSandbox -> CreateContainer -> StartContainer of busybox `sh -c 'sleep S;
 echo LINE; exit CODE'` -> wait for its exit (ContainerStatus, as kubelet's PLEG polls) ->
@@ -24,7 +25,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,14 +36,11 @@ import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
-from support.ports import free_port
-from support.processes import SERVICE_MODULES, Node, metrics_sets, pids_mentioning, shoal_up_argv
-from support.shoal import leftovers_at
+from support import chaos_nodes as nodes
+from support.chaos_nodes import SERVICES, ChaosNode, Spawn
 
 T = TypeVar("T")
 
-NATS = "nats"  # the embedded nats-server, as a kill target
-SERVICES = tuple(SERVICE_MODULES)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 MAX_ATTEMPTS = 3  # creates of one object, each with the next attempt number
 RETRY_PAUSE = 0.5  # between kubelet's tries of one call
@@ -105,8 +102,9 @@ class ChaosReport:
     kills: list[Kill] = field(default_factory=list)
     life_seconds: list[float] = field(default_factory=list)
     churn_seconds: float = 0.0
-    restarts: int = 0  # "child exited; restarting" lines of the launcher
-    up_exit: int | None = None  # shoal up's exit code after SIGINT (None: it was killed)
+    restarts: int = 0  # restarts of what was killed ("child exited; restarting" of shoal up)
+    up_exit: int | None = None  # the runtime's exit code when stopped (None: it was killed)
+    runtime: str = "shoal up"
 
     @property
     def clean(self) -> bool:
@@ -122,7 +120,7 @@ class ChaosReport:
                 f"{self.restarts} restarts; failed calls {len(self.failures)}, slow calls "
                 f"{len(self.slow)}, "
                 f"lost/wrong exits {len(self.exits)}, survivors lost {len(self.survivors)}, "
-                f"leaked {len(self.leaks)}, ghosts {len(self.ghosts)}, shoal up exit "
+                f"leaked {len(self.leaks)}, ghosts {len(self.ghosts)}, {self.runtime} exit "
                 f"{self.up_exit}")
 
     def as_json(self) -> dict[str, object]:
@@ -145,111 +143,6 @@ class ChaosReport:
 
 class CallFailed(Exception):
     """A CRI call that still failed after kubelet's retries (already recorded)."""
-
-
-# --------------------------------------------------------------------------- shoal up
-
-
-Spawn = Callable[[list[str], Path], "subprocess.Popen[bytes]"]
-
-
-def _popen(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-
-
-@dataclass
-class ShoalUp:
-    """One `shoal up` under `root` (embedded secured NATS on a free port, every metrics
-    port free), running pods from `images` on its own subnet and bridge. Everything it
-    and its children log goes to `log_path`."""
-
-    root: Path
-    node_id: str
-    images: dict[str, str]
-    subnet: str  # e.g. "10.220.1.0/24"
-    bridge: str
-    extra: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def __post_init__(self) -> None:
-        self.port = free_port()
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def node(self) -> Node:
-        return Node(self.node_id, f"nats://127.0.0.1:{self.port}", self.root)
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "shoal-up.log"
-
-    @property
-    def subnet_prefix(self) -> str:
-        return ".".join(self.subnet.split(".")[:3]) + "."
-
-    def argv(self) -> list[str]:
-        sets = [f"nats.embedded.listen=127.0.0.1:{self.port}", "log.format=json",
-                *metrics_sets(), f'cri.sandbox_image="{self.images["pause"]}"',
-                f'services.executor.pod_subnet="{self.subnet}"',
-                f'services.executor.cni_bridge="{self.bridge}"', *self.extra]
-        return shoal_up_argv(self.root, self.node_id, sets)
-
-    async def start(self, spawn: Spawn = _popen, timeout: float = 90) -> None:
-        """Start it (`spawn`: how; from the main thread if it sets PR_SET_PDEATHSIG) and
-        wait until every replica answered health and CRI Status says RuntimeReady."""
-        self.proc = spawn(self.argv(), self.log_path)
-        targets = self.node.run_root / "prometheus-targets.json"
-        end = time.monotonic() + timeout
-        while not targets.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"shoal up exited {self.proc.returncode}:\n{self.tail()}")
-            if time.monotonic() > end:
-                raise RuntimeError(f"shoal up not ready in {timeout:g} s:\n{self.tail()}")
-            await asyncio.sleep(0.1)
-        await until_runtime_ready(self.node.cri_socket, timeout)
-
-    def tail(self, size: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-size:]
-
-    def pids_of(self, target: str) -> list[int]:
-        if target == NATS:
-            return pids_mentioning(str(self.node.run_root / "nats" / "nats-server.conf"))
-        return pids_mentioning(f"-m {SERVICE_MODULES[target]} --node-id {self.node_id} ")
-
-    def restarts(self) -> int:
-        return self.log_path.read_text(errors="replace").count('"child exited; restarting"')
-
-    async def stop(self, timeout: float = 90) -> int | None:
-        """SIGINT, as Ctrl-C: its exit code, or None if it had to be killed. The pods'
-        bridge is deleted after."""
-        code: int | None = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGINT)
-            try:
-                code = await asyncio.to_thread(self.proc.wait, timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                await asyncio.to_thread(self.proc.wait)
-        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
-        return code
-
-
-async def until_runtime_ready(sock: Path, limit: float) -> None:
-    """Until CRI Status answers RuntimeReady (a fresh channel each time: a kept one would
-    wait out gRPC's reconnect backoff)."""
-    end = time.monotonic() + limit
-    while True:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            async with grpc.aio.insecure_channel(f"unix://{sock}") as channel:
-                status = await cri_grpc.RuntimeServiceStub(channel).Status(
-                    cri.StatusRequest(), timeout=2)
-            if all(c.status for c in status.status.conditions if c.type == "RuntimeReady"):
-                return
-        if time.monotonic() > end:
-            raise RuntimeError(f"CRI not RuntimeReady within {limit:g} s")
-        await asyncio.sleep(0.2)
 
 
 # --------------------------------------------------------------------------- kubelet
@@ -526,7 +419,7 @@ async def check_survivors(k: Kubelet, survivors: Sequence[Survivor]) -> list[str
 # --------------------------------------------------------------------------- a run
 
 
-async def killer(up: ShoalUp, settings: ChaosSettings, report: ChaosReport) -> None:
+async def killer(up: ChaosNode, settings: ChaosSettings, report: ChaosReport) -> None:
     """SIGKILL a random target every `kill_every` seconds, whatever it is doing."""
     rng = random.Random(f"{settings.seed}:kill")
     t0 = time.monotonic()
@@ -554,9 +447,9 @@ async def listed_leftovers(k: Kubelet, survivors: Sequence[Survivor]) -> list[st
                for c in ctrs.containers if c.id not in keep])
 
 
-async def churn_on(up: ShoalUp, settings: ChaosSettings, report: ChaosReport) -> None:
+async def churn_on(up: ChaosNode, settings: ChaosSettings, report: ChaosReport) -> None:
     """Survivors, then the churn under kills, then the checks that need the node up."""
-    async with grpc.aio.insecure_channel(f"unix://{up.node.cri_socket}",
+    async with grpc.aio.insecure_channel(f"unix://{up.cri_socket}",
                                          options=CHANNEL_OPTIONS) as channel:
         k = Kubelet(channel, settings, report)
         await k.img.PullImage(cri.PullImageRequest(image=_image(up.images)), timeout=120)
@@ -576,75 +469,29 @@ async def churn_on(up: ShoalUp, settings: ChaosSettings, report: ChaosReport) ->
                 await asyncio.gather(kills, return_exceptions=True)
         report.churn_seconds = round(time.monotonic() - start, 1)
         # Whatever was killed last is back before anything is judged.
-        await until_runtime_ready(up.node.cri_socket, 60)
+        await nodes.until_runtime_ready(up.cri_socket, 60)
         report.survivors = await check_survivors(k, survivors)
         report.leaks += await listed_leftovers(k, survivors)
         for s in survivors:
             await Churn(k, up.images, up.root).remove_pod(-1, s.pod_id)
 
 
-async def run_chaos(up: ShoalUp, settings: ChaosSettings, before: set[str],
-                    spawn: Spawn = _popen, ours: set[int] | None = None) -> ChaosReport:
-    """One run on a fresh `shoal up`: start it, churn, stop it (SIGINT) and list what is
-    left. `before`: host_names() before it started; `ours`: pids that may name its root
-    and are not Shoal's (the caller's ancestors)."""
-    report = ChaosReport(settings)
+async def run_chaos(up: ChaosNode, settings: ChaosSettings, before: set[str],
+                    spawn: Spawn = nodes.popen, ours: set[int] | None = None) -> ChaosReport:
+    """One run on a fresh node (a `shoal up`, or another ChaosNode): start it, churn, stop
+    it (`shoal up`: SIGINT) and list what is left. `before`: host_names() before it
+    started; `ours`: pids that may name its root and are not the node's (the caller's
+    ancestors)."""
+    report = ChaosReport(settings, runtime=up.name)
     await up.start(spawn)
     try:
         await churn_on(up, settings, report)
     finally:
         # What is still listed was counted already: remove it, so that a run cut short
         # leaves no container running either.
-        await remove_every_pod(up.node.cri_socket)
+        await nodes.remove_every_pod(up.cri_socket)
         report.up_exit = await up.stop()
         report.restarts = up.restarts()
-    report.leaks += leftovers_at(up.node, up.log_path.read_text(errors="replace"),
-                                 ours or set(), up.subnet_prefix, before)
-    scrub(report.leaks, set(pids_mentioning(str(up.root))) - (ours or set()))
+    report.leaks += up.leftovers(before, ours or set())
+    up.scrub(report.leaks, ours or set())
     return report
-
-
-def scrub(leaks: Sequence[str], pids: set[int]) -> None:
-    """Undo what a run leaked (and reported), so that it is not left on the host for the
-    next run or test: kill `pids` (which name the run's root) and the processes in leaked
-    cgroups, then unmount, delete network namespaces, cgroups and IP leases."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for leak in leaks:
-        kind, _, what = leak.partition(" ")
-        if kind == "cgroup":
-            with contextlib.suppress(OSError, ValueError):
-                for pid in Path(what, "cgroup.procs").read_text().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-    time.sleep(0.2)  # the killed leave their cgroups
-    for leak in leaks:
-        kind, _, what = leak.partition(" ")
-        if kind == "mount":
-            subprocess.run(["umount", "-l", what], capture_output=True, check=False)
-        elif kind == "netns":
-            subprocess.run(["ip", "netns", "delete", what], capture_output=True, check=False)
-        elif kind == "cgroup":
-            with contextlib.suppress(OSError):
-                os.rmdir(what)
-        elif leak.startswith("ip lease "):
-            Path("/var/lib/cni/networks/shoal", leak.removeprefix("ip lease ")).unlink(
-                missing_ok=True)
-
-
-async def remove_every_pod(sock: Path) -> None:
-    """Best effort: every pod the CRI lists, stopped and removed (one that fails is left
-    for the leftovers check to name)."""
-    async with grpc.aio.insecure_channel(f"unix://{sock}") as channel:
-        rt = cri_grpc.RuntimeServiceStub(channel)
-        try:
-            pods = (await rt.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=20)).items
-        except grpc.aio.AioRpcError:
-            return
-        for pod in pods:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id),
-                                        timeout=60)
-                await rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id),
-                                          timeout=60)
