@@ -1,13 +1,16 @@
-"""Crash boundaries: the gateway and the executor SIGKILLed (shoal_common.faults) at each
-step of RunPodSandbox, CreateContainer, StopPodSandbox and RemovePodSandbox, and restarted.
+"""Crash boundaries: the gateway, the executor and the supervisor SIGKILLed
+(shoal_common.faults) at each step of RunPodSandbox, CreateContainer, StopPodSandbox and
+RemovePodSandbox, and restarted.
 kubelet's retry of the call succeeds, and once the pod is removed nothing of it is left:
 no process, mount, netns, cgroup, IP lease, bundle, pod directory or record.
 
 One node per killed service, shared by its steps (support.kill_steps arms one step at a
-time). The gateway's steps run one after another. A killed executor costs a create 30 s:
-the gateway resends an executor create only after 30 s of silence (TasksClient.ATTEMPT).
-So the executor's scenarios start in the background with the module, its kills one at a
-time and the creates' waits overlapping; each executor test awaits its own outcome."""
+time). The gateway's and the supervisor's steps run one after another. The executor's
+scenarios start in the background with the module, its kills one at a time, and each
+executor test awaits its own outcome: a create held by a killed executor is resent when
+its successor announces its start (Bus: `started`), and only after 30 s of silence
+(TasksClient.ATTEMPT) if that announcement were lost, so overlapping them bounds the
+module's time either way."""
 
 from __future__ import annotations
 
