@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
@@ -102,21 +100,7 @@ class Bus:
             log.warning("nats error", error=str(exc))
 
         cfg = self.config.nats
-        auth: dict[str, Any] = {}
-        if cfg.user:
-            try:
-                password = Path(cfg.password_file).read_text().strip() if cfg.password_file \
-                    else ""
-            except OSError as exc:
-                raise Unavailable(f"NATS password file {cfg.password_file}: "
-                                  f"{exc.strerror}") from None
-            auth = {"user": cfg.user, "password": password,
-                    "inbox_prefix": nats_auth.inbox_prefix(cfg.user)}
-        if cfg.tls_ca:
-            context = ssl.create_default_context(cafile=cfg.tls_ca)
-            if cfg.tls_cert:
-                context.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
-            auth["tls"] = context
+        auth = nats_auth.connect_options(cfg)
         give_up = time.monotonic() + wait
         delay = 0.1
         while True:

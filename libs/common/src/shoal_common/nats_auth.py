@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import ssl
 from pathlib import Path
 from typing import Any
 
+from shoal_common.config import NatsConfig
+from shoal_common.errors import Unavailable
 from shoal_common.fs import private_dir
 
 ADMIN = "admin"
@@ -23,6 +26,25 @@ JS_API = "$JS.API"
 
 def inbox_prefix(user: str) -> str:
     return f"_INBOX_{user}" if user else "_INBOX"
+
+
+def connect_options(cfg: NatsConfig) -> dict[str, Any]:
+    """nats-py's connect() arguments for this process's user and TLS settings."""
+    options: dict[str, Any] = {}
+    if cfg.user:
+        try:
+            password = Path(cfg.password_file).read_text().strip() if cfg.password_file else ""
+        except OSError as exc:
+            raise Unavailable(f"NATS password file {cfg.password_file}: "
+                              f"{exc.strerror}") from None
+        options = {"user": cfg.user, "password": password,
+                   "inbox_prefix": inbox_prefix(cfg.user)}
+    if cfg.tls_ca:
+        context = ssl.create_default_context(cafile=cfg.tls_ca)
+        if cfg.tls_cert:
+            context.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+        options["tls"] = context
+    return options
 
 
 def _perms(node: str, stream: str, user: str) -> dict[str, Any]:
