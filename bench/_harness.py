@@ -9,6 +9,7 @@ cleans up in order) with PR_SET_PDEATHSIG, so nothing outlives a benchmark kille
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -17,6 +18,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import statistics
@@ -25,12 +27,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -46,6 +48,8 @@ from support.images import (  # noqa: E402
 from support.ports import free_port  # noqa: E402
 from support.processes import SERVICE_MODULES, Node, ServiceProcess, ServiceSet  # noqa: E402
 from support.processes import pids_mentioning as support_pids_mentioning  # noqa: E402
+
+T = TypeVar("T")
 
 MB = 1_000_000  # sizes and rates are decimal megabytes
 DOC = REPO / "docs" / "benchmarks.md"
@@ -73,27 +77,26 @@ def process_cpu(pid: int, *, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def process_rss(pid: int) -> int:
-    """Resident set size in bytes (VmRSS of /proc/<pid>/status; 0 once it is gone)."""
+def _proc_kb(path: str, key: str) -> int:
+    """The `key:` line of a /proc file that counts kB, in bytes (0 once it is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def process_rss(pid: int) -> int:
+    """Resident set size in bytes (VmRSS of /proc/<pid>/status; 0 once it is gone)."""
+    return _proc_kb(f"/proc/{pid}/status", "VmRSS:")
 
 
 def process_pss(pid: int) -> int:
     """Proportional set size in bytes (shared pages divided among their sharers; from
     /proc/<pid>/smaps_rollup; 0 once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def process_name(pid: int) -> str:
@@ -101,6 +104,14 @@ def process_name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main), then SIGTERM unwinds like Ctrl-C again (the loop's exit reset it)."""
+    try:
+        return asyncio.run(main)
+    finally:
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 async def run_then_close(run: Awaitable[None], close: Callable[[], Awaitable[None]]) -> None:
@@ -223,6 +234,40 @@ def bench_root(name: str, root: Path | None, started: datetime) -> Path:
     path = (root or Path(f"/tmp/shoal-bench-{name}-{started:%Y%m%d-%H%M%S}")).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def begin(script: str, root: Path | None, argv: Sequence[str] | None
+          ) -> tuple[LoadMeter, Path, str]:
+    """The start of a benchmark `script` (its __file__; bench/pull_unpack.py is named
+    pull-unpack): its load meter, its state root (made, and printed) and its command line
+    as the report shows it."""
+    name = Path(script).stem.replace("_", "-")
+    meter = LoadMeter()
+    path = bench_root(name, root, meter.started)
+    command = shlex.join([".venv/bin/python", f"bench/{Path(script).name}",
+                          *(sys.argv[1:] if argv is None else argv)])
+    print(f"state under {path}", flush=True)
+    return meter, path, command
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def number(p: argparse.ArgumentParser, flag: str, default: float, text: str) -> None:
+    """A numeric option of its default's type, whose help ends with that default."""
+    p.add_argument(flag, type=type(default), default=default,
+                   help=f"{text} (default: %(default)s)")
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, *,
+          root: str) -> argparse.Namespace:
+    """Parse `argv` after adding the last options of a benchmark that writes a docs section:
+    --root (`root` names the default directory, before its -<timestamp>), --update-docs."""
+    p.add_argument("--root", type=Path, default=None,
+                   help=f"where state goes (default: /tmp/{root}-<timestamp>); never deleted")
+    p.add_argument("--update-docs", action="store_true",
+                   help=f"write the results into {DOC.relative_to(REPO)}")
+    return p.parse_args(argv)
 
 
 # --------------------------------------------------------------------------- statistics

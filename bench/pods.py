@@ -36,8 +36,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -495,25 +493,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "stop+remove latency and memory through the CRI: by default Shoal "
                     "against containerd 1.6 (both started by this script), or any CRI "
                     "sockets given with --socket.")
-    p.add_argument("--pods", type=int, default=50,
-                   help="pods started one after another per runtime (default: %(default)s)")
-    p.add_argument("--burst", type=int, default=20,
-                   help="pods started at once per round (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="concurrent rounds per runtime (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3,
-                   help="unmeasured pods per runtime first (default: %(default)s)")
+    h.number(p, "--pods", 50, "pods started one after another per runtime")
+    h.number(p, "--burst", 20, "pods started at once per round")
+    h.number(p, "--rounds", 3, "concurrent rounds per runtime")
+    h.number(p, "--warmup", 3, "unmeasured pods per runtime first")
     p.add_argument("--socket", action="append", default=[], metavar="NAME=PATH",
                    help="measure this running CRI endpoint instead of starting Shoal and "
                         "containerd; repeatable; needs --image; no memory figures")
     p.add_argument("--image", default="",
                    help="with --socket: the container image (the runtime pulls it first)")
-    p.add_argument("--root", type=Path, default=None,
-                   help="where state goes (default: /tmp/shoal-bench-pods-<timestamp>); "
-                        "never deleted")
-    p.add_argument("--update-docs", action="store_true",
-                   help=f"write the results into {h.DOC.relative_to(h.REPO)}")
-    args = p.parse_args(argv)
+    args = h.parse(p, argv, root="shoal-bench-pods")
     if min(args.pods, args.burst, args.rounds) < 1 or args.warmup < 0:
         p.error("--pods, --burst and --rounds must be >= 1")
     if args.socket and not args.image:
@@ -550,11 +539,7 @@ def leftovers(root: Path, pod_ids: set[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    meter = h.LoadMeter()
-    root = h.bench_root("pods", args.root, meter.started)
-    command = shlex.join([".venv/bin/python", "bench/pods.py",
-                          *(sys.argv[1:] if argv is None else argv)])
-    print(f"state under {root}", flush=True)
+    meter, root, command = h.begin(__file__, args.root, argv)
     bench = Bench(args, root)
     all_pods: set[str] = set()
     try:
@@ -591,9 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             shoal_profile(services)),
                     Runtime("containerd", str(ctrd.socket), image, containerd_rss(ctrd))]
             try:
-                asyncio.run(h.run_then_close(bench.run(), bench.close))
+                h.run_loop(h.run_then_close(bench.run(), bench.close))
             finally:
-                signal.signal(signal.SIGTERM, h.interrupt)  # the loop's exit reset it
                 all_pods = {s.pod_id for s in bench.starts}
                 for rt in bench.runtimes:
                     all_pods |= rt.pods

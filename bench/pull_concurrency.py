@@ -40,12 +40,13 @@ from pathlib import Path
 
 import _harness
 import aiohttp
-from _harness import DOC, MB, REPO, cpu_ticks, interrupt, machine, process_cpu
+from _harness import DOC, MB, cpu_ticks, interrupt, machine, process_cpu
 from aiohttp import web
 from shoal_common.bus import Bus
 from shoal_common.config import load_config
 from shoal_common.messages.images import PullReply, PullRequest
 from shoal_puller.config import PullerConfig
+from support.faulty_registry import serve_locally
 from support.nats import nats_server
 from support.processes import Node, ServiceProcess, ServiceSet
 from support.registry import Registry
@@ -144,14 +145,7 @@ class ThrottlingProxy:
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve_locally(self._handle)
         self._session = aiohttp.ClientSession(auto_decompress=False, trust_env=False)
 
     async def stop(self) -> None:
@@ -444,28 +438,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
                    default="1,2,3,4,6,8", metavar="N,N,...",
                    help="values of max_concurrent_downloads to measure (default: %(default)s)")
-    p.add_argument("--repetitions", type=int, default=3,
-                   help="pulls per N, shape and network (default: %(default)s)")
+    _harness.number(p, "--repetitions", 3, "pulls per N, shape and network")
     p.add_argument("--shape", dest="shapes", type=parse_shape, action="append",
                    metavar="NAME=MB,MB,...",
                    help="an image shape: layer sizes in MB, COUNTxMB repeats one; repeatable "
                         f"(default: {' '.join(DEFAULT_SHAPES)})")
-    p.add_argument("--latency-ms", type=float, default=50.0,
-                   help="proxy delay before the first byte of every request "
-                        "(default: %(default)s)")
-    p.add_argument("--bandwidth", type=float, default=8.0,
-                   help="proxy cap per connection, MB/s; 0: none (default: %(default)s)")
-    p.add_argument("--total-bandwidth", type=float, default=0.0,
-                   help="proxy cap on all connections together, MB/s; 0: none "
-                        "(default: %(default)s)")
+    _harness.number(p, "--latency-ms", 50.0, "proxy delay before the first byte of every request")
+    _harness.number(p, "--bandwidth", 8.0, "proxy cap per connection, MB/s; 0: none")
+    _harness.number(p, "--total-bandwidth", 0.0,
+                    "proxy cap on all connections together, MB/s; 0: none")
     p.add_argument("--no-loopback", action="store_true",
                    help="skip the unthrottled reference runs")
-    p.add_argument("--root", type=Path, default=None,
-                   help="where state goes (default: /tmp/shoal-bench-<timestamp>); "
-                        "never deleted")
-    p.add_argument("--update-docs", action="store_true",
-                   help=f"write the results into {DOC.relative_to(REPO)}")
-    args = p.parse_args(argv)
+    args = _harness.parse(p, argv, root="shoal-bench")
     args.shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
     if min(args.concurrency) < 1 or args.repetitions < 1:
         p.error("concurrency values and repetitions must be >= 1")
@@ -493,10 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     try:
         with nats_server(root / "nats") as nats_url, Registry(root / "registry") as registry:
-            try:
-                bench = asyncio.run(bench_main(args, root, nats_url, registry))
-            finally:
-                signal.signal(signal.SIGTERM, interrupt)  # the loop's exit reset it
+            bench = _harness.run_loop(bench_main(args, root, nats_url, registry))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"\ninterrupted; every process stopped; files left in {root}", file=sys.stderr)
         return 130

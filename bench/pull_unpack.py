@@ -34,12 +34,9 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import json
 import os
 import re
-import shlex
-import signal
 import statistics
 import sys
 import time
@@ -55,6 +52,7 @@ from shoal_common.bus import Bus
 from shoal_common.config import load_config
 from shoal_common.messages.images import PullReply, PullRequest
 from shoal_common.messages.snapshots import SnapshotCommitted
+from shoal_common.oci import chain_ids
 from support.images import Image, Layer
 from support.registry import Registry
 
@@ -110,14 +108,6 @@ class Run:
     fetch_layers: float = 0.0  # shoal: the puller's layer fetch time (metric)
     snapshotter_cpu: float = 0.0  # shoal: the snapshotter's (and its workers') share
     layer_seconds: list[float] = field(default_factory=list)  # shoal, from its log
-
-
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    chains: list[str] = []
-    for diff_id in diff_ids:
-        chains.append(diff_id if not chains else
-                      "sha256:" + hashlib.sha256(f"{chains[-1]} {diff_id}".encode()).hexdigest())
-    return chains
 
 
 def go_duration(text: str) -> float:
@@ -446,19 +436,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "trees: Shoal (puller + snapshotter, over the bus) against containerd 1.6 "
                     "(ctr pull, own root and socket) and parallel `tar -xzf`. "
                     "MB = 10^6 bytes.")
-    p.add_argument("--repetitions", type=int, default=5,
-                   help="distinct images, each handled by every method (default: %(default)s)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every layer's content budget (default: %(default)s)")
-    p.add_argument("--unpack-timeout", type=float, default=600.0,
-                   help="give up on a Shoal unpack after this many seconds "
-                        "(default: %(default)s)")
-    p.add_argument("--root", type=Path, default=None,
-                   help="where state goes (default: /tmp/shoal-bench-pull-unpack-<timestamp>);"
-                        " never deleted")
-    p.add_argument("--update-docs", action="store_true",
-                   help=f"write the results into {h.DOC.relative_to(h.REPO)}")
-    args = p.parse_args(argv)
+    h.number(p, "--repetitions", 5, "distinct images, each handled by every method")
+    h.number(p, "--scale", 1.0, "multiply every layer's content budget")
+    h.number(p, "--unpack-timeout", 600.0, "give up on a Shoal unpack after this many seconds")
+    args = h.parse(p, argv, root="shoal-bench-pull-unpack")
     if args.repetitions < 1 or args.scale <= 0:
         p.error("repetitions must be >= 1 and scale positive")
     return args
@@ -466,20 +447,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    meter = h.LoadMeter()
-    root = h.bench_root("pull-unpack", args.root, meter.started)
-    command = shlex.join([".venv/bin/python", "bench/pull_unpack.py",
-                          *(sys.argv[1:] if argv is None else argv)])
-    print(f"state under {root}", flush=True)
+    meter, root, command = h.begin(__file__, args.root, argv)
     try:
         with h.sigterm_as_interrupt(), h.NatsServer(root / "nats") as nats, \
                 Registry(root / "registry") as registry:
             bench = Bench(args, root, nats.url, registry)
             try:
                 bench.start_processes()
-                asyncio.run(h.run_then_close(bench.run(), bench.close))
+                h.run_loop(h.run_then_close(bench.run(), bench.close))
             finally:
-                signal.signal(signal.SIGTERM, h.interrupt)  # the loop's exit reset it
                 bench.services.stop_all()
                 bench.containerd.stop()
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -28,8 +28,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shlex
-import signal
 import statistics
 import sys
 import time
@@ -209,14 +207,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=lambda s: [float(x) for x in s.split(",")],
                    default="80,60,40,15,5", metavar="MB,MB,...",
                    help="layer sizes in MB, random bytes (default: %(default)s)")
-    p.add_argument("--repetitions", type=int, default=5,
-                   help="distinct images, each fetched by every method (default: %(default)s)")
-    p.add_argument("--root", type=Path, default=None,
-                   help="where state goes (default: /tmp/shoal-bench-pull-vs-curl-<timestamp>);"
-                        " never deleted")
-    p.add_argument("--update-docs", action="store_true",
-                   help=f"write the results into {h.DOC.relative_to(h.REPO)}")
-    args = p.parse_args(argv)
+    h.number(p, "--repetitions", 5, "distinct images, each fetched by every method")
+    args = h.parse(p, argv, root="shoal-bench-pull-vs-curl")
     if args.repetitions < 1 or not args.sizes or min(args.sizes) <= 0:
         p.error("repetitions must be >= 1 and sizes positive")
     return args
@@ -231,18 +223,11 @@ async def bench_main(args: argparse.Namespace, root: Path, nats_url: str,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    meter = h.LoadMeter()
-    root = h.bench_root("pull-vs-curl", args.root, meter.started)
-    command = shlex.join([".venv/bin/python", "bench/pull_vs_curl.py",
-                          *(sys.argv[1:] if argv is None else argv)])
-    print(f"state under {root}", flush=True)
+    meter, root, command = h.begin(__file__, args.root, argv)
     try:
         with h.sigterm_as_interrupt(), h.NatsServer(root / "nats") as nats, \
                 Registry(root / "registry") as registry:
-            try:
-                runs = asyncio.run(bench_main(args, root, nats.url, registry))
-            finally:
-                signal.signal(signal.SIGTERM, h.interrupt)  # the loop's exit reset it
+            runs = h.run_loop(bench_main(args, root, nats.url, registry))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"\ninterrupted; every process stopped; files left in {root}", file=sys.stderr)
         return 130

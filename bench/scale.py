@@ -64,12 +64,13 @@ from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 from support.images import busybox_image, pause_image, push
 from support.ports import free_port
-from support.processes import metrics_sets, shoal_up_argv
+from support.processes import Node, metrics_sets, shoal_up_argv
 from support.registry import Registry
 
 POD_SERVICES = ("cri-gateway", "executor", "supervisor", "all")
 SERVICES = ("puller", *POD_SERVICES)
 POD_NET = ("10.190.0.0/24", "shoalscale0")  # pod subnet, bridge: this benchmark's own
+NODE_ID = "scale"
 START_TIMEOUT = 240.0  # `shoal up` until every replica answers health (loaded machine)
 STOP_TIMEOUT = 90.0
 CALL_TIMEOUT = 300.0
@@ -218,18 +219,9 @@ class ShoalUp:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.targets: dict[str, list[str]] = {}  # service -> metrics addr of replica i
-
-    @property
-    def run_root(self) -> Path:
-        return self.root / "run"
-
-    @property
-    def socket(self) -> Path:
-        return self.run_root / "cri.sock"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "shoal-up.log"
+        # Its roots and socket, where shoal_up_argv puts them (its NATS is its own).
+        self.node = Node(NODE_ID, "", root)
+        self.log_path = root / "shoal-up.log"
 
     def argv(self) -> list[str]:
         sets = [f"nats.embedded.listen=127.0.0.1:{free_port()}",
@@ -238,13 +230,13 @@ class ShoalUp:
                 f'services.executor.cni_bridge="{POD_NET[1]}"', *metrics_sets(), *self.extra]
         replicas = [a for service, n in self.replicas.items()
                     for a in ("--replicas", f"{service}={n}")]
-        return shoal_up_argv(self.root, "scale", sets, *replicas)
+        return shoal_up_argv(self.root, NODE_ID, sets, *replicas)
 
     async def start(self) -> float:
         """Start (from the main thread: see h.spawn) and wait until ready; the seconds."""
         t0 = time.monotonic()
         self.proc = h.spawn(self.argv(), self.log_path, env=self.env)
-        targets = self.run_root / "prometheus-targets.json"
+        targets = self.node.run_root / "prometheus-targets.json"
         while not targets.exists():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"shoal up exited {self.proc.returncode}; see "
@@ -258,7 +250,7 @@ class ShoalUp:
         return time.monotonic() - t0
 
     def pid_of(self, comm: str) -> int | None:
-        found = h.pids_mentioning(str(self.run_root), comm=comm)
+        found = h.pids_mentioning(str(self.node.run_root), comm=comm)
         return found[0] if found else None
 
     async def stop(self) -> int | None:
@@ -343,7 +335,7 @@ def proc_sample(up: ShoalUp, registry: Registry | None) -> dict[tuple[str, int],
     if registry is not None and registry.log_path is not None:
         for pid in h.pids_mentioning(str(registry.log_path.parent)):
             out[("registry", pid)] = sum(stat_cpu(pid))
-    for pid in h.pids_mentioning(str(up.run_root)):
+    for pid in h.pids_mentioning(str(up.node.run_root)):
         comm = h.process_name(pid)
         if comm.startswith("conmon"):
             out[("conmon + runc create", pid)] = sum(stat_cpu(pid))
@@ -473,7 +465,7 @@ class Scale:
 
     async def pull_rounds(self, run: Run, up: ShoalUp, images: list[str]) -> None:
         args = self.args
-        channel = grpc.aio.insecure_channel(f"unix://{up.socket}")
+        channel = grpc.aio.insecure_channel(f"unix://{up.node.cri_socket}")
         img = cri_grpc.ImageServiceStub(channel)
         unpacked_layers = 0
 
@@ -528,7 +520,7 @@ class Scale:
     async def pod_rounds(self, run: Run, up: ShoalUp) -> None:
         args = self.args
         bench = pods.Bench(argparse.Namespace(), Path(run.root))
-        rt = pods.Runtime("shoal", str(up.socket), self.busybox)
+        rt = pods.Runtime("shoal", str(up.node.cri_socket), self.busybox)
         try:
             await bench.connect(rt)  # pulls busybox; the first pod pulls the pause image
             for _ in range(args.warmup):
@@ -774,20 +766,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "comma-separated (default: puller,executor)")
     p.add_argument("--replicas", type=_replicas, default=[1, 2, 4],
                    help="replica counts (default: 1,2,4)")
-    p.add_argument("--concurrency", type=int, default=8,
-                   help="operations in flight at once (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="measured rounds of --concurrency operations per run "
-                        "(default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=2,
-                   help="repetitions of the whole sweep, each with a fresh `shoal up` per "
-                        "service and N, in alternating order of N (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="unmeasured pods started and removed first (default: %(default)s)")
-    p.add_argument("--image-mb", type=float, default=20.0,
-                   help="pull workload: size of each image in MB (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=4,
-                   help="pull workload: layers per image (default: %(default)s)")
+    h.number(p, "--concurrency", 8, "operations in flight at once")
+    h.number(p, "--rounds", 3, "measured rounds of --concurrency operations per run")
+    h.number(p, "--repeat", 2, "repetitions of the whole sweep, each with a fresh `shoal up` "
+             "per service and N, in alternating order of N")
+    h.number(p, "--warmup", 2, "unmeasured pods started and removed first")
+    h.number(p, "--image-mb", 20.0, "pull workload: size of each image in MB")
+    h.number(p, "--layers", 4, "pull workload: layers per image")
     p.add_argument("--unpack", action="store_true",
                    help="pull workload: let the snapshotter unpack (waited for between rounds)")
     p.add_argument("--code", choices=("tree", "head"), default="tree",
@@ -850,21 +835,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot is not None:
         return replot(args.replot, args.plot)
-    meter = h.LoadMeter()
-    root = h.bench_root("scale", args.root, meter.started)
-    command = shlex.join([".venv/bin/python", "bench/scale.py",
-                          *(sys.argv[1:] if argv is None else argv)])
-    print(f"state under {root}", flush=True)
+    meter, root, command = h.begin(__file__, args.root, argv)
     scale = Scale(args, root)
     if args.code == "head":
         scale.use_head()
     try:
         with h.sigterm_as_interrupt(), Registry(root / "registry") as registry:
             scale.registry = registry
-            try:
-                asyncio.run(scale_main(scale))
-            finally:
-                signal.signal(signal.SIGTERM, h.interrupt)  # the loop's exit reset it
+            h.run_loop(scale_main(scale))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"\ninterrupted; pods removed, shoal up stopped; files left in {root}",
               file=sys.stderr)

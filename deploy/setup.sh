@@ -13,9 +13,10 @@ WITH_TEST=0
 
 APT_PACKAGES=(runc conmon containernetworking-plugins iproute2 iptables busybox-static catatonit
               ca-certificates python3 python3-venv)
-# The test suite runs a real OCI registry and a real Prometheus (tests/ops), and compares
-# unpacked trees with umoci (tests/snapshotter).
-(( WITH_TEST )) && APT_PACKAGES+=(docker-registry prometheus umoci)
+# The test suite runs a real OCI registry and a real Prometheus (tests/ops), compares
+# unpacked trees with umoci (tests/snapshotter; it also builds a layout to import), and
+# reads pushed images and exported archives with skopeo (and makes archives to import).
+(( WITH_TEST )) && APT_PACKAGES+=(docker-registry prometheus umoci skopeo)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

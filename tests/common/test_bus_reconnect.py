@@ -41,12 +41,23 @@ def bus(url: str, service: str) -> Bus:
     return Bus(config, service=service, replica=f"{service}-0")
 
 
-async def settle(server: Bus, client: Bus) -> None:
-    """Until the server's start announcement reached the client: a request sent before
-    would be resent once at its arrival (harmless, but the tests count deliveries)."""
+async def held(server: Bus, client: Bus, seen: Echo, payload: bytes,
+               retries: int) -> asyncio.Task[PingReply]:
+    """Both connected, `server` serving: a request in flight that the server received and
+    holds unanswered."""
+    await server.connect(wait=10)
+    await client.connect(wait=10)
+    await server.serve(router, seen)
+    # Until the server's start announcement reached the client: a request sent before
+    # would be resent once at its arrival (harmless, but the tests count deliveries).
     await server.nc.flush()
     await client.nc.flush()
     await asyncio.sleep(0.05)
+    request = asyncio.create_task(client.request(
+        "echo", "ping", PingRequest(payload=payload), PingReply, attempt_timeout=30,
+        timeout=60, retries=retries))
+    await asyncio.wait_for(seen.first.wait(), 10)
+    return request
 
 
 async def in_flight_when_nats_restarts(tmp_path: Path, retries: int) -> tuple[object, float,
@@ -56,14 +67,7 @@ async def in_flight_when_nats_restarts(tmp_path: Path, retries: int) -> tuple[ob
     server, client = bus(f"nats://127.0.0.1:{port}", "echo"), bus(
         f"nats://127.0.0.1:{port}", "test")
     with nats_server(tmp_path / "a", port=port, jetstream=False):
-        await server.connect(wait=10)
-        await client.connect(wait=10)
-        await server.serve(router, seen)
-        await settle(server, client)
-        request = asyncio.create_task(client.request(
-            "echo", "ping", PingRequest(payload=b"x"), PingReply, attempt_timeout=30,
-            timeout=60, retries=retries))
-        await asyncio.wait_for(seen.first.wait(), 10)
+        request = await held(server, client, seen, b"x", retries)
     started = time.monotonic()
     with nats_server(tmp_path / "b", port=port, jetstream=False):
         try:
@@ -91,7 +95,6 @@ async def test_a_command_that_is_not_idempotent_is_not_sent_twice(tmp_path: Path
     assert took < 10
 
 
-
 async def test_a_command_held_by_a_dead_replica_is_resent_when_another_starts(
         tmp_path: Path) -> None:
     """The replica that took it dies without answering; a new one announces its start and
@@ -101,14 +104,7 @@ async def test_a_command_held_by_a_dead_replica_is_resent_when_another_starts(
     seen = Echo()
     dying, client = bus(url, "echo"), bus(url, "test")
     with nats_server(tmp_path / "n", port=port, jetstream=False):
-        await dying.connect(wait=10)
-        await client.connect(wait=10)
-        await dying.serve(router, seen)
-        await settle(dying, client)
-        request = asyncio.create_task(client.request(
-            "echo", "ping", PingRequest(payload=b"y"), PingReply, attempt_timeout=30,
-            timeout=60, retries=3))
-        await asyncio.wait_for(seen.first.wait(), 10)
+        request = await held(dying, client, seen, b"y", 3)
         await dying.nc.close()  # as a SIGKILL: its subscriptions go, no reply is sent
         started = time.monotonic()
         fresh = bus(url, "echo")

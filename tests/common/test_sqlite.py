@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from shoal_common.sqlite import Database
+from shoal_common.sqlite import Database, SqliteStore
 
 
 async def test_open_waits_for_another_replica_writing_the_fresh_file(tmp_path: Path) -> None:
@@ -57,3 +57,22 @@ async def test_a_broken_migration_is_refused_and_leaves_the_schema_unchanged(
     # The half-run migration's first statement was rolled back with it.
     assert check.execute("SELECT name FROM sqlite_master WHERE name='u'").fetchall() == []
     check.close()
+
+
+async def test_a_store_opens_its_own_schema_and_reopens_it(tmp_path: Path) -> None:
+    class Notes(SqliteStore):
+        migrations = ["CREATE TABLE notes(text TEXT)"]
+
+    path = tmp_path / "notes.db"
+    first = Notes(path)
+    await first.open()
+    await first.db.transaction(lambda c: c.execute("INSERT INTO notes VALUES ('kept')"))
+    await first.close()
+    again = Notes(path)
+    await again.open()
+    try:
+        rows = await again.db.run(lambda c: [r[0] for r in c.execute("SELECT text FROM notes")])
+        assert rows == ["kept"]
+        assert await again.db.run(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 1
+    finally:
+        await again.close()

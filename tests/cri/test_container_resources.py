@@ -90,12 +90,12 @@ async def test_first_schema_database_is_migrated(tmp_path: Path) -> None:
     meta = Metadata(path)
     await meta.open()
     try:
-        old = await meta.container("c1")
+        old = await meta.container("c1", "k8s.io")
         assert old.updated_resources is None and old.config == config.SerializeToString()
         await meta.update_resources("c1", lambda stored: resources.record_update(
             stored, cri.LinuxContainerResources(cpu_shares=1024)))
         await meta.update_resources("gone", lambda stored: b"never called")
-        updated = await meta.container("c1")
+        updated = await meta.container("c1", "k8s.io")
         created = await resources.base(updated.config, "")
         assert resources.current(created, updated.updated_resources).linux == \
             cri.LinuxContainerResources(cpu_shares=1024)
@@ -105,9 +105,9 @@ async def test_first_schema_database_is_migrated(tmp_path: Path) -> None:
         await meta.add_container(ContainerRecord(
             id="c2", pod_id="p2", name="ctr", attempt=0, created_at_ns=4, image="img",
             image_ref="ref", image_id="id", config=b""))
-        assert (await meta.container("c2")).updated_resources is None
+        assert (await meta.container("c2", "k8s.io")).updated_resources is None
     finally:
         await meta.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == len(MIGRATIONS) == 3
+    assert version == len(MIGRATIONS) == 4
 

@@ -5,10 +5,9 @@ repeated after a deadline or a killed gateway returns the object the first attem
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,7 +15,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
 from support.processes import ServiceSet
-from support.shoal import Cri, host_names, images_fixture, leftovers, start_shoal  # noqa: F401
+from support.shoal import cri_client, host_names, leftovers, remove_all_pods, start_shoal
 
 pytestmark = pytest.mark.e2e
 T = TypeVar("T")
@@ -49,24 +48,12 @@ async def kubelet_retry(call: Callable[[], Awaitable[T]], budget: float = 60) ->
         await asyncio.sleep(0.3)
 
 
-@contextlib.asynccontextmanager
-async def connect(services: ServiceSet) -> AsyncIterator[Cri]:
-    async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
-        yield Cri(channel)
-
-
-async def remove_all(api: Cri) -> None:
-    for pod in (await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest())).items:
-        await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
-        await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
-
-
 async def test_a_create_past_the_clients_deadline_is_joined_by_the_retry(
         services: ServiceSet, images: dict[str, str], tmp_path: Path) -> None:
     before = host_names()
     await start_shoal(services, images, env={"executor": {
         "SHOAL_FAULTS": "executor.sandbox.started=delay:3,executor.container.created=delay:3"}})
-    async with connect(services) as api:
+    async with cri_client(services) as api:
         await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(
             image=images["busybox"])))
         config = pod_config(tmp_path, "slow")
@@ -95,7 +82,7 @@ async def test_a_create_past_the_clients_deadline_is_joined_by_the_retry(
         listed = (await api.runtime.ListContainers(cri.ListContainersRequest())).containers
         assert [c.id for c in listed] == [cid]
         await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-        await remove_all(api)
+        await remove_all_pods(api)
     assert leftovers(services, services.subnet_prefix, before) == []
 
 
@@ -108,7 +95,7 @@ async def test_a_gateway_killed_mid_create_loses_nothing(
     env = {"SHOAL_FAULTS": f"{step}=kill", "SHOAL_FAULTS_DIR": str(tmp_path)}
     procs = await start_shoal(services, images, env={"cri-gateway": env})
     config = pod_config(tmp_path, "crashy")
-    async with connect(services) as api:
+    async with cri_client(services) as api:
         await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(
             image=images["busybox"])))
 
@@ -133,7 +120,7 @@ async def test_a_gateway_killed_mid_create_loses_nothing(
         status = (await api.runtime.ContainerStatus(cri.ContainerStatusRequest(
             container_id=cid))).status
         assert status.state == cri.CONTAINER_RUNNING
-        await remove_all(api)
+        await remove_all_pods(api)
     assert leftovers(services, services.subnet_prefix, before) == []
 
 
@@ -150,7 +137,7 @@ async def test_create_container_retried_while_its_image_still_unpacks(
     retry joins it and succeeds (the unpack here is slowed by a fault point)."""
     await start_shoal(services, images, env={"snapshotter": {
         "SHOAL_FAULTS": "snapshotter.unpack.apply=delay:3"}})
-    async with connect(services) as api:
+    async with cri_client(services) as api:
         config = pod_config(tmp_path, "unpacking")
         pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
                   ).pod_sandbox_id
@@ -166,4 +153,4 @@ async def test_create_container_retried_while_its_image_still_unpacks(
         assert [c.id for c in listed] == [cid.container_id]
         await api.runtime.StartContainer(cri.StartContainerRequest(
             container_id=cid.container_id))
-        await remove_all(api)
+        await remove_all_pods(api)

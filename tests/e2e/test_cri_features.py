@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
-from support.shoal import RunningShoal, images_fixture, pod_config, shared_node  # noqa: F401
+from support.shoal import RunningShoal, pod_config, shared_node
 
 pytestmark = pytest.mark.e2e
 
@@ -39,13 +39,15 @@ async def _create(node: RunningShoal, pod_id: str, config: cri.PodSandboxConfig,
         pod_sandbox_id=pod_id, config=ctr, sandbox_config=config))).container_id
 
 
-async def _running(node: RunningShoal, cid: str) -> cri.ContainerStatus:
+async def _start(node: RunningShoal, cid: str,
+                 state: int = cri.CONTAINER_RUNNING) -> cri.ContainerStatus:
+    """Start the container; its status once in `state` (or after 20 s)."""
     await node.api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
     end = time.monotonic() + 20
     while True:
         status = (await node.api.runtime.ContainerStatus(cri.ContainerStatusRequest(
             container_id=cid))).status
-        if status.state == cri.CONTAINER_RUNNING or time.monotonic() > end:
+        if status.state == state or time.monotonic() > end:
             return status
         await asyncio.sleep(0.1)
 
@@ -85,7 +87,7 @@ async def test_recursive_read_only_mount(running: RunningShoal, images: dict[str
                                 mounts=[cri.Mount(container_path="/mnt", host_path=str(
                                     rro_volume), readonly=True,
                                     recursive_read_only=recursive)])
-            assert (await _running(running, cid)).state == cri.CONTAINER_RUNNING
+            assert (await _start(running, cid)).state == cri.CONTAINER_RUNNING
             out = await running.api.runtime.ExecSync(cri.ExecSyncRequest(
                 container_id=cid, cmd=["sh", "-c", touch], timeout=10))
             assert expected in out.stdout, out.stdout
@@ -133,7 +135,7 @@ async def test_supplemental_groups_policy(running: RunningShoal, images: dict[st
         # Before it runs, from the OCI spec; then from the process itself.
         assert created.user.linux.uid == 1000
         assert sorted(created.user.linux.supplemental_groups) == groups
-        status = await _running(running, cid)
+        status = await _start(running, cid)
         user = status.user.linux
         assert (user.uid, user.gid, sorted(user.supplemental_groups)) == (1000, 1000, groups)
         out = await running.api.runtime.ExecSync(cri.ExecSyncRequest(
@@ -156,14 +158,7 @@ async def test_container_user_of_an_exited_container(running: RunningShoal,
     pod_id, config = await _pod(running, tmp_path, "user")
     try:
         cid = await _create(running, pod_id, config, images["busybox"], "true")
-        await running.api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-        end = time.monotonic() + 20
-        while True:
-            status = (await running.api.runtime.ContainerStatus(cri.ContainerStatusRequest(
-                container_id=cid))).status
-            if status.state == cri.CONTAINER_EXITED or time.monotonic() > end:
-                break
-            await asyncio.sleep(0.1)
+        status = await _start(running, cid, cri.CONTAINER_EXITED)
         assert status.state == cri.CONTAINER_EXITED
         user = status.user.linux
         assert (user.uid, user.gid, list(user.supplemental_groups)) == (0, 0, [0])

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
-from support.processes import ServiceSet
-from support.shoal import Cri, images_fixture, pod_config, remove_all_pods, start_shoal  # noqa: F401
+from support.shoal import Cri, pod_config
 
 pytestmark = pytest.mark.e2e
 
@@ -26,15 +23,6 @@ EXPECTED = {
     "container_last_seen", "container_network_receive_bytes_total",
     "container_network_transmit_bytes_total", "container_network_receive_packets_total",
     "container_network_transmit_packets_total"}
-
-
-@pytest.fixture
-async def shoal(services: ServiceSet, images: dict[str, str]) -> AsyncIterator[Cri]:
-    await start_shoal(services, images)
-    async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
-        api = Cri(channel)
-        yield api
-        await remove_all_pods(api)
 
 
 def by_name(metrics: list[cri.Metric], keys: dict[str, list[str]]

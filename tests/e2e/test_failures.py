@@ -4,6 +4,7 @@ netns, cgroup, IP lease, bundle or record, and the next pod works."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
 from support.processes import ServiceSet
-from support.shoal import Cri, host_names, images_fixture, leftovers, start_shoal  # noqa: F401
+from support.shoal import Cri, cri_client, host_names, leftovers, remove_all_pods, start_shoal
 
 pytestmark = pytest.mark.e2e
 
@@ -30,26 +31,22 @@ def pod_config(tmp: Path, name: str) -> cri.PodSandboxConfig:
         port_mappings=[cri.PortMapping(container_port=80, host_port=18080 + len(name))])
 
 
+@contextlib.asynccontextmanager
 async def shoal_with(services: ServiceSet, images: dict[str, str], fault: str
                      ) -> AsyncIterator[Cri]:
+    """A node whose executor fails at step `fault`, with busybox pulled."""
     await start_shoal(services, images, env={"executor": {"SHOAL_FAULTS": f"{fault}=fail"}})
-    async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
-        yield Cri(channel)
-
-
-async def remove_everything(api: Cri) -> None:
-    for pod in (await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest())).items:
-        await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
-        await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+    async with cri_client(services) as api:
+        await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(
+            image=images["busybox"])))
+        yield api
 
 
 @pytest.mark.parametrize("step", SANDBOX_STEPS)
 async def test_a_sandbox_failing_at_each_step_leaves_nothing(
         services: ServiceSet, images: dict[str, str], tmp_path: Path, step: str) -> None:
     before = host_names()
-    async for api in shoal_with(services, images, step):
-        await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(
-            image=images["busybox"])))
+    async with shoal_with(services, images, step) as api:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(
                 config=pod_config(tmp_path, "doomed")))
@@ -62,9 +59,7 @@ async def test_a_sandbox_failing_at_each_step_leaves_nothing(
 async def test_a_container_failing_at_each_step_leaves_nothing(
         services: ServiceSet, images: dict[str, str], tmp_path: Path, step: str) -> None:
     before = host_names()
-    async for api in shoal_with(services, images, step):
-        await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(
-            image=images["busybox"])))
+    async with shoal_with(services, images, step) as api:
         config = pod_config(tmp_path, "survivor")
         pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
                   ).pod_sandbox_id
@@ -79,5 +74,5 @@ async def test_a_container_failing_at_each_step_leaves_nothing(
         found = leftovers(services, services.subnet_prefix, before)
         # Only the pod itself is left (its pause process, netns, lease, mounts, records).
         assert not [f for f in found if "doomed" in f or "executor.db containers" in f]
-        await remove_everything(api)
+        await remove_all_pods(api)
         assert leftovers(services, services.subnet_prefix, before) == []

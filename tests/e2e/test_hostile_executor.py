@@ -19,14 +19,7 @@ from cri_api.v1 import api_pb2 as cri
 from shoal_common import subjects
 from shoal_common.clients import TasksClient
 from support.hostile import GARBAGE, HUGE_NUMBERS, WRONG_TYPES, ask, snapshot_of
-from support.shoal import (
-    RunningShoal,
-    host_names,
-    images_fixture,  # noqa: F401
-    leftovers,
-    pod_config,
-    shared_node,
-)
+from support.shoal import RunningShoal, host_names, leftovers, pod_config, shared_node
 
 pytestmark = pytest.mark.e2e
 

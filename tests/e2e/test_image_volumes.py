@@ -15,14 +15,7 @@ from cri_api.v1 import api_pb2 as cri
 from support.images import LayerBuilder, build_image, push
 from support.processes import ServiceSet
 from support.registry import Registry
-from support.shoal import (
-    Cri,
-    RunningShoal,
-    images_fixture,  # noqa: F401
-    pod_config,
-    shared_node,
-    start_shoal,
-)
+from support.shoal import Cri, RunningShoal, pod_config, shared_node, start_shoal
 
 pytestmark = pytest.mark.e2e
 

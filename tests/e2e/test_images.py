@@ -4,9 +4,11 @@ real gateway and puller processes, real NATS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -22,6 +24,7 @@ from support.faulty_registry import FaultyRegistry
 from support.images import LayerBuilder, build_image, build_index, busybox_image, push
 from support.processes import SHOAL, ServiceSet
 from support.registry import Registry
+from support.shoal import cri_client
 
 pytestmark = pytest.mark.e2e
 
@@ -38,8 +41,19 @@ def metric_total(addr: str, name: str) -> float:
                if s.name == name)
 
 
-def channel(services: ServiceSet) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}")
+@contextlib.asynccontextmanager
+async def image_service(services: ServiceSet) -> AsyncIterator[cri_grpc.ImageServiceStub]:
+    """The node's CRI image service, for as long as the block runs."""
+    async with cri_client(services) as api:
+        yield api.images
+
+
+async def pull_refused(services: ServiceSet, image: str) -> grpc.aio.AioRpcError:
+    """The gateway's error for a PullImage of `image` (which must fail)."""
+    async with image_service(services) as images:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    return err.value
 
 
 async def test_cri_image_service_round_trip(services: ServiceSet, registry: Registry,
@@ -51,8 +65,7 @@ async def test_cri_image_service_round_trip(services: ServiceSet, registry: Regi
     js = bus.nc.jetstream()
     events = await js.subscribe(subjects.event_filter(services.node.node_id, "k8s.io"),
                                 ordered_consumer=True)
-    async with channel(services) as ch:
-        images = cri_grpc.ImageServiceStub(ch)
+    async with image_service(services) as images:
         pulled = await images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)))
         assert pulled.image_ref == image.config_digest
 
@@ -132,8 +145,7 @@ async def test_same_image_pulled_concurrently_by_two_replicas_downloads_once(
     push(registry.url, "e2e/twice", "v1", image)
     await start(services, "puller", "puller", "cri-gateway")
     ref = f"{registry.host}/e2e/twice:v1"
-    async with channel(services) as ch:
-        images = cri_grpc.ImageServiceStub(ch)
+    async with image_service(services) as images:
         results = await asyncio.gather(*(images.PullImage(cri.PullImageRequest(
             image=cri.ImageSpec(image=ref))) for _ in range(10)))
     assert {r.image_ref for r in results} == {image.config_digest}
@@ -156,8 +168,7 @@ async def test_shared_layers_survive_until_the_last_image_goes(
     await start(services, "puller", "cri-gateway")
     blobs = services.node.state_root / "puller" / "content" / "blobs" / "sha256"
     base_blob = blobs / base.digest.removeprefix("sha256:")
-    async with channel(services) as ch:
-        images = cri_grpc.ImageServiceStub(ch)
+    async with image_service(services) as images:
         for name in ("a", "b"):
             await images.PullImage(cri.PullImageRequest(
                 image=cri.ImageSpec(image=f"{registry.host}/e2e/{name}:1")))
@@ -178,8 +189,7 @@ async def test_index_platform_choice_and_docker_schema(
     docker = build_image([LayerBuilder().file("d", b"docker").build()], schema="docker")
     push(registry.url, "e2e/docker", "1", docker)
     await start(services, "puller", "cri-gateway")
-    async with channel(services) as ch:
-        images = cri_grpc.ImageServiceStub(ch)
+    async with image_service(services) as images:
         got = await images.PullImage(cri.PullImageRequest(
             image=cri.ImageSpec(image=f"{registry.host}/e2e/multi:1")))
         assert got.image_ref == amd.config_digest  # this machine is amd64
@@ -188,13 +198,9 @@ async def test_index_platform_choice_and_docker_schema(
         assert got.image_ref == docker.config_digest
     arm_only = build_index([arm])
     push(registry.url, "e2e/armonly", "1", arm_only)
-    async with channel(services) as ch:
-        images = cri_grpc.ImageServiceStub(ch)
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await images.PullImage(cri.PullImageRequest(
-                image=cri.ImageSpec(image=f"{registry.host}/e2e/armonly:1")))
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "linux/arm64" in (err.value.details() or "")
+    err = await pull_refused(services, f"{registry.host}/e2e/armonly:1")
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "linux/arm64" in (err.details() or "")
 
 
 async def test_shoal_pull_images_rmi_cli(services: ServiceSet, registry: Registry) -> None:
@@ -231,8 +237,7 @@ async def test_gzip_zstd_and_uncompressed_layers(services: ServiceSet, registry:
     image = build_image(layers, cmd=["true"])
     push(registry.url, "e2e/compressions", "1", image)
     await start(services, "puller", "cri-gateway")
-    async with channel(services) as ch:
-        images = cri_grpc.ImageServiceStub(ch)
+    async with image_service(services) as images:
         got = await images.PullImage(cri.PullImageRequest(
             image=cri.ImageSpec(image=f"{registry.host}/e2e/compressions:1")))
         status = await images.ImageStatus(cri.ImageStatusRequest(
@@ -255,8 +260,7 @@ async def test_basic_auth_htpasswd_registry(services: ServiceSet, tmp_path: Path
         push(private.url, "private/img", "1", image, headers=creds)
         await start(services, "puller", "cri-gateway")
         ref = cri.ImageSpec(image=f"{private.host}/private/img:1")
-        async with channel(services) as ch:
-            images = cri_grpc.ImageServiceStub(ch)
+        async with image_service(services) as images:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await images.PullImage(cri.PullImageRequest(image=ref))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -283,12 +287,8 @@ async def test_corrupted_blob_is_rejected(services: ServiceSet, registry: Regist
         front.tamper(r"/blobs/" + image.layers[0].digest,
                      lambda data: data[:-1] + bytes([data[-1] ^ 0xFF]))
         await start(services, "puller", "cri-gateway")
-        async with channel(services) as ch:
-            images = cri_grpc.ImageServiceStub(ch)
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await images.PullImage(cri.PullImageRequest(
-                    image=cri.ImageSpec(image=f"{front.host}/e2e/corrupt:1")))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "bad content" in (err.value.details() or "")
+        err = await pull_refused(services, f"{front.host}/e2e/corrupt:1")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bad content" in (err.details() or "")
     blobs = services.node.state_root / "puller" / "content" / "blobs" / "sha256"
     assert not (blobs / image.layers[0].digest.removeprefix("sha256:")).exists()

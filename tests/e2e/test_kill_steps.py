@@ -236,7 +236,8 @@ async def test_the_executor_sweeps_only_what_its_records_claim(
     names = {i: f"shoal-{i[:32]}" for i in (orphan, foreign)}
     run = node.services.node.run_root / "executor"
     with sqlite3.connect(node.services.node.state_root / "executor" / "executor.db") as db:
-        db.execute("INSERT INTO netns VALUES (?,?,?,'{}',1)",
+        db.execute("INSERT INTO netns(name, sandbox_id, path, runtime_config, attached) "
+                   "VALUES (?,?,?,'{}',1)",
                    (names[orphan], orphan, f"/var/run/netns/{names[orphan]}"))
     lease = LEASES / f"{node.services.subnet_prefix}0.253"
     try:

@@ -13,14 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
-from support.shoal import (
-    RunningShoal,
-    host_names,
-    images_fixture,  # noqa: F401
-    leftovers,
-    pod_config,
-    shared_node,
-)
+from support.shoal import RunningShoal, host_names, leftovers, pod_config, shared_node
 
 pytestmark = pytest.mark.e2e
 

@@ -7,25 +7,15 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
 from support.processes import ServiceSet
-from support.shoal import Cri, images_fixture, remove_all_pods, start_shoal  # noqa: F401
+from support.shoal import Cri
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def shoal(services: ServiceSet, images: dict[str, str]) -> AsyncIterator[Cri]:
-    await start_shoal(services, images)
-    async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
-        api = Cri(channel)
-        yield api
-        await remove_all_pods(api)
 
 
 def pod_config(tmp: Path, name: str = "web") -> cri.PodSandboxConfig:
@@ -44,6 +34,20 @@ def container_config(image: str, *command: str, name: str = "main") -> cri.Conta
                                log_path=f"{name}.log", labels={"c": name})
 
 
+async def busybox_pod(api: Cri, images: dict[str, str], config: cri.PodSandboxConfig) -> str:
+    """busybox pulled, then a pod of `config` run: its id."""
+    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
+    return (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+            ).pod_sandbox_id
+
+
+async def create(api: Cri, pod_id: str, config: cri.PodSandboxConfig,
+                 container: cri.ContainerConfig) -> str:
+    """A container made in the pod: its id."""
+    return (await api.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod_id, sandbox_config=config, config=container))).container_id
+
+
 async def wait_state(api: Cri, cid: str, state: int, timeout: float = 20) -> cri.ContainerStatus:
     end = time.monotonic() + timeout
     while True:
@@ -57,19 +61,15 @@ async def wait_state(api: Cri, cid: str, state: int, timeout: float = 20) -> cri
 async def test_pod_and_container_lifecycle(shoal: Cri, images: dict[str, str],
                                            tmp_path: Path) -> None:
     api = shoal
-    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
     config = pod_config(tmp_path)
-    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
-              ).pod_sandbox_id
+    pod_id = await busybox_pod(api, images, config)
     status = (await api.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
         pod_sandbox_id=pod_id))).status
     assert status.state == cri.SANDBOX_READY
     assert status.network.ip.startswith("10.")
-    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
-        pod_sandbox_id=pod_id, sandbox_config=config, config=container_config(
-            images["busybox"], "sh", "-c",
-            "echo hello; echo oops >&2; cat /etc/resolv.conf; hostname; sleep 3600"))
-    )).container_id
+    cid = await create(api, pod_id, config, container_config(
+        images["busybox"], "sh", "-c",
+        "echo hello; echo oops >&2; cat /etc/resolv.conf; hostname; sleep 3600"))
     created = await wait_state(api, cid, cri.CONTAINER_CREATED)
     assert created.state == cri.CONTAINER_CREATED
     await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
@@ -120,25 +120,19 @@ async def test_pod_and_container_lifecycle(shoal: Cri, images: dict[str, str],
 async def test_exit_codes_and_reasons(shoal: Cri, images: dict[str, str],
                                       tmp_path: Path) -> None:
     api = shoal
-    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
     config = pod_config(tmp_path, "jobs")
-    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
-              ).pod_sandbox_id
+    pod_id = await busybox_pod(api, images, config)
     results = {}
     for name, script in (("ok", "exit 0"), ("bad", "exit 3")):
-        cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=pod_id, sandbox_config=config,
-            config=container_config(images["busybox"], "sh", "-c", script, name=name))
-        )).container_id
+        cid = await create(api, pod_id, config,
+                           container_config(images["busybox"], "sh", "-c", script, name=name))
         await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
         results[name] = await wait_state(api, cid, cri.CONTAINER_EXITED)
     assert (results["ok"].exit_code, results["ok"].reason) == (0, "Completed")
     assert (results["bad"].exit_code, results["bad"].reason) == (3, "Error")
     # RemoveContainer on a running container kills and removes it (CRI semantics).
-    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
-        pod_sandbox_id=pod_id, sandbox_config=config,
-        config=container_config(images["busybox"], "sleep", "3600", name="long")))
-    ).container_id
+    cid = await create(api, pod_id, config,
+                       container_config(images["busybox"], "sleep", "3600", name="long"))
     await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
     await api.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
     listed = await api.runtime.ListContainers(cri.ListContainersRequest())
@@ -187,19 +181,16 @@ def kubelet_resources(**kw: int) -> cri.LinuxContainerResources:
 async def test_containers_with_the_resources_kubelet_sends_run(
         shoal: Cri, images: dict[str, str], tmp_path: Path) -> None:
     api = shoal
-    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
     config = pod_config(tmp_path, "qos")
     config.linux.cgroup_parent = f"/kubepods/burstable/pod{config.metadata.uid}"
-    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
-              ).pod_sandbox_id
+    pod_id = await busybox_pod(api, images, config)
     classes = {"besteffort": dict(cpu_shares=2, oom_score_adj=1000),
                "burstable": dict(cpu_shares=102, cpu_period=100000, cpu_quota=50000,
                                  memory_limit_in_bytes=64 << 20, oom_score_adj=968)}
     for name, res in classes.items():
         cfg = container_config(images["busybox"], "sh", "-c", "exit 4", name=name)
         cfg.linux.resources.CopyFrom(kubelet_resources(**res))
-        cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=pod_id, sandbox_config=config, config=cfg))).container_id
+        cid = await create(api, pod_id, config, cfg)
         await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
         status = await wait_state(api, cid, cri.CONTAINER_EXITED)
         assert (status.state, status.exit_code) == (cri.CONTAINER_EXITED, 4), name
@@ -210,13 +201,9 @@ async def test_stop_of_what_is_gone_is_not_an_error(shoal: Cri, images: dict[str
     """critest v1.36 "Idempotence": StopContainer / StopPodSandbox of something already
     removed (or never made: kubelet stops containers whose create failed) succeed."""
     api = shoal
-    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
     config = pod_config(tmp_path, "idem")
-    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
-              ).pod_sandbox_id
-    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
-        pod_sandbox_id=pod_id, sandbox_config=config,
-        config=container_config(images["busybox"], "sleep", "60")))).container_id
+    pod_id = await busybox_pod(api, images, config)
+    cid = await create(api, pod_id, config, container_config(images["busybox"], "sleep", "60"))
     await api.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
     await api.runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=1))
     await api.runtime.StopContainer(cri.StopContainerRequest(container_id="0" * 64))
@@ -245,13 +232,9 @@ async def test_exec_sync_output_larger_than_a_bus_message(shoal: Cri, images: di
     (the supervisor keeps it in files and the gateway's client reads it in chunks); as much
     as the gateway's 16 MiB gRPC message allows."""
     api = shoal
-    await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images["busybox"])))
     config = pod_config(tmp_path, "big")
-    pod_id = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
-              ).pod_sandbox_id
-    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
-        pod_sandbox_id=pod_id, sandbox_config=config,
-        config=container_config(images["busybox"], "sleep", "3600")))).container_id
+    pod_id = await busybox_pod(api, images, config)
+    cid = await create(api, pod_id, config, container_config(images["busybox"], "sleep", "3600"))
     await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
     assert (await wait_state(api, cid, cri.CONTAINER_RUNNING)).state == cri.CONTAINER_RUNNING
     # 2.1 million short lines: the CRI log conmon writes is split back exactly.

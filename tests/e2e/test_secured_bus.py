@@ -18,6 +18,7 @@ import nats.errors
 import pytest
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
+from nats.aio.client import Client
 from support.images import busybox_image, pause_image, push
 from support.ports import free_port
 from support.processes import SHOAL, metrics_sets, pids_mentioning, shoal_up_argv
@@ -36,6 +37,19 @@ class SecuredShoal:
 
     def password(self, user: str) -> str:
         return (self.auth / f"{user}.password").read_text().strip()
+
+    async def connect_as(self, user: str) -> tuple[Client, list[str]]:
+        """A connection with `user`'s credentials and no reconnects, and the list the
+        errors the server sends it (permission violations) go to."""
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        nc = await nats.connect(self.url, user=user, password=self.password(user),
+                                inbox_prefix=f"_INBOX_{user}", error_cb=on_error,
+                                allow_reconnect=False)
+        return nc, errors
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +124,7 @@ async def test_no_credentials_cannot_connect(
 async def test_puller_credentials_cannot_create_containers_or_read_events(
         secured: tuple[SecuredShoal, dict[str, str]]) -> None:
     shoal, _ = secured
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = await nats.connect(shoal.url, user="puller", password=shoal.password("puller"),
-                            inbox_prefix="_INBOX_puller", error_cb=on_error,
-                            allow_reconnect=False)
+    nc, errors = await shoal.connect_as("puller")
     try:
         with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
             await nc.request(f"shoal.v1.{NODE}.tasks.container.create", b"\x80", timeout=1)
@@ -153,15 +160,7 @@ async def test_the_gateway_publishes_no_event(
         secured: tuple[SecuredShoal, dict[str, str]]) -> None:
     """A gateway that could publish events could forge images.delete for the snapshotter."""
     shoal, _ = secured
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = await nats.connect(shoal.url, user="cri-gateway",
-                            password=shoal.password("cri-gateway"),
-                            inbox_prefix="_INBOX_cri-gateway", error_cb=on_error,
-                            allow_reconnect=False)
+    nc, errors = await shoal.connect_as("cri-gateway")
     try:
         await nc.publish(f"shoal.v1.{NODE}.events.k8s%2Eio.images.delete", b"\x80")
         await nc.flush()

@@ -209,10 +209,7 @@ async def test_tty_exec_with_resize_over_spdy(node: StreamNode, sleeper: str) ->
               '"$want" ]; do sleep 0.05; done; echo "size $(stty size)"; done')
     url = await node.exec_url(sleeper, "sh", "-c", script, stdin=True, tty=True)
     client = await SpdyClient.connect(url, [V4])
-    error = await client.open_stream({"streamType": "error"})
-    stdin = await client.open_stream({"streamType": "stdin"})
-    out = await client.open_stream({"streamType": "stdout"})
-    resize = await client.open_stream({"streamType": "resize"})
+    error, stdin, out, resize = await client.open_streams("error", "stdin", "stdout", "resize")
     await resize.send(b'{"Width":100,"Height":30}\n')
     await out.read_until(b"size 30 100")
     await client.ping(7)  # the server echoes the client's pings
@@ -271,10 +268,7 @@ async def test_attach(node: StreamNode) -> None:
     url = (await node.runtime.Attach(cri.AttachRequest(
         container_id=echo, stdin=True, stdout=True, stderr=True))).url
     client = await SpdyClient.connect(url, [V4])
-    error = await client.open_stream({"streamType": "error"})
-    stdin = await client.open_stream({"streamType": "stdin"})
-    out = await client.open_stream({"streamType": "stdout"})
-    await client.open_stream({"streamType": "stderr"})
+    error, stdin, out, _ = await client.open_streams("error", "stdin", "stdout", "stderr")
     await stdin.send(b"hello\n")
     assert await out.read_until(b"echo:hello\n") == b"echo:hello\n"
     await stdin.send(b"again\n")
@@ -293,9 +287,7 @@ async def test_attach(node: StreamNode) -> None:
     url = (await node.runtime.Attach(cri.AttachRequest(container_id=term, stdout=True,
                                                        tty=True))).url
     client = await SpdyClient.connect(url, [V4])
-    await client.open_stream({"streamType": "error"})
-    out = await client.open_stream({"streamType": "stdout"})
-    resize = await client.open_stream({"streamType": "resize"})
+    _, out, resize = await client.open_streams("error", "stdout", "resize")
     await resize.send(b'{"Width":99,"Height":33}')
     assert (await out.read_until(b"resized\r\n")).endswith(b"resized\r\n")
     await client.close()
@@ -330,10 +322,7 @@ async def test_attach_session_ends_with_the_clients_stdin(node: StreamNode) -> N
     keeper = await node.run("keeper", "sh", "-c", script, stdin=True, stdin_once=False)
 
     client = await SpdyClient.connect(await _attach_url(node, keeper), [V4])
-    error = await client.open_stream({"streamType": "error"})
-    stdin = await client.open_stream({"streamType": "stdin"})
-    out = await client.open_stream({"streamType": "stdout"})
-    err = await client.open_stream({"streamType": "stderr"})
+    error, stdin, out, err = await client.open_streams("error", "stdin", "stdout", "stderr")
     await stdin.send(b"one\n")
     await out.read_until(b"echo:one\n")
     await stdin.close()  # crictl attach -i whose own stdin ended
@@ -367,10 +356,7 @@ async def test_attach_session_ends_with_the_clients_stdin(node: StreamNode) -> N
     # script prints after its loop) still arrives, and the session ends when it exits.
     once = await node.run("once", "sh", "-c", script, stdin=True, stdin_once=True)
     client = await SpdyClient.connect(await _attach_url(node, once), [V4])
-    error = await client.open_stream({"streamType": "error"})
-    stdin = await client.open_stream({"streamType": "stdin"})
-    out = await client.open_stream({"streamType": "stdout"})
-    await client.open_stream({"streamType": "stderr"})
+    error, stdin, out, _ = await client.open_streams("error", "stdin", "stdout", "stderr")
     await stdin.send(b"three\n")
     await out.read_until(b"echo:three\n")
     await stdin.close()

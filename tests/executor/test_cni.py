@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,17 @@ def conf_dir(tmp_path: Path) -> Path:
     d = tmp_path / "net.d"
     d.mkdir()
     return d
+
+
+@contextlib.asynccontextmanager
+async def scratch_netns() -> AsyncIterator[tuple[str, str]]:
+    """A new network namespace, (name, path), deleted at the end."""
+    name = f"shoal-test-{uuid.uuid4().hex[:8]}"
+    path = await netns.create(name)
+    try:
+        yield name, path
+    finally:
+        await netns.delete(name)
 
 
 async def test_add_gives_the_pod_an_ip_reachable_from_the_host_and_del_cleans_up(
@@ -76,13 +89,9 @@ async def test_missing_or_broken_config_is_a_clear_error(conf_dir: Path) -> None
         Cni(conf_dir, CNI_BIN).network()
     (conf_dir / "20-missing.conflist").write_text(json.dumps(
         {"cniVersion": "1.0.0", "name": "m", "plugins": [{"type": "no-such-plugin"}]}))
-    name = f"shoal-test-{uuid.uuid4().hex[:8]}"
-    path = await netns.create(name)
-    try:
+    async with scratch_netns() as (name, path):
         with pytest.raises(FailedPrecondition, match="no-such-plugin"):
             await Cni(conf_dir, CNI_BIN).add(name, path)
-    finally:
-        await netns.delete(name)
 
 
 async def test_failed_plugin_error_carries_its_message(conf_dir: Path) -> None:
@@ -90,12 +99,10 @@ async def test_failed_plugin_error_carries_its_message(conf_dir: Path) -> None:
         {"cniVersion": "1.0.0", "name": "b", "plugins": [
             {"type": "bridge", "bridge": "shoalbad0", "ipam": {"type": "host-local",
                                                               "ranges": [[{"subnet": "nope"}]]}}]}))
-    name = f"shoal-test-{uuid.uuid4().hex[:8]}"
-    path = await netns.create(name)
     try:
-        with pytest.raises(Internal, match="CNI plugin bridge ADD failed"):
-            await Cni(conf_dir, CNI_BIN).add(name, path)
+        async with scratch_netns() as (name, path):
+            with pytest.raises(Internal, match="CNI plugin bridge ADD failed"):
+                await Cni(conf_dir, CNI_BIN).add(name, path)
     finally:
-        await netns.delete(name)
         await asyncio.to_thread(subprocess.run, ["ip", "link", "delete", "shoalbad0"],
                                 capture_output=True)

@@ -7,10 +7,8 @@ tests; the refusal is verified for real (this host's PID 1 is not systemd)."""
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 from cri_api.v1 import api_pb2 as cri
+from executor_support import write_mountinfo
 from shoal_common.config import ConfigError, load_config
 from shoal_common.errors import Invalid
 from shoal_cri_gateway.domain import resources as gw_resources
@@ -32,7 +31,6 @@ from shoal_executor.domain.cgroups import (
     use_driver,
 )
 from shoal_executor.domain.spec import ContainerContext, PodContext, build_spec
-from support.images import busybox_layer
 
 POD_SLICE = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice"
 
@@ -40,14 +38,6 @@ POD_SLICE = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234
 def write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-
-
-def mountinfo(tmp: Path, *mounts: tuple[str, str, str]) -> str:
-    lines = [f"{30 + i} 23 0:{30 + i} / {point} rw,relatime - {fstype} {fstype} {opts}"
-             for i, (point, fstype, opts) in enumerate(mounts)]
-    path = tmp / "mountinfo"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def v2_root(root: Path, *, swap: bool = True) -> Path:
@@ -66,29 +56,29 @@ def v2_root(root: Path, *, swap: bool = True) -> Path:
 
 def test_v2_detects_root_controllers_and_swap(tmp_path: Path) -> None:
     root = v2_root(tmp_path / "cg")
-    info = mountinfo(tmp_path, (str(root), "cgroup2", "rw,nsdelegate,memory_recursiveprot"))
+    info = write_mountinfo(tmp_path, (str(root), "cgroup2", "rw,nsdelegate,memory_recursiveprot"))
     host = HostCgroups.detect(mountinfo=info, root=str(root), hugepages=str(tmp_path / "no"))
     assert host.unified and host.version == 2 and host.root == str(root)
     assert host.controllers == {"cpuset", "cpu", "io", "memory", "hugetlb", "pids", "rdma",
                                 "misc"}
     assert host.swap_accounting
     root2 = v2_root(tmp_path / "cg2", swap=False)
-    info2 = mountinfo(tmp_path, (str(root2), "cgroup2", "rw"))
+    info2 = write_mountinfo(tmp_path, (str(root2), "cgroup2", "rw"))
     assert not HostCgroups.detect(mountinfo=info2, root=str(root2)).swap_accounting
 
 
 def test_hybrid_and_stacked_mounts_decide_as_runc(tmp_path: Path) -> None:
     root = tmp_path / "cg"
     write(root / "memory" / "memory.memsw.limit_in_bytes", "9223372036854771712\n")
-    hybrid = mountinfo(tmp_path, (str(root), "tmpfs", "rw,mode=755"),
-                       (f"{root}/memory", "cgroup", "rw,memory"),
-                       (f"{root}/pids", "cgroup", "rw,pids"),
-                       (f"{root}/unified", "cgroup2", "rw"))
+    hybrid = write_mountinfo(tmp_path, (str(root), "tmpfs", "rw,mode=755"),
+                             (f"{root}/memory", "cgroup", "rw,memory"),
+                             (f"{root}/pids", "cgroup", "rw,pids"),
+                             (f"{root}/unified", "cgroup2", "rw"))
     host = HostCgroups.detect(mountinfo=hybrid, root=str(root))
     assert not host.unified and host.controllers == {"memory", "pids"}
     assert host.swap_accounting  # v1: memory.memsw.*
     v2_root(root)
-    stacked = mountinfo(tmp_path, (str(root), "tmpfs", "rw"), (str(root), "cgroup2", "rw"))
+    stacked = write_mountinfo(tmp_path, (str(root), "tmpfs", "rw"), (str(root), "cgroup2", "rw"))
     assert HostCgroups.detect(mountinfo=stacked, root=str(root)).unified  # last mount wins
 
 
@@ -118,14 +108,6 @@ def test_parent_controllers_narrow_what_a_container_gets(tmp_path: Path) -> None
     assert v1.below("/kubepods/burstable/c1") is v1
     by_hand = HostCgroups(True, frozenset({"hugetlb"}), frozenset(), False)
     assert by_hand.below("/kubepods/burstable/c1") is by_hand  # reads nothing
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("rootfs")
-    with tarfile.open(fileobj=io.BytesIO(busybox_layer().tar)) as tar:
-        tar.extractall(root, filter="fully_trusted")  # our own test layer
-    return root
 
 
 def spec(rootfs: Path, cgroups_path: str, host: HostCgroups,
@@ -234,10 +216,10 @@ def test_gateway_swap_accounting_on_v1_and_v2(tmp_path: Path) -> None:
     assert gw_resources.swap_accounting(v2_root(tmp_path / "v2"), unified=True)
     assert not gw_resources.swap_accounting(v2_root(tmp_path / "v2n", swap=False),
                                             unified=True)
-    hybrid = mountinfo(tmp_path, ("/sys/fs/cgroup", "tmpfs", "rw"),
-                       ("/sys/fs/cgroup/unified", "cgroup2", "rw"))
+    hybrid = write_mountinfo(tmp_path, ("/sys/fs/cgroup", "tmpfs", "rw"),
+                             ("/sys/fs/cgroup/unified", "cgroup2", "rw"))
     assert not gw_resources.cgroup2_mounted(Path("/sys/fs/cgroup"), hybrid)
-    unified = mountinfo(tmp_path, ("/sys/fs/cgroup", "cgroup2", "rw"))
+    unified = write_mountinfo(tmp_path, ("/sys/fs/cgroup", "cgroup2", "rw"))
     assert gw_resources.cgroup2_mounted(Path("/sys/fs/cgroup"), unified)
 
 

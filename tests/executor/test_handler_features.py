@@ -3,10 +3,8 @@ containerd's), what the OCI spec gets, and how handler features are found."""
 
 from __future__ import annotations
 
-import io
 import os
 import stat
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -22,18 +20,9 @@ from shoal_executor.domain.checks.userns import (
     mount_id_maps,
 )
 from shoal_executor.domain.spec import ContainerContext, PodContext, build_spec
-from support.images import busybox_layer
 
 MAP = [cri.IDMapping(container_id=0, host_id=100000, length=65536)]
 IDMAP = IdMap(IdRange(0, 100000, 65536), IdRange(0, 100000, 65536))
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("rootfs")
-    with tarfile.open(fileobj=io.BytesIO(busybox_layer().tar)) as tar:
-        tar.extractall(root, filter="fully_trusted")  # our own test layer
-    return root
 
 
 def userns_pod(**userns: object) -> cri.PodSandboxConfig:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
 import stat
 import subprocess
-import tarfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cri_api.v1 import api_pb2 as cri
+from executor_support import write_mountinfo
 from shoal_common.errors import Invalid
 from shoal_executor.domain.cgroups import HostCgroups, page_size_name
 from shoal_executor.domain.rootfs_users import resolve_in_root, resolve_user
@@ -29,17 +28,14 @@ from shoal_executor.domain.spec import (
     parse_signal,
     stop_signal,
 )
-from support.images import busybox_layer
 
 
 @pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("rootfs")
-    with tarfile.open(fileobj=io.BytesIO(busybox_layer().tar)) as tar:
-        tar.extractall(root, filter="fully_trusted")  # our own test layer
-    (root / "etc" / "group").write_text(
-        (root / "etc" / "group").read_text() + "video:x:44:app\n")
-    return root
+def rootfs(rootfs: Path) -> Path:
+    """The conftest's busybox, with the user `app` in a supplementary group."""
+    (rootfs / "etc" / "group").write_text(
+        (rootfs / "etc" / "group").read_text() + "video:x:44:app\n")
+    return rootfs
 
 
 def container(rootfs: Path, image_config: dict | None = None, **kw) -> ContainerContext:
@@ -210,14 +206,6 @@ def kubelet_resources(**kw) -> cri.LinuxContainerResources:
                    for name in os.listdir("/sys/kernel/mm/hugepages"))
     return cri.LinuxContainerResources(
         hugepage_limits=[cri.HugepageLimit(page_size=s, limit=0) for s in sizes], **kw)
-
-
-def write_mountinfo(tmp: Path, *mounts: tuple[str, str, str]) -> str:
-    lines = [f"{30 + i} 23 0:{30 + i} / {point} rw,relatime - {fstype} {fstype} {opts}"
-             for i, (point, fstype, opts) in enumerate(mounts)]
-    path = tmp / "mountinfo"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def test_host_cgroups_detects_v1_controllers_and_page_sizes(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from shoal_puller.domain.pull import WRITE_BATCH
 from shoal_puller.store.content import ContentStore
 from shoal_puller.store.images import ImageStore, ManifestRecord
 from support.faulty_registry import FaultyRegistry
-from support.images import LayerBuilder, build_image, push
+from support.images import Image, LayerBuilder, build_image, push
 from support.processes import ServiceProcess, ServiceSet
 from support.registry import Registry
 
@@ -33,10 +33,13 @@ def metric(sp: ServiceProcess, name: str) -> float:
                if s.name == name)
 
 
-def big_image(tag: str) -> tuple[object, int]:
+def push_big_image(registry: Registry, tag: str) -> tuple[Image, int, str]:
+    """A one-layer image pushed as faults/<tag>:1: (image, layer size, its blob's path)."""
     # Random, so gzip cannot shrink it: the blob is ~6 MB on the wire.
     layer = LayerBuilder().file(f"{tag}.bin", os.urandom(6 * 1024 * 1024)).build()
-    return build_image([layer], cmd=["true"]), layer.size
+    image = build_image([layer], cmd=["true"])
+    push(registry.url, f"faults/{tag}", "1", image)
+    return image, layer.size, r"/blobs/sha256:" + layer.digest.split(":")[1]
 
 
 async def pull(bus: Bus, ref: str, timeout: float = 60) -> PullReply:
@@ -54,10 +57,8 @@ async def start_puller(services: ServiceSet, *sets: str) -> ServiceProcess:
 
 async def test_a_stalled_download_fails_clearly_instead_of_hanging(
         services: ServiceSet, registry: Registry, front: FaultyRegistry, bus: Bus) -> None:
-    image, _ = big_image("stall")
-    push(registry.url, "faults/stall", "1", image)
-    front.stall(r"/blobs/sha256:" + image.layers[0].digest.split(":")[1], after=200_000,
-                seconds=30)
+    *_, blob = push_big_image(registry, "stall")
+    front.stall(blob, after=200_000, seconds=30)
     await start_puller(services, "services.puller.progress_window=2",
                        "services.puller.min_progress_bytes=10000")
     started = time.monotonic()
@@ -83,9 +84,7 @@ async def test_a_slow_download_that_progresses_is_not_taken_for_a_stall(
 
 async def test_dropped_connections_resume_within_a_pull(
         services: ServiceSet, registry: Registry, front: FaultyRegistry, bus: Bus) -> None:
-    image, size = big_image("cut")
-    push(registry.url, "faults/cut", "1", image)
-    blob = r"/blobs/sha256:" + image.layers[0].digest.split(":")[1]
+    image, size, blob = push_big_image(registry, "cut")
     front.cut(blob, after=1_000_000, times=2)
     sp = await start_puller(services)
     reply = await pull(bus, f"{front.host}/faults/cut:1")
@@ -97,9 +96,7 @@ async def test_dropped_connections_resume_within_a_pull(
 
 async def test_kill_9_mid_download_then_restart_resumes_from_the_ingest(
         services: ServiceSet, registry: Registry, front: FaultyRegistry, bus: Bus) -> None:
-    image, size = big_image("kill")
-    push(registry.url, "faults/kill", "1", image)
-    blob = r"/blobs/sha256:" + image.layers[0].digest.split(":")[1]
+    image, size, blob = push_big_image(registry, "kill")
     front.stall(blob, after=5_000_000, seconds=60)
     first = await start_puller(services)
     attempt = asyncio.create_task(pull(bus, f"{front.host}/faults/kill:1", timeout=120))

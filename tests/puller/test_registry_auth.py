@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from urllib.parse import parse_qs
 
 import pytest
-from aiohttp import web
 from shoal_common.errors import FailedPrecondition, Invalid
 from shoal_puller.config import RegistryHostConfig
 from shoal_puller.registry import Credentials, parse_reference
@@ -240,16 +239,7 @@ async def test_rejected_cached_token_is_renewed(front: FaultyRegistry, tokens: T
 
 async def test_token_server_503_is_retried(front: FaultyRegistry, tokens: TokenServer,
                                            pushed: Pushed, make_client: MakeClient) -> None:
-    original = tokens.handle
-    failures = [2]
-
-    async def flaky(request: web.Request) -> web.StreamResponse:
-        if failures[0]:
-            failures[0] -= 1
-            return web.Response(status=503, text="busy")
-        return await original(request)
-
-    tokens.handle = flaky  # type: ignore[method-assign]
+    tokens.refuse(2, 503, "busy")
     client = make_client()
     ref = parse_reference(f"{front.host}/puller/small:v1")
     assert (await client.get_manifest(ref, ref.object)).digest == pushed.small.digest

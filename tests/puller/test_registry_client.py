@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import ssl
-import subprocess
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -35,6 +32,8 @@ from support.faulty_registry import (
     collect,
     sha256,
 )
+from support.images import Layer
+from support.pki import Pki, make_pki
 from support.ports import free_port
 from support.registry import Registry
 
@@ -180,17 +179,19 @@ async def test_bad_arguments(registry: Registry, make_client: MakeClient) -> Non
 # ------------------------------------------------------------------------------- blobs
 
 
+async def fetch_through(front: FaultyRegistry, client: RegistryClient, layer: Layer) -> bytes:
+    """`layer` of puller/busybox:oci fetched through `front`, with its size expected."""
+    ref = parse_reference(f"{front.host}/puller/busybox:oci")
+    return await collect(client.fetch_blob(ref, layer.digest, expected_size=layer.size))
+
+
 async def test_blob_resumes_after_dropped_connections(front: FaultyRegistry, pushed: Pushed,
                                                       make_client: MakeClient) -> None:
     layer = pushed.busybox.layers[0]
     cut = 100_000
     assert layer.size > 3 * cut
     front.cut(r"/blobs/", cut, times=2)
-    client = make_client()
-    ref = parse_reference(f"{front.host}/puller/busybox:oci")
-
-    data = await collect(client.fetch_blob(ref, layer.digest, expected_size=layer.size))
-    assert data == layer.blob
+    assert await fetch_through(front, make_client(), layer) == layer.blob
     ranges = [r.headers.get("Range") for r in front.seen(f"/blobs/{layer.digest}")]
     assert ranges == [None, f"bytes={cut}-", f"bytes={2 * cut}-"]
 
@@ -200,10 +201,7 @@ async def test_blob_resume_when_server_ignores_range(front: FaultyRegistry, push
     layer = pushed.busybox.layers[0]
     front.cut(r"/blobs/", 70_000, times=1)
     front.ignore_range(r"/blobs/")  # answers the resume with 200 and the whole blob
-    client = make_client()
-    ref = parse_reference(f"{front.host}/puller/busybox:oci")
-    data = await collect(client.fetch_blob(ref, layer.digest, expected_size=layer.size))
-    assert data == layer.blob
+    assert await fetch_through(front, make_client(), layer) == layer.blob
     assert [r.headers.get("Range") for r in front.seen("/blobs/")] == [None, "bytes=70000-"]
 
 
@@ -211,10 +209,7 @@ async def test_blob_resume_after_stall(front: FaultyRegistry, pushed: Pushed,
                                        make_client: MakeClient) -> None:
     layer = pushed.busybox.layers[0]
     front.stall(r"/blobs/", 50_000, 0.6)
-    client = make_client(read_timeout=0.2)
-    ref = parse_reference(f"{front.host}/puller/busybox:oci")
-    data = await collect(client.fetch_blob(ref, layer.digest, expected_size=layer.size))
-    assert data == layer.blob
+    assert await fetch_through(front, make_client(read_timeout=0.2), layer) == layer.blob
     assert [r.headers.get("Range") for r in front.seen("/blobs/")] == [None, "bytes=50000-"]
 
 
@@ -392,10 +387,7 @@ async def test_blob_redirect_to_storage_drops_authorization(
         path = f"/v2/puller/busybox/blobs/{layer.digest}"
         storage.blobs[path] = layer.blob
         front.redirect(r"/blobs/", storage.url)
-        client = make_client()
-        ref = parse_reference(f"{front.host}/puller/busybox:oci")
-        data = await collect(client.fetch_blob(ref, layer.digest, expected_size=layer.size))
-        assert data == layer.blob
+        assert await fetch_through(front, make_client(), layer) == layer.blob
         authorized = [r for r in front.seen("/blobs/") if "Authorization" in r.headers]
         assert authorized and authorized[-1].headers["Authorization"].startswith("Bearer ")
         assert len(storage.requests) == 1
@@ -409,16 +401,7 @@ async def test_storage_refusal_after_redirect_is_retried(
     async with BlobStorage() as storage:
         storage.blobs[f"/v2/puller/small/blobs/{layer.digest}"] = layer.blob
         front.redirect(r"/blobs/", storage.url)
-        refused = [1]
-        serve = storage.handle
-
-        async def expiring(request: web.Request) -> web.StreamResponse:
-            if refused[0]:
-                refused[0] -= 1
-                return web.Response(status=403, text="Request has expired")
-            return await serve(request)
-
-        storage.handle = expiring  # type: ignore[method-assign]
+        storage.refuse(1, 403, "Request has expired")
         client = make_client()
         ref = parse_reference(f"{front.host}/puller/small:v1")
         assert await collect(client.fetch_blob(ref, layer.digest)) == layer.blob
@@ -525,39 +508,10 @@ async def test_plain_http_is_respected(registry: Registry, pushed: Pushed,
 # ----------------------------------------------------------------------------------- TLS
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A throwaway CA with a server certificate for 127.0.0.1 and a client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=shoal test CA", cwd=d)
-    for name, usage, san in (("server", "serverAuth", "IP:127.0.0.1,DNS:localhost"),
-                             ("client", "clientAuth", "DNS:shoal-client")):
-        (d / f"{name}.ext").write_text(
-            f"subjectAltName={san}\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"
-            "keyUsage=digitalSignature\nsubjectKeyIdentifier=hash\n"
-            "authorityKeyIdentifier=keyid,issuer\n")
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=shoal test {name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext",
-                 "-out", f"{name}.pem", cwd=d)
-    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem",
-               d / "client.key")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _server_context(pki: Pki, *, require_client_cert: bool = False) -> ssl.SSLContext:

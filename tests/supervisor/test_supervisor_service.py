@@ -13,15 +13,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from shoal_common import subjects
-from shoal_common.errors import (
-    AlreadyExists,
-    DeadlineExceeded,
-    FailedPrecondition,
-    Invalid,
-    NotFound,
-    ShoalError,
-)
+from shoal_common import errors, subjects
 from shoal_common.messages.monitor import (
     ExecSyncReply,
     ExecSyncRequest,
@@ -67,7 +59,7 @@ async def test_lifecycle_logs_and_events(sup: Harness) -> None:
                            TaskState)
     assert (again.state, again.pid) == ("created", failing.pid)
     other = sup.bundle(f"{failing.id}-other", ["true"])
-    with pytest.raises(AlreadyExists, match=failing.id):
+    with pytest.raises(errors.AlreadyExists, match=failing.id):
         await sup.call("create", MonitorCreateRequest(id=failing.id, bundle=str(other)),
                        TaskState)
 
@@ -91,8 +83,16 @@ async def test_lifecycle_logs_and_events(sup: Harness) -> None:
     everything = await sup.call("list", TaskListRequest(), TaskListReply)
     assert {t.id for t in everything.tasks} == {failing.id, completed.id}
 
-    with pytest.raises(FailedPrecondition, match="exited"):
-        await sup.call("start", TaskIdRequest(id=failing.id), TaskState)
+    # Start is idempotent: again on a task that ran answers its run (a retry whose first
+    # attempt's answer was lost), while one that never ran cannot be started once exited.
+    again = await sup.call("start", TaskIdRequest(id=failing.id), TaskState)
+    assert (again.state, again.exit_code) == ("stopped", 3)
+    never = await sup.create(["sleep", "60"], start=False)
+    await sup.call("kill", KillRequest(id=never.id, signal=signal.SIGKILL), TaskState)
+    await sup.wait_state(never.id)
+    with pytest.raises(errors.FailedPrecondition, match="exited"):
+        await sup.call("start", TaskIdRequest(id=never.id), TaskState)
+    await sup.call("delete", TaskIdRequest(id=never.id), TaskState)
 
     exited = await events.wait_for(TaskExited, failing.id)
     assert isinstance(exited, TaskExited)
@@ -106,7 +106,7 @@ async def test_lifecycle_logs_and_events(sup: Harness) -> None:
     assert gone.exit_code == 3
     deleted = await events.wait_for(TaskDeleted, failing.id)
     assert isinstance(deleted, TaskDeleted) and deleted.exit_code == 3
-    with pytest.raises(NotFound):
+    with pytest.raises(errors.NotFound):
         await sup.call("state", TaskIdRequest(id=failing.id), TaskState)
     again_gone = await sup.call("delete", TaskIdRequest(id=failing.id), TaskState)
     assert again_gone.state == "unknown"
@@ -120,49 +120,50 @@ async def test_lifecycle_logs_and_events(sup: Harness) -> None:
     assert values[("shoal_supervisor_exits_total", (("reason", "Error"),))] >= 1
     assert values[("shoal_supervisor_exits_total", (("reason", "Completed"),))] >= 1
     assert values[("shoal_supervisor_tasks", (("state", "stopped"),))] == 1
-    assert values[("shoal_supervisor_runtime_seconds_count", (("op", "create"),))] == 2
+    assert values[("shoal_supervisor_runtime_seconds_count", (("op", "create"),))] == 3
 
 
 async def test_create_errors(sup: Harness) -> None:
     await sup.start_supervisor()
     empty = sup.bundle_root / "empty-bundle"
     empty.mkdir(parents=True)
-    with pytest.raises(Invalid, match=r"no config\.json"):
+    with pytest.raises(errors.Invalid, match=r"no config\.json"):
         await sup.call("create", MonitorCreateRequest(id="sup-x1", bundle=str(empty)),
                        TaskState)
     # Refused as the body is decoded, naming the field.
-    with pytest.raises(Invalid, match=r"at `\$\.bundle`"):
+    with pytest.raises(errors.Invalid, match=r"at `\$\.bundle`"):
         await sup.call("create", MonitorCreateRequest(id="sup-x2", bundle="rel/bundle"),
                        TaskState)
     # A message names a runtime handler, never a binary: only configured ones run.
     named = sup.bundle_root / "named-bundle"
     named.mkdir()
     (named / "config.json").write_text("{}")
-    with pytest.raises(Invalid, match="runtime_handler 'evil' is not configured"):
+    with pytest.raises(errors.Invalid, match="runtime_handler 'evil' is not configured"):
         await sup.call("create", MonitorCreateRequest(id="sup-x3", bundle=str(named),
                                                       runtime_handler="evil"), TaskState)
-    with pytest.raises(Invalid, match=r"at `\$\.runtime_handler`"):
+    with pytest.raises(errors.Invalid, match=r"at `\$\.runtime_handler`"):
         await sup.call("create", MonitorCreateRequest(id="sup-x4", bundle=str(empty),
                                                       runtime_handler="/tmp/evil"), TaskState)
-    with pytest.raises(Invalid, match=r"at `\$\.id`"):
+    with pytest.raises(errors.Invalid, match=r"at `\$\.id`"):
         await sup.call("create", MonitorCreateRequest(id="../x", bundle=str(empty)),
                        TaskState)
 
     # runc's own error comes back, and nothing of the half-made container stays.
     task_id = sup.new_id()
     bundle = sup.bundle(task_id, ["no-such-binary"])
-    with pytest.raises(FailedPrecondition, match='"no-such-binary": executable file not found'):
+    with pytest.raises(errors.FailedPrecondition,
+                       match='"no-such-binary": executable file not found'):
         await sup.call("create", MonitorCreateRequest(id=task_id, bundle=str(bundle)),
                        TaskState)
-    with pytest.raises(NotFound, match=task_id):
+    with pytest.raises(errors.NotFound, match=task_id):
         await sup.call("state", TaskIdRequest(id=task_id), TaskState)
     assert not (sup.runtime_root / task_id).exists()
     assert not sup.cgroup_dir("memory", task_id).exists()
 
     running = await sup.create(["sleep", "1000"])
-    with pytest.raises(FailedPrecondition, match="running"):
+    with pytest.raises(errors.FailedPrecondition, match="running"):
         await sup.call("delete", TaskIdRequest(id=running.id), TaskState)
-    with pytest.raises(NotFound):
+    with pytest.raises(errors.NotFound):
         await sup.call("start", TaskIdRequest(id="sup-nope"), TaskState)
 
 
@@ -259,14 +260,14 @@ async def test_exec_stats_update_reopen(sup: Harness) -> None:
                         ExecSyncReply)
     assert (ok.exit_code, ok.stdout, ok.stderr) == (0, b"a b\n", b"")
     begin = time.monotonic()
-    with pytest.raises(DeadlineExceeded, match="timed out"):
+    with pytest.raises(errors.DeadlineExceeded, match="timed out"):
         await sup.call("exec_sync", ExecSyncRequest(id=task.id, cmd=["sleep", "30"],
                                                     timeout=1), ExecSyncReply)
     assert time.monotonic() - begin < 5
     # Killed and reaped before the answer: no zombie left in the container (critest's
     # "execSync with timeout" looks for one with pgrep right away).
     assert zombies_in_pid_namespace_of(task.pid) == []
-    with pytest.raises(FailedPrecondition, match="executable file not found"):
+    with pytest.raises(errors.FailedPrecondition, match="executable file not found"):
         await sup.call("exec_sync", ExecSyncRequest(id=task.id, cmd=["nope"]), ExecSyncReply)
 
     [stats] = (await sup.call("stats", StatsRequest(ids=[task.id, "sup-unknown"]),
@@ -298,9 +299,9 @@ async def test_exec_stats_update_reopen(sup: Harness) -> None:
 
     stopped = await sup.call("stop", StopRequest(id=task.id, timeout=0.5), TaskState)
     assert stopped.state == "stopped"
-    with pytest.raises(FailedPrecondition, match="not running"):
+    with pytest.raises(errors.FailedPrecondition, match="not running"):
         await sup.call("exec_sync", ExecSyncRequest(id=task.id, cmd=["true"]), ExecSyncReply)
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(errors.FailedPrecondition):
         await sup.call("reopen_log", TaskIdRequest(id=task.id), TaskState)
 
 
@@ -392,7 +393,7 @@ async def test_create_interrupted_by_a_crash_is_adopted(sup: Harness) -> None:
                                            attempt_timeout=1.5))
     await asyncio.sleep(0.4)  # the row says `creating`; the slow conmon has not run yet
     sup.kill9_supervisor()
-    with pytest.raises(ShoalError):
+    with pytest.raises(errors.ShoalError):
         await pending
     await eventually(lambda: (sup.runtime_root / task_id / "state.json").exists(),
                      what="conmon finishing the create on its own")
@@ -423,3 +424,25 @@ async def test_container_outliving_its_conmon(sup: Harness) -> None:
     stopped = await sup.call("stop", StopRequest(id=task.id, timeout=0.5), TaskState)
     assert (stopped.state, stopped.exit_code, stopped.reason) == ("stopped", 255, "Error")
     assert "unknown" in stopped.message
+
+
+async def test_start_retried_after_a_kill_that_followed_it_is_done(sup: Harness) -> None:
+    """The supervisor dies right after runc started the task, before it answered; the task
+    exits before the retry comes. The retried start answers the run (its exit code), not
+    "has exited and cannot be started again": the start time was recorded first."""
+    faults = sup.root / "faults"
+    faults.mkdir(exist_ok=True)
+    sup.sp = sup.services.start("supervisor", env={
+        "SHOAL_FAULTS": "supervisor.task.started=kill", "SHOAL_FAULTS_DIR": str(faults)})
+    await asyncio.to_thread(sup.services.wait_serving, sup.sp)
+    task = await sup.create(["sh", "-c", "echo ran; exit 7"], start=False)
+    with pytest.raises(errors.ShoalError):
+        await sup.call("start", TaskIdRequest(id=task.id), TaskState, retries=0,
+                       attempt_timeout=5)
+    await eventually(lambda: "ran" in sup.log_path(task.id).read_text(),
+                     what="the container running although its supervisor died")
+    await sup.start_supervisor()
+    await sup.wait_state(task.id, "stopped")
+    again = await sup.call("start", TaskIdRequest(id=task.id), TaskState)
+    assert (again.state, again.exit_code) == ("stopped", 7)
+    assert again.started_at > 0

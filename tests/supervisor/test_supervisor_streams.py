@@ -11,16 +11,8 @@ from pathlib import Path
 import pytest
 from shoal_common.errors import FailedPrecondition, NotFound
 from shoal_common.messages import Empty
+from shoal_common.messages import streams as s
 from shoal_common.messages.monitor import StopRequest, TaskIdRequest, TaskState
-from shoal_common.messages.streams import (
-    AttachInfo,
-    ExecCreateRequest,
-    ExecExit,
-    ExecIdRequest,
-    ExecSession,
-    ExecStarted,
-    ResizeRequest,
-)
 from supervisor_harness import Harness, conmon_pids
 
 pytestmark = pytest.mark.e2e
@@ -62,21 +54,21 @@ async def run_exec(sup: Harness, task_id: str, cmd: list[str], *, stdin: bytes |
                    resize: tuple[int, int] | None = None) -> tuple[int, dict[int, bytes]]:
     """Run an exec session; with `resize`, resize its terminal once its first line is out."""
     exec_id = os.urandom(8).hex()
-    session = await sup.call("exec_create", ExecCreateRequest(
+    session = await sup.call("exec_create", s.ExecCreateRequest(
         id=task_id, exec_id=exec_id, cmd=cmd, tty=tty, stdin=stdin is not None,
-        height=size[0], width=size[1]), ExecSession)
+        height=size[0], width=size[1]), s.ExecSession)
     client = AttachClient(session.attach_socket)
     first = b""
     try:
-        await sup.call("exec_start", ExecIdRequest(id=task_id, exec_id=exec_id), ExecStarted)
+        await sup.call("exec_start", s.ExecIdRequest(id=task_id, exec_id=exec_id), s.ExecStarted)
         if resize:
             loop = asyncio.get_running_loop()
             while b"\n" not in first:
                 packet = await loop.sock_recv(client.sock, 65536)
                 assert packet[:1] == bytes([STDOUT]), packet
                 first += packet[1:]
-            await sup.call("resize", ResizeRequest(id=task_id, exec_id=exec_id,
-                                                   height=resize[0], width=resize[1]), Empty)
+            await sup.call("resize", s.ResizeRequest(id=task_id, exec_id=exec_id,
+                                                     height=resize[0], width=resize[1]), Empty)
         if stdin is not None:
             await client.send(stdin)
             client.close_stdin()
@@ -84,8 +76,8 @@ async def run_exec(sup: Harness, task_id: str, cmd: list[str], *, stdin: bytes |
         out[STDOUT] = first + out[STDOUT]
     finally:
         client.close()
-    code = (await sup.call("exec_wait", ExecIdRequest(id=task_id, exec_id=exec_id),
-                           ExecExit)).exit_code
+    code = (await sup.call("exec_wait", s.ExecIdRequest(id=task_id, exec_id=exec_id),
+                           s.ExecExit)).exit_code
     return code, out
 
 
@@ -107,30 +99,30 @@ async def test_exec_sessions(sup: Harness) -> None:
         await run_exec(sup, task.id, ["nope"])
     # A session given up on before it started: removed, its conmon gone.
     exec_id = "abandoned"
-    await sup.call("exec_create", ExecCreateRequest(id=task.id, exec_id=exec_id,
-                                                    cmd=["sleep", "100"]), ExecSession)
+    await sup.call("exec_create", s.ExecCreateRequest(id=task.id, exec_id=exec_id,
+                                                      cmd=["sleep", "100"]), s.ExecSession)
     assert conmon_pids(exec_id)
     assert_owner_only(sup, task.id, exec_id)
-    await sup.call("exec_remove", ExecIdRequest(id=task.id, exec_id=exec_id), Empty)
+    await sup.call("exec_remove", s.ExecIdRequest(id=task.id, exec_id=exec_id), Empty)
     assert not conmon_pids(exec_id)
     with pytest.raises(NotFound):
-        await sup.call("exec_start", ExecIdRequest(id=task.id, exec_id=exec_id), ExecStarted)
+        await sup.call("exec_start", s.ExecIdRequest(id=task.id, exec_id=exec_id), s.ExecStarted)
     # And one killed while it runs.
-    session = await sup.call("exec_create", ExecCreateRequest(
-        id=task.id, exec_id="running", cmd=["sleep", "100"]), ExecSession)
-    await sup.call("exec_start", ExecIdRequest(id=task.id, exec_id="running"), ExecStarted)
-    await sup.call("exec_remove", ExecIdRequest(id=task.id, exec_id="running"), Empty)
+    session = await sup.call("exec_create", s.ExecCreateRequest(
+        id=task.id, exec_id="running", cmd=["sleep", "100"]), s.ExecSession)
+    await sup.call("exec_start", s.ExecIdRequest(id=task.id, exec_id="running"), s.ExecStarted)
+    await sup.call("exec_remove", s.ExecIdRequest(id=task.id, exec_id="running"), Empty)
     assert not conmon_pids("running")
     assert not Path(session.attach_socket).parent.exists()
 
-    attach = await sup.call("attach", TaskIdRequest(id=task.id), AttachInfo)
+    attach = await sup.call("attach", TaskIdRequest(id=task.id), s.AttachInfo)
     assert Path(attach.attach_socket).exists() and not attach.stdin
     await sup.call("stop", StopRequest(id=task.id, timeout=0.5), TaskState)
     with pytest.raises(FailedPrecondition, match="not running"):
-        await sup.call("exec_create", ExecCreateRequest(id=task.id, exec_id="late",
-                                                        cmd=["true"]), ExecSession)
+        await sup.call("exec_create", s.ExecCreateRequest(id=task.id, exec_id="late",
+                                                          cmd=["true"]), s.ExecSession)
     with pytest.raises(FailedPrecondition, match="not running"):
-        await sup.call("attach", TaskIdRequest(id=task.id), AttachInfo)
+        await sup.call("attach", TaskIdRequest(id=task.id), s.AttachInfo)
 
 
 def assert_owner_only(sup: Harness, task_id: str, exec_id: str) -> None:

@@ -28,7 +28,9 @@ from support.images import Image, Index
 
 _PROXIED_HEADERS = ("Content-Type", "Docker-Content-Digest", "Content-Range", "Location",
                     "Accept-Ranges", "Docker-Distribution-Api-Version", "WWW-Authenticate",
-                    "Retry-After")
+                    "Retry-After", "Range", "Docker-Upload-UUID")
+# Request headers passed on: what a pull sends, and what uploads (pushes) need.
+_FORWARDED_HEADERS = ("Accept", "Range", "Content-Type", "Content-Range")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,19 @@ class Seen:
     headers: dict[str, str]
 
 
+async def serve_locally(handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                        ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """An aiohttp app passing every request to `handler`, on 127.0.0.1 at a free port
+    (optionally TLS): its runner (cleanup() stops it) and its port."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    # A short shutdown timeout: stalled handlers are cancelled, not waited for.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+    return runner, runner.addresses[0][1]
+
+
 class _Server:
     """An aiohttp app on 127.0.0.1 with a free port, optionally TLS, recording requests."""
 
@@ -47,6 +62,8 @@ class _Server:
         self.requests: list[Seen] = []
         self.port = 0
         self._runner: web.AppRunner | None = None
+        self._refusals = 0  # see refuse()
+        self._refusal = (0, "")
 
     @property
     def host(self) -> str:
@@ -59,24 +76,25 @@ class _Server:
     def seen(self, pattern: str) -> list[Seen]:
         return [r for r in self.requests if re.search(pattern, r.path)]
 
+    def refuse(self, times: int, status: int, text: str) -> None:
+        """Answer the next `times` requests with `status` and `text`, then handle again."""
+        self._refusals = times
+        self._refusal = (status, text)
+
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(Seen(request.method, request.path,
                                   request.rel_url.raw_query_string, dict(request.headers)))
+        if self._refusals:
+            self._refusals -= 1
+            status, text = self._refusal
+            return web.Response(status=status, text=text)
         return await self.handle(request)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
 
     async def start(self) -> Self:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        # A short shutdown timeout: stalled handlers are cancelled, not waited for.
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve_locally(self._dispatch, self.ssl_context)
         return self
 
     async def stop(self) -> None:
@@ -204,17 +222,22 @@ class FaultyRegistry(_Server):
                                                   "message": "no upstream"}]}, status=404)
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)
-        headers = {k: v for k, v in request.headers.items() if k in ("Accept", "Range")}
+        headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_HEADERS}
         if drop_range:
             headers.pop("Range", None)
         query = request.rel_url.raw_query_string
         url = self.upstream + path + (f"?{query}" if query else "")
-        async with self._session.request(request.method, url, headers=headers,
+        sent = await request.read() if request.can_read_body else None
+        async with self._session.request(request.method, url, headers=headers, data=sent,
                                          allow_redirects=False) as upstream:
             resp = web.StreamResponse(status=upstream.status)
             for name in _PROXIED_HEADERS:
                 if name in upstream.headers:
                     resp.headers[name] = upstream.headers[name]
+            location = resp.headers.get("Location", "")
+            if location.startswith(self.upstream + "/"):
+                # Upload sessions continue through this front, not around it.
+                resp.headers["Location"] = self.url + location[len(self.upstream):]
             if transform is not None:
                 body = transform(await upstream.read())
                 resp.content_length = len(body)

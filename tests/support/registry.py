@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
@@ -23,6 +24,18 @@ START_TIMEOUT = 20.0
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def _opener(tls: bool) -> urllib.request.OpenerDirector:
+    """The readiness probe's: a TLS registry is probed without verifying its certificate
+    (the probe asks only whether it serves; the tests verify it)."""
+    if not tls:
+        return _OPENER
+    unverified = ssl.create_default_context()
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                       urllib.request.HTTPSHandler(context=unverified))
+
+
 class RegistryError(RuntimeError):
     """The registry process could not be started or did not become ready."""
 
@@ -34,12 +47,14 @@ def registry_config(
     log_level: str = "warn",
     auth: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    tls: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the registry configuration as a dict (the shape of config.yml).
 
     `auth` is the registry's `auth:` section verbatim (e.g. `{"htpasswd": {...}}` or
     `{"token": {...}}`), so auth variants can be added without touching the writer.
-    `extra` top-level sections are merged in last.
+    `tls` is `http.tls` (certificate, key, clientcas). `extra` top-level sections are
+    merged in last.
     """
     config: dict[str, Any] = {
         "version": "0.1",
@@ -53,6 +68,8 @@ def registry_config(
         # may change storage_dir behind its back. A fixed secret silences a warning.
         "http": {"addr": addr, "secret": "shoal-test-registry"},
     }
+    if tls is not None:
+        config["http"]["tls"] = dict(tls)
     if auth is not None:
         config["auth"] = dict(auth)
     if extra:
@@ -82,8 +99,15 @@ class Registry:
         start_timeout: float = START_TIMEOUT,
         auth: Mapping[str, Any] | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        tls: tuple[Path, Path] | None = None,
+        client_ca: Path | None = None,
     ) -> None:
+        """`tls`: (certificate, key) to serve HTTPS with; `client_ca`: then also require a
+        client certificate signed by it. Two registries may share one `storage_dir` (say,
+        one plain to push to and one TLS to pull from)."""
         self.storage_dir = Path(storage_dir)
+        self._tls = tls
+        self._client_ca = client_ca
         self.binary = binary
         self.start_timeout = start_timeout
         self._auth = auth
@@ -100,7 +124,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self._tls else 'http'}://{self.host}"
 
     @property
     def log_path(self) -> Path | None:
@@ -138,11 +162,17 @@ class Registry:
 
     def _spawn_and_wait(self) -> None:
         assert self._work_dir is not None
+        tls: dict[str, Any] | None = None
+        if self._tls is not None:
+            tls = {"certificate": str(self._tls[0]), "key": str(self._tls[1])}
+            if self._client_ca is not None:
+                tls["clientcas"] = [str(self._client_ca)]
         config = registry_config(
             storage_dir=self.storage_dir.resolve(),
             addr=self.host,
             auth=self._auth,
             extra=self._extra_config,
+            tls=tls,
         )
         config_path = write_registry_config(self._work_dir / "config.yml", config)
         with open(self._work_dir / "registry.log", "wb") as log:
@@ -162,7 +192,7 @@ class Registry:
                     f"--- registry output ---\n{self.log_text()}"
                 )
             try:
-                with _OPENER.open(f"{self.url}/v2/", timeout=2) as resp:
+                with _opener(self._tls is not None).open(f"{self.url}/v2/", timeout=2) as resp:
                     if resp.status == 200:
                         return
                     last_error = f"GET /v2/ -> {resp.status}"
@@ -172,6 +202,11 @@ class Registry:
                     return
                 last_error = f"GET /v2/ -> {exc.code}"
             except OSError as exc:
+                # Without a client certificate, a registry that requires one refuses the
+                # handshake (or, in TLS 1.3, the first read): that already says it serves.
+                reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+                if self._client_ca is not None and isinstance(reason, ssl.SSLError):
+                    return
                 last_error = repr(exc)
             time.sleep(0.05)
         raise RegistryError(

@@ -34,9 +34,17 @@ class Cri:
         self.images = cri_grpc.ImageServiceStub(channel)
 
 
+@contextlib.asynccontextmanager
+async def cri_client(services: ServiceSet) -> AsyncIterator[Cri]:
+    """A CRI client of the node's socket, for as long as the block runs."""
+    async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
+        yield Cri(channel)
+
+
 @pytest.fixture(scope="module", name="images")
 def images_fixture(registry: Registry) -> dict[str, str]:
-    """The `images` fixture (import it into a test module): pause and busybox, pushed."""
+    """The `images` fixture (tests/e2e's conftest has it; elsewhere import it into a test
+    module): pause and busybox, pushed."""
     push(registry.url, "pods/pause", "1", pause_image())
     push(registry.url, "pods/busybox", "1", busybox_image())
     return {"pause": f"{registry.host}/pods/pause:1", "busybox": f"{registry.host}/pods/busybox:1"}
@@ -86,8 +94,8 @@ async def running_node(nats_url: str, root: Path, node_id: str, images: dict[str
     services = ServiceSet(Node(node_id, nats_url, root))
     try:
         procs = await start_shoal(services, images)
-        async with grpc.aio.insecure_channel(f"unix://{services.node.cri_socket}") as channel:
-            node = RunningShoal(Cri(channel), services, procs)
+        async with cri_client(services) as api:
+            node = RunningShoal(api, services, procs)
             yield node
             await remove_all_pods(node.api)
     finally:

@@ -159,6 +159,10 @@ class SpdyClient:
             raise ConnectionResetError(f"stream refused ({stream.reset_status})")
         return stream
 
+    async def open_streams(self, *kinds: str) -> list[ClientStream]:
+        """A stream of each streamType, opened one after another in this order."""
+        return [await self.open_stream({"streamType": kind}) for kind in kinds]
+
     @property
     def last_stream_id(self) -> int:
         return self._next_id - 2

@@ -1,17 +1,22 @@
 """The CRI client side the `shoal run/ps/pods/...` commands share: the connection to Shoal's
-CRI socket, the error explained to the user, and finding a container or pod by id prefix."""
+CRI socket, the error explained to the user, and finding a container or pod by id prefix.
+
+Every call carries the Shoal namespace (`shoal -n NAME`, default k8s.io, kubelet's) in the
+gRPC metadata key `shoal-namespace`: the gateway shows and acts on that namespace only."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
 CONNECT_TIMEOUT = 5.0
+NAMESPACE_METADATA = "shoal-namespace"  # the gateway's (shoal_cri_gateway.domain.namespaces)
 
 
 class CliError(Exception):
@@ -24,8 +29,34 @@ class Cri:
         self.images = cri_grpc.ImageServiceStub(channel)
 
 
+def _with_namespace(details: Any, namespace: str) -> Any:
+    """The call's details with the namespace added to its metadata."""
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata[NAMESPACE_METADATA] = namespace
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata,
+                                      details.credentials, details.wait_for_ready)
+
+
+class _Unary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any,
+                                    request: Any) -> Any:
+        return await continuation(_with_namespace(details, self.namespace), request)
+
+
+class _Stream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any,
+                                     request: Any) -> Any:
+        return await continuation(_with_namespace(details, self.namespace), request)
+
+
 @asynccontextmanager
-async def connect(socket_path: str) -> AsyncIterator[Cri]:
+async def connect(socket_path: str, namespace: str) -> AsyncIterator[Cri]:
     # A plain connect first: gRPC would only time out, where the errno says what is wrong.
     hint = "start it with `shoal up`, or point --run-root/--config at its socket"
     try:
@@ -39,7 +70,9 @@ async def connect(socket_path: str) -> AsyncIterator[Cri]:
                        f"({hint})") from None
     except PermissionError:
         raise CliError(f"no permission to use {socket_path} (it is root's)") from None
-    async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
+    interceptors: list[Any] = [_Unary(namespace), _Stream(namespace)]  # the stubs ask a cast
+    async with grpc.aio.insecure_channel(f"unix://{socket_path}",
+                                         interceptors=interceptors) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
         except TimeoutError:

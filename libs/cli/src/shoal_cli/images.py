@@ -22,6 +22,7 @@ from shoal_common.messages.images import (
     PullRequest,
     RegistryAuth,
 )
+from shoal_common.messages.push import PushProgress
 
 PULL_TIMEOUT = 3600.0
 LABELS = {"waiting": "Waiting", "downloading": "Downloading", "exists": "Already exists",
@@ -54,7 +55,7 @@ class ProgressView:
             return f"{short}: Downloading [{bar}] {human(p.done)}/{human(p.total)}"
         return f"{short}: {LABELS.get(p.state, p.state)}"
 
-    def update(self, event: PullProgress) -> None:
+    def update(self, event: PullProgress | PushProgress) -> None:
         lines = [self.line(p) for p in event.layers]
         if self.tty:
             width = shutil.get_terminal_size().columns - 1

@@ -1,6 +1,7 @@
 """The `shoal` command: launcher (`shoal up`), bus client (`shoal status`, `ping`, `pull`,
-`images`, `rmi`) and CRI client (`shoal run`, `ps`, `pods`, `logs`, `exec`, `stop`, `rm`,
-`inspect`)."""
+`images`, `rmi`, `push`, `image import|export`, `namespaces`) and CRI client (`shoal run`,
+`ps`, `pods`, `logs`, `exec`, `stop`, `rm`, `inspect`). `shoal -n NAME` puts a command in
+a namespace (default k8s.io, kubelet's)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from shoal_common.catalog import lookup
 from shoal_common.config import Config, ConfigError, load_config
 from shoal_common.errors import ShoalError
 from shoal_common.logging import configure_logging
+from shoal_common.messages.namespaces import CRI_NAMESPACE, check_namespace
 
-from shoal_cli import pods
+from shoal_cli import namespaces, networks, pods
 
 # The bus client and the launcher (nats-py, aiohttp) are imported by the commands that use
 # them: the CRI commands start in half the time without them.
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="set any config key, e.g. --set log.level=debug")
 
     parser = argparse.ArgumentParser(prog="shoal", description="Shoal container runtime")
+    parser.add_argument("-n", "--namespace", metavar="NAME",
+                        help=f"the namespace of images, pods and containers (default "
+                             f"{CRI_NAMESPACE}, kubelet's; for `events`: only this one)")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", parents=[common], help="run NATS and every service")
     up.add_argument("--replicas", action="append", default=[], metavar="SERVICE=N",
@@ -58,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("service")
     pg.add_argument("-c", "--count", type=int, default=4)
 
+    # The global `shoal -n NAME`, also taken after these commands (as it was first);
+    # SUPPRESS: unless given here, the global one stands.
     ns = argparse.ArgumentParser(add_help=False)
-    ns.add_argument("-n", "--namespace", default="k8s.io",
-                    help="image namespace (default k8s.io, the one kubelet sees)")
+    ns.add_argument("-n", "--namespace", default=argparse.SUPPRESS, metavar="NAME",
+                    help="same as `shoal -n NAME`")
     pl = sub.add_parser("pull", parents=[common, ns], help="pull an image, showing progress")
     pl.add_argument("image")
     pl.add_argument("--user", default="", help="registry credentials USER:PASSWORD")
@@ -68,11 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("-q", "--quiet", action="store_true", help="only image ids")
     rmi = sub.add_parser("rmi", parents=[common, ns], help="remove images")
     rmi.add_argument("images", nargs="+")
+    ph = sub.add_parser("push", parents=[common, ns], help="push an image to a registry")
+    ph.add_argument("image", help="a name, id or id prefix in the store")
+    ph.add_argument("target", nargs="?", default="",
+                    help="registry reference to push to (default: IMAGE's own name)")
+    ph.add_argument("--user", default="", help="registry credentials USER:PASSWORD")
+    _add_image_commands(sub, common, ns)
     _add_pod_commands(sub, common)
+    networks.add_parser(sub, common)
+    namespaces.add_parser(sub, common)
     ev = sub.add_parser("events", parents=[common], help="tail events (live or replayed)")
     ev.add_argument("--topic", action="append", default=[],
                     help="e.g. images.create, tasks.exit (repeatable; default all)")
-    ev.add_argument("-n", "--namespace", help="only this namespace (e.g. k8s.io)")
+    ev.add_argument("-n", "--namespace", default=argparse.SUPPRESS, metavar="NAME",
+                    help="only this namespace (e.g. k8s.io; default: every one)")
     ev.add_argument("--all-nodes", action="store_true",
                     help="every node sharing this NATS, not only --node-id")
     ev.add_argument("--since", help="replay from a time: 10m, 2h, or ISO 8601")
@@ -80,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep tailing (default when --since is not given)")
     ev.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
+
+
+def _add_image_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                        common: argparse.ArgumentParser, ns: argparse.ArgumentParser) -> None:
+    """`shoal image import|export` (module transfer), as `docker load|save`."""
+    image = sub.add_parser("image", help="import and export image archives")
+    cmds = image.add_subparsers(dest="image_command", required=True)
+    ex = cmds.add_parser("export", parents=[common, ns],
+                         help="write images to an OCI archive (docker load reads it too)")
+    ex.add_argument("file", help="the archive to write (replaced once whole)")
+    ex.add_argument("images", nargs="+", metavar="IMAGE", help="a name, id or id prefix")
+    im = cmds.add_parser("import", parents=[common, ns],
+                         help="load an OCI layout or docker archive (tar, or gzip/bzip2/xz)")
+    im.add_argument("file")
+    im.add_argument("--base-name", default="", metavar="REPOSITORY",
+                    help="name for images the archive names only by a tag, or not at all")
 
 
 def _add_pod_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -96,6 +128,9 @@ def _add_pod_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     run.add_argument("--memory", metavar="BYTES", help="memory limit (k, m, g suffixes)")
     run.add_argument("-p", "--publish", action="append", default=[],
                      metavar="[IP:]HOSTPORT:CONTAINERPORT[/PROTO]")
+    run.add_argument("--network", default="", metavar="NAME|host|none|container:ID",
+                     help="a network of `shoal network ls` (default: the default one), the "
+                          "host's, none (only lo), or the network of a pod or container")
     run.add_argument("image")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="replaces the image's CMD")
     ps = sub.add_parser("ps", parents=[common], help="list containers")
@@ -140,8 +175,20 @@ def _load(args: argparse.Namespace) -> Config:
     return config
 
 
+def _namespace(args: argparse.Namespace) -> None:
+    """Check `-n`; default it to k8s.io, but for `events`, where none means every one."""
+    if args.namespace is not None:
+        try:
+            check_namespace(args.namespace)
+        except ShoalError as exc:
+            raise SystemExit(f"shoal: -n: {exc.message}") from None
+    elif args.command != "events":
+        args.namespace = CRI_NAMESPACE
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    _namespace(args)
     config = _load(args)
     if args.command == "up":
         from shoal_cli.launcher import Launcher
@@ -155,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
                             external_nats=args.nats_url is not None)
         sys.exit(asyncio.run(launcher.run()))
     configure_logging(config.log, service="cli", node=config.node_id)
+    if args.command == "network":
+        sys.exit(asyncio.run(networks.main(config, args)))
+    if args.command == "namespaces":
+        sys.exit(asyncio.run(namespaces.main(config, args)))
     if args.command in pods.COMMANDS:
         sys.exit(asyncio.run(pods.main(config, args)))
     from shoal_cli import client
@@ -177,6 +228,15 @@ async def _images_command(config: Config, args: argparse.Namespace) -> int:
             return await images.pull(config, bus, args.image, args.namespace, args.user)
         if args.command == "images":
             return await images.images(bus, args.namespace, args.quiet)
+        if args.command == "image":
+            from shoal_cli import transfer
+
+            return await transfer.run(bus, args)
+        if args.command == "push":
+            from shoal_cli import push
+
+            return await push.push(config, bus, args.image, args.target, args.namespace,
+                                   args.user)
         return await images.rmi(bus, args.namespace, args.images)
     except ShoalError as exc:
         print(f"shoal {args.command}: {exc.message}", file=sys.stderr)

@@ -42,7 +42,7 @@ from shoal_cli.run import LOG_DIR_ANNOTATION, remove_pod, run
 
 async def main(config: Config, args: argparse.Namespace) -> int:
     try:
-        async with connect(config.cri_socket) as api:
+        async with connect(config.cri_socket, args.namespace) as api:
             return await HANDLERS[args.command](api, config, args)
     except grpc.aio.AioRpcError as exc:
         print(f"shoal {args.command}: {exc.details()}", file=sys.stderr)

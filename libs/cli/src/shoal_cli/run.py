@@ -24,6 +24,7 @@ from shoal_cli.cri_client import (
     container_status,
     exit_status,
     exited,
+    resolve,
     stop_container,
 )
 from shoal_cli.cri_logs import LogDecoder, LogFile, follow
@@ -33,6 +34,9 @@ POD_NAMESPACE = "default"
 # Pods made by `shoal run` say where their log directory is, so `shoal rm` removes it.
 LOG_DIR_ANNOTATION = "shoal.io/cli-log-directory"
 CLI_LABEL = "shoal.io/cli"
+# The executor's choice of network for a pod (shoal_executor.domain.pod_network).
+NETWORK_ANNOTATION = "io.shoal.network"
+JOIN = "container:"
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
 
@@ -69,6 +73,28 @@ def _security(user: str) -> cri.LinuxContainerSecurityContext:
             raise CliError(f"--user {user!r}: the group must be a numeric gid")
         sec.run_as_group.value = int(group)
     return sec
+
+
+async def network_options(api: Cri, network: str, ports: list[cri.PortMapping]
+                          ) -> tuple[dict[str, str], cri.NamespaceOption]:
+    """--network as the pod's annotations and namespace options: `host` is the host's
+    network namespace, `container:ID` (a pod or container id, or a unique prefix) that
+    pod's, anything else (a network's name, `none`) the executor's choice."""
+    options = cri.NamespaceOption()
+    if not network:
+        return {}, options
+    if network == "host":
+        if ports:
+            raise CliError("--publish with --network host: the container's ports are the "
+                           "host's already")
+        options.network = cri.NODE
+        return {}, options
+    if network.startswith(JOIN):
+        ident = network.removeprefix(JOIN)
+        target = await resolve(api, ident)
+        pod_id = target.pod_sandbox_id if isinstance(target, cri.Container) else target.id
+        return {NETWORK_ANNOTATION: JOIN + pod_id}, options
+    return {NETWORK_ANNOTATION: network}, options
 
 
 def _container_config(args: argparse.Namespace, name: str) -> cri.ContainerConfig:
@@ -124,6 +150,7 @@ class Run:
                            "(at most 63, starting with a letter or digit)")
         ctr_config = _container_config(args, name)
         ports = [_port(p) for p in args.publish]
+        annotations, namespaces = await network_options(self.api, args.network, ports)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.on_signal)
@@ -131,7 +158,7 @@ class Run:
             # Ctrl-C is looked at between steps until the container exists.
             await self._pull(args.image, args.pull)
             if not self.interrupts:
-                pod_config = await self._run_pod(name, ports)
+                pod_config = await self._run_pod(name, ports, annotations, namespaces)
                 if not self.interrupts:
                     self.container_id = (await self.api.runtime.CreateContainer(
                         cri.CreateContainerRequest(pod_sandbox_id=self.pod_id,
@@ -161,7 +188,9 @@ class Run:
         print(f"Pulling {image} ...", file=sys.stderr)
         await self.api.images.PullImage(cri.PullImageRequest(image=spec))
 
-    async def _run_pod(self, name: str, ports: list[cri.PortMapping]) -> cri.PodSandboxConfig:
+    async def _run_pod(self, name: str, ports: list[cri.PortMapping],
+                       annotations: dict[str, str], namespaces: cri.NamespaceOption
+                       ) -> cri.PodSandboxConfig:
         uid = str(uuid.uuid4())
         log_dir = Path(self.config.run_root) / "cli-logs" / uid
         log_dir.mkdir(parents=True, mode=0o700)
@@ -170,7 +199,10 @@ class Run:
         config = cri.PodSandboxConfig(
             metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace=POD_NAMESPACE),
             hostname=hostname, log_directory=self.log_dir, port_mappings=ports,
-            labels={CLI_LABEL: "run"}, annotations={LOG_DIR_ANNOTATION: self.log_dir})
+            labels={CLI_LABEL: "run"},
+            annotations={**annotations, LOG_DIR_ANNOTATION: self.log_dir})
+        if namespaces.network:  # else left unset, as before
+            config.linux.security_context.namespace_options.CopyFrom(namespaces)
         try:
             self.pod_id = (await self.api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(
                 config=config))).pod_sandbox_id

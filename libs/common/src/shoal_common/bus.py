@@ -35,6 +35,7 @@ from shoal_common.errors import (
     Unavailable,
 )
 from shoal_common.messages import ErrorBody, Event, Message
+from shoal_common.messages.namespaces import check_namespace, valid_namespace
 from shoal_common.router import Command, RequestContext, Router
 from shoal_common.tracing import bind_trace, current_trace_id, deadline_var, new_trace_id
 
@@ -189,13 +190,16 @@ class Bus:
             deadline = float(hdrs[headers.DEADLINE])
         except (KeyError, ValueError):
             deadline = time.time() + self.config.nats.request_timeout
-        bind_trace(trace_id, deadline, subject=label, namespace=namespace)
+        bind_trace(trace_id, deadline, subject=label,
+                   namespace=namespace if valid_namespace(namespace) else "(invalid)")
         started = time.perf_counter()
         metrics.IN_FLIGHT.labels(label).inc()
         status, body = "ok", b""
         try:
             if time.time() >= deadline:
                 raise DeadlineExceeded(f"{label}: deadline passed before the command was handled")
+            # Handlers key stored names by it (the puller's images): any sender is untrusted.
+            check_namespace(namespace, f"{label}: header {headers.NAMESPACE}")
             request = codec.decode(msg.data, cmd.request_type)
             ctx = RequestContext(app, self, label, trace_id, namespace, deadline)
             try:
@@ -300,16 +304,8 @@ class Bus:
                     msg = await self._attempt(service, subject, body, hdrs,
                                               min(attempt_timeout, remaining), retries > 0)
                 except ConnectionDropped:
-                    metrics.REQUESTS_SENT.labels(label, "dropped").inc()
-                    error = Unavailable(f"{label}: the bus connection dropped before the reply")
-                    if retries == 0:
-                        raise error from None  # not idempotent: it may have been done
-                    # NATS or a replica was restarted: resend once it is back (sent while
-                    # still reconnecting, a second drop would send it twice more), without
-                    # using up a retry.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(max(0.0, deadline - time.time())):
-                            await self._up.wait()
+                    # Resent once the bus is back, without using up a retry.
+                    error = await self._after_drop(label, retries, deadline)
                     continue
                 except nats.errors.MaxPayloadError:
                     raise Invalid(f"{label}: the request is {len(body)} bytes, more than the "
@@ -322,8 +318,7 @@ class Bus:
                         # trying within the deadline (a restart takes a second or two),
                         # whatever `retries` says.
                         idle += 1
-                        await asyncio.sleep(min(0.02 * 2 ** min(idle, 5), 0.5,
-                                                max(0.0, deadline - time.time())))
+                        await _sleep_within(min(0.02 * 2 ** min(idle, 5), 0.5), deadline)
                         continue
                     pause = min(0.05 * 2 ** attempt, 1.0)
                 except (TimeoutError, nats.errors.TimeoutError):
@@ -344,9 +339,22 @@ class Bus:
                     raise error
                 log.debug("retrying command", subject=label, attempt=attempt, error=str(error))
                 if pause:
-                    await asyncio.sleep(min(pause, max(0.0, deadline - time.time())))
+                    await _sleep_within(pause, deadline)
         finally:
             metrics.REQUEST_SECONDS.labels(label).observe(time.perf_counter() - started)
+
+    async def _after_drop(self, label: str, retries: int, deadline: float) -> Unavailable:
+        """NATS or a replica was restarted while an attempt waited: raise if the verb is
+        not idempotent (it may have been done), else wait until the connection is back (sent
+        while still reconnecting, a second drop would send it twice more)."""
+        metrics.REQUESTS_SENT.labels(label, "dropped").inc()
+        error = Unavailable(f"{label}: the bus connection dropped before the reply")
+        if retries == 0:
+            raise error
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                await self._up.wait()
+        return error
 
     async def _attempt(self, service: str, subject: str, body: bytes, hdrs: dict[str, str],
                        timeout: float, resendable: bool) -> Msg:
@@ -466,6 +474,10 @@ class Bus:
             metrics.EVENTS_PUBLISHED.labels(topic, "error").inc()
             raise Unavailable(f"publishing {topic}: {exc or type(exc).__name__}") from exc
         metrics.EVENTS_PUBLISHED.labels(topic, "ok").inc()
+
+
+async def _sleep_within(seconds: float, deadline: float) -> None:
+    await asyncio.sleep(min(seconds, max(0.0, deadline - time.time())))
 
 
 def _reply(msg: Msg, label: str, reply_type: type[RepT]) -> RepT | ShoalError:

@@ -27,6 +27,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from shoal_common import headers, metrics, subjects
 from shoal_common.bus import Bus
 from shoal_common.errors import FailedPrecondition, Invalid, NotFound
+from shoal_common.messages.namespaces import valid_namespace
 from shoal_common.tracing import bind_trace, new_trace_id
 
 log = structlog.get_logger("shoal.events")
@@ -159,6 +160,11 @@ class EventConsumer:
         delivery = Delivery(topic=hdrs.get(headers.TOPIC, topic),
                             namespace=hdrs.get(headers.NAMESPACE, ns_token), data=msg.data,
                             seq=meta.sequence.stream, attempt=meta.num_delivered)
+        if not valid_namespace(delivery.namespace):  # handlers key names by it
+            log.error("event with an invalid namespace; dropped", topic=delivery.topic,
+                      seq=delivery.seq)
+            await self._settle(msg.term, delivery, "term")
+            return
         bind_trace(hdrs.get(headers.TRACE_ID) or new_trace_id(), None, subject=delivery.topic,
                    namespace=delivery.namespace)
         beat = asyncio.create_task(self._keep_alive(msg))

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from shoal_common.fs import PRIVATE_FILE, private_dir
 
@@ -123,3 +123,19 @@ class Database:
             conn, self._conn = self._conn, None
             await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
         self._executor.shutdown(wait=True)
+
+
+class SqliteStore:
+    """A service's store kept in one SQLite file: a subclass names its schema (`migrations`,
+    as Database takes them) and runs its queries on `self.db`."""
+
+    migrations: ClassVar[Sequence[str]]
+
+    def __init__(self, path: Path) -> None:
+        self.db = Database(path, self.migrations)
+
+    async def open(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()

@@ -8,14 +8,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from shoal_common.clients import Clients
 from shoal_common.service import ServiceContext
 
 from shoal_cri_gateway.domain.cri_metrics import CriMetrics
 from shoal_cri_gateway.domain.events import ContainerEvents
 from shoal_cri_gateway.domain.images import Images
 from shoal_cri_gateway.domain.metrics import PodsByState
-from shoal_cri_gateway.domain.pods import NAMESPACE, Pods
+from shoal_cri_gateway.domain.namespaces import NamespacedClients
+from shoal_cri_gateway.domain.pods import Pods
 from shoal_cri_gateway.domain.stats import Stats
 from shoal_cri_gateway.domain.streams import StreamRuntime
 from shoal_cri_gateway.domain.views import Views
@@ -36,7 +36,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[GatewayApp]:
     metadata = Metadata(ctx.state_dir / "metadata.db")
     await metadata.open()
     PodsByState(ctx.state_dir / "metadata.db").register()
-    clients = Clients(ctx.bus, namespace=NAMESPACE)  # the CRI lives in namespace k8s.io
+    # Per call's namespace (the `shoal-namespace` metadata; kubelet's: k8s.io).
+    clients = NamespacedClients(ctx.bus)
     pods = Pods(clients, metadata, ctx.config.cri.sandbox_image)
     views = Views(pods)
     streams = StreamServer(ctx.config.cri.stream_addr, StreamRuntime(pods),

@@ -17,6 +17,7 @@ from shoal_common.service import ServiceContext
 
 from shoal_executor.domain import reconcile
 from shoal_executor.domain.cni import DEFAULT_CONFLIST_NAME, Cni, default_conflist
+from shoal_executor.domain.networks import Networks
 from shoal_executor.domain.runtime import Runtime, RuntimeSettings
 from shoal_executor.store.records import Records
 
@@ -27,6 +28,7 @@ log = structlog.get_logger("shoal.executor")
 class ExecutorApp:
     runtime: Runtime
     cni: Cni
+    networks: Networks
     # One command at a time per sandbox or container id: a create the bus resends after a
     # silent attempt waits for the first and finds it done (each step is idempotent by id).
     locks: KeyedLocks = field(default_factory=KeyedLocks)
@@ -60,13 +62,15 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[ExecutorApp]:
     runtime = Runtime(RuntimeSettings(ctx.run_dir, ctx.config.runtime, cni, snapshots,
                                       cgroup_roots=tuple(cfg.pod_cgroup_roots)),
                       records, ctx.bus)
+    networks = Networks(cni, runtime.net.store, ctx.state_dir / "cni" / "ipam", cfg.pod_subnet)
     sweep: asyncio.Task[None] | None = None
     try:
         # What a killed executor left half done is finished or undone before any command
         # is served (a retried create then starts clean), and what no record claims goes.
+        await networks.reconcile()
         await reconcile.before_serving(runtime)
         sweep = asyncio.create_task(reconcile.sweep_tasks(runtime))
-        yield ExecutorApp(runtime, cni)
+        yield ExecutorApp(runtime, cni, networks)
     finally:
         if sweep is not None:
             sweep.cancel()

@@ -1,6 +1,6 @@
 """Bus edge of the executor: commands on shoal.v1.<node>.tasks.<verb>.
 
-Owns: OCI bundles, runc, pod sandboxes (namespaces, CNI).
+Owns: OCI bundles, runc, pod sandboxes (namespaces, CNI), pod networks (CNI configs).
 Every replica also answers the runner's built-in `health` and `ping`."""
 
 from __future__ import annotations
@@ -8,16 +8,9 @@ from __future__ import annotations
 from shoal_common.bus import RequestContext, Router
 from shoal_common.errors import ShoalError
 from shoal_common.messages import ComponentStatus, Empty, RuntimeStatusReply, RuntimeStatusRequest
+from shoal_common.messages import networks as n
+from shoal_common.messages import tasks as m
 from shoal_common.messages.monitor import TaskState
-from shoal_common.messages.tasks import (
-    ContainerCreateReply,
-    ContainerCreateRequest,
-    ContainerIdRequest,
-    ContainerStopRequest,
-    SandboxCreateRequest,
-    SandboxIdRequest,
-    SandboxInfo,
-)
 from shoal_common.probe import probe_binary
 
 from shoal_executor.app import ExecutorApp
@@ -59,32 +52,32 @@ async def status(ctx: Ctx, req: RuntimeStatusRequest) -> RuntimeStatusReply:
 
 
 @router.command("sandbox.create")
-async def sandbox_create(ctx: Ctx, req: SandboxCreateRequest) -> SandboxInfo:
+async def sandbox_create(ctx: Ctx, req: m.SandboxCreateRequest) -> m.SandboxInfo:
     async with ctx.app.locks.hold(req.id):
         return await ctx.app.runtime.create_sandbox(req.id, req.config, req.pause_image_config,
                                                     req.rootfs, ctx.namespace, req.runtime_handler)
 
 
 @router.command("sandbox.status")
-async def sandbox_status(ctx: Ctx, req: SandboxIdRequest) -> SandboxInfo:
+async def sandbox_status(ctx: Ctx, req: m.SandboxIdRequest) -> m.SandboxInfo:
     return await ctx.app.runtime.sandbox_status(req.id)
 
 
 @router.command("sandbox.stop")
-async def sandbox_stop(ctx: Ctx, req: SandboxIdRequest) -> SandboxInfo:
+async def sandbox_stop(ctx: Ctx, req: m.SandboxIdRequest) -> m.SandboxInfo:
     async with ctx.app.locks.hold(req.id):
         return await ctx.app.runtime.stop_sandbox(req.id, ctx.namespace)
 
 
 @router.command("sandbox.remove")
-async def sandbox_remove(ctx: Ctx, req: SandboxIdRequest) -> Empty:
+async def sandbox_remove(ctx: Ctx, req: m.SandboxIdRequest) -> Empty:
     async with ctx.app.locks.hold(req.id):
         await ctx.app.runtime.remove_sandbox(req.id, ctx.namespace)
         return Empty()
 
 
 @router.command("container.create")
-async def container_create(ctx: Ctx, req: ContainerCreateRequest) -> ContainerCreateReply:
+async def container_create(ctx: Ctx, req: m.ContainerCreateRequest) -> m.ContainerCreateReply:
     async with ctx.app.locks.hold(req.id):
         return await ctx.app.runtime.create_container(req.id, req.sandbox_id, req.config,
                                                       req.sandbox_config, req.image_config,
@@ -93,19 +86,40 @@ async def container_create(ctx: Ctx, req: ContainerCreateRequest) -> ContainerCr
 
 
 @router.command("container.start")
-async def container_start(ctx: Ctx, req: ContainerIdRequest) -> TaskState:
+async def container_start(ctx: Ctx, req: m.ContainerIdRequest) -> TaskState:
     async with ctx.app.locks.hold(req.id):
         return await ctx.app.runtime.start_container(req.id, ctx.namespace)
 
 
 @router.command("container.stop")
-async def container_stop(ctx: Ctx, req: ContainerStopRequest) -> TaskState:
+async def container_stop(ctx: Ctx, req: m.ContainerStopRequest) -> TaskState:
     async with ctx.app.locks.hold(req.id):
         return await ctx.app.runtime.stop_container(req.id, req.timeout, ctx.namespace)
 
 
 @router.command("container.remove")
-async def container_remove(ctx: Ctx, req: ContainerIdRequest) -> Empty:
+async def container_remove(ctx: Ctx, req: m.ContainerIdRequest) -> Empty:
     async with ctx.app.locks.hold(req.id):
         await ctx.app.runtime.remove_container(req.id, ctx.namespace)
         return Empty()
+
+
+@router.command("network.create")
+async def network_create(ctx: Ctx, req: n.NetworkCreateRequest) -> n.NetworkInfo:
+    return await ctx.app.networks.create(req)
+
+
+@router.command("network.list")
+async def network_list(ctx: Ctx, req: n.NetworkListRequest) -> n.NetworkList:
+    return n.NetworkList(networks=await ctx.app.networks.list())
+
+
+@router.command("network.get")
+async def network_get(ctx: Ctx, req: n.NetworkNameRequest) -> n.NetworkInfo:
+    return await ctx.app.networks.get(req)
+
+
+@router.command("network.remove")
+async def network_remove(ctx: Ctx, req: n.NetworkNameRequest) -> Empty:
+    await ctx.app.networks.remove(req)
+    return Empty()

@@ -48,7 +48,15 @@ class PullerConfig(ServiceConfig):
     max_attempts: int = 5
     # Platform chosen from an index; empty = this machine's.
     platform: str = ""
+    # Pushes: blobs of one image uploaded at once, and the PATCH chunk size (a blob up to
+    # it goes in one PUT; a broken upload resumes from the last chunk the registry kept).
+    max_concurrent_uploads: int = 4
+    push_chunk_size: int = 16 << 20
     registries: dict[str, RegistryHostConfig] = {}
+    # containerd's registry host directory (e.g. "/etc/containerd/certs.d"): per registry a
+    # <host>/hosts.toml (registry/hosts_dir.py); empty = none. It decides a registry's
+    # endpoints and TLS over `registries` (whose credentials still apply).
+    config_path: str = ""
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -56,6 +64,10 @@ class PullerConfig(ServiceConfig):
             raise ConfigError(f"config key {key}.max_concurrent_downloads: must be >= 1")
         if self.max_attempts < 1:
             raise ConfigError(f"config key {key}.max_attempts: must be >= 1")
+        if self.max_concurrent_uploads < 1:
+            raise ConfigError(f"config key {key}.max_concurrent_uploads: must be >= 1")
+        if not 1024 <= self.push_chunk_size <= 1 << 30:
+            raise ConfigError(f"config key {key}.push_chunk_size: must be 1024..{1 << 30}")
         if self.progress_window <= 0 or self.min_progress_bytes < 0:
             raise ConfigError(f"config key {key}.progress_window: must be > 0")
         if self.platform and not re.match(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$",
@@ -64,6 +76,18 @@ class PullerConfig(ServiceConfig):
                 f"config key {key}.platform: {self.platform!r} is not os/arch[/variant]")
         for host, reg in self.registries.items():
             _check_registry(f"{key}.registries.\"{host}\"", host, reg)
+        if self.config_path:
+            _check_hosts_dir(f"{key}.config_path", self.config_path)
+
+
+def _check_hosts_dir(where: str, path: str) -> None:
+    # Its files are read by the puller (at start, and again when they change), not here:
+    # every Shoal process and CLI command checks this config, and a hosts.toml being
+    # edited must not stop `shoal ps` or a restarting executor.
+    if not os.path.isabs(path):
+        raise ConfigError(f"config key {where}: {path!r} must be an absolute path")
+    if not os.path.isdir(path):
+        raise ConfigError(f"config key {where}: {path}: no such directory")
 
 
 def _check_registry(where: str, host: str, reg: RegistryHostConfig) -> None:

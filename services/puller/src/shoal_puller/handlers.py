@@ -24,6 +24,25 @@ from shoal_common.messages.images import (
     PullReply,
     PullRequest,
 )
+from shoal_common.messages.namespaces import (
+    NamespaceCreateReply,
+    NamespaceCreateRequest,
+    NamespaceListReply,
+    NamespaceListRequest,
+    NamespaceRemoveReply,
+    NamespaceRemoveRequest,
+)
+from shoal_common.messages.push import PushReply, PushRequest
+from shoal_common.messages.transfer import (
+    ImportAbortReply,
+    ImportAbortRequest,
+    ImportBeginReply,
+    ImportBeginRequest,
+    ImportCommitReply,
+    ImportCommitRequest,
+    ImportWriteReply,
+    ImportWriteRequest,
+)
 
 from shoal_puller.app import PullerApp
 
@@ -34,6 +53,11 @@ Ctx = RequestContext[PullerApp]
 @router.command("pull")
 async def pull(ctx: Ctx, req: PullRequest) -> PullReply:
     return PullReply(image=await ctx.app.puller.pull(ctx.namespace, req))
+
+
+@router.command("push")
+async def push(ctx: Ctx, req: PushRequest) -> PushReply:
+    return await ctx.app.pusher.push(ctx.namespace, req)
 
 
 @router.command("get")
@@ -70,3 +94,38 @@ async def content_read(ctx: Ctx, req: ContentReadRequest) -> ContentReadReply:
         raise Invalid(f"content.read: offset must be >= 0 and size in 1..{MAX_CONTENT_READ}")
     data, total = await ctx.app.catalog.content.read_range(req.digest, req.offset, req.size)
     return ContentReadReply(data=data, total=total)
+
+
+@router.command("import.begin")
+async def import_begin(ctx: Ctx, req: ImportBeginRequest) -> ImportBeginReply:
+    return await ctx.app.importer.begin(req)
+
+
+@router.command("import.write")
+async def import_write(ctx: Ctx, req: ImportWriteRequest) -> ImportWriteReply:
+    return await ctx.app.importer.write(req)
+
+
+@router.command("import.commit")
+async def import_commit(ctx: Ctx, req: ImportCommitRequest) -> ImportCommitReply:
+    return await ctx.app.importer.commit(ctx.namespace, req)
+
+
+@router.command("import.abort")
+async def import_abort(ctx: Ctx, req: ImportAbortRequest) -> ImportAbortReply:
+    return await ctx.app.importer.abort(ctx.namespace, req)
+
+
+@router.command("namespaces.list")
+async def namespaces_list(ctx: Ctx, req: NamespaceListRequest) -> NamespaceListReply:
+    return await ctx.app.namespaces.list()
+
+
+@router.command("namespaces.create")
+async def namespaces_create(ctx: Ctx, req: NamespaceCreateRequest) -> NamespaceCreateReply:
+    return await ctx.app.namespaces.create(req)
+
+
+@router.command("namespaces.remove")
+async def namespaces_remove(ctx: Ctx, req: NamespaceRemoveRequest) -> NamespaceRemoveReply:
+    return await ctx.app.namespaces.remove(req.name)

@@ -1,10 +1,18 @@
-"""The executor (`tasks.*`): pod sandboxes and containers, idempotent by the caller's id."""
+"""The executor (`tasks.*`): pod sandboxes and containers, idempotent by the caller's id,
+and pod networks."""
 
 from __future__ import annotations
 
 from shoal_common.clients.base import PROBE_TIMEOUT, ServiceClient, Verb
 from shoal_common.messages import Empty, RuntimeStatusReply, RuntimeStatusRequest
 from shoal_common.messages.monitor import TaskState
+from shoal_common.messages.networks import (
+    NetworkCreateRequest,
+    NetworkInfo,
+    NetworkList,
+    NetworkListRequest,
+    NetworkNameRequest,
+)
 from shoal_common.messages.tasks import (
     ContainerCreateReply,
     ContainerCreateRequest,
@@ -44,6 +52,14 @@ class TasksClient(ServiceClient):
                           attempt_timeout=STOP_MARGIN, retries=1)
     container_remove = Verb("container.remove", ContainerIdRequest, Empty,
                             attempt_timeout=ATTEMPT, retries=3)
+    # Pod networks (CNI configuration lists in the executor's conf dir). A create is
+    # idempotent by its id; a repeated remove finds the network gone (NOT_FOUND).
+    network_create = Verb("network.create", NetworkCreateRequest, NetworkInfo,
+                          attempt_timeout=ATTEMPT, retries=3)
+    network_list = Verb("network.list", NetworkListRequest, NetworkList)
+    network_get = Verb("network.get", NetworkNameRequest, NetworkInfo)
+    network_remove = Verb("network.remove", NetworkNameRequest, Empty,
+                          attempt_timeout=ATTEMPT, retries=3)
 
     async def stop_container(self, req: ContainerStopRequest) -> TaskState:
         """A stop waits the container's grace period on top of the attempt's own budget."""

@@ -160,7 +160,6 @@ def pod_metrics(pod: PodRecord, network: dict[str, list[int]]) -> list[cri.Metri
 class CriMetrics:
     def __init__(self, pods: Pods) -> None:
         self.pods = pods
-        self.clients = pods.clients
 
     @staticmethod
     def descriptors() -> list[cri.MetricDescriptor]:
@@ -178,16 +177,18 @@ class CriMetrics:
         created = await resources.base(c.config, task.bundle)
         return resources.current(created, c.updated_resources).linux
 
-    async def _containers(self, ctrs: list[ContainerRecord], pods: dict[str, PodRecord],
-                          tasks: dict[str, TaskState]) -> dict[str, list[cri.ContainerMetrics]]:
+    async def _containers(self, ns: str, ctrs: list[ContainerRecord],
+                          pods: dict[str, PodRecord], tasks: dict[str, TaskState]
+                          ) -> dict[str, list[cri.ContainerMetrics]]:
         """Metrics of the given (running) containers, by pod id."""
         if not ctrs:  # an empty `ids` would ask for every task on the node
             return {}
-        reply = await self.clients.monitor.stats(StatsRequest(ids=[c.id for c in ctrs]))
+        clients = self.pods.clients(ns)
+        reply = await clients.monitor.stats(StatsRequest(ids=[c.id for c in ctrs]))
         stats = {s.id: s for s in reply.stats}
         present = [c for c in ctrs if c.id in stats]
         layers, specs = await asyncio.gather(
-            asyncio.gather(*(layer_usage(self.clients, c.id) for c in present)),
+            asyncio.gather(*(layer_usage(clients, c.id) for c in present)),
             asyncio.gather(*(self._spec(c, tasks[c.id]) for c in present)))
         now = time.time()
         out: dict[str, list[cri.ContainerMetrics]] = {}
@@ -196,16 +197,16 @@ class CriMetrics:
                 c, pods[c.pod_id], tasks[c.id], stats[c.id], layer, spec, now))
         return out
 
-    async def list_pods(self) -> list[cri.PodSandboxMetrics]:
-        """Every pod with its network counters and its running containers' metrics (a
-        stopped container has no cgroup left to read, as in CRI-O)."""
-        pods = {p.id: p for p in await self.pods.meta.pods() if p.state != "creating"}
-        tasks = await self.pods.task_states()
-        running = [c for c in await self.pods.meta.containers()
+    async def list_pods(self, ns: str) -> list[cri.PodSandboxMetrics]:
+        """Every pod of `ns` with its network counters and its running containers' metrics
+        (a stopped container has no cgroup left to read, as in CRI-O)."""
+        pods = {p.id: p for p in await self.pods.meta.pods(ns) if p.state != "creating"}
+        tasks = await self.pods.task_states(ns)
+        running = [c for c in await self.pods.meta.containers(ns)
                    if c.pod_id in pods and c.state != "creating"
                    and (t := tasks.get(c.id)) is not None and t.state == "running"]
         by_pod, networks = await asyncio.gather(
-            self._containers(running, pods, tasks),
+            self._containers(ns, running, pods, tasks),
             asyncio.gather(*(self._network(p, tasks.get(p.id)) for p in pods.values())))
         return [cri.PodSandboxMetrics(pod_sandbox_id=p.id, metrics=pod_metrics(p, network),
                                       container_metrics=by_pod.get(p.id, []))

@@ -15,7 +15,6 @@ from shoal_common.bus import Bus
 from shoal_common.errors import NotFound
 from shoal_common.messages.monitor import TaskCreated, TaskDeleted, TaskExited, TaskStarted
 
-from shoal_cri_gateway.domain.pods import NAMESPACE
 from shoal_cri_gateway.domain.views import Views
 
 # Task event → CRI container event type (and the message type to decode it with).
@@ -33,10 +32,12 @@ class ContainerEvents:
         self.bus = bus
         self.views = views
 
-    async def follow(self) -> AsyncIterator[cri.ContainerEventResponse]:
-        """New events from now on (an ordered, ephemeral consumer: nothing stays behind)."""
+    async def follow(self, ns: str) -> AsyncIterator[cri.ContainerEventResponse]:
+        """New events of the Shoal namespace `ns` from now on (the supervisor publishes a
+        task's events in its create's namespace; an ordered, ephemeral consumer: nothing
+        stays behind)."""
         sub = await self.bus.js.subscribe(
-            subjects.event_filter(self.bus.node, NAMESPACE, "tasks.>"), ordered_consumer=True,
+            subjects.event_filter(self.bus.node, ns, "tasks.>"), ordered_consumer=True,
             deliver_policy=DeliverPolicy.NEW)
         try:
             while True:
@@ -48,24 +49,24 @@ class ContainerEvents:
                 if topic not in TASK_EVENTS:
                     continue
                 kind, event_type = TASK_EVENTS[topic]
-                event = await self._event(kind, codec.decode(msg.data, event_type).id)
+                event = await self._event(ns, kind, codec.decode(msg.data, event_type).id)
                 if event is not None:
                     yield event
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    async def _event(self, kind: cri.ContainerEventType.ValueType, task_id: str
+    async def _event(self, ns: str, kind: cri.ContainerEventType.ValueType, task_id: str
                      ) -> cri.ContainerEventResponse | None:
         event = cri.ContainerEventResponse(container_id=task_id, container_event_type=kind,
                                            created_at=time.time_ns())
         meta = self.views.pods.meta
         try:
             try:
-                pod_id = (await meta.container(task_id)).pod_id
+                pod_id = (await meta.container(task_id, ns)).pod_id
             except NotFound:
                 pod_id = task_id  # a pod's own pause task
-            pod = await meta.pod(pod_id)
+            pod = await meta.pod(pod_id, ns)
         except NotFound:
             return event if kind == cri.CONTAINER_DELETED_EVENT else None
         status, containers = await self.views.pod_statuses(pod)

@@ -1,4 +1,5 @@
-"""Images as the CRI sees them: the puller's records in namespace k8s.io."""
+"""Images as the CRI sees them: the puller's records in the caller's Shoal namespace
+(`k8s.io` for kubelet and crictl)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import time
 from collections.abc import Sequence
 
 import msgspec
-from shoal_common.clients import Clients
 from shoal_common.errors import FailedPrecondition, Invalid, NotFound
 from shoal_common.messages.images import (
     ImageGetRequest,
@@ -27,6 +27,7 @@ from shoal_common.messages.snapshots import (
 )
 
 from shoal_cri_gateway.config import GatewayConfig
+from shoal_cri_gateway.domain.namespaces import NamespacedClients
 from shoal_cri_gateway.domain.pods import pull_id
 
 # A pull without a client deadline may take this long (large images, slow registries);
@@ -45,46 +46,49 @@ def checked_ref(ref: str) -> str:
 
 
 class Images:
-    def __init__(self, clients: Clients, container_fs_path: str | None = None) -> None:
+    def __init__(self, clients: NamespacedClients, container_fs_path: str | None = None
+                 ) -> None:
         """`container_fs_path`: None = the gateway's config (services.cri_gateway)."""
         self.clients = clients
         if container_fs_path is None:
-            config = clients.snapshots.bus.config.section(GatewayConfig)
+            config = clients.bus.config.section(GatewayConfig)
             container_fs_path = config.container_fs_path
         self.container_fs_path = container_fs_path
 
-    async def pull(self, ref: str, auth: RegistryAuth | None, timeout: float | None) -> str:
+    async def pull(self, ns: str, ref: str, auth: RegistryAuth | None,
+                   timeout: float | None) -> str:
         """The pulled image's id; `timeout` is the client's remaining deadline."""
         secret = msgspec.msgpack.encode(auth) if auth is not None else b""
-        reply = await self.clients.images.pull(
+        reply = await self.clients(ns).images.pull(
             PullRequest(ref=checked_ref(ref), pull_id=pull_id(ref, secret), auth=auth),
             timeout=timeout if timeout is not None else DEFAULT_PULL_TIMEOUT)
         return reply.image.id
 
-    async def list(self, ref: str = "") -> list[ImageInfo]:
-        reply = await self.clients.images.list_images(ImageListRequest(ref=checked_ref(ref),
-                                                                       with_config=True))
+    async def list(self, ns: str, ref: str = "") -> list[ImageInfo]:
+        reply = await self.clients(ns).images.list_images(ImageListRequest(
+            ref=checked_ref(ref), with_config=True))
         return reply.images
 
-    async def get(self, ref: str) -> ImageInfo | None:
+    async def get(self, ns: str, ref: str) -> ImageInfo | None:
         try:
-            return await self.clients.images.get(ImageGetRequest(ref=checked_ref(ref),
-                                                                 with_config=True))
+            return await self.clients(ns).images.get(ImageGetRequest(ref=checked_ref(ref),
+                                                                     with_config=True))
         except NotFound:
             return None
 
-    async def remove(self, ref: str) -> None:
+    async def remove(self, ns: str, ref: str) -> None:
         try:
-            await self.clients.images.remove(ImageRemoveRequest(ref=checked_ref(ref)))
+            await self.clients(ns).images.remove(ImageRemoveRequest(ref=checked_ref(ref)))
         except NotFound:
             pass  # the CRI makes removal idempotent
 
     async def fs_usage(self) -> tuple[FsUsageReply, FsUsageReply | None]:
         """The image filesystem and, when writable layers are on another one
-        (`container_fs_path`), that container filesystem (else None: the same)."""
+        (`container_fs_path`), that container filesystem (else None: the same). Node-wide:
+        layers are shared by every namespace."""
         # Like containerd: the image filesystem is where the snapshotter keeps the
         # unpacked layers (the compressed blobs are a cache of the registry).
-        usage = await self.clients.snapshots.fsusage(FsUsageRequest())
+        usage = await self.clients.cri.snapshots.fsusage(FsUsageRequest())
         if not self.container_fs_path:
             return usage, None
         if not os.path.isdir(self.container_fs_path):
@@ -106,7 +110,7 @@ class Images:
     async def _writable_layers(self) -> Sequence[SnapshotUsage]:
         """The usage of every pod's and container's writable snapshot (the active ones
         the gateway prepared; an unpack's are the layers being made)."""
-        snapshots = self.clients.snapshots
+        snapshots = self.clients.cri.snapshots
         listed = await snapshots.list_snapshots(SnapshotListRequest(kind="active"))
         keys = [s.key for s in listed.snapshots if s.labels.get("shoal/owner") == "cri"]
 

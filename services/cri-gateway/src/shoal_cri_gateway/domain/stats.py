@@ -51,33 +51,39 @@ def _container_stats(c: ContainerRecord, s: TaskStats,
 
 
 class Stats:
+    """Of the caller's Shoal namespace (`ns`) only."""
+
     def __init__(self, pods: Pods, cri_metrics: CriMetrics) -> None:
         self.pods = pods
-        self.clients = pods.clients
         self.cri_metrics = cri_metrics  # the same readings as Prometheus series (CRI metrics)
 
-    async def _of(self, ctrs: list[ContainerRecord]) -> list[cri.ContainerStats]:
-        reply = await self.clients.monitor.stats(StatsRequest(ids=[c.id for c in ctrs]))
+    async def _of(self, ns: str, ctrs: list[ContainerRecord]) -> list[cri.ContainerStats]:
+        if not ctrs:  # an empty `ids` would ask for every task on the node
+            return []
+        clients = self.pods.clients(ns)
+        reply = await clients.monitor.stats(StatsRequest(ids=[c.id for c in ctrs]))
         stats = {s.id: s for s in reply.stats}
         present = [c for c in ctrs if c.id in stats]
-        layers = await asyncio.gather(*(layer_usage(self.clients, c.id) for c in present))
+        layers = await asyncio.gather(*(layer_usage(clients, c.id) for c in present))
         return [_container_stats(c, stats[c.id], layer)
                 for c, layer in zip(present, layers, strict=True)]
 
-    async def container(self, container_id: str) -> cri.ContainerStats:
-        ctr = await self.pods.meta.container(container_id)
-        stats = await self._of([ctr])
+    async def container(self, ns: str, container_id: str) -> cri.ContainerStats:
+        ctr = await self.pods.meta.container(container_id, ns)
+        stats = await self._of(ns, [ctr])
         if not stats:
             raise NotFound(f"container {ctr.id} has no stats (it is not running)")
         return stats[0]
 
-    async def list_containers(self, f: cri.ContainerStatsFilter | None) -> list[cri.ContainerStats]:
-        return await self._of([c for c in await self.pods.meta.containers()
-                               if container_matches(c, f)])
+    async def list_containers(self, ns: str, f: cri.ContainerStatsFilter | None
+                              ) -> list[cri.ContainerStats]:
+        return await self._of(ns, [c for c in await self.pods.meta.containers(ns)
+                                   if container_matches(c, f)])
 
     async def _pod(self, pod: PodRecord) -> cri.PodSandboxStats:
         """A pod's usage is the sum of its containers' (the pause process is negligible)."""
-        ctrs = await self._of(await self.pods.meta.containers(pod.id))
+        ns = pod.shoal_namespace
+        ctrs = await self._of(ns, await self.pods.meta.containers(ns, pod.id))
         now = time.time_ns()
         stats = cri.PodSandboxStats(attributes=cri.PodSandboxAttributes(
             id=pod.id, metadata=pod_metadata(pod), labels=pod.labels,
@@ -93,8 +99,9 @@ class Stats:
         linux.containers.extend(ctrs)
         return stats
 
-    async def pod(self, pod_id: str) -> cri.PodSandboxStats:
-        return await self._pod(await self.pods.meta.pod(pod_id))
+    async def pod(self, ns: str, pod_id: str) -> cri.PodSandboxStats:
+        return await self._pod(await self.pods.meta.pod(pod_id, ns))
 
-    async def list_pods(self, f: cri.PodSandboxStatsFilter | None) -> list[cri.PodSandboxStats]:
-        return [await self._pod(p) for p in await self.pods.meta.pods() if pod_matches(p, f)]
+    async def list_pods(self, ns: str, f: cri.PodSandboxStatsFilter | None
+                        ) -> list[cri.PodSandboxStats]:
+        return [await self._pod(p) for p in await self.pods.meta.pods(ns) if pod_matches(p, f)]

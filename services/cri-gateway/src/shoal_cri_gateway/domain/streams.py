@@ -114,60 +114,63 @@ async def in_netns(path: str, fn: Callable[[], Any]) -> Any:
 
 
 class StreamRuntime:
+    """A session acts in the Shoal namespace its RPC was checked in (`ns`)."""
+
     def __init__(self, pods: Pods) -> None:
         self.pods = pods
-        self.monitor = pods.clients.monitor
 
     # -- validation for the RPCs ----------------------------------------------------------
 
-    async def running_container(self, container_id: str) -> ContainerRecord:
-        ctr = await self.pods.meta.container(container_id)
-        task = await self.pods.task_state(ctr.id)
+    async def running_container(self, ns: str, container_id: str) -> ContainerRecord:
+        ctr = await self.pods.meta.container(container_id, ns)
+        task = await self.pods.task_state(ns, ctr.id)
         if task is None or task.state != "running":
             state = task.state if task is not None else "unknown"
             raise FailedPrecondition(f"container {ctr.id} is not running ({state})")
         return ctr
 
-    async def ready_pod(self, pod_id: str) -> PodRecord:
-        pod = await self.pods.meta.pod(pod_id)
+    async def ready_pod(self, ns: str, pod_id: str) -> PodRecord:
+        pod = await self.pods.meta.pod(pod_id, ns)
         if await self.pods.sandbox_state(pod) != "ready":
             raise FailedPrecondition(f"pod sandbox {pod.id} is not ready")
         return pod
 
     # -- exec and attach ------------------------------------------------------------------
 
-    async def exec(self, container_id: str, cmd: list[str], tty: bool, io: ProcessIO) -> int:
+    async def exec(self, ns: str, container_id: str, cmd: list[str], tty: bool,
+                   io: ProcessIO) -> int:
         """Run `cmd` in the container wired to `io`; return its exit code."""
+        monitor = self.pods.clients(ns).monitor
         exec_id = new_id()[:32]
         size = io.resizes.get_nowait() if tty and not io.resizes.empty() else None
-        session = await self.monitor.exec_create(ExecCreateRequest(
+        session = await monitor.exec_create(ExecCreateRequest(
             id=container_id, exec_id=exec_id, cmd=cmd, tty=tty, stdin=io.stdin is not None,
             height=size.height if size else 0, width=size.width if size else 0))
         try:
             sock = _connect_attach(session.attach_socket)
             try:
-                await self.monitor.exec_start(ExecIdRequest(id=container_id, exec_id=exec_id))
-                await self._pump(sock, io, container_id, exec_id, stdin_open=True)
+                await monitor.exec_start(ExecIdRequest(id=container_id, exec_id=exec_id))
+                await self._pump(ns, sock, io, container_id, exec_id, stdin_open=True)
             finally:
                 sock.close()
-            reply = await self.monitor.exec_wait(ExecIdRequest(id=container_id,
-                                                               exec_id=exec_id))
+            reply = await monitor.exec_wait(ExecIdRequest(id=container_id, exec_id=exec_id))
         except BaseException:
             # Failed, or the client went away: the process must not run on unattended.
-            await asyncio.shield(self._remove_exec(container_id, exec_id))
+            await asyncio.shield(self._remove_exec(ns, container_id, exec_id))
             raise
         return reply.exit_code
 
-    async def _remove_exec(self, container_id: str, exec_id: str) -> None:
+    async def _remove_exec(self, ns: str, container_id: str, exec_id: str) -> None:
         try:
-            await self.monitor.exec_remove(ExecIdRequest(id=container_id, exec_id=exec_id))
+            await self.pods.clients(ns).monitor.exec_remove(ExecIdRequest(
+                id=container_id, exec_id=exec_id))
         except ShoalError as exc:
             log.warning("could not remove exec session", container=container_id,
                         exec_id=exec_id, error=exc.message)
 
-    async def attach(self, container_id: str, io: ProcessIO) -> None:
+    async def attach(self, ns: str, container_id: str, io: ProcessIO) -> None:
         """Attach `io` to the container's own streams until it exits or the client leaves."""
-        info = await self.monitor.attach(TaskIdRequest(id=container_id))
+        info = await self.pods.clients(ns).monitor.attach(TaskIdRequest(id=container_id))
         sock = _connect_attach(info.attach_socket)
         try:
             # stdin goes on only where the container has one; the client ending it closes
@@ -176,13 +179,13 @@ class StreamRuntime:
             # (pkg/cri/io ContainerIO.Attach): a stdin_once container without a terminal
             # keeps streaming its output until it exits; otherwise the session ends there
             # and the container runs on, its stdin open for the next attach.
-            await self._pump(sock, io, container_id, "", stdin_open=info.stdin,
+            await self._pump(ns, sock, io, container_id, "", stdin_open=info.stdin,
                              end_with_stdin=not (info.stdin_once and not info.tty))
         finally:
             sock.close()
 
-    async def _pump(self, sock: socket.socket, io: ProcessIO, container_id: str, exec_id: str,
-                    *, stdin_open: bool, end_with_stdin: bool = False) -> None:
+    async def _pump(self, ns: str, sock: socket.socket, io: ProcessIO, container_id: str,
+                    exec_id: str, *, stdin_open: bool, end_with_stdin: bool = False) -> None:
         """Move bytes between the client and conmon until conmon closes the socket (the
         process ended) or, with `end_with_stdin`, the client's stdin ends; input and
         resizes run alongside."""
@@ -213,7 +216,7 @@ class StreamRuntime:
             while True:
                 size = await io.resizes.get()
                 try:
-                    await self.monitor.resize(ResizeRequest(
+                    await self.pods.clients(ns).monitor.resize(ResizeRequest(
                         id=container_id, exec_id=exec_id, height=size.height,
                         width=size.width))
                 except ShoalError as exc:
@@ -232,10 +235,10 @@ class StreamRuntime:
 
     # -- port forward ---------------------------------------------------------------------
 
-    async def dial(self, pod_id: str, port: int) -> socket.socket:
+    async def dial(self, ns: str, pod_id: str, port: int) -> socket.socket:
         """A TCP connection to localhost:`port` as seen from inside the pod."""
         try:
-            pod = await self.pods.meta.pod(pod_id)
+            pod = await self.pods.meta.pod(pod_id, ns)
         except NotFound:
             raise FailedPrecondition(f"pod sandbox {pod_id} is gone") from None
 

@@ -146,19 +146,23 @@ def container_matches(c: ContainerRecord,
 
 
 class Views:
+    """Each view shows the caller's Shoal namespace (`ns`) only."""
+
     def __init__(self, pods: Pods) -> None:
         self.pods = pods
 
-    async def pod_status(self, pod_id: str) -> tuple[cri.PodSandboxStatus, dict[str, str]]:
+    async def pod_status(self, ns: str, pod_id: str
+                         ) -> tuple[cri.PodSandboxStatus, dict[str, str]]:
         """The status, and the verbose info containerd gives."""
-        pod = await self.pods.meta.pod(pod_id)
+        pod = await self.pods.meta.pod(pod_id, ns)
         state = await self.pods.sandbox_state(pod)
         info = {"info": json.dumps({"netnsPath": pod.netns_path, "state": state,
                                     "runtimeHandler": pod.runtime_handler or "runc"})}
         return pod_status(pod, state), info
 
-    async def list_pods(self, f: cri.PodSandboxFilter | None) -> list[cri.PodSandbox]:
-        pods = [p for p in await self.pods.meta.pods() if pod_matches(p, f)]
+    async def list_pods(self, ns: str, f: cri.PodSandboxFilter | None
+                        ) -> list[cri.PodSandbox]:
+        pods = [p for p in await self.pods.meta.pods(ns) if pod_matches(p, f)]
         states = await gather_states(self.pods, pods)
         items = []
         for p in pods:
@@ -171,18 +175,19 @@ class Views:
                                         runtime_handler=p.runtime_handler))
         return items
 
-    async def container_status(self, container_id: str
+    async def container_status(self, ns: str, container_id: str
                                ) -> tuple[cri.ContainerStatus, dict[str, str]]:
-        ctr = await self.pods.meta.container(container_id)
-        task = await self.pods.task_state(ctr.id)
+        ctr = await self.pods.meta.container(container_id, ns)
+        task = await self.pods.task_state(ns, ctr.id)
         info = {"info": json.dumps({"sandboxID": ctr.pod_id, "pid": task.pid if task else 0,
                                     "bundle": task.bundle if task else ""})}
         return await container_status(ctr, task), info
 
-    async def list_containers(self, f: cri.ContainerFilter | None) -> list[cri.Container]:
-        tasks = await self.pods.task_states()
+    async def list_containers(self, ns: str, f: cri.ContainerFilter | None
+                              ) -> list[cri.Container]:
+        tasks = await self.pods.task_states(ns)
         out = []
-        for c in await self.pods.meta.containers():
+        for c in await self.pods.meta.containers(ns):
             state = container_state(tasks.get(c.id))
             if not container_matches(c, f) or (
                     f is not None and f.HasField("state") and f.state.state != state):
@@ -199,8 +204,8 @@ class Views:
                            ) -> tuple[cri.PodSandboxStatus, list[cri.ContainerStatus]]:
         """A pod's status with every container's, as a container event carries them."""
         status = pod_status(pod, await self.pods.sandbox_state(pod))
-        tasks = await self.pods.task_states()
+        tasks = await self.pods.task_states(pod.shoal_namespace)
         containers = await asyncio.gather(*(
             container_status(c, tasks.get(c.id))
-            for c in await self.pods.meta.containers(pod.id)))
+            for c in await self.pods.meta.containers(pod.shoal_namespace, pod.id)))
         return status, list(containers)

@@ -1,4 +1,5 @@
-"""CRI ImageService, served from the puller over the bus (namespace k8s.io)."""
+"""CRI ImageService, served from the puller over the bus, in the caller's Shoal namespace
+(k8s.io unless the `shoal-namespace` metadata names another)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from shoal_common.messages.images import ImageInfo, RegistryAuth
 from shoal_common.messages.snapshots import FsUsageReply
 
 from shoal_cri_gateway.domain.images import Images
-from shoal_cri_gateway.grpc_api.rpc import rpc
+from shoal_cri_gateway.grpc_api.rpc import namespace_of, rpc
 
 
 def image_user(config: bytes) -> tuple[int | None, str]:
@@ -61,21 +62,23 @@ class ImageService(cri_grpc.ImageServiceServicer):
                                 server_address=a.server_address,
                                 identity_token=a.identity_token,
                                 registry_token=a.registry_token)
-        image_id = await self.images.pull(request.image.image, auth, context.time_remaining())
+        image_id = await self.images.pull(namespace_of(context), request.image.image, auth,
+                                          context.time_remaining())
         return cri.PullImageResponse(image_ref=image_id)
 
     @rpc
     async def ListImages(self, request: cri.ListImagesRequest,
                          context: grpc.aio.ServicerContext) -> cri.ListImagesResponse:
         ref = request.filter.image.image if request.HasField("filter") else ""
-        return cri.ListImagesResponse(images=[to_cri(i) for i in await self.images.list(ref)])
+        return cri.ListImagesResponse(images=[
+            to_cri(i) for i in await self.images.list(namespace_of(context), ref)])
 
     @rpc
     async def ImageStatus(self, request: cri.ImageStatusRequest,
                           context: grpc.aio.ServicerContext) -> cri.ImageStatusResponse:
         if not request.image.image:
             raise Invalid("ImageStatus: image reference is empty")
-        info = await self.images.get(request.image.image)
+        info = await self.images.get(namespace_of(context), request.image.image)
         if info is None:
             return cri.ImageStatusResponse()  # kubelet reads "no image" as not present
         response = cri.ImageStatusResponse(image=to_cri(info))
@@ -97,7 +100,7 @@ class ImageService(cri_grpc.ImageServiceServicer):
                           context: grpc.aio.ServicerContext) -> cri.RemoveImageResponse:
         if not request.image.image:
             raise Invalid("RemoveImage: image reference is empty")
-        await self.images.remove(request.image.image)
+        await self.images.remove(namespace_of(context), request.image.image)
         return cri.RemoveImageResponse()
 
     @rpc

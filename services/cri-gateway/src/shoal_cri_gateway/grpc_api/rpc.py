@@ -14,6 +14,8 @@ from shoal_common.errors import GRPC_STATUS, ShoalError
 from shoal_common.metrics import LATENCY_BUCKETS
 from shoal_common.tracing import bind_trace, new_trace_id
 
+from shoal_cri_gateway.domain.namespaces import METADATA_KEY, namespace_from
+
 log = structlog.get_logger("shoal.cri")
 
 CRI_REQUESTS = Counter("shoal_cri_requests_total", "CRI RPCs handled, by RPC and gRPC code.",
@@ -41,6 +43,18 @@ def bounded(message: str) -> str:
     if len(message) <= MAX_MESSAGE:
         return message
     return message[:MAX_MESSAGE - 40] + f"... ({len(message)} characters in all)"
+
+
+def namespace_of(context: grpc.aio.ServicerContext) -> str:
+    """The Shoal namespace the call's metadata names (`shoal-namespace`; none: k8s.io, so
+    kubelet and crictl are unchanged). A bad name is INVALID_ARGUMENT."""
+    value = None
+    for key, item in context.invocation_metadata() or ():
+        if key == METADATA_KEY:
+            value = item
+    ns = namespace_from(value)
+    structlog.contextvars.bind_contextvars(namespace=ns)
+    return ns
 
 
 Req = TypeVar("Req")

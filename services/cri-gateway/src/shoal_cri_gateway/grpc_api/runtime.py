@@ -14,7 +14,7 @@ from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 from shoal_common import __version__
 from shoal_common.bus import Bus
-from shoal_common.errors import Invalid
+from shoal_common.errors import GRPC_STATUS, Invalid, ShoalError
 from shoal_common.tracing import bind_trace, new_trace_id
 
 from shoal_cri_gateway.domain.events import ContainerEvents
@@ -23,7 +23,7 @@ from shoal_cri_gateway.domain.resources import cgroup_driver
 from shoal_cri_gateway.domain.stats import Stats
 from shoal_cri_gateway.domain.status import runtime_conditions, runtime_handlers, verbose_info
 from shoal_cri_gateway.domain.views import Views
-from shoal_cri_gateway.grpc_api.rpc import CRI_REQUESTS, rpc
+from shoal_cri_gateway.grpc_api.rpc import CRI_REQUESTS, namespace_of, rpc
 from shoal_cri_gateway.streaming.server import StreamServer
 
 StreamRequest = TypeVar("StreamRequest", cri.ExecRequest, cri.AttachRequest,
@@ -132,13 +132,14 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
                                     context: grpc.aio.ServicerContext
                                     ) -> cri.ListPodSandboxMetricsResponse:
         return cri.ListPodSandboxMetricsResponse(
-            pod_metrics=await self.rt.stats.cri_metrics.list_pods())
+            pod_metrics=await self.rt.stats.cri_metrics.list_pods(namespace_of(context)))
 
     @rpc
     async def UpdatePodSandboxResources(self, request: cri.UpdatePodSandboxResourcesRequest,
                                         context: grpc.aio.ServicerContext
                                         ) -> cri.UpdatePodSandboxResourcesResponse:
-        await self.pods.update_pod_resources(request.pod_sandbox_id, request)
+        await self.pods.update_pod_resources(namespace_of(context), request.pod_sandbox_id,
+                                             request)
         return cri.UpdatePodSandboxResourcesResponse()
 
     @rpc
@@ -153,93 +154,100 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     @rpc
     async def RunPodSandbox(self, request: cri.RunPodSandboxRequest,
                             context: grpc.aio.ServicerContext) -> cri.RunPodSandboxResponse:
-        pod = await self.pods.run(request.config, request.runtime_handler)
+        pod = await self.pods.run(namespace_of(context), request.config,
+                                  request.runtime_handler)
         return cri.RunPodSandboxResponse(pod_sandbox_id=pod.id)
 
     @rpc
     async def StopPodSandbox(self, request: cri.StopPodSandboxRequest,
                              context: grpc.aio.ServicerContext) -> cri.StopPodSandboxResponse:
-        await self.pods.stop(request.pod_sandbox_id)
+        await self.pods.stop(namespace_of(context), request.pod_sandbox_id)
         return cri.StopPodSandboxResponse()
 
     @rpc
     async def RemovePodSandbox(self, request: cri.RemovePodSandboxRequest,
                                context: grpc.aio.ServicerContext
                                ) -> cri.RemovePodSandboxResponse:
-        await self.pods.remove(request.pod_sandbox_id)
+        await self.pods.remove(namespace_of(context), request.pod_sandbox_id)
         return cri.RemovePodSandboxResponse()
 
     @rpc
     async def PodSandboxStatus(self, request: cri.PodSandboxStatusRequest,
                                context: grpc.aio.ServicerContext
                                ) -> cri.PodSandboxStatusResponse:
-        status, info = await self.rt.views.pod_status(request.pod_sandbox_id)
+        status, info = await self.rt.views.pod_status(namespace_of(context),
+                                                      request.pod_sandbox_id)
         return cri.PodSandboxStatusResponse(status=status, info=info if request.verbose else {})
 
     @rpc
     async def ListPodSandbox(self, request: cri.ListPodSandboxRequest,
                              context: grpc.aio.ServicerContext) -> cri.ListPodSandboxResponse:
         f = request.filter if request.HasField("filter") else None
-        return cri.ListPodSandboxResponse(items=await self.rt.views.list_pods(f))
+        return cri.ListPodSandboxResponse(items=await self.rt.views.list_pods(
+            namespace_of(context), f))
 
     # -- containers --------------------------------------------------------------------
 
     @rpc
     async def CreateContainer(self, request: cri.CreateContainerRequest,
                               context: grpc.aio.ServicerContext) -> cri.CreateContainerResponse:
-        ctr = await self.pods.create_container(request.pod_sandbox_id, request.config,
-                                               request.sandbox_config)
+        ctr = await self.pods.create_container(namespace_of(context), request.pod_sandbox_id,
+                                               request.config, request.sandbox_config)
         return cri.CreateContainerResponse(container_id=ctr.id)
 
     @rpc
     async def StartContainer(self, request: cri.StartContainerRequest,
                              context: grpc.aio.ServicerContext) -> cri.StartContainerResponse:
-        await self.pods.start_container(request.container_id)
+        await self.pods.start_container(namespace_of(context), request.container_id)
         return cri.StartContainerResponse()
 
     @rpc
     async def StopContainer(self, request: cri.StopContainerRequest,
                             context: grpc.aio.ServicerContext) -> cri.StopContainerResponse:
-        await self.pods.stop_container(request.container_id, request.timeout)
+        await self.pods.stop_container(namespace_of(context), request.container_id,
+                                       request.timeout)
         return cri.StopContainerResponse()
 
     @rpc
     async def RemoveContainer(self, request: cri.RemoveContainerRequest,
                               context: grpc.aio.ServicerContext) -> cri.RemoveContainerResponse:
-        await self.pods.remove_container(request.container_id)
+        await self.pods.remove_container(namespace_of(context), request.container_id)
         return cri.RemoveContainerResponse()
 
     @rpc
     async def ContainerStatus(self, request: cri.ContainerStatusRequest,
                               context: grpc.aio.ServicerContext) -> cri.ContainerStatusResponse:
-        status, info = await self.rt.views.container_status(request.container_id)
+        status, info = await self.rt.views.container_status(namespace_of(context),
+                                                            request.container_id)
         return cri.ContainerStatusResponse(status=status, info=info if request.verbose else {})
 
     @rpc
     async def ListContainers(self, request: cri.ListContainersRequest,
                              context: grpc.aio.ServicerContext) -> cri.ListContainersResponse:
         f = request.filter if request.HasField("filter") else None
-        return cri.ListContainersResponse(containers=await self.rt.views.list_containers(f))
+        return cri.ListContainersResponse(containers=await self.rt.views.list_containers(
+            namespace_of(context), f))
 
     @rpc
     async def UpdateContainerResources(self, request: cri.UpdateContainerResourcesRequest,
                                        context: grpc.aio.ServicerContext
                                        ) -> cri.UpdateContainerResourcesResponse:
-        await self.pods.update_resources(request.container_id, request.linux)
+        await self.pods.update_resources(namespace_of(context), request.container_id,
+                                         request.linux)
         return cri.UpdateContainerResourcesResponse()
 
     @rpc
     async def ReopenContainerLog(self, request: cri.ReopenContainerLogRequest,
                                  context: grpc.aio.ServicerContext
                                  ) -> cri.ReopenContainerLogResponse:
-        await self.pods.reopen_log(request.container_id)
+        await self.pods.reopen_log(namespace_of(context), request.container_id)
         return cri.ReopenContainerLogResponse()
 
     @rpc
     async def ExecSync(self, request: cri.ExecSyncRequest,
                        context: grpc.aio.ServicerContext) -> cri.ExecSyncResponse:
-        reply = await self.pods.exec_sync(request.container_id, list(request.cmd),
-                                          request.timeout)
+        reply = await self.pods.exec_sync(namespace_of(context), request.container_id,
+                                          list(request.cmd), request.timeout)
         return cri.ExecSyncResponse(stdout=reply.stdout, stderr=reply.stderr,
                                     exit_code=reply.exit_code)
 
@@ -251,15 +259,18 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         _check_streams("Exec", request)
         if not request.cmd:
             raise Invalid("Exec: cmd is empty")
-        ctr = await self.streams.runtime.running_container(request.container_id)
-        return cri.ExecResponse(url=self.streams.url("exec", _with_id(request, ctr.id)))
+        ns = namespace_of(context)
+        ctr = await self.streams.runtime.running_container(ns, request.container_id)
+        return cri.ExecResponse(url=self.streams.url("exec", _with_id(request, ctr.id), ns))
 
     @rpc
     async def Attach(self, request: cri.AttachRequest,
                      context: grpc.aio.ServicerContext) -> cri.AttachResponse:
         _check_streams("Attach", request)
-        ctr = await self.streams.runtime.running_container(request.container_id)
-        return cri.AttachResponse(url=self.streams.url("attach", _with_id(request, ctr.id)))
+        ns = namespace_of(context)
+        ctr = await self.streams.runtime.running_container(ns, request.container_id)
+        return cri.AttachResponse(url=self.streams.url("attach", _with_id(request, ctr.id),
+                                                       ns))
 
     @rpc
     async def PortForward(self, request: cri.PortForwardRequest,
@@ -268,9 +279,10 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             raise Invalid("PortForward: pod_sandbox_id is required")
         if any(not 0 < p < 65536 for p in request.port):
             raise Invalid(f"PortForward: ports must be 1-65535, got {list(request.port)}")
-        pod = await self.streams.runtime.ready_pod(request.pod_sandbox_id)
+        ns = namespace_of(context)
+        pod = await self.streams.runtime.ready_pod(ns, request.pod_sandbox_id)
         return cri.PortForwardResponse(url=self.streams.url("portforward",
-                                                            _with_id(request, pod.id)))
+                                                            _with_id(request, pod.id), ns))
 
     # -- stats -------------------------------------------------------------------------
 
@@ -278,27 +290,29 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     async def ContainerStats(self, request: cri.ContainerStatsRequest,
                              context: grpc.aio.ServicerContext) -> cri.ContainerStatsResponse:
         return cri.ContainerStatsResponse(stats=await self.rt.stats.container(
-            request.container_id))
+            namespace_of(context), request.container_id))
 
     @rpc
     async def ListContainerStats(self, request: cri.ListContainerStatsRequest,
                                  context: grpc.aio.ServicerContext
                                  ) -> cri.ListContainerStatsResponse:
         f = request.filter if request.HasField("filter") else None
-        return cri.ListContainerStatsResponse(stats=await self.rt.stats.list_containers(f))
+        return cri.ListContainerStatsResponse(stats=await self.rt.stats.list_containers(
+            namespace_of(context), f))
 
     @rpc
     async def PodSandboxStats(self, request: cri.PodSandboxStatsRequest,
                               context: grpc.aio.ServicerContext) -> cri.PodSandboxStatsResponse:
         return cri.PodSandboxStatsResponse(stats=await self.rt.stats.pod(
-            request.pod_sandbox_id))
+            namespace_of(context), request.pod_sandbox_id))
 
     @rpc
     async def ListPodSandboxStats(self, request: cri.ListPodSandboxStatsRequest,
                                   context: grpc.aio.ServicerContext
                                   ) -> cri.ListPodSandboxStatsResponse:
         f = request.filter if request.HasField("filter") else None
-        return cri.ListPodSandboxStatsResponse(stats=await self.rt.stats.list_pods(f))
+        return cri.ListPodSandboxStatsResponse(stats=await self.rt.stats.list_pods(
+            namespace_of(context), f))
 
     # -- events ------------------------------------------------------------------------
 
@@ -308,6 +322,11 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         """Live container lifecycle events (kubelet's evented PLEG). A stream, so not
         wrapped by `rpc`: counted and traced once at its start."""
         bind_trace(new_trace_id(), rpc="GetContainerEvents")
+        try:
+            ns = namespace_of(context)
+        except ShoalError as exc:
+            CRI_REQUESTS.labels("GetContainerEvents", "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode[GRPC_STATUS[exc.code]], exc.message)
         CRI_REQUESTS.labels("GetContainerEvents", "OK").inc()
-        async for event in self.rt.events.follow():
+        async for event in self.rt.events.follow(ns):
             yield event

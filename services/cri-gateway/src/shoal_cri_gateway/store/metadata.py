@@ -1,7 +1,11 @@
 """Pod sandbox and container metadata, as the CRI reports it back to kubelet.
 
 Runtime state (running, exit codes) is not stored here: it is asked of the supervisor,
-which owns it, so a restarted gateway never reports stale state."""
+which owns it, so a restarted gateway never reports stale state.
+
+Every pod and container belongs to one Shoal namespace (`shoal_namespace`, containerd's:
+`k8s.io` for kubelet; not the CRI's `namespace`, a Kubernetes namespace inside the pod's
+identity). A lookup by id sees only its caller's namespace: another's id is not found."""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol
 
 from shoal_common.errors import AlreadyExists, NotFound
-from shoal_common.sqlite import Database
+from shoal_common.sqlite import SqliteStore
 
 MIGRATIONS = ["""
 CREATE TABLE pods(
@@ -60,7 +64,64 @@ ALTER TABLE containers ADD COLUMN updated_resources BLOB
     # restarted gateway finds it half made and finishes or undoes it.
     """
 ALTER TABLE containers ADD COLUMN state TEXT NOT NULL DEFAULT 'created'
+""",
+    # v4: the Shoal namespace of each pod and container (every earlier one is the CRI's,
+    # k8s.io), part of a pod's identity. SQLite cannot change a UNIQUE constraint, so both
+    # tables are copied: containers go to a table referencing the new pods, the old tables
+    # are dropped (containers first: nothing references it), and the renames carry the
+    # reference over (SQLite >= 3.26 rewrites foreign keys on RENAME).
+    """
+CREATE TABLE pods_v4(
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_at_ns INTEGER NOT NULL,
+    config BLOB NOT NULL,
+    labels TEXT NOT NULL,
+    annotations TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    additional_ips TEXT NOT NULL,
+    netns_path TEXT NOT NULL,
+    runtime_handler TEXT NOT NULL,
+    shoal_namespace TEXT NOT NULL,
+    UNIQUE(shoal_namespace, namespace, name, uid, attempt)
+);
+INSERT INTO pods_v4 SELECT id, name, uid, namespace, attempt, state, created_at_ns, config,
+    labels, annotations, ip, additional_ips, netns_path, runtime_handler, 'k8s.io' FROM pods;
+CREATE TABLE containers_v4(
+    id TEXT PRIMARY KEY,
+    pod_id TEXT NOT NULL REFERENCES pods_v4(id),
+    name TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    created_at_ns INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    image_ref TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    config BLOB NOT NULL,
+    labels TEXT NOT NULL,
+    annotations TEXT NOT NULL,
+    log_path TEXT NOT NULL,
+    updated_resources BLOB,
+    state TEXT NOT NULL DEFAULT 'created',
+    shoal_namespace TEXT NOT NULL,
+    UNIQUE(pod_id, name, attempt)
+);
+INSERT INTO containers_v4 SELECT id, pod_id, name, attempt, created_at_ns, image, image_ref,
+    image_id, config, labels, annotations, log_path, updated_resources, state, 'k8s.io'
+    FROM containers;
+DROP TABLE containers;
+DROP TABLE pods;
+ALTER TABLE pods_v4 RENAME TO pods;
+ALTER TABLE containers_v4 RENAME TO containers;
+CREATE INDEX containers_by_pod ON containers(pod_id);
+CREATE INDEX pods_by_namespace ON pods(shoal_namespace);
+CREATE INDEX containers_by_namespace ON containers(shoal_namespace)
 """]
+
+CRI_NAMESPACE = "k8s.io"  # what every record made before namespaces belongs to
 
 
 @dataclass
@@ -79,6 +140,7 @@ class PodRecord:
     additional_ips: list[str] = field(default_factory=list)
     netns_path: str = ""
     runtime_handler: str = ""
+    shoal_namespace: str = CRI_NAMESPACE
 
 
 @dataclass
@@ -97,6 +159,16 @@ class ContainerRecord:
     log_path: str = ""
     updated_resources: bytes | None = None
     state: str = "created"  # or "creating": recorded, not made yet
+    shoal_namespace: str = CRI_NAMESPACE  # its pod's
+
+
+class PodIdentity(Protocol):
+    """A pod's CRI identity: PodSandboxMetadata, or a PodRecord."""
+
+    name: str
+    uid: str
+    namespace: str
+    attempt: int
 
 
 _ID_PREFIX = re.compile(r"[0-9a-f]{1,64}")
@@ -105,6 +177,11 @@ _ID_PREFIX = re.compile(r"[0-9a-f]{1,64}")
 def _shown(text: str) -> str:
     """An id as an error message may quote it: bounded, control characters escaped."""
     return repr(text[:80] + ("..." if len(text) > 80 else ""))
+
+
+def _in(namespace: str) -> str:
+    """Where a lookup looked, for its error message (said only outside k8s.io)."""
+    return "" if namespace == CRI_NAMESPACE else f" in namespace {namespace}"
 
 
 def _pod(row: sqlite3.Row) -> PodRecord:
@@ -121,26 +198,24 @@ def _ctr(row: sqlite3.Row) -> ContainerRecord:
     return ContainerRecord(**d)
 
 
-class Metadata:
-    def __init__(self, path: Path) -> None:
-        self.db = Database(path, MIGRATIONS)
-
-    async def open(self) -> None:
-        await self.db.open()
-
-    async def close(self) -> None:
-        await self.db.close()
+class Metadata(SqliteStore):
+    migrations = MIGRATIONS
 
     async def add_pod(self, p: PodRecord) -> None:
         def tx(c: sqlite3.Connection) -> None:
             try:
-                c.execute("INSERT INTO pods VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
-                    p.id, p.name, p.uid, p.namespace, p.attempt, p.state, p.created_at_ns,
-                    p.config, json.dumps(p.labels), json.dumps(p.annotations), p.ip,
-                    json.dumps(p.additional_ips), p.netns_path, p.runtime_handler))
+                c.execute(
+                    "INSERT INTO pods(id, name, uid, namespace, attempt, state, created_at_ns, "
+                    "config, labels, annotations, ip, additional_ips, netns_path, "
+                    "runtime_handler, shoal_namespace) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+                        p.id, p.name, p.uid, p.namespace, p.attempt, p.state, p.created_at_ns,
+                        p.config, json.dumps(p.labels), json.dumps(p.annotations), p.ip,
+                        json.dumps(p.additional_ips), p.netns_path, p.runtime_handler,
+                        p.shoal_namespace))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"pod sandbox {p.namespace}/{p.name} (uid {p.uid}, attempt "
-                                    f"{p.attempt}) already exists") from None
+                                    f"{p.attempt}) already exists{_in(p.shoal_namespace)}"
+                                    ) from None
         await self.db.transaction(tx)
 
     async def set_pod_config(self, pod_id: str, config: bytes) -> None:
@@ -152,28 +227,30 @@ class Metadata:
             "UPDATE pods SET state=?, ip=?, additional_ips=?, netns_path=? WHERE id=?",
             (p.state, p.ip, json.dumps(p.additional_ips), p.netns_path, p.id)))
 
-    async def pod(self, pod_id: str) -> PodRecord:
-        """By full id or unique prefix (crictl passes short ids)."""
-        rows = await self._by_prefix("pods", pod_id)
+    async def pod(self, pod_id: str, namespace: str) -> PodRecord:
+        """By full id or unique prefix (crictl passes short ids), in `namespace` only."""
+        rows = await self._by_prefix("pods", pod_id, namespace)
         if len(rows) != 1:
-            raise NotFound(f"pod sandbox {_shown(pod_id)} not found")
+            raise NotFound(f"pod sandbox {_shown(pod_id)} not found{_in(namespace)}")
         return _pod(rows[0])
 
-    async def _by_prefix(self, table: str, prefix: str) -> list[sqlite3.Row]:
-        """At most two rows whose id starts with `prefix`. Ids are 64 hex characters: any
-        other prefix names nothing (and a LIKE pattern would read `%`/`_` as wildcards)."""
+    async def _by_prefix(self, table: str, prefix: str, namespace: str) -> list[sqlite3.Row]:
+        """At most two rows of `namespace` whose id starts with `prefix`. Ids are 64 hex
+        characters: any other prefix names nothing (and a LIKE pattern would read `%`/`_`
+        as wildcards)."""
         if not _ID_PREFIX.fullmatch(prefix):
             return []
         return await self.db.run(lambda c: c.execute(
-            f"SELECT * FROM {table} WHERE substr(id, 1, ?) = ? LIMIT 2",
-            (len(prefix), prefix)).fetchall())
+            f"SELECT * FROM {table} WHERE shoal_namespace = ? AND substr(id, 1, ?) = ? "
+            "LIMIT 2", (namespace, len(prefix), prefix)).fetchall())
 
-    async def pod_named(self, namespace: str, name: str, uid: str, attempt: int
-                        ) -> PodRecord | None:
-        """The pod a RunPodSandbox with this metadata made (or is making)."""
+    async def pod_named(self, shoal_namespace: str, md: PodIdentity) -> PodRecord | None:
+        """The pod a RunPodSandbox with this metadata made (or is making) in the Shoal
+        namespace `shoal_namespace`."""
         rows = await self.db.run(lambda c: c.execute(
-            "SELECT * FROM pods WHERE namespace=? AND name=? AND uid=? AND attempt=?",
-            (namespace, name, uid, attempt)).fetchall())
+            "SELECT * FROM pods WHERE shoal_namespace=? AND namespace=? AND name=? AND uid=? "
+            "AND attempt=?", (shoal_namespace, md.namespace, md.name, md.uid, md.attempt)
+        ).fetchall())
         return _pod(rows[0]) if rows else None
 
     async def container_named(self, pod_id: str, name: str, attempt: int
@@ -187,9 +264,16 @@ class Metadata:
         await self.db.transaction(lambda c: c.execute(
             "UPDATE containers SET state=? WHERE id=?", (state, container_id)))
 
-    async def pods(self) -> list[PodRecord]:
-        rows = await self.db.run(lambda c: c.execute(
-            "SELECT * FROM pods ORDER BY created_at_ns").fetchall())
+    async def pods(self, namespace: str | None) -> list[PodRecord]:
+        """The pods of `namespace` (None: of every namespace, for the gateway's own
+        reconcile)."""
+        if namespace is None:
+            rows = await self.db.run(lambda c: c.execute(
+                "SELECT * FROM pods ORDER BY created_at_ns").fetchall())
+        else:
+            rows = await self.db.run(lambda c: c.execute(
+                "SELECT * FROM pods WHERE shoal_namespace=? ORDER BY created_at_ns",
+                (namespace,)).fetchall())
         return [_pod(r) for r in rows]
 
     async def delete_pod(self, pod_id: str) -> None:
@@ -201,10 +285,12 @@ class Metadata:
                 c.execute(
                     "INSERT INTO containers(id, pod_id, name, attempt, created_at_ns, image, "
                     "image_ref, image_id, config, labels, annotations, log_path, "
-                    "updated_resources, state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+                    "updated_resources, state, shoal_namespace) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
                         r.id, r.pod_id, r.name, r.attempt, r.created_at_ns, r.image,
                         r.image_ref, r.image_id, r.config, json.dumps(r.labels),
-                        json.dumps(r.annotations), r.log_path, r.updated_resources, r.state))
+                        json.dumps(r.annotations), r.log_path, r.updated_resources, r.state,
+                        r.shoal_namespace))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"container {r.name} (attempt {r.attempt}) already exists "
                                     f"in pod {r.pod_id}") from None
@@ -226,20 +312,27 @@ class Metadata:
                           (new, container_id))
         await self.db.transaction(tx)
 
-    async def container(self, container_id: str) -> ContainerRecord:
-        rows = await self._by_prefix("containers", container_id)
+    async def container(self, container_id: str, namespace: str) -> ContainerRecord:
+        """By full id or unique prefix, in `namespace` only."""
+        rows = await self._by_prefix("containers", container_id, namespace)
         if len(rows) != 1:
-            raise NotFound(f"container {_shown(container_id)} not found")
+            raise NotFound(f"container {_shown(container_id)} not found{_in(namespace)}")
         return _ctr(rows[0])
 
-    async def containers(self, pod_id: str | None = None) -> list[ContainerRecord]:
-        if pod_id is None:
-            rows = await self.db.run(lambda c: c.execute(
-                "SELECT * FROM containers ORDER BY created_at_ns").fetchall())
-        else:
-            rows = await self.db.run(lambda c: c.execute(
-                "SELECT * FROM containers WHERE pod_id=? ORDER BY created_at_ns",
-                (pod_id,)).fetchall())
+    async def containers(self, namespace: str | None, pod_id: str | None = None
+                         ) -> list[ContainerRecord]:
+        """The containers of `namespace` (None: every namespace's), or of one of its pods."""
+        where, args = [], []
+        if namespace is not None:
+            where.append("shoal_namespace=?")
+            args.append(namespace)
+        if pod_id is not None:
+            where.append("pod_id=?")
+            args.append(pod_id)
+        # The clauses are this function's constants; values are bound.
+        sql = ("SELECT * FROM containers" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY created_at_ns")
+        rows = await self.db.run(lambda c: c.execute(sql, args).fetchall())
         return [_ctr(r) for r in rows]
 
     async def delete_container(self, container_id: str) -> None:

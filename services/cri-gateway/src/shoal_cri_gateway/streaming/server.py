@@ -62,20 +62,24 @@ class StreamServer:
             await self._runner.cleanup()
             self._runner = None
 
-    def url(self, kind: str, request: CriRequest) -> str:
-        """A single-use URL for a validated request; it expires unused after a minute."""
-        return f"{self.base_url}/{kind}/{self.tokens.insert(kind, request)}"
+    def url(self, kind: str, request: CriRequest, ns: str) -> str:
+        """A single-use URL for a request validated in the Shoal namespace `ns` (the
+        session acts there); it expires unused after a minute."""
+        return f"{self.base_url}/{kind}/{self.tokens.insert(kind, (request, ns))}"
 
     # -- handlers -----------------------------------------------------------------------
 
-    async def _serve(self, request: web.Request, kind: str) -> tuple[Any, bool] | None:
+    async def _serve(self, request: web.Request, kind: str) -> tuple[Any, str, bool] | None:
+        """(the cached CRI request, its namespace, whether it is a WebSocket), or None for a
+        token that is not (or no longer) valid."""
         cached = self.tokens.consume(kind, request.match_info["token"])
         if cached is None:
             return None
+        req, ns = cached
         if is_websocket(request):
-            return cached, True
+            return req, ns, True
         if is_spdy(request):
-            return cached, False
+            return req, ns, False
         raise UpgradeRefused(web.Response(status=400, text="unable to upgrade: missing "
                                           "upgrade headers in request"))
 
@@ -84,9 +88,10 @@ class StreamServer:
             served = await self._serve(request, kind)
             if served is None:
                 raise web.HTTPNotFound()
-            req, websocket = served
+            req, ns, websocket = served
             opts = Options(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, tty=req.tty)
-            run = functools.partial(self._run_exec if kind == "exec" else self._run_attach, req)
+            run = functools.partial(self._run_exec if kind == "exec" else self._run_attach, ns,
+                                    req)
             log.info("stream opened", kind=kind, container=req.container_id,
                      transport="websocket" if websocket else "spdy", tty=req.tty)
             serve = remotecommand.serve_websocket if websocket else remotecommand.serve_spdy
@@ -100,18 +105,18 @@ class StreamServer:
     async def _attach(self, request: web.Request) -> web.StreamResponse:
         return await self._remotecommand(request, "attach")
 
-    async def _run_exec(self, req: cri.ExecRequest, io: ProcessIO) -> Status:
+    async def _run_exec(self, ns: str, req: cri.ExecRequest, io: ProcessIO) -> Status:
         cmd = list(req.cmd)
         try:
-            code = await self.runtime.exec(req.container_id, cmd, req.tty, io)
+            code = await self.runtime.exec(ns, req.container_id, cmd, req.tty, io)
         except ShoalError as exc:
             return internal_error(f"error executing command in container: {exc.message}")
         log.info("exec finished", container=req.container_id, exit_code=code)
         return success() if code == 0 else exit_failure(code, cmd)
 
-    async def _run_attach(self, req: cri.AttachRequest, io: ProcessIO) -> Status:
+    async def _run_attach(self, ns: str, req: cri.AttachRequest, io: ProcessIO) -> Status:
         try:
-            await self.runtime.attach(req.container_id, io)
+            await self.runtime.attach(ns, req.container_id, io)
         except ShoalError as exc:
             return internal_error(f"error attaching to container: {exc.message}")
         return success()
@@ -121,11 +126,11 @@ class StreamServer:
             served = await self._serve(request, "portforward")
             if served is None:
                 raise web.HTTPNotFound()
-            req, websocket = served
+            req, ns, websocket = served
             pod_id = req.pod_sandbox_id
 
             async def dial(port: int) -> socket.socket:
-                return await self.runtime.dial(pod_id, port)
+                return await self.runtime.dial(ns, pod_id, port)
 
             log.info("port forward opened", pod=pod_id,
                      transport="websocket" if websocket else "spdy")

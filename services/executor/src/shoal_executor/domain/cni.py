@@ -21,6 +21,7 @@ from shoal_common.errors import FailedPrecondition, Internal
 log = structlog.get_logger("shoal.executor.cni")
 
 DEFAULT_CONFLIST_NAME = "10-shoal.conflist"
+NETWORKS_DIR = "shoal-networks"  # in the conf dir
 PLUGIN_TIMEOUT = 60.0
 
 
@@ -54,27 +55,36 @@ class AttachResult:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
+def parse_network(path: Path) -> NetworkConfig:
+    """One config file; ValueError says what is wrong with it."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path.name}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path.name}: not a JSON object")
+    if "plugins" in doc:
+        plugins = doc["plugins"]
+    elif "type" in doc:  # a single-plugin .conf
+        plugins = [doc]
+    else:
+        raise ValueError(f"{path.name}: neither a conflist nor a plugin config")
+    if not doc.get("name") or not plugins or not isinstance(plugins, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("type"), str) for p in plugins):
+        raise ValueError(f"{path.name}: no name, or no plugins each with a type")
+    return NetworkConfig(doc["name"], doc.get("cniVersion", "0.4.0"), plugins, str(path))
+
+
 def load_network(conf_dir: Path) -> NetworkConfig:
     """The first usable config in the directory (lexical order, as kubelet's CNI does)."""
     problems = []
-    files = sorted(p for p in conf_dir.glob("*") if p.suffix in (".conflist", ".conf", ".json"))
+    files = sorted(p for p in conf_dir.glob("*") if p.suffix in (".conflist", ".conf", ".json")
+                   and p.is_file())
     for path in files:
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            problems.append(f"{path.name}: {exc}")
-            continue
-        if "plugins" in doc:
-            plugins = doc["plugins"]
-        elif "type" in doc:  # a single-plugin .conf
-            plugins = [doc]
-        else:
-            problems.append(f"{path.name}: neither a conflist nor a plugin config")
-            continue
-        if not doc.get("name") or not plugins:
-            problems.append(f"{path.name}: no name or no plugins")
-            continue
-        return NetworkConfig(doc["name"], doc.get("cniVersion", "0.4.0"), plugins, str(path))
+            return parse_network(path)
+        except ValueError as exc:
+            problems.append(str(exc))
     detail = "; ".join(problems) if problems else "no config files"
     raise FailedPrecondition(f"no usable CNI network config in {conf_dir} ({detail})")
 
@@ -83,9 +93,22 @@ class Cni:
     def __init__(self, conf_dir: Path, bin_dirs: list[str]) -> None:
         self.conf_dir = conf_dir
         self.bin_dirs = bin_dirs
+        # `shoal network create`'s networks: a directory of their own, so that none of them
+        # is ever taken for the default network (the first file of conf_dir itself).
+        self.networks_dir = conf_dir / NETWORKS_DIR
 
-    def network(self) -> NetworkConfig:
-        return load_network(self.conf_dir)
+    def network_file(self, name: str) -> Path:
+        return self.networks_dir / f"{name}.conflist"
+
+    def network(self, name: str = "") -> NetworkConfig:
+        """The default network, or the one `shoal network create` made as `name`."""
+        if not name:
+            return load_network(self.conf_dir)
+        try:
+            return parse_network(self.network_file(name))
+        except ValueError as exc:
+            raise FailedPrecondition(f"CNI config of network {name!r} in "
+                                     f"{self.networks_dir} is not usable ({exc})") from None
 
     def _binary(self, plugin_type: str) -> str:
         for directory in self.bin_dirs:
@@ -139,8 +162,9 @@ class Cni:
             raise Internal(f"CNI plugin {plugin['type']} returned invalid JSON") from None
 
     async def add(self, container_id: str, netns: str, *, ifname: str = "eth0",
-                  runtime_config: dict[str, Any] | None = None) -> AttachResult:
-        net = self.network()
+                  runtime_config: dict[str, Any] | None = None,
+                  network: str = "") -> AttachResult:
+        net = self.network(network)
         result: dict[str, Any] | None = None
         done: list[dict[str, Any]] = []
         try:
@@ -156,8 +180,9 @@ class Cni:
         return AttachResult(ip=ips[0] if ips else "", ips=ips, raw=result or {})
 
     async def delete(self, container_id: str, netns: str, *, ifname: str = "eth0",
-                     runtime_config: dict[str, Any] | None = None) -> None:
-        net = self.network()
+                     runtime_config: dict[str, Any] | None = None,
+                     network: str = "") -> None:
+        net = self.network(network)
         await self._delete(net, net.plugins, container_id, netns, ifname, runtime_config or {})
 
     async def _delete(self, net: NetworkConfig, plugins: list[dict[str, Any]],

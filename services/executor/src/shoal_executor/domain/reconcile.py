@@ -83,8 +83,10 @@ async def sweep_netns(rt: Runtime) -> None:
     """Claims no sandbox record holds: CNI DEL, leases, the namespace, then the claim."""
     claims = await rt.records.netns_claims()
     # Read after the claims: a claim is written with its sandbox record, so one listed
-    # above whose sandbox is missing here is truly nobody's.
-    claimed = {s.id for s in await rt.records.sandboxes()}
+    # above whose sandbox is missing here is truly nobody's — unless a pod still joins it
+    # (its maker was removed first: the namespace stays until the last joiner leaves).
+    sandboxes = await rt.records.sandboxes()
+    claimed = {s.id for s in sandboxes} | {s.joins for s in sandboxes if s.joins}
     for claim in claims:
         if claim.sandbox_id in claimed:
             continue
@@ -109,13 +111,14 @@ async def release_network(cni: Cni, claim: NetnsClaim) -> bool:
         return True
     ok = True
     try:
-        await cni.delete(claim.sandbox_id, claim.path, runtime_config=claim.runtime_config)
+        await cni.delete(claim.sandbox_id, claim.path, runtime_config=claim.runtime_config,
+                         network=claim.network)
     except ShoalError as exc:
         log.warning("CNI DEL of an unclaimed sandbox failed", sandbox=claim.sandbox_id,
                     error=exc.message)
         ok = False
     try:
-        leases = lease_dirs(cni)
+        leases = lease_dirs(cni, claim.network)
     except ShoalError:
         leases = []
     for directory in leases:
@@ -125,9 +128,9 @@ async def release_network(cni: Cni, claim: NetnsClaim) -> bool:
     return ok
 
 
-def lease_dirs(cni: Cni) -> list[Path]:
-    """host-local's lease directories of the configured network (dataDir/<network>)."""
-    net = cni.network()
+def lease_dirs(cni: Cni, network: str = "") -> list[Path]:
+    """host-local's lease directories of a network (dataDir/<network>; "" = the default)."""
+    net = cni.network(network)
     found = []
     for plugin in net.plugins:
         ipam = plugin.get("ipam") or {}

@@ -32,7 +32,7 @@ from shoal_common.messages.monitor import (
 from shoal_common.messages.snapshots import Mount
 from shoal_common.messages.tasks import ContainerCreateReply, SandboxInfo
 
-from shoal_executor.domain import features, mounts, netns, userns
+from shoal_executor.domain import features, mounts, userns
 from shoal_executor.domain.checks import (
     POD_CGROUP_ROOTS,
     check_container_config,
@@ -44,6 +44,7 @@ from shoal_executor.domain.checks.image_volumes import check_image_volumes
 from shoal_executor.domain.cni import AttachResult, Cni
 from shoal_executor.domain.image_volumes import mount_image_volumes, unmount_image_volumes
 from shoal_executor.domain.paths import RunDirs, write_public
+from shoal_executor.domain.pod_network import PodNetworks
 from shoal_executor.domain.spec import ContainerContext, PodContext, build_spec, stop_signal
 from shoal_executor.store.records import (
     CREATING,
@@ -144,6 +145,7 @@ class Runtime:
         self.bus = bus
         self.dirs = RunDirs(settings.run_dir)
         self.owner = owner_token()  # names this process in the operations it records
+        self.net = PodNetworks(settings.cni, records)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -182,6 +184,8 @@ class Runtime:
         existing = await self.records.sandbox(sandbox_id)
         if existing is not None and existing.pid:
             return self._info(existing)
+        # After the repeat of a finished create is answered: the pod it joins may be gone.
+        choice = await self.net.choose(config, idmap)
         if existing is not None and existing.abandoned():
             # Killed mid-create and not undone at start (the supervisor did not answer):
             # undone now, since CNI ADD cannot be run twice into one namespace.
@@ -194,14 +198,15 @@ class Runtime:
             cgroup_parent=cgroup_parent or DEFAULT_CGROUP_PARENT)
         record.runtime_config = {"portMappings": port_mappings(config)}
         record.state, record.owner = CREATING, self.owner
+        self.net.assign(record, choice, config)
         # The intent, before anything is set up: a kill from here on leaves a record the
         # next start undoes (domain/reconcile.py).
-        await self.records.put_sandbox(record)
+        async with self.net.holding(record.joins):
+            await self.records.put_sandbox(record)
         self.dirs.make("sandboxes", sandbox_id)
         network: asyncio.Task[AttachResult] | None = None
         try:
-            if not host_network:
-                network = await self._create_network(record, idmap)
+            network = await self.net.attach(record, idmap)
             hostname = config.hostname or (os.uname().nodename if host_network else "")
             self._pod_files(pod_dir, config, hostname)
             state = await self._start_pause(record, config, image_config, rootfs, runtime,
@@ -227,21 +232,6 @@ class Runtime:
         log.info("sandbox ready", sandbox=sandbox_id, ip=record.ips[0] if record.ips else "",
                  pid=record.pid)
         return self._info(record)
-
-    async def _create_network(self, record: SandboxRecord, idmap: userns.IdMap | None
-                              ) -> asyncio.Task[AttachResult]:
-        """The pod's named netns, then CNI ADD started: its tens of ms of plugin runs go on
-        while the pause container is created and started (neither needs the other, only
-        the namespace)."""
-        record.netns_name = f"shoal-{record.id[:32]}"
-        record.netns_path = netns.netns_path(record.netns_name)
-        # Claimed before it exists (and CNI ADD runs in it): only claimed namespaces are
-        # ever swept, so another node's `shoal-*` on a shared host is never touched.
-        await self.records.put_sandbox(record, claim_netns=True)
-        await userns.make_netns(Path(record.dir), record.netns_name, idmap)
-        await faults.point("executor.sandbox.netns")
-        return asyncio.create_task(self.s.cni.add(
-            record.id, record.netns_path, runtime_config=record.runtime_config))
 
     def _pod_files(self, pod_dir: Path, config: cri.PodSandboxConfig, hostname: str) -> None:
         """hostname and resolv.conf (from checked fields: no line can be injected), and a
@@ -305,27 +295,12 @@ class Runtime:
         except NotFound:
             pass
         await faults.point("executor.sandbox.stopping")
-        await self._detach(record)
+        await self.net.detach(record)
         await faults.point("executor.sandbox.stopped")
         if record.state != REMOVING:  # a remove under way stays one (a restart finishes it)
             record.state = NOTREADY
         await self.records.put_sandbox(record)
         return self._info(record)
-
-    async def _detach(self, record: SandboxRecord) -> None:
-        """CNI DEL while the sandbox's netns claim says CNI may hold something (an IP
-        lease, port mappings), then the claim says it does not. A DEL that fails stays
-        owed: the next stop or remove, or the start-up sweep, runs it again."""
-        for claim in await self.records.netns_claims(record.id):
-            if not claim.attached:
-                continue
-            try:
-                await self.s.cni.delete(record.id, claim.path,
-                                        runtime_config=claim.runtime_config)
-            except ShoalError as exc:
-                log.warning("CNI DEL failed", sandbox=record.id, error=exc.message)
-                continue
-            await self.records.netns_detached(claim.name)
 
     async def remove_sandbox(self, sandbox_id: str, namespace: str) -> None:
         record = await self.records.sandbox(sandbox_id)
@@ -353,14 +328,12 @@ class Runtime:
             if not isinstance(exc, NotFound):
                 log.warning("deleting the pause task", sandbox=record.id, error=exc.message)
                 failure = exc
-        await self._detach(record)
+        await self.net.detach(record)
         await mounts.unmount(str(self._bundle_dir(record.id) / "rootfs"))
         mounts.unmount_below(str(self._bundle_dir(record.id)))
         await mounts.unmount(str(self._sandbox_dir(record.id) / "shm"))
         await userns.unmount_pod(self._sandbox_dir(record.id))
-        if record.netns_name:
-            await netns.delete(record.netns_name)
-            await self.records.release_netns(record.netns_name)
+        await self.net.release(record)
         self.dirs.remove(self._bundle_dir(record.id))
         self.dirs.remove(self._sandbox_dir(record.id))
         if not forget:
@@ -371,6 +344,7 @@ class Runtime:
         else:
             await faults.point("executor.sandbox.removed")
             await self.records.delete_sandbox(record.id)
+            await self.net.left(record)
 
     # -- containers --------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoal_common.sqlite import Database
+from shoal_common.errors import FailedPrecondition, Invalid
+from shoal_common.sqlite import SqliteStore
 
 MIGRATIONS = ["""
 CREATE TABLE sandboxes(
@@ -50,11 +51,30 @@ CREATE TABLE netns(
 );
 INSERT INTO netns SELECT netns_name, id, netns_path, runtime_config, 1 FROM sandboxes
     WHERE netns_name != ''
+""", """
+ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT '';
+ALTER TABLE sandboxes ADD COLUMN joins TEXT NOT NULL DEFAULT '';
+ALTER TABLE sandboxes ADD COLUMN pod TEXT NOT NULL DEFAULT '';
+ALTER TABLE netns ADD COLUMN network TEXT NOT NULL DEFAULT '';
+CREATE TABLE networks(
+    name TEXT PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    request_id TEXT NOT NULL,
+    driver TEXT NOT NULL,
+    subnet TEXT NOT NULL,
+    gateway TEXT NOT NULL,
+    parent TEXT NOT NULL,
+    bridge TEXT NOT NULL,
+    created_at REAL NOT NULL
+)
 """]
 
 # Sandbox states: `creating` and `removing` are operations under way (by `owner`); `ready`
 # and `notready` are settled.
 CREATING, READY, NOTREADY, REMOVING = "creating", "ready", "notready", "removing"
+# A sandbox's `network`: "" = the default CNI network (every record before networks had
+# one: with no netns it is a host-network pod), a network's name, or these.
+NO_NETWORK, HOST_NETWORK = "none", "host"
 
 
 def _start_time(pid: int) -> str:
@@ -93,6 +113,9 @@ class SandboxRecord:
     runtime_config: dict[str, Any] = field(default_factory=dict)  # CNI runtimeConfig
     cgroup_parent: str = ""
     owner: str = ""  # owner_token() of the process creating or removing it, "" once settled
+    network: str = ""  # see NO_NETWORK; a joiner has the network of the pod it joins
+    joins: str = ""  # the sandbox whose network namespace it shares (no CNI of its own)
+    pod: str = ""  # "<namespace>/<name>" of its PodSandboxConfig, to name it to operators
 
     def abandoned(self) -> bool:
         """An operation under way whose process is gone (killed mid-create or mid-remove);
@@ -124,29 +147,29 @@ class NetnsClaim:
     path: str
     runtime_config: dict[str, Any]
     attached: bool
+    network: str = ""  # whose CNI config DEL must run with ("" = the default network)
 
 
-class Records:
-    def __init__(self, path: Path) -> None:
-        self.db = Database(path, MIGRATIONS)
-
-    async def open(self) -> None:
-        await self.db.open()
-
-    async def close(self) -> None:
-        await self.db.close()
+class Records(SqliteStore):
+    migrations = MIGRATIONS
 
     async def put_sandbox(self, s: SandboxRecord, *, claim_netns: bool = False) -> None:
         """`claim_netns`: also claim its netns (attached), in the same transaction, before
         the namespace is made and CNI ADD runs."""
         def tx(c: sqlite3.Connection) -> None:
-            c.execute("INSERT OR REPLACE INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            _check_network(c, s)
+            c.execute("INSERT OR REPLACE INTO sandboxes(id, netns_name, netns_path, ips, pid, "
+                      "state, created_at, dir, runtime_config, cgroup_parent, owner, network, "
+                      "joins, pod) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (s.id, s.netns_name, s.netns_path, json.dumps(s.ips), s.pid, s.state,
                        s.created_at, s.dir, json.dumps(s.runtime_config), s.cgroup_parent,
-                       s.owner))
+                       s.owner, s.network, s.joins, s.pod))
             if claim_netns and s.netns_name:
-                c.execute("INSERT OR REPLACE INTO netns VALUES (?,?,?,?,1)",
-                          (s.netns_name, s.id, s.netns_path, json.dumps(s.runtime_config)))
+                # A pod without a network has nothing of CNI to give back.
+                c.execute("INSERT OR REPLACE INTO netns(name, sandbox_id, path, runtime_config, "
+                          "attached, network) VALUES (?,?,?,?,?,?)",
+                          (s.netns_name, s.id, s.netns_path, json.dumps(s.runtime_config),
+                           int(s.network != NO_NETWORK), s.network))
         await self.db.transaction(tx)
 
     async def sandbox(self, sandbox_id: str) -> SandboxRecord | None:
@@ -194,7 +217,7 @@ class Records:
             "SELECT * FROM netns WHERE sandbox_id=?",
             () if sandbox_id is None else (sandbox_id,)).fetchall())
         return [NetnsClaim(r["name"], r["sandbox_id"], r["path"],
-                           json.loads(r["runtime_config"]), bool(r["attached"]))
+                           json.loads(r["runtime_config"]), bool(r["attached"]), r["network"])
                 for r in rows]
 
     async def netns_detached(self, name: str) -> None:
@@ -210,6 +233,22 @@ class Records:
     async def drop_netns_claim(self, name: str) -> None:
         await self.db.transaction(lambda c: c.execute(
             "DELETE FROM netns WHERE name=?", (name,)))
+
+
+def _check_network(c: sqlite3.Connection, s: SandboxRecord) -> None:
+    """A new sandbox's network must exist, and the namespace it joins still be claimed, as
+    this transaction sees them: `network.remove` and a namespace's release look at the
+    sandboxes in transactions too."""
+    row = c.execute("SELECT network, joins FROM sandboxes WHERE id=?", (s.id,)).fetchone()
+    if row is not None and (row["network"], row["joins"]) == (s.network, s.joins):
+        return
+    if s.network not in ("", NO_NETWORK, HOST_NETWORK) and c.execute(
+            "SELECT 1 FROM networks WHERE name=?", (s.network,)).fetchone() is None:
+        raise Invalid(f"unknown network {s.network!r}")
+    if s.joins and c.execute("SELECT 1 FROM netns WHERE sandbox_id=?",
+                             (s.joins,)).fetchone() is None:
+        raise FailedPrecondition(f"the network namespace of pod sandbox {s.joins} is gone: "
+                                 "it cannot be joined")
 
 
 def _sandbox(row: sqlite3.Row) -> SandboxRecord:

@@ -78,16 +78,22 @@ class Catalog:
         log.info("removed image", image_id=image_id, names=names, blobs_deleted=len(deleted))
         return ImageRemoveReply(removed_names=names, deleted_blobs=deleted)
 
-    async def collect_garbage(self, namespace: str) -> list[str]:
+    async def collect_garbage(self, namespace: str,
+                              candidates: list[str] | None = None) -> list[str]:
         """Delete blobs no image name references and no pull holds a lease on. Each blob is
         re-checked while its lock is held, so an in-flight pull (which leases before it
-        locks) never loses a blob it is about to use."""
+        locks) never loses a blob it is about to use. `candidates`: only these digests (an
+        import's), whose partial ingests go too."""
         deleted = []
-        for digest in await self.images.unreferenced(self.content.list_digests()):
+        pool = self.content.list_digests() if candidates is None else candidates
+        for digest in await self.images.unreferenced(pool):
             with self.content.try_locked(digest) as locked:
                 if not locked or not await self.images.unreferenced([digest]):
                     continue
+                existed = self.content.exists(digest)
                 self.content.delete_locked(digest)
+            if not existed:
+                continue
             deleted.append(digest)
             metrics.GC_DELETED.inc()
             await self.publish(ContentDelete(digest=digest), namespace, True)

@@ -20,6 +20,12 @@ FETCHED_BYTES = Counter("shoal_puller_layer_bytes_fetched_total",
 PULLS.labels("ok")  # so rate() sees the first successful pull
 RESUMED = Counter("shoal_puller_resumed_downloads_total",
                   "Layer downloads resumed from a partial ingest file.")
+IMPORTS = Counter("shoal_puller_imports_total",
+                  "Image imports committed (images.import.commit), by outcome (ok or error "
+                  "code).", ["outcome"])
+IMPORTS.labels("ok")
+IMPORTED_BYTES = Counter("shoal_puller_import_bytes_written_total",
+                         "Blob bytes written to the content store by imports.")
 GC_DELETED = Counter("shoal_puller_gc_blobs_deleted_total", "Blobs removed by garbage collection.")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 from shoal_common.errors import Invalid, ShoalError, Unavailable
+from shoal_common.locks import SingleFlight
 from shoal_common.messages.images import (
     ImageInfo,
     LayerInfo,
@@ -87,18 +88,13 @@ class Puller:
         self.publish = publish
         self.builtins = builtins or BuiltinImages(content, images, publish)
         self._downloads = asyncio.Semaphore(settings.max_concurrent_downloads)
-        self._inflight: dict[tuple[str, str], asyncio.Task[ImageInfo]] = {}
+        self._inflight: SingleFlight[tuple[str, str], ImageInfo] = SingleFlight()
 
     async def pull(self, namespace: str, req: PullRequest) -> ImageInfo:
         """Idempotent by `req.pull_id`: a retry joins the pull in flight."""
-        key = (namespace, req.pull_id)
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.create_task(self._pull(namespace, req))
-            self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
         # The pull goes on if the caller gives up; a retry will find it or its result.
-        return await asyncio.shield(task)
+        return await self._inflight.run((namespace, req.pull_id),
+                                        lambda: self._pull(namespace, req))
 
     async def _pull(self, namespace: str, req: PullRequest) -> ImageInfo:
         ref = parse_reference(req.ref)

@@ -166,6 +166,12 @@ def parse_challenges(headers: Iterable[str]) -> list[Challenge]:
     return challenges
 
 
+def access_word(scopes: Iterable[str]) -> str:
+    """What a refusal is named after: "push" when any scope asks to push, else "pull"."""
+    pushing = any("push" in scope.rpartition(":")[2].split(",") for scope in scopes)
+    return "push" if pushing else "pull"
+
+
 def basic_header(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
@@ -285,9 +291,11 @@ class Authorizer:
         self._tokens = TokenCache()
         self._locks: dict[CacheKey, asyncio.Lock] = {}
 
-    def request(self, ep: Endpoint, ref: Reference, creds: Credentials | None) -> RequestAuth:
-        """The Authorization of one request to `ep` for `ref`'s repository."""
-        return RequestAuth(self, ep, ref, self._credentials(ep, ref, creds))
+    def request(self, ep: Endpoint, ref: Reference, creds: Credentials | None,
+                scopes: Sequence[str] = ()) -> RequestAuth:
+        """The Authorization of one request to `ep` for `ref`'s repository; `scopes` (token
+        scopes, e.g. `repository:<path>:pull,push` for a push) default to pulling it."""
+        return RequestAuth(self, ep, ref, self._credentials(ep, ref, creds), scopes)
 
     def cached(self, key: CacheKey) -> str | None:
         return self._tokens.get(key)
@@ -307,10 +315,12 @@ class Authorizer:
             return Credentials(username=cfg.username, password=cfg.password)
         return None
 
-    async def authenticate(self, ep: Endpoint, ref: Reference, key: CacheKey, scope: str,
-                           challenges: list[Challenge], creds: Credentials | None,
-                           stale: str | None, body: bytes, attempts: Attempts) -> None:
+    async def authenticate(self, ep: Endpoint, ref: Reference, key: CacheKey,
+                           scopes: Sequence[str], challenges: list[Challenge],
+                           creds: Credentials | None, stale: str | None, body: bytes,
+                           attempts: Attempts) -> None:
         """Answer a 401: get a header for `key` into the token cache, or raise."""
+        denied = f"{access_word(scopes)} access denied for {ref.repository}"
         if stale is not None:
             self._tokens.drop(key)
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
@@ -321,8 +331,8 @@ class Authorizer:
                 # Concurrent requests for the same repository share one token fetch.
                 current = self._tokens.get(key)
                 if current is None or current == stale:
-                    scopes = sorted({scope, *bearer.params.get("scope", "").split()})
-                    token = await self._fetch_token(ep, ref, bearer, scopes, creds, attempts)
+                    wanted = sorted({*scopes, *bearer.params.get("scope", "").split()})
+                    token = await self._fetch_token(ep, ref, bearer, wanted, creds, attempts)
                     self._tokens.put(key, f"Bearer {token.value}", token.expires_in)
             if not lock.locked():
                 # Idle locks go, so the dict does not grow with every repository pulled; a
@@ -330,13 +340,13 @@ class Authorizer:
                 self._locks.pop(key, None)
         elif basic is not None:
             if creds is None or not (creds.username or creds.password):
-                raise FailedPrecondition(f"pull access denied for {ref.repository}: {ep} "
-                                         "requires a username and password (basic auth)")
+                raise FailedPrecondition(f"{denied}: {ep} requires a username and password "
+                                         "(basic auth)")
             self._tokens.put(key, basic_header(creds.username, creds.password), None)
         else:
             raise FailedPrecondition(
-                f"pull access denied for {ref.repository}: {ep} answered 401 without a "
-                f"bearer or basic challenge: {error_text(body) or 'no details'}")
+                f"{denied}: {ep} answered 401 without a bearer or basic challenge: "
+                f"{error_text(body) or 'no details'}")
 
     async def _fetch_token(self, ep: Endpoint, ref: Reference, challenge: Challenge,
                            scopes: list[str], creds: Credentials | None,
@@ -355,8 +365,8 @@ class Authorizer:
                 source = (f"token server {exc.realm} answered HTTP {exc.status}" if exc.status
                           else f"challenge from {ep}")
                 raise FailedPrecondition(
-                    f"pull access denied for {ref.repository}: {exc.message} ({source})"
-                ) from None
+                    f"{access_word(scopes)} access denied for {ref.repository}: "
+                    f"{exc.message} ({source})") from None
             except aiohttp.ClientSSLError as exc:
                 count_request(ep.host, "token", "error")
                 raise FailedPrecondition(f"token server for {ep}: TLS failed: {exc}") from None
@@ -375,13 +385,13 @@ class RequestAuth:
     credentials), renewed at most once, on the first 401."""
 
     def __init__(self, authorizer: Authorizer, ep: Endpoint, ref: Reference,
-                 creds: Credentials | None) -> None:
+                 creds: Credentials | None, scopes: Sequence[str] = ()) -> None:
         self._authorizer = authorizer
         self._ep = ep
         self._ref = ref
         self._creds = creds
-        self._scope = f"repository:{ref.path}:pull"
-        self._key: CacheKey = (ep.name, frozenset({self._scope}),
+        self._scopes = tuple(scopes) or (f"repository:{ref.path}:pull",)
+        self._key: CacheKey = (ep.name, frozenset(self._scopes),
                                creds.fingerprint() if creds else "")
         # A registry token is used as is: there is no token server round to repeat.
         self._challenged = bool(creds and creds.registry_token)
@@ -396,7 +406,7 @@ class RequestAuth:
         if self._challenged:
             return False
         self._challenged = True
-        await self._authorizer.authenticate(self._ep, self._ref, self._key, self._scope,
+        await self._authorizer.authenticate(self._ep, self._ref, self._key, self._scopes,
                                             parse_challenges(challenges), self._creds, sent,
                                             body, attempts)
         return True

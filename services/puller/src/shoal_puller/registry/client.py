@@ -33,7 +33,8 @@ from shoal_common.oci import (
 from shoal_puller.config import RegistryHostConfig
 from shoal_puller.registry._http import Backoff
 from shoal_puller.registry.auth import Authorizer, Credentials
-from shoal_puller.registry.endpoints import Endpoint, Endpoints
+from shoal_puller.registry.endpoints import PULL, RESOLVE, Endpoint, Endpoints
+from shoal_puller.registry.hosts_tree import HostsDir
 from shoal_puller.registry.metrics import Kind, count_bytes
 from shoal_puller.registry.reference import Reference, is_digest, is_tag
 from shoal_puller.registry.transport import (
@@ -45,6 +46,7 @@ from shoal_puller.registry.transport import (
     read_in_large_pieces,
     unexpected,
 )
+from shoal_puller.registry.upload import DEFAULT_CHUNK_SIZE, Uploads
 
 log = structlog.get_logger("shoal.puller.registry")
 
@@ -90,13 +92,15 @@ class RegistryClient:
         retry_after_cap: float = 30.0,
         max_manifest_size: int = MAX_MANIFEST_SIZE,
         mirror_down_for: float = 30.0,
+        hosts: HostsDir | None = None,
     ) -> None:
         """`read_timeout` bounds the wait for each chunk, not a whole download, so large
         blobs are fine and a stalled connection is noticed. `mirror_down_for`: a mirror
-        that refused a connection is skipped this many seconds."""
+        that refused a connection is skipped this many seconds. `hosts`: containerd's
+        host directories (services.puller.config_path)."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
-        self._endpoints = Endpoints(registries, mirror_down_for)
+        self._endpoints = Endpoints(registries, mirror_down_for, hosts)
         self._transport = Transport(
             session=session, user_agent=user_agent, max_attempts=max_attempts,
             connect_timeout=connect_timeout, read_timeout=read_timeout,
@@ -113,6 +117,10 @@ class RegistryClient:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
+
+    def uploads(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Uploads:
+        """The push side, sharing this client's endpoints, HTTP session and tokens."""
+        return Uploads(self._endpoints, self._transport, self._auth, chunk_size)
 
     def endpoints(self, domain: str) -> list[str]:
         """The endpoints tried for a registry host, in order (for logs and tests)."""
@@ -155,7 +163,9 @@ class RegistryClient:
                     resp.release()
                 return self._manifest(resp, body, ep, what, reference if by_digest else None)
 
-        return await self._endpoints.first_success(ref.domain, attempt)
+        # A tag is resolved only where resolving is trusted; a digest verifies itself.
+        return await self._endpoints.first_success(ref.domain, attempt,
+                                                   PULL if by_digest else RESOLVE)
 
     async def _read_manifest(self, resp: aiohttp.ClientResponse, ep: Endpoint,
                              what: str) -> bytes:

@@ -1,8 +1,8 @@
 """Prometheus metrics of registry traffic.
 
-Label values stay bounded: `kind` is manifest|blob|token, `code` an HTTP status or `error`
-(no response), and `registry` the endpoint host for the first MAX_REGISTRY_LABELS hosts
-seen, then `other` (image references name arbitrary hosts).
+Label values stay bounded: `kind` is manifest|blob|token|upload (a push's requests), `code`
+an HTTP status or `error` (no response), and `registry` the endpoint host for the first
+MAX_REGISTRY_LABELS hosts seen, then `other` (image references name arbitrary hosts).
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from typing import Literal
 
 from prometheus_client import Counter
 
-Kind = Literal["manifest", "blob", "token"]
+Kind = Literal["manifest", "blob", "token", "upload"]
 MAX_REGISTRY_LABELS = 32
 
 REQUESTS = Counter(
     "shoal_puller_registry_requests_total",
     "HTTP requests to registries (and their token servers), by endpoint host, kind "
-    "(manifest, blob, token) and outcome (HTTP status code, or error when none arrived).",
+    "(manifest, blob, token, upload) and outcome (HTTP status code, or error when none "
+    "arrived).",
     ["registry", "kind", "code"])
 FETCHED_BYTES = Counter(
     "shoal_puller_fetched_bytes_total", "Blob bytes received from registries, by endpoint host.",

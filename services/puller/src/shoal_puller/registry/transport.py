@@ -98,6 +98,13 @@ class Transport:
     def attempts(self, what: str) -> Attempts:
         return Attempts(self.max_attempts, self.backoff, what)
 
+    def timeout_for(self, ep: Endpoint) -> aiohttp.ClientTimeout:
+        """The timeouts of a request to `ep`: its own connect timeout, if it has one."""
+        if ep.connect_timeout is None:
+            return self.timeout
+        return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=ep.connect_timeout,
+                                     sock_read=self.timeout.sock_read)
+
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             # No env proxies (trust_env off). A 1 MiB read buffer: with aiohttp's 64 KiB
@@ -121,7 +128,7 @@ class Transport:
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 resp = await session.get(url, headers=headers, ssl=ep.tls,
-                                         timeout=self.timeout, allow_redirects=False)
+                                         timeout=self.timeout_for(ep), allow_redirects=False)
             except Exception:
                 count_request(ep.host, kind, "error")
                 raise
@@ -144,7 +151,7 @@ class Transport:
         """GET `url` with auth and retries; return a response that is not 401/403/429/5xx
         (the caller reads and releases it)."""
         while True:
-            request_headers = {**self.headers, **headers}
+            request_headers = {**self.headers, **dict(ep.headers), **headers}
             sent = auth.header()
             if sent is not None:
                 request_headers["Authorization"] = sent
@@ -154,7 +161,7 @@ class Transport:
                 # Certificates do not get better with retries.
                 raise FailedPrecondition(f"{ep}: TLS failed: {exc}") from None
             except TRANSIENT_ERRORS as exc:
-                if ep.mirror and isinstance(exc, aiohttp.ClientConnectorError):
+                if ep.mirror and not ep.final and isinstance(exc, aiohttp.ClientConnectorError):
                     raise Unreachable(f"{ep}: {describe(exc)}") from None
                 await attempts.failed(describe(exc))
                 continue

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal_common.errors import Invalid, NotFound
+from shoal_common.errors import FailedPrecondition, Invalid, NotFound
 
 DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 LOCK_POLL = 0.05
@@ -238,6 +238,61 @@ class ContentStore:
                 w.write(data)
                 w.commit()
 
+    async def ingest_chunk(self, digest: str, size: int, offset: int,
+                           data: bytes) -> tuple[int, int]:
+        """Add `data`, the blob's bytes at `offset`, to its ingest file: for blobs sent in
+        chunks that any replica may receive. Bytes already held are skipped (a resent chunk
+        changes nothing) and a gap is refused; once `size` bytes are held the file is
+        hashed and committed, or deleted if its digest is not `digest`. Returns the bytes
+        held (`size` once committed) and how many of `data` were new."""
+        hex_of(digest)
+        async with self.locked(digest):
+            return await asyncio.to_thread(self._ingest_chunk, digest, size, offset, data)
+
+    def _ingest_chunk(self, digest: str, size: int, offset: int,
+                      data: bytes) -> tuple[int, int]:
+        if self.exists(digest):
+            if (have := self.size(digest)) != size:
+                raise DigestMismatch(f"{digest}: said to be {size} bytes, but the stored "
+                                     f"blob of that digest is {have}")
+            return size, 0
+        path = self.ingest_dir / f"{hex_of(digest)}.data"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            held = os.fstat(fd).st_size
+            if held > size:  # left by a writer told another size: not this blob's bytes
+                os.ftruncate(fd, 0)
+                held = 0
+            if offset > held:
+                raise FailedPrecondition(f"{digest}: a chunk at byte {offset}, but only "
+                                         f"{held} bytes are held (send from {held})")
+            if offset + len(data) > size:
+                raise DigestMismatch(f"{digest}: more data than the expected {size} bytes")
+            tail = memoryview(data)[held - offset:]
+            new = len(tail)
+            while tail:
+                written = os.pwrite(fd, tail, held)
+                held += written
+                tail = tail[written:]
+            if held == size:
+                self._commit_ingest(fd, path, digest)
+            return held, new
+        finally:
+            os.close(fd)
+
+    def _commit_ingest(self, fd: int, path: Path, digest: str) -> None:
+        hasher = hashlib.sha256()
+        os.lseek(fd, 0, os.SEEK_SET)
+        while chunk := os.read(fd, 1 << 20):
+            hasher.update(chunk)
+        if (actual := f"sha256:{hasher.hexdigest()}") != digest:
+            path.unlink(missing_ok=True)  # never resumed from
+            raise DigestMismatch(f"{digest}: content has digest {actual}")
+        os.fsync(fd)
+        target = self.blob_path(digest)
+        os.rename(path, target)
+        _fsync_dir(target.parent)
+
     @contextlib.contextmanager
     def try_locked(self, digest: str) -> Iterator[bool]:
         """Hold the blob's lock if nobody else does (yields False if someone does)."""
@@ -262,6 +317,11 @@ class ContentStore:
     def list_digests(self) -> list[str]:
         return [f"sha256:{name}" for name in os.listdir(self.blobs_dir)
                 if DIGEST_RE.match(f"sha256:{name}")]
+
+    def free_bytes(self) -> int:
+        """Bytes free on the content store's filesystem, for whoever may use them."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
 
     def usage(self) -> tuple[int, int]:
         """(bytes, inodes) used by committed blobs and ingests."""

@@ -57,6 +57,15 @@ CREATE TABLE leases(
     PRIMARY KEY(id, digest)
 );
 CREATE INDEX leases_by_digest ON leases(digest)
+""",
+    # v2: namespaces made by `shoal namespaces create` (store/namespaces.py); one that holds
+    # images exists without a row.
+    """
+CREATE TABLE namespaces(
+    name TEXT PRIMARY KEY,
+    labels TEXT NOT NULL,
+    created REAL NOT NULL
+)
 """]
 
 
@@ -163,6 +172,24 @@ class ImageStore:
         await self.db.transaction(
             lambda conn: conn.execute("DELETE FROM leases WHERE id=?", (lease_id,)))
 
+    async def leased(self, lease_id: str, digest: str) -> bool:
+        """`digest` is held by the live lease `lease_id`."""
+        row = await self.db.run(lambda conn: conn.execute(
+            "SELECT 1 FROM leases WHERE id=? AND digest=? AND expires >= ?",
+            (lease_id, digest, time.time())).fetchone())
+        return row is not None
+
+    async def lease_digests(self, lease_id: str) -> list[str]:
+        """Every digest the lease `lease_id` holds (expired or not)."""
+        rows = await self.db.run(lambda conn: conn.execute(
+            "SELECT digest FROM leases WHERE id=? ORDER BY digest", (lease_id,)).fetchall())
+        return [str(r["digest"]) for r in rows]
+
+    async def renew_lease(self, lease_id: str, ttl: float) -> None:
+        """Hold every digest of the lease for `ttl` more seconds from now."""
+        await self.db.transaction(lambda conn: conn.execute(
+            "UPDATE leases SET expires=? WHERE id=?", (time.time() + ttl, lease_id)))
+
     async def unreferenced(self, candidates: list[str]) -> list[str]:
         """Of `candidates`, the blobs no image name references and no live lease holds."""
 
@@ -199,6 +226,16 @@ class ImageStore:
                 if len(rows) > 1:
                     raise Invalid(f"image id prefix {ref!r} is ambiguous ({len(rows)} images)")
             raise NotFound(f"image {ref!r} not found")
+
+        return await self.db.run(q)
+
+    async def target_of(self, namespace: str, name: str) -> tuple[str, str] | None:
+        """(target digest, its media type) of the name `name`, if it exists."""
+
+        def q(conn: sqlite3.Connection) -> tuple[str, str] | None:
+            row = conn.execute("SELECT target_digest, target_media_type FROM images "
+                               "WHERE namespace=? AND name=?", (namespace, name)).fetchone()
+            return None if row is None else (str(row[0]), str(row[1]))
 
         return await self.db.run(q)
 

@@ -116,16 +116,31 @@ def _open_zstd(source: Readable) -> tuple[Readable, tuple[type[BaseException], .
     return reader, (zstandard.ZstdError,)
 
 
-class _Prefixed(io.RawIOBase):
+class _ReadRaw(io.RawIOBase):
+    """A readable raw stream made by its read(); readinto, what io.BufferedReader calls,
+    goes through it."""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise NotImplementedError
+
+    def readinto(self, b: Buffer) -> int:
+        # io.BufferedReader passes a memoryview; direct callers, a bytearray.
+        assert isinstance(b, (bytearray, memoryview))
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class _Prefixed(_ReadRaw):
     """Replays the sniffed magic bytes, then the rest of the source."""
 
     def __init__(self, prefix: bytes, source: Readable) -> None:
         super().__init__()
         self._prefix = prefix
         self._source = source
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int | None = -1) -> bytes:
         if self._prefix:
@@ -140,15 +155,8 @@ class _Prefixed(io.RawIOBase):
         assert chunk is not None  # a blocking source (see Readable)
         return chunk
 
-    def readinto(self, b: Buffer) -> int:
-        # io.BufferedReader passes a memoryview; direct callers, a bytearray.
-        assert isinstance(b, (bytearray, memoryview))
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
-
-class _Guarded(io.RawIOBase):
+class _Guarded(_ReadRaw):
     """Turns decompressor exceptions into LayerFormatError; never closes the inner stream."""
 
     def __init__(
@@ -159,9 +167,6 @@ class _Guarded(io.RawIOBase):
         self._errors = errors
         self._kind = kind
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int | None = -1) -> bytes:
         try:
             data = self._inner.read(-1 if size is None else size)
@@ -169,15 +174,8 @@ class _Guarded(io.RawIOBase):
             raise LayerFormatError(f"corrupt {self._kind} stream: {e}") from e
         return bytes(data or b"")
 
-    def readinto(self, b: Buffer) -> int:
-        # io.BufferedReader passes a memoryview; direct callers, a bytearray.
-        assert isinstance(b, (bytearray, memoryview))
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
-
-class _ZstdTracked(io.RawIOBase):
+class _ZstdTracked(_ReadRaw):
     """Feeds the compressed bytes through a frame walker on their way to the decompressor.
 
     zstandard's stream reader reports a plain EOF when the input stops inside a frame, which
@@ -189,9 +187,6 @@ class _ZstdTracked(io.RawIOBase):
         self._source = source
         self._frames = ZstdFrameWalker()
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int | None = -1) -> bytes:
         data = self._source.read(-1 if size is None else size) or b""
         if data:
@@ -199,13 +194,6 @@ class _ZstdTracked(io.RawIOBase):
         else:
             self._frames.finish()
         return bytes(data)
-
-    def readinto(self, b: Buffer) -> int:
-        # io.BufferedReader passes a memoryview; direct callers, a bytearray.
-        assert isinstance(b, (bytearray, memoryview))
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
 
 _ZSTD_FRAME = 0xFD2FB528

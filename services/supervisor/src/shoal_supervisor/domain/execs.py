@@ -30,15 +30,7 @@ from shoal_common.errors import (
     Invalid,
     NotFound,
 )
-from shoal_common.messages.streams import (
-    AttachInfo,
-    ExecCreateRequest,
-    ExecExit,
-    ExecIdRequest,
-    ExecSession,
-    ExecStarted,
-    ResizeRequest,
-)
+from shoal_common.messages import streams
 
 from shoal_supervisor.domain import conmon, monitor
 from shoal_supervisor.domain.conmon import AttachedExecSpec, Conmon
@@ -152,7 +144,7 @@ class ExecSessions:
             raise FailedPrecondition(f"container {task_id} is not running ({task.state})")
         return task
 
-    async def create(self, req: ExecCreateRequest, budget: float) -> ExecSession:
+    async def create(self, req: streams.ExecCreateRequest, budget: float) -> streams.ExecSession:
         check_command("exec", req.cmd, req.env)
         if not (0 <= req.height < 65536 and 0 <= req.width < 65536):  # runc takes uint16
             raise Invalid(f"exec: terminal size {req.width}x{req.height} is not valid")
@@ -167,7 +159,8 @@ class ExecSessions:
             # A retry of a create that got through: the same session, if it still waits.
             if (monitor.alive(monitor.conmon_pid(d), req.exec_id)
                     and spec.attach_socket.exists()):
-                return ExecSession(exec_id=req.exec_id, attach_socket=str(spec.attach_socket))
+                return streams.ExecSession(exec_id=req.exec_id,
+                                           attach_socket=str(spec.attach_socket))
             raise AlreadyExists(f"exec session {req.exec_id} already exists")
         d.mkdir(mode=0o700, parents=True)
         console = (req.height, req.width) if req.height > 0 and req.width > 0 else None
@@ -180,13 +173,13 @@ class ExecSessions:
             raise
         log.info("exec session ready", task=task.id, exec_id=req.exec_id, tty=req.tty,
                  stdin=req.stdin)
-        return ExecSession(exec_id=req.exec_id, attach_socket=str(spec.attach_socket))
+        return streams.ExecSession(exec_id=req.exec_id, attach_socket=str(spec.attach_socket))
 
-    async def start(self, req: ExecIdRequest, budget: float) -> ExecStarted:
+    async def start(self, req: streams.ExecIdRequest, budget: float) -> streams.ExecStarted:
         d = self._existing(req.id, req.exec_id)
         started = monitor.read_pid(d / "exec.pid")
         if started > 0:
-            return ExecStarted(pid=started)  # a retry: already running (or ran)
+            return streams.ExecStarted(pid=started)  # a retry: already running (or ran)
         # Open the report FIFO before releasing conmon: its report then cannot be lost.
         sync_fd = os.open(d / "sync", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -204,9 +197,9 @@ class ExecSessions:
                 monitor.tail(d / conmon.CONMON_LOG) or "its monitor exited"
             raise FailedPrecondition(f"exec in {req.id} failed: {why}")
         log.info("exec started", task=req.id, exec_id=req.exec_id, pid=pid)
-        return ExecStarted(pid=pid)
+        return streams.ExecStarted(pid=pid)
 
-    async def wait(self, req: ExecIdRequest, budget: float) -> ExecExit:
+    async def wait(self, req: streams.ExecIdRequest, budget: float) -> streams.ExecExit:
         """The exit code once conmon recorded it; the session is then forgotten."""
         d = self._existing(req.id, req.exec_id)
         conmon_pid = monitor.conmon_pid(d)
@@ -223,12 +216,12 @@ class ExecSessions:
             if code is not None:
                 self._discard(d, req.exec_id)
                 log.info("exec exited", task=req.id, exec_id=req.exec_id, exit_code=code)
-                return ExecExit(exit_code=code)
+                return streams.ExecExit(exit_code=code)
             if time.monotonic() >= end:
                 raise DeadlineExceeded(f"exec {req.exec_id} in {req.id} is still running")
             await asyncio.sleep(0.02)
 
-    async def remove(self, req: ExecIdRequest) -> None:
+    async def remove(self, req: streams.ExecIdRequest) -> None:
         """Kill the exec's process (if it runs) and forget the session; idempotent."""
         d = self._dir(req.id, req.exec_id)
         if not d.is_dir():
@@ -248,15 +241,15 @@ class ExecSessions:
         (self.layout.socket_dir / exec_id).unlink(missing_ok=True)
         shutil.rmtree(d, ignore_errors=True)
 
-    async def attach(self, task_id: str) -> AttachInfo:
+    async def attach(self, task_id: str) -> streams.AttachInfo:
         task = await self._running(task_id)
         socket = self.layout.socket_dir / task.id / "attach"
         if not socket.exists():
             raise FailedPrecondition(f"container {task_id} has no attach socket")
-        return AttachInfo(attach_socket=str(socket), tty=task.tty, stdin=task.stdin,
-                          stdin_once=task.stdin_once)
+        return streams.AttachInfo(attach_socket=str(socket), tty=task.tty, stdin=task.stdin,
+                                  stdin_once=task.stdin_once)
 
-    async def resize(self, req: ResizeRequest) -> None:
+    async def resize(self, req: streams.ResizeRequest) -> None:
         if not (0 < req.height < 65536 and 0 < req.width < 65536):
             raise Invalid(f"terminal size {req.width}x{req.height} is not valid")
         if req.exec_id:

@@ -273,6 +273,10 @@ class TaskManager:
             if task.state == RUNNING:
                 return task.to_state()
             if task.state == STOPPED:
+                if task.started_at:
+                    # A retry: the start was done by a replica killed before it answered
+                    # (or recorded it), and the process has run and exited since.
+                    return task.to_state()
                 raise FailedPrecondition(f"task {task_id} has exited and cannot be started "
                                          "again")
             if task.state == CREATING:
@@ -280,7 +284,12 @@ class TaskManager:
             # Taken before the runtime runs the process: a fast exit's time (the exit file's)
             # then never precedes the start.
             started_at = time.time()
-            await self._start_once(task)
+            await self.store.mark_starting(task, started_at)
+            try:
+                await self._start_once(task)
+            except ShoalError:
+                await self.store.mark_starting(task, 0.0)  # the runtime did not start it
+                raise
             await faults.point("supervisor.task.started")
             # Under the lock: an exit right after start is recorded after the start.
             await self.store.mark_started(task, started_at)

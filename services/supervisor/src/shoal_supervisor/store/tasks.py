@@ -12,7 +12,6 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from shoal_common import codec
 from shoal_common.messages import Event
@@ -24,7 +23,7 @@ from shoal_common.messages.monitor import (
     TaskStarted,
     TaskState,
 )
-from shoal_common.sqlite import Database
+from shoal_common.sqlite import SqliteStore
 
 MIGRATIONS = ["""
 CREATE TABLE tasks(
@@ -134,15 +133,8 @@ def _add_event(conn: sqlite3.Connection, event_id: str, namespace: str, event: E
                                       codec.encode(event)))
 
 
-class TaskStore:
-    def __init__(self, path: Path) -> None:
-        self.db = Database(path, MIGRATIONS)
-
-    async def open(self) -> None:
-        await self.db.open()
-
-    async def close(self) -> None:
-        await self.db.close()
+class TaskStore(SqliteStore):
+    migrations = MIGRATIONS
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -212,6 +204,17 @@ class TaskStore:
             return True
 
         return await self._changed(tx, task.id)
+
+    async def mark_starting(self, task: TaskRecord, started_at: float) -> None:
+        """The intent to start a `created` task (its start time), recorded before the
+        runtime runs it: a replica killed after that start leaves it here, so its exit is
+        known as a run's and a retried start as done. 0: the start did not happen."""
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE tasks SET started_at=? WHERE id=? AND uid=? AND state=?",
+                         (started_at, task.id, task.uid, CREATED))
+
+        await self.db.transaction(tx)
 
     async def mark_started(self, task: TaskRecord, started_at: float) -> TaskRecord | None:
         def tx(conn: sqlite3.Connection) -> bool:
