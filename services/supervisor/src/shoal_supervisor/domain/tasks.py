@@ -131,6 +131,7 @@ class TaskManager:
     async def close(self) -> None:
         await self.outputs.close()
         await self.exits.close()
+        await self._outbox.close()
 
     async def _reconcile(self) -> None:
         """After a (re)start: finish interrupted creates, record exits that happened while
