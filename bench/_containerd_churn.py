@@ -36,7 +36,8 @@ from pathlib import Path
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import _harness as h
-from support.chaos_nodes import Spawn, until_runtime_ready
+from shoal_common.fs import Under
+from support.chaos_nodes import Spawn, subnet_prefix, until_runtime_ready
 
 TARGET = "containerd"  # the daemon, as a kill target
 NAMESPACE = "k8s.io"  # the CRI plugin's containerd namespace
@@ -102,9 +103,7 @@ class ContainerdUp:
             sandbox_image=self.images["pause"], registry_host=self.registry_host,
             subnet=self.subnet, bridge=self.bridge, network_name="ctrd-churn"))
 
-    @property
-    def name(self) -> str:
-        return "containerd"
+    name = "containerd"  # not a field: what reports call this runtime
 
     @property
     def cri_socket(self) -> Path:
@@ -116,19 +115,11 @@ class ContainerdUp:
 
     @property
     def subnet_prefix(self) -> str:
-        return ".".join(self.subnet.split(".")[:3]) + "."
+        return subnet_prefix(self.subnet)
 
-    @property
-    def config_path(self) -> Path:
-        return self.root / "config.toml"
-
-    @property
-    def ns_dir(self) -> Path:
-        return self.root / "mntns"
-
-    @property
-    def ns_file(self) -> Path:
-        return self.ns_dir / "mnt"
+    config_path = Under("root", "config.toml")
+    ns_dir = Under("root", "mntns")
+    ns_file = Under("ns_dir", "mnt")
 
     # ------------------------------------------------------------------ life
 

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +38,9 @@ from typing import Any, Self, TypeVar
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from shoal_common.bus import Bus  # noqa: E402
+from shoal_common.config import load_config  # noqa: E402
+from shoal_common.messages.images import PullReply, PullRequest  # noqa: E402
 from support.images import (  # noqa: E402
     OCI_LAYER_TAR,
     Image,
@@ -477,6 +481,22 @@ class ShoalServices(ServiceSet):
 
 def shoal_node(root: Path, nats_url: str, node_id: str = "bench") -> Node:
     return Node(node_id, nats_url, root)
+
+
+def bench_bus(node: Node) -> Bus:
+    """A Bus of the benchmark's own (service "bench"), for requests to `node`'s services."""
+    config = load_config(env={}, flags={
+        "node_id": node.node_id, "nats.url": node.nats_url,
+        "state_root": str(node.state_root), "run_root": str(node.run_root)})
+    return Bus(config, service="bench", replica="bench")
+
+
+async def pull(bus: Bus, ref: str, namespace: str = "k8s.io") -> PullReply:
+    """One pull through the puller, as the CRI gateway asks for it; never retried, so that
+    a slow or failed one is measured as it was."""
+    return await bus.request("images", "pull", PullRequest(ref=ref, pull_id=uuid.uuid4().hex),
+                             PullReply, namespace=namespace, timeout=600, attempt_timeout=600,
+                             retries=0)
 
 
 def scrape(metrics_addr: str) -> dict[str, float]:

@@ -32,7 +32,6 @@ import signal
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -42,9 +41,7 @@ import _harness
 import aiohttp
 from _harness import DOC, MB, cpu_ticks, interrupt, machine, process_cpu
 from aiohttp import web
-from shoal_common.bus import Bus
-from shoal_common.config import load_config
-from shoal_common.messages.images import PullReply, PullRequest
+from shoal_common.messages.images import PullReply
 from shoal_puller.config import PullerConfig
 from support.faulty_registry import serve_locally
 from support.nats import nats_server
@@ -218,10 +215,7 @@ class Bench:
         self.proxy = ThrottlingProxy(registry.url, latency=args.latency_ms / 1000,
                                      per_connection=args.bandwidth * MB,
                                      total=args.total_bandwidth * MB)
-        config = load_config(env={}, flags={
-            "node_id": self.node.node_id, "nats.url": nats_url,
-            "state_root": str(self.node.state_root), "run_root": str(self.node.run_root)})
-        self.bus = Bus(config, service="bench", replica="bench")
+        self.bus = _harness.bench_bus(self.node)
         self.runs: list[Run] = []
         self._images = 0
 
@@ -239,10 +233,7 @@ class Bench:
         return f"{self.host(network)}/{repository}:{tag}"
 
     async def pull(self, ref: str) -> PullReply:
-        return await self.bus.request("images", "pull",
-                                      PullRequest(ref=ref, pull_id=uuid.uuid4().hex),
-                                      PullReply, namespace="k8s.io", timeout=600,
-                                      attempt_timeout=600, retries=0)
+        return await _harness.pull(self.bus, ref)
 
     async def start_puller(self, n: int, rep: int) -> ServiceProcess:
         sp = self.services.start(

@@ -48,9 +48,6 @@ from pathlib import Path
 import _harness as h
 from nats.aio.msg import Msg
 from shoal_common import codec, subjects
-from shoal_common.bus import Bus
-from shoal_common.config import load_config
-from shoal_common.messages.images import PullReply, PullRequest
 from shoal_common.messages.snapshots import SnapshotCommitted
 from shoal_common.oci import chain_ids
 from support.images import Image, Layer
@@ -128,10 +125,7 @@ class Bench:
         self.node = h.shoal_node(root / "node", nats_url)
         self.services = h.ShoalServices(self.node)
         self.containerd = h.Containerd(root / "containerd")
-        config = load_config(env={}, flags={
-            "node_id": self.node.node_id, "nats.url": nats_url,
-            "state_root": str(self.node.state_root), "run_root": str(self.node.run_root)})
-        self.bus = Bus(config, service="bench", replica="bench")
+        self.bus = h.bench_bus(self.node)
         self.commits: dict[str, float] = {}  # chain ID -> perf_counter when announced
         self._committed = asyncio.Event()
         self.runs: list[Run] = []
@@ -199,10 +193,7 @@ class Bench:
         snap0 = h.process_cpu(self.pids["snapshotter"], children=True)
         top = image.chains[-1]
         started = time.perf_counter()
-        await self.bus.request("images", "pull", PullRequest(ref=image.ref,
-                                                              pull_id=uuid.uuid4().hex),
-                               PullReply, namespace=NAMESPACE, timeout=600,
-                               attempt_timeout=600, retries=0)
+        await h.pull(self.bus, image.ref, NAMESPACE)
         fetched = time.perf_counter() - started
         deadline = time.monotonic() + self.args.unpack_timeout
         while top not in self.commits:

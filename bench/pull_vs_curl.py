@@ -31,15 +31,12 @@ import os
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import _harness as h
-from shoal_common.bus import Bus
-from shoal_common.config import load_config
-from shoal_common.messages.images import PullReply, PullRequest
+from shoal_common.messages.images import PullReply
 from support.images import Image
 from support.registry import Registry
 
@@ -67,10 +64,7 @@ class Bench:
         self.registry = registry
         self.node = h.shoal_node(root / "node", nats_url)
         self.services = h.ShoalServices(self.node)
-        config = load_config(env={}, flags={
-            "node_id": self.node.node_id, "nats.url": nats_url,
-            "state_root": str(self.node.state_root), "run_root": str(self.node.run_root)})
-        self.bus = Bus(config, service="bench", replica="bench")
+        self.bus = h.bench_bus(self.node)
         self.runs: list[Run] = []
 
     def blob_urls(self, image: Image, repository: str) -> list[tuple[str, int]]:
@@ -78,10 +72,7 @@ class Bench:
         return [(f"{base}/{digest}", len(data)) for digest, data in image.blobs()]
 
     async def pull(self, ref: str) -> PullReply:
-        return await self.bus.request("images", "pull",
-                                      PullRequest(ref=ref, pull_id=uuid.uuid4().hex),
-                                      PullReply, namespace="k8s.io", timeout=600,
-                                      attempt_timeout=600, retries=0)
+        return await h.pull(self.bus, ref)
 
     async def curl(self, blobs: list[tuple[str, int]], out: Path, parallel: bool,
                    fsync: bool) -> tuple[float, float]:

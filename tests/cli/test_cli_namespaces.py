@@ -10,46 +10,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import grpc
 import pytest
-from cri_api.v1 import api_pb2 as cri
-from support.processes import SHOAL, Node, ServiceSet
-from support.shoal import Cri, images_fixture, start_shoal  # noqa: F401
+from support.processes import SHOAL, CliResult, Node, finished
+from support.shoal import images_fixture, running_node  # noqa: F401
 
 pytestmark = pytest.mark.e2e
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture(scope="module")
 async def ns_node(nats_url: str, images: dict[str, str],
                   tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Node]:
-    node = Node("tclins", nats_url, tmp_path_factory.mktemp("cli-ns-node"))
-    services = ServiceSet(node)
-    try:
-        await start_shoal(services, images)
-        yield node
-        async with grpc.aio.insecure_channel(f"unix://{node.cri_socket}") as channel:
-            await remove_pods(Cri(channel), ("k8s.io", "team-a", "team-b"))
-    finally:
-        services.stop_all()
-
-
-async def remove_pods(api: Cri, namespaces: tuple[str, ...]) -> None:
-    """Whatever a failed test left in these namespaces."""
-    for ns in namespaces:
-        md = (("shoal-namespace", ns),)
-        for pod in (await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest(),
-                                                     metadata=md)).items:
-            await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(
-                pod_sandbox_id=pod.id), metadata=md)
-            await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(
-                pod_sandbox_id=pod.id), metadata=md)
+    async with running_node(nats_url, tmp_path_factory.mktemp("cli-ns-node"), "tclins",
+                            images, namespaces=("k8s.io", "team-a", "team-b")) as running:
+        yield running.services.node
 
 
 @dataclass
@@ -68,11 +41,9 @@ class Shoal:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
 
-    async def __call__(self, *argv: str, ns: str | None = None, timeout: float = 60) -> Result:
-        proc = await self.spawn(*argv, ns=ns)
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        assert proc.returncode is not None
-        return Result(proc.returncode, out.decode(), err.decode())
+    async def __call__(self, *argv: str, ns: str | None = None, timeout: float = 60
+                       ) -> CliResult:
+        return await finished(await self.spawn(*argv, ns=ns), timeout)
 
     async def ok(self, *argv: str, ns: str | None = None) -> str:
         r = await self(*argv, ns=ns)

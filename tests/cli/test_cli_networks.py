@@ -19,33 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import msgspec
 import nats
 import pytest
 from shoal_common import subjects
 from support.hostile import ask
 from support.ports import free_port
-from support.processes import SHOAL, Node, ServiceSet
+from support.processes import SHOAL, CliResult, Node, ServiceSet, finished
 from support.shoal import (  # noqa: F401
-    Cri,
+    cri_client,
     host_names,
     images_fixture,
     leftovers,
     remove_all_pods,
-    start_shoal,
+    running_node,
 )
 
 pytestmark = pytest.mark.e2e
 SERVE = 'trap "exit 0" TERM; echo ready; while true; do sleep 0.1; done'
 NETNS = Path("/var/run/netns")
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
 
 
 @dataclass
@@ -57,15 +49,9 @@ class Shoal:
 @pytest.fixture(scope="module")
 async def shoal_node(nats_url: str, images: dict[str, str],
                      tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Shoal]:
-    node = Node(f"tnet{os.getpid()}", nats_url, tmp_path_factory.mktemp("net-node"))
-    services = ServiceSet(node)
-    try:
-        await start_shoal(services, images)
-        yield Shoal(node, services)
-        async with grpc.aio.insecure_channel(f"unix://{node.cri_socket}") as channel:
-            await remove_all_pods(Cri(channel))
-    finally:
-        services.stop_all()
+    async with running_node(nats_url, tmp_path_factory.mktemp("net-node"),
+                            f"tnet{os.getpid()}", images) as running:
+        yield Shoal(running.services.node, running.services)
 
 
 @dataclass
@@ -80,16 +66,13 @@ class Cli:
         self.runs.append(proc)
         return proc
 
-    async def __call__(self, *args: str, timeout: float = 60) -> Result:
+    async def __call__(self, *args: str, timeout: float = 60) -> CliResult:
         # `network` takes the node's flags after its subcommand.
         head = list(args[:2]) if args[0] == "network" else [args[0]]
-        proc = await asyncio.create_subprocess_exec(
+        return await finished(await asyncio.create_subprocess_exec(
             SHOAL, *head, *self.node.flags(), *args[len(head):],
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        assert proc.returncode is not None
-        return Result(proc.returncode, out.decode(), err.decode())
+            stderr=asyncio.subprocess.PIPE), timeout)
 
     async def ok(self, *args: str) -> str:
         r = await self(*args)
@@ -113,7 +96,7 @@ class Cli:
     async def pod_ip(self, pod_id: str) -> str:
         return (await self.json("inspect", pod_id))["status"]["network"]["ip"]
 
-    async def sh(self, cid: str, script: str) -> Result:
+    async def sh(self, cid: str, script: str) -> CliResult:
         return await self("exec", "--timeout", "20", cid, "busybox", "sh", "-c", script)
 
 
@@ -124,8 +107,8 @@ async def cli(shoal_node: Shoal) -> AsyncIterator[Cli]:
     for proc in c.runs:  # a failed test's `shoal run`s: stopped by their pods' removal
         if proc.returncode is None:
             proc.terminate()
-    async with grpc.aio.insecure_channel(f"unix://{shoal_node.node.cri_socket}") as channel:
-        await remove_all_pods(Cri(channel))
+    async with cri_client(shoal_node.services) as api:
+        await remove_all_pods(api)
     for proc in c.runs:
         await proc.wait()
 

@@ -14,47 +14,27 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from support.processes import SHOAL, Node, ServiceSet
-from support.shoal import Cri, images_fixture, remove_all_pods, start_shoal  # noqa: F401
+from support.processes import SHOAL, CliResult, Node, finished
+from support.shoal import images_fixture, running_node  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 # Waits for SIGTERM, then exits 3: a container that only `stop` (or Ctrl-C) ends.
 SERVE = 'trap "exit 3" TERM; echo ready; while true; do sleep 0.1; done'
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture(scope="module")
 async def shoal_node(nats_url: str, images: dict[str, str],
                      tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Node]:
     """One node for the module (starting one per test would cost seconds each)."""
-    node = Node("tcli", nats_url, tmp_path_factory.mktemp("cli-node"))
-    services = ServiceSet(node)
-    try:
-        await start_shoal(services, images)
-        yield node
-        async with grpc.aio.insecure_channel(f"unix://{node.cri_socket}") as channel:
-            await remove_all_pods(Cri(channel))
-    finally:
-        services.stop_all()
+    async with running_node(nats_url, tmp_path_factory.mktemp("cli-node"), "tcli",
+                            images) as running:
+        yield running.services.node
 
 
 @pytest.fixture
 def busybox(images: dict[str, str]) -> str:
     return images["busybox"]
-
-
-async def finish(proc: asyncio.subprocess.Process, timeout: float = 30) -> Result:
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode())
 
 
 @dataclass
@@ -68,8 +48,8 @@ class Cli:
             SHOAL, command, *self.node.flags(), *args, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
-    async def __call__(self, command: str, *args: str, timeout: float = 30) -> Result:
-        return await finish(await self.spawn(command, *args), timeout)
+    async def __call__(self, command: str, *args: str, timeout: float = 30) -> CliResult:
+        return await finished(await self.spawn(command, *args), timeout)
 
     async def running_id(self, name: str, timeout: float = 20) -> str:
         """The id of the running container called `name`, once there is one."""
@@ -157,11 +137,11 @@ async def test_logs_follow_until_exit(cli: Cli, busybox: str) -> None:
     exec_ = await cli("exec", cid[:12], "touch", "/tmp/go")
     assert exec_.code == 0, exec_.err
     started = time.monotonic()
-    logs = await finish(follow)
+    logs = await finished(follow)
     assert time.monotonic() - started > 0.6  # it followed the ticks, not just a snapshot
     expected = "start\n" + "".join(f"tick {i}\n" for i in range(1, 5))
     assert (logs.code, logs.out) == (0, expected), logs.err
-    ran = await finish(run)
+    ran = await finished(run)
     assert (ran.code, ran.out) == (0, expected), ran.err
     pod_id = await cli.pod_of(cid)
     assert (await cli("rm", pod_id)).code == 0
@@ -177,7 +157,7 @@ async def test_exec_stop_and_rm(cli: Cli, busybox: str) -> None:
     assert r.code == 1 and "is running" in r.err
     r = await cli("stop", "-t", "5", cid[:12])
     assert (r.code, r.out) == (0, f"{cid[:12]}\n"), r.err
-    ran = await finish(run)
+    ran = await finished(run)
     assert (ran.code, ran.out) == (3, "ready\n"), ran.err  # the container's exit code
 
     pod_id = await cli.pod_of(cid)
@@ -194,7 +174,7 @@ async def test_ctrl_c_stops_then_rm_removes(cli: Cli, busybox: str) -> None:
     cid = await cli.running_id("interrupted")
     pod_id = await cli.pod_of(cid)
     run.send_signal(signal.SIGINT)
-    ran = await finish(run)
+    ran = await finished(run)
     assert ran.code == 3, ran.err
     assert "stopping" in ran.err
     assert pod_id not in (await cli("pods", "-q")).out
@@ -206,7 +186,7 @@ async def test_rm_force_on_a_running_container(cli: Cli, busybox: str) -> None:
     pod_id = await cli.pod_of(cid)
     r = await cli("rm", "-f", cid[:12])
     assert r.code == 0, r.err
-    ran = await finish(run)  # SIGKILL seen, or the container gone before run saw it exit
+    ran = await finished(run)  # SIGKILL seen, or the container gone before run saw it exit
     assert ran.code == 137 or (ran.code == 1 and "was removed" in ran.err), ran
     assert cid not in (await cli("ps", "-a", "-q")).out
     assert (await cli("rm", pod_id)).code == 0
@@ -236,7 +216,7 @@ async def test_clear_errors(cli: Cli, busybox: str, tmp_path: Path) -> None:
         sock.bind(str(stale / "cri.sock"))
     for run_root, why in ((tmp_path / "none", "no CRI socket at"),
                           (stale, "nothing listens on")):
-        r = await finish(await asyncio.create_subprocess_exec(
+        r = await finished(await asyncio.create_subprocess_exec(
             SHOAL, "ps", "--run-root", str(run_root), stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE))
         assert r.code == 1

@@ -3,12 +3,12 @@ in the gateway's metadata, and a database of the first schema carried over."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 from cri_api.v1 import api_pb2 as cri
 from shoal_cri_gateway.domain import resources
-from shoal_cri_gateway.store.metadata import MIGRATIONS, ContainerRecord, Metadata, PodRecord
+from shoal_cri_gateway.store.metadata import MIGRATIONS, ContainerRecord, PodRecord
+from support.cri_store import old_database, opened, schema_version
 
 SPEC = {
     "process": {"oomScoreAdj": 0},
@@ -75,21 +75,16 @@ def test_updates_change_only_what_they_set_and_shoal_applies() -> None:
 async def test_first_schema_database_is_migrated(tmp_path: Path) -> None:
     """A database written before updated resources were recorded keeps its rows."""
     path = tmp_path / "metadata.db"
-    conn = sqlite3.connect(path)
-    conn.executescript(MIGRATIONS[0] + ";PRAGMA user_version=1;")
-    conn.execute("INSERT INTO pods VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
-        "p1", "pod", "uid", "ns", 0, "ready", 1, b"", "{}", "{}", "", "[]", "", ""))
     config = cri.ContainerConfig(linux=cri.LinuxContainerConfig(
         resources=cri.LinuxContainerResources(cpu_shares=256)))
-    conn.execute("INSERT INTO containers VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", (
-        "c1", "p1", "ctr", 0, 2, "img", "ref", "id", config.SerializeToString(), "{}", "{}",
-        ""))
-    conn.commit()
-    conn.close()
+    old_database(path, 1, (
+        "INSERT INTO pods VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        ("p1", "pod", "uid", "ns", 0, "ready", 1, b"", "{}", "{}", "", "[]", "", "")), (
+        "INSERT INTO containers VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        ("c1", "p1", "ctr", 0, 2, "img", "ref", "id", config.SerializeToString(), "{}", "{}",
+         "")))
 
-    meta = Metadata(path)
-    await meta.open()
-    try:
+    async with opened(path) as meta:
         old = await meta.container("c1", "k8s.io")
         assert old.updated_resources is None and old.config == config.SerializeToString()
         await meta.update_resources("c1", lambda stored: resources.record_update(
@@ -106,8 +101,5 @@ async def test_first_schema_database_is_migrated(tmp_path: Path) -> None:
             id="c2", pod_id="p2", name="ctr", attempt=0, created_at_ns=4, image="img",
             image_ref="ref", image_id="id", config=b""))
         assert (await meta.container("c2", "k8s.io")).updated_resources is None
-    finally:
-        await meta.close()
-    version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == len(MIGRATIONS) == 4
+    assert schema_version(path) == len(MIGRATIONS) == 4
 

@@ -4,13 +4,13 @@ prefix see their namespace only."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
 from shoal_common.errors import AlreadyExists, Invalid, NotFound
 from shoal_cri_gateway.domain.namespaces import namespace_from
-from shoal_cri_gateway.store.metadata import MIGRATIONS, ContainerRecord, Metadata, PodRecord
+from shoal_cri_gateway.store.metadata import MIGRATIONS, ContainerRecord, PodRecord
+from support.cri_store import old_database, opened, schema_version
 
 POD = "ab" * 32
 CTR = "cd" * 32
@@ -29,24 +29,16 @@ def ctr(ctr_id: str, pod_id: str, ns: str) -> ContainerRecord:
 
 async def test_rows_from_before_namespaces_are_k8s_io(tmp_path: Path) -> None:
     path = tmp_path / "metadata.db"
-    conn = sqlite3.connect(path)
-    for script in MIGRATIONS[:3]:
-        conn.executescript(script)
-    conn.execute("PRAGMA user_version=3")
-    conn.execute("INSERT INTO pods VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
-        POD, "web", "u", "default", 0, "ready", 1, b"cfg", '{"a":"b"}', "{}", "10.0.0.2",
-        "[]", "/var/run/netns/x", "runc"))
-    conn.execute("INSERT INTO containers(id, pod_id, name, attempt, created_at_ns, image, "
-                 "image_ref, image_id, config, labels, annotations, log_path, state) "
-                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (
-                     CTR, POD, "main", 0, 2, "img", "ref", "id", b"c", "{}", "{}", "/l",
-                     "creating"))
-    conn.commit()
-    conn.close()
+    old_database(path, 3, (
+        "INSERT INTO pods VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (POD, "web", "u", "default", 0, "ready", 1, b"cfg", '{"a":"b"}', "{}", "10.0.0.2",
+         "[]", "/var/run/netns/x", "runc")), (
+        "INSERT INTO containers(id, pod_id, name, attempt, created_at_ns, image, image_ref, "
+        "image_id, config, labels, annotations, log_path, state) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (CTR, POD, "main", 0, 2, "img", "ref", "id", b"c", "{}", "{}", "/l", "creating")))
 
-    meta = Metadata(path)
-    await meta.open()
-    try:
+    async with opened(path) as meta:
         p = await meta.pod(POD[:6], "k8s.io")
         assert (p.shoal_namespace, p.ip, p.labels, p.netns_path) == (
             "k8s.io", "10.0.0.2", {"a": "b"}, "/var/run/netns/x")
@@ -60,16 +52,11 @@ async def test_rows_from_before_namespaces_are_k8s_io(tmp_path: Path) -> None:
         assert [(k["table"], k["from"], k["to"]) for k in keys] == [("pods", "pod_id", "id")]
         assert await meta.db.run(lambda c: c.execute("PRAGMA foreign_key_check").fetchall()) \
             == []
-    finally:
-        await meta.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == \
-        len(MIGRATIONS)
+    assert schema_version(path) == len(MIGRATIONS)
 
 
 async def test_identities_and_ids_are_per_namespace(tmp_path: Path) -> None:
-    meta = Metadata(tmp_path / "metadata.db")
-    await meta.open()
-    try:
+    async with opened(tmp_path / "metadata.db") as meta:
         other = "ac" * 32  # shares the prefix "a" with POD
         await meta.add_pod(pod(POD, "k8s.io"))
         await meta.add_pod(pod(other, "team-a"))  # the same CRI identity, another namespace
@@ -90,8 +77,6 @@ async def test_identities_and_ids_are_per_namespace(tmp_path: Path) -> None:
         assert [c.id for c in await meta.containers("k8s.io")] == [CTR]
         assert [c.id for c in await meta.containers("team-a", POD)] == []
         assert len(await meta.containers(None)) == 2
-    finally:
-        await meta.close()
 
 
 def test_namespace_metadata_is_checked() -> None:

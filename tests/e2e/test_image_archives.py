@@ -5,13 +5,11 @@ skopeo copies from the registry into either kind of archive (and what umoci buil
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import shutil
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from shoal_common.clients import ImagesClient
 from shoal_common.messages.images import ImageGetRequest, ImageInfo, PullRequest
 from support.images import busybox_image
 from support.processes import SHOAL, ServiceSet
-from support.shoal import Cri, pod_config
+from support.shoal import Cri, exited, pod_config, start_main
 
 pytestmark = pytest.mark.e2e
 
@@ -58,18 +56,7 @@ async def run_container(api: Cri, tmp: Path, name: str, image: str,
     config = pod_config(tmp, name)
     pod = (await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
            ).pod_sandbox_id
-    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
-        pod_sandbox_id=pod, sandbox_config=config, config=cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name="main"), image=cri.ImageSpec(image=image),
-            command=command, log_path="main.log")))).container_id
-    await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-    end = time.monotonic() + 30
-    while True:
-        status = (await api.runtime.ContainerStatus(cri.ContainerStatusRequest(
-            container_id=cid))).status
-        if status.state == cri.CONTAINER_EXITED or time.monotonic() > end:
-            break
-        await asyncio.sleep(0.1)
+    status = await exited(api, await start_main(api, pod, config, image, command))
     assert (status.state, status.exit_code) == (cri.CONTAINER_EXITED, 0), status
     return (Path(config.log_directory) / "main.log").read_text().splitlines()
 

@@ -3,10 +3,8 @@ registry, and not one registry request until the container's own image is pulled
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from shoal_puller.domain.builtin import BUILTIN_PAUSE, PAUSE_USER
 from support.images import busybox_image, push
 from support.processes import ServiceProcess, ServiceSet
 from support.registry import Registry
-from support.shoal import Cri, pod_config, remove_all_pods, start_shoal
+from support.shoal import Cri, exited, pod_config, remove_all_pods, start_main, start_shoal
 
 pytestmark = pytest.mark.e2e
 
@@ -76,19 +74,8 @@ async def test_first_pod_runs_with_the_builtin_pause_image(
     assert [list(i.repo_tags) for i in listed.images] == [[BUILTIN_PAUSE]]
 
     await api.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=busybox)))
-    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
-        pod_sandbox_id=pod_id, sandbox_config=config, config=cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name="main"), image=cri.ImageSpec(image=busybox),
-            command=["sh", "-c", "echo hello from the first pod"], log_path="main.log")))
-    ).container_id
-    await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-    end = time.monotonic() + 20
-    while True:
-        ctr = (await api.runtime.ContainerStatus(cri.ContainerStatusRequest(
-            container_id=cid))).status
-        if ctr.state == cri.CONTAINER_EXITED or time.monotonic() > end:
-            break
-        await asyncio.sleep(0.1)
+    ctr = await exited(api, await start_main(
+        api, pod_id, config, busybox, ["sh", "-c", "echo hello from the first pod"]), 20)
     assert (ctr.state, ctr.exit_code) == (cri.CONTAINER_EXITED, 0)
     lines = (Path(config.log_directory) / "main.log").read_text().splitlines()
     assert any(line.endswith(" stdout F hello from the first pod") for line in lines), lines

@@ -50,6 +50,18 @@ async def start_puller(services: ServiceSet, *sets: str) -> None:
     await asyncio.to_thread(services.wait_serving, sp)
 
 
+async def pulled_big_image(services: ServiceSet, registry: Registry, bus: Bus, name: str,
+                           *sets: str, size: int = 3 * CHUNK + 12345) -> tuple[Image, str]:
+    """A big_image pushed to `registry` as push/<name>:1, then pulled by a puller started
+    with `sets`: the image and its reference there."""
+    image = big_image(name, size)
+    push(registry.url, f"push/{name}", "1", image)
+    await start_puller(services, *sets)
+    source = f"{registry.host}/push/{name}:1"
+    await pull(bus, source)
+    return image, source
+
+
 def images(bus: Bus) -> ImagesClient:
     return ImagesClient(bus, namespace="k8s.io")
 
@@ -236,11 +248,7 @@ class PatchFaults:
 
 async def test_broken_chunks_are_resent_from_what_the_registry_says_it_has(
         services: ServiceSet, registry: Registry, bus: Bus, tmp_path: Path) -> None:
-    image = big_image("broken")
-    push(registry.url, "push/broken", "1", image)
-    await start_puller(services)
-    source = f"{registry.host}/push/broken:1"
-    await pull(bus, source)
+    image, source = await pulled_big_image(services, registry, bus, "broken")
     layer = image.layers[0]
     with Registry(tmp_path / "target") as target:
         async with FaultyRegistry(target.url) as front:
@@ -274,11 +282,8 @@ async def test_a_retried_push_resumes_the_upload_an_earlier_one_left(
         services: ServiceSet, registry: Registry, bus: Bus, tmp_path: Path) -> None:
     """Chunks break until the push gives up; the retry asks the registry what the upload
     session holds and sends only the rest."""
-    image = big_image("retried")
-    push(registry.url, "push/retried", "1", image)
-    await start_puller(services, "services.puller.max_attempts=2")
-    source = f"{registry.host}/push/retried:1"
-    await pull(bus, source)
+    image, source = await pulled_big_image(
+        services, registry, bus, "retried", "services.puller.max_attempts=2")
     layer = image.layers[0]
     with Registry(tmp_path / "target") as target:
         async with FaultyRegistry(target.url) as front:
@@ -306,12 +311,9 @@ async def test_a_push_cut_off_by_a_killed_registry_resumes_after_its_restart(
     """The registry dies in the middle of a layer: the push fails; once it is back (its
     upload sessions are on disk), the retry skips the blobs already in and resumes the
     layer at the last chunk the registry took."""
-    image = big_image("killed")
-    push(registry.url, "push/killed", "1", image)
-    await start_puller(services, "services.puller.max_attempts=2",
-                       "services.puller.max_concurrent_uploads=1")
-    source = f"{registry.host}/push/killed:1"
-    await pull(bus, source)
+    image, source = await pulled_big_image(services, registry, bus, "killed",
+                                           "services.puller.max_attempts=2",
+                                           "services.puller.max_concurrent_uploads=1")
     storage = tmp_path / "target"
     target = Registry(storage).start()
     try:
@@ -333,11 +335,8 @@ async def test_a_push_cut_off_by_a_killed_registry_resumes_after_its_restart(
 
 async def test_a_push_cut_off_before_its_manifest_is_retried_skipping_every_blob(
         services: ServiceSet, registry: Registry, bus: Bus, tmp_path: Path) -> None:
-    image = big_image("manifest", size=CHUNK // 2)
-    push(registry.url, "push/manifest", "1", image)
-    await start_puller(services, "services.puller.max_attempts=2")
-    source = f"{registry.host}/push/manifest:1"
-    await pull(bus, source)
+    image, source = await pulled_big_image(
+        services, registry, bus, "manifest", "services.puller.max_attempts=2", size=CHUNK // 2)
     storage = tmp_path / "target"
     target = Registry(storage).start()
     try:

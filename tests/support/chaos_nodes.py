@@ -18,6 +18,7 @@ from typing import Protocol
 import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
+from shoal_common.fs import Under
 
 from support.ports import free_port
 from support.processes import SERVICE_MODULES, Node, metrics_sets, pids_mentioning, shoal_up_argv
@@ -31,6 +32,11 @@ SERVICES = tuple(SERVICE_MODULES)
 
 
 Spawn = Callable[[list[str], Path], "subprocess.Popen[bytes]"]
+
+
+def subnet_prefix(subnet: str) -> str:
+    """What the addresses (and IPAM lease files) of a /24 start with: "10.220.1."."""
+    return ".".join(subnet.split(".")[:3]) + "."
 
 
 def popen(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -82,21 +88,17 @@ class ShoalUp:
     def node(self) -> Node:
         return Node(self.node_id, f"nats://127.0.0.1:{self.port}", self.root)
 
-    @property
-    def name(self) -> str:
-        return "shoal up"
+    name = "shoal up"  # not a field: what reports call this runtime
 
     @property
     def cri_socket(self) -> Path:
         return self.node.cri_socket
 
-    @property
-    def log_path(self) -> Path:
-        return self.root / "shoal-up.log"
+    log_path = Under("root", "shoal-up.log")
 
     @property
     def subnet_prefix(self) -> str:
-        return ".".join(self.subnet.split(".")[:3]) + "."
+        return subnet_prefix(self.subnet)
 
     def argv(self) -> list[str]:
         sets = [f"nats.embedded.listen=127.0.0.1:{self.port}", "log.format=json",

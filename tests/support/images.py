@@ -173,7 +173,7 @@ class LayerBuilder:
         self.sort = sort
         self._entries: list[tuple[tarfile.TarInfo, bytes | None]] = []
 
-    def _info(
+    def _add(
         self,
         name: str,
         type_: bytes,
@@ -181,9 +181,14 @@ class LayerBuilder:
         mode: int,
         uid: int,
         gid: int,
-        mtime: int | None,
-        xattrs: Mapping[str, str] | None,
-    ) -> tarfile.TarInfo:
+        mtime: int | None = None,
+        xattrs: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        linkname: str = "",
+        device: tuple[int, int] = (0, 0),
+    ) -> Self:
+        """One entry of `type_`; `data` for a regular file, `linkname` for a link,
+        `device` (major, minor) for a device."""
         info = tarfile.TarInfo(_norm(name))
         info.type = type_
         info.mode = mode
@@ -193,7 +198,12 @@ class LayerBuilder:
         info.mtime = self.mtime if mtime is None else mtime
         if xattrs:
             info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
-        return info
+        if data is not None:
+            info.size = len(data)
+        info.linkname = linkname
+        info.devmajor, info.devminor = device
+        self._entries.append((info, data))
+        return self
 
     def file(
         self,
@@ -207,12 +217,8 @@ class LayerBuilder:
         xattrs: Mapping[str, str] | None = None,
     ) -> Self:
         data = content.encode() if isinstance(content, str) else content
-        info = self._info(
-            name, tarfile.REGTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime, xattrs=xattrs
-        )
-        info.size = len(data)
-        self._entries.append((info, data))
-        return self
+        return self._add(name, tarfile.REGTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime,
+                         xattrs=xattrs, data=data)
 
     def host_file(
         self, name: str, src: Path | str, *, mode: int | None = None, uid: int = 0, gid: int = 0
@@ -232,22 +238,15 @@ class LayerBuilder:
         mtime: int | None = None,
         xattrs: Mapping[str, str] | None = None,
     ) -> Self:
-        info = self._info(
-            name, tarfile.DIRTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime, xattrs=xattrs
-        )
-        self._entries.append((info, None))
-        return self
+        return self._add(name, tarfile.DIRTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime,
+                         xattrs=xattrs)
 
     def symlink(
         self, name: str, target: str, *, uid: int = 0, gid: int = 0, mtime: int | None = None
     ) -> Self:
         """`target` is stored verbatim (may be relative, absolute or escaping)."""
-        info = self._info(
-            name, tarfile.SYMTYPE, mode=0o777, uid=uid, gid=gid, mtime=mtime, xattrs=None
-        )
-        info.linkname = target
-        self._entries.append((info, None))
-        return self
+        return self._add(name, tarfile.SYMTYPE, mode=0o777, uid=uid, gid=gid, mtime=mtime,
+                         linkname=target)
 
     def hardlink(
         self,
@@ -261,38 +260,23 @@ class LayerBuilder:
     ) -> Self:
         """`target` is an archive path (normalised like `name`); it must precede the link
         in the rendered order for well-formed layers."""
-        info = self._info(
-            name, tarfile.LNKTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime, xattrs=None
-        )
-        info.linkname = _norm(target)
-        self._entries.append((info, None))
-        return self
-
-    def _device(
-        self, name: str, type_: bytes, major: int, minor: int, mode: int, uid: int, gid: int
-    ) -> Self:
-        info = self._info(name, type_, mode=mode, uid=uid, gid=gid, mtime=None, xattrs=None)
-        info.devmajor = major
-        info.devminor = minor
-        self._entries.append((info, None))
-        return self
+        return self._add(name, tarfile.LNKTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime,
+                         linkname=_norm(target))
 
     def char_device(
         self, name: str, major: int, minor: int, *, mode: int = 0o666, uid: int = 0, gid: int = 0
     ) -> Self:
-        return self._device(name, tarfile.CHRTYPE, major, minor, mode, uid, gid)
+        return self._add(name, tarfile.CHRTYPE, mode=mode, uid=uid, gid=gid,
+                         device=(major, minor))
 
     def block_device(
         self, name: str, major: int, minor: int, *, mode: int = 0o660, uid: int = 0, gid: int = 0
     ) -> Self:
-        return self._device(name, tarfile.BLKTYPE, major, minor, mode, uid, gid)
+        return self._add(name, tarfile.BLKTYPE, mode=mode, uid=uid, gid=gid,
+                         device=(major, minor))
 
     def fifo(self, name: str, *, mode: int = 0o644, uid: int = 0, gid: int = 0) -> Self:
-        info = self._info(
-            name, tarfile.FIFOTYPE, mode=mode, uid=uid, gid=gid, mtime=None, xattrs=None
-        )
-        self._entries.append((info, None))
-        return self
+        return self._add(name, tarfile.FIFOTYPE, mode=mode, uid=uid, gid=gid)
 
     def whiteout(self, path: str) -> Self:
         """Delete `path` from lower layers (AUFS-style `.wh.<name>` marker)."""
@@ -421,7 +405,27 @@ def pause_layer(
 
 
 @dataclass(frozen=True)
-class Image:
+class Manifest:
+    """What an image and an index are pushed as: a manifest, its bytes and their digest."""
+
+    manifest: dict[str, Any]
+    manifest_bytes: bytes
+    digest: str  # of manifest_bytes
+    media_type: str
+    schema: Schema
+
+    @staticmethod
+    def encoded(manifest: dict[str, Any], annotations: Mapping[str, str] | None
+                ) -> tuple[dict[str, Any], bytes, str]:
+        """`manifest` with `annotations` (if any), its canonical bytes and their digest."""
+        if annotations:
+            manifest["annotations"] = dict(annotations)
+        manifest_bytes = canonical_json(manifest)
+        return manifest, manifest_bytes, sha256_digest(manifest_bytes)
+
+
+@dataclass(frozen=True)
+class Image(Manifest):
     """A single-platform image: config blob, layer blobs and the manifest."""
 
     layers: tuple[Layer, ...]
@@ -429,11 +433,6 @@ class Image:
     config_bytes: bytes
     config_digest: str
     config_media_type: str
-    manifest: dict[str, Any]
-    manifest_bytes: bytes
-    digest: str  # of manifest_bytes
-    media_type: str
-    schema: Schema
 
     @property
     def platform(self) -> dict[str, str]:
@@ -461,15 +460,10 @@ class Image:
 
 
 @dataclass(frozen=True)
-class Index:
+class Index(Manifest):
     """A multi-platform OCI index or Docker manifest list over `images`."""
 
     images: tuple[Image, ...]
-    manifest: dict[str, Any]
-    manifest_bytes: bytes
-    digest: str
-    media_type: str
-    schema: Schema
 
 
 def image_from_config(
@@ -494,9 +488,7 @@ def image_from_config(
         },
         "layers": [layer.descriptor(schema) for layer in layers],
     }
-    if annotations:
-        manifest["annotations"] = dict(annotations)
-    manifest_bytes = canonical_json(manifest)
+    manifest, manifest_bytes, digest = Manifest.encoded(manifest, annotations)
     return Image(
         layers=tuple(layers),
         config=dict(config),
@@ -505,7 +497,7 @@ def image_from_config(
         config_media_type=config_media_type,
         manifest=manifest,
         manifest_bytes=manifest_bytes,
-        digest=sha256_digest(manifest_bytes),
+        digest=digest,
         media_type=media_type,
         schema=schema,
     )
@@ -592,17 +584,10 @@ def build_index(
         "mediaType": media_type,
         "manifests": [img.descriptor(platform) for img, platform in pairs],
     }
-    if annotations:
-        manifest["annotations"] = dict(annotations)
-    manifest_bytes = canonical_json(manifest)
-    return Index(
-        images=tuple(img for img, _ in pairs),
-        manifest=manifest,
-        manifest_bytes=manifest_bytes,
-        digest=sha256_digest(manifest_bytes),
-        media_type=media_type,
-        schema=schema,
-    )
+    manifest, manifest_bytes, digest = Manifest.encoded(manifest, annotations)
+    return Index(images=tuple(img for img, _ in pairs), manifest=manifest,
+                 manifest_bytes=manifest_bytes, digest=digest, media_type=media_type,
+                 schema=schema)
 
 
 def busybox_image(*, compression: Compression = "gzip", **kw: Any) -> Image:

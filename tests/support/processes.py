@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal_common.catalog import SERVICES
+from shoal_common.fs import Under
 
 SHOAL = str(Path(sys.executable).parent / "shoal")  # the CLI installed beside this Python
 
@@ -22,6 +24,22 @@ SERVICE_MODULES = {
     "supervisor": "shoal_supervisor",
     "cri-gateway": "shoal_cri_gateway",
 }
+
+
+@dataclass
+class CliResult:
+    """What a finished `shoal` command said."""
+
+    code: int
+    out: str
+    err: str
+
+
+async def finished(proc: asyncio.subprocess.Process, timeout: float = 30) -> CliResult:
+    """The result of `proc` (started with stdout and stderr piped), once it exits."""
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return CliResult(proc.returncode, out.decode(), err.decode())
 
 
 def shoal_up_argv(root: Path, node_id: str, sets: Iterable[str], *extra: str) -> list[str]:
@@ -46,17 +64,9 @@ class Node:
     nats_url: str
     root: Path
 
-    @property
-    def state_root(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def run_root(self) -> Path:
-        return self.root / "run"
-
-    @property
-    def cri_socket(self) -> Path:
-        return self.run_root / "cri.sock"
+    state_root = Under("root", "state")
+    run_root = Under("root", "run")
+    cri_socket = Under("run_root", "cri.sock")
 
     def flags(self) -> list[str]:
         return ["--node-id", self.node_id, "--nats-url", self.nats_url,

@@ -9,8 +9,9 @@ import itertools
 import os
 import re
 import sqlite3
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,40 @@ async def start_shoal(services: ServiceSet, images: dict[str, str],
     return procs
 
 
-async def remove_all_pods(api: Cri) -> None:
-    """Leave nothing behind: pods (and their containers), netns, mounts."""
-    pods = await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest())
-    for pod in pods.items:
-        await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
-        await api.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+async def remove_all_pods(api: Cri, namespaces: Sequence[str] = ()) -> None:
+    """Leave nothing behind: pods (and their containers), netns, mounts; of the default
+    namespace (k8s.io), or of each of `namespaces`."""
+    for md in [(("shoal-namespace", ns),) for ns in namespaces] or [None]:
+        pods = await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest(), metadata=md)
+        for pod in pods.items:
+            await api.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id),
+                                             metadata=md)
+            await api.runtime.RemovePodSandbox(
+                cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id), metadata=md)
 
+
+
+async def start_main(api: Cri, pod_id: str, config: cri.PodSandboxConfig, image: str,
+                     command: list[str]) -> str:
+    """A container "main" of `image` running `command` in the pod, logging to main.log in
+    the pod's log directory, started: its id."""
+    cid = (await api.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod_id, sandbox_config=config, config=cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name="main"), image=cri.ImageSpec(image=image),
+            command=command, log_path="main.log")))).container_id
+    await api.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+    return cid
+
+
+async def exited(api: Cri, container_id: str, timeout: float = 30) -> cri.ContainerStatus:
+    """The container's status once it has exited, or as it is after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        status = (await api.runtime.ContainerStatus(cri.ContainerStatusRequest(
+            container_id=container_id))).status
+        if status.state == cri.CONTAINER_EXITED or time.monotonic() > end:
+            return status
+        await asyncio.sleep(0.1)
 
 
 @dataclass
@@ -86,18 +114,18 @@ class RunningShoal:
 
 
 @contextlib.asynccontextmanager
-async def running_node(nats_url: str, root: Path, node_id: str, images: dict[str, str]
-                       ) -> AsyncIterator[RunningShoal]:
+async def running_node(nats_url: str, root: Path, node_id: str, images: dict[str, str],
+                       namespaces: Sequence[str] = ()) -> AsyncIterator[RunningShoal]:
     """A node of its own under `root` (one a module's tests can share, e.g. from a
-    module-scoped fixture): started with start_shoal; at the end every pod is removed and
-    the services are stopped."""
+    module-scoped fixture): started with start_shoal; at the end every pod (of
+    `namespaces`, see remove_all_pods) is removed and the services are stopped."""
     services = ServiceSet(Node(node_id, nats_url, root))
     try:
         procs = await start_shoal(services, images)
         async with cri_client(services) as api:
             node = RunningShoal(api, services, procs)
             yield node
-            await remove_all_pods(node.api)
+            await remove_all_pods(node.api, namespaces)
     finally:
         services.stop_all()
 

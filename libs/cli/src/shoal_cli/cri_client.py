@@ -15,12 +15,15 @@ import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
+from shoal_cli.failures import CliError, each
+
 CONNECT_TIMEOUT = 5.0
 NAMESPACE_METADATA = "shoal-namespace"  # the gateway's (shoal_cri_gateway.domain.namespaces)
 
+# Re-exported: the pod commands take them from here with the connection.
+__all__ = ["NAMESPACE_METADATA", "CliError", "connect", "each"]
 
-class CliError(Exception):
-    """A failure explained to the user as `shoal <command>: <message>`."""
+
 
 
 class Cri:
@@ -37,22 +40,24 @@ def _with_namespace(details: Any, namespace: str) -> Any:
                                       details.credentials, details.wait_for_ready)
 
 
-class _Unary(grpc.aio.UnaryUnaryClientInterceptor):
+class _Namespaced:
+    """Adds the namespace to every call of one kind (gRPC takes an interceptor per kind)."""
+
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
 
-    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any,
-                                    request: Any) -> Any:
-        return await continuation(_with_namespace(details, self.namespace), request)
+    async def _intercept(self, continuation: Callable[..., Any], client_call_details: Any,
+                         request: Any) -> Any:
+        return await continuation(_with_namespace(client_call_details, self.namespace),
+                                  request)
 
 
-class _Stream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, namespace: str) -> None:
-        self.namespace = namespace
+class _Unary(_Namespaced, grpc.aio.UnaryUnaryClientInterceptor):
+    intercept_unary_unary = _Namespaced._intercept
 
-    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any,
-                                     request: Any) -> Any:
-        return await continuation(_with_namespace(details, self.namespace), request)
+
+class _Stream(_Namespaced, grpc.aio.UnaryStreamClientInterceptor):
+    intercept_unary_stream = _Namespaced._intercept
 
 
 @asynccontextmanager

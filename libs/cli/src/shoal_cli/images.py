@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sys
 import uuid
-from typing import TextIO
+from collections.abc import AsyncIterator, Callable
+from typing import TextIO, TypeVar
 
 from shoal_common import codec, subjects
 from shoal_common.bus import Bus
@@ -21,6 +23,7 @@ from shoal_common.messages.images import (
     PullProgress,
     PullRequest,
     RegistryAuth,
+    TransferProgress,
 )
 from shoal_common.messages.push import PushProgress
 
@@ -40,6 +43,9 @@ def human(n: float) -> str:
 class ProgressView:
     """Redraws one line per layer on a terminal; elsewhere prints state changes only."""
 
+    labels = LABELS  # what each layer state is shown as
+    moving = "downloading"  # the state shown with a bar
+
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.tty = out.isatty()
@@ -48,14 +54,15 @@ class ProgressView:
 
     def line(self, p: LayerProgress) -> str:
         short = p.digest.removeprefix("sha256:")[:12]
-        if p.state == "downloading" and p.total:
+        if p.state == self.moving and p.total:
             width = 30
             filled = int(width * p.done / p.total)
             bar = "=" * max(filled - 1, 0) + (">" if filled else "") + " " * (width - filled)
-            return f"{short}: Downloading [{bar}] {human(p.done)}/{human(p.total)}"
-        return f"{short}: {LABELS.get(p.state, p.state)}"
+            return (f"{short}: {self.labels[self.moving]} [{bar}] "
+                    f"{human(p.done)}/{human(p.total)}")
+        return f"{short}: {self.labels.get(p.state, p.state)}"
 
-    def update(self, event: PullProgress | PushProgress) -> None:
+    def update(self, event: TransferProgress) -> None:
         lines = [self.line(p) for p in event.layers]
         if self.tty:
             width = shutil.get_terminal_size().columns - 1
@@ -72,32 +79,46 @@ class ProgressView:
         self.out.flush()
 
 
-async def pull(config: Config, bus: Bus, ref: str, namespace: str, user: str) -> int:
-    auth = None
-    if user:
-        username, _, password = user.partition(":")
-        auth = RegistryAuth(username=username, password=password)
-    pull_id = uuid.uuid4().hex
-    view = ProgressView(sys.stdout)
-    latest: list[PullProgress] = []
+def registry_auth(user: str) -> RegistryAuth | None:
+    """`--user NAME:PASSWORD` as a request's auth (None when it was not given)."""
+    if not user:
+        return None
+    username, _, password = user.partition(":")
+    return RegistryAuth(username=username, password=password)
 
+
+Progress = TypeVar("Progress", PullProgress, PushProgress)
+
+
+@contextlib.asynccontextmanager
+async def showing(bus: Bus, config: Config, namespace: str, event: type[Progress],
+                  mine: Callable[[Progress], bool], view: ProgressView) -> AsyncIterator[None]:
+    """While the block runs, `view` shows each progress event that is `mine`."""
     async def on_progress(msg: object) -> None:
-        event = codec.decode(msg.data, PullProgress)  # type: ignore[attr-defined]
-        if event.pull_id == pull_id:
-            latest.append(event)
-            view.update(event)
+        progress = codec.decode(msg.data, event)  # type: ignore[attr-defined]
+        if mine(progress):
+            view.update(progress)
 
-    sub = await bus.nc.subscribe(subjects.event(config.node_id, namespace,
-                                                PullProgress.TOPIC), cb=on_progress)
+    sub = await bus.nc.subscribe(subjects.event(config.node_id, namespace, event.TOPIC),
+                                 cb=on_progress)
     try:
-        reply = await ImagesClient(bus, namespace=namespace).pull(
-            PullRequest(ref=ref, pull_id=pull_id, auth=auth), timeout=PULL_TIMEOUT)
-    except ShoalError as exc:
-        print(f"shoal pull: {exc.message}", file=sys.stderr)
-        return 1
+        yield
     finally:
         await asyncio.sleep(0.1)  # let the final progress event land
         await sub.unsubscribe()
+
+
+async def pull(config: Config, bus: Bus, ref: str, namespace: str, user: str) -> int:
+    pull_id = uuid.uuid4().hex
+    try:
+        async with showing(bus, config, namespace, PullProgress,
+                           lambda e: e.pull_id == pull_id, ProgressView(sys.stdout)):
+            reply = await ImagesClient(bus, namespace=namespace).pull(
+                PullRequest(ref=ref, pull_id=pull_id, auth=registry_auth(user)),
+                timeout=PULL_TIMEOUT)
+    except ShoalError as exc:
+        print(f"shoal pull: {exc.message}", file=sys.stderr)
+        return 1
     image = reply.image
     print(f"Digest: {image.target_digest}")
     print(f"Image:  {image.id}")

@@ -2,7 +2,9 @@
 
 Children run in their own session (Ctrl-C reaches only the launcher, which stops them in
 order: services first, NATS last) and get SIGTERM if the launcher itself dies
-(PR_SET_PDEATHSIG), so no process outlives it. A child that exits unexpectedly, the
+(PR_SET_PDEATHSIG), so no process outlives it. Services are forked from a preloaded parent
+(shoal_cli.zygote, `launcher.preload`; exec'd when there is none) and are the launcher's
+children either way. A child that exits unexpectedly, the
 embedded nats-server included, is restarted (supervision.RestartPolicy: at once after a
 healthy run, with backoff in a crash loop); restarts are logged and counted in
 shoal_service_restarts_total. The run root holds a lock and the children's pids
@@ -12,10 +14,12 @@ shoal_service_restarts_total. The run root holds a lock and the children's pids
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -33,9 +37,12 @@ from shoal_common.errors import ShoalError, Unavailable
 from shoal_common.fs import private_dir, write_private
 from shoal_common.messages import HealthReply
 from shoal_common.metrics import MetricsServer
+from shoal_common.service import release_free_memory
 
 from shoal_cli.runstate import RunState
+from shoal_cli.spawning import ChildProcess, Zygote, ZygoteError
 from shoal_cli.supervision import RestartPolicy, spawn
+from shoal_cli.zygote import zygote_ident
 
 log = structlog.get_logger("shoal.launcher")
 
@@ -47,6 +54,7 @@ CHILDREN_UP = Gauge("shoal_launcher_children_running", "Child processes running,
 
 NATS = "nats"  # the embedded server's name as a child and its metrics label
 NATS_LISTEN_TIMEOUT = 10.0
+ZYGOTE_WAIT = 10.0
 
 
 def nats_server_binary() -> str:
@@ -67,8 +75,8 @@ class Child:
     policy: RestartPolicy
     metrics_addr: str = ""
     # Awaited after each spawn: returns once the child is up, raises ShoalError if not.
-    ready: Callable[[asyncio.subprocess.Process], Awaitable[None]] | None = None
-    proc: asyncio.subprocess.Process | None = None
+    ready: Callable[[ChildProcess], Awaitable[None]] | None = None
+    proc: ChildProcess | None = None
     restarts: int = 0
     # Since the last spawn: its first health answer (services) and when it began serving.
     health: HealthReply | None = None
@@ -83,7 +91,9 @@ class Child:
 
 class Launcher:
     def __init__(self, config: Config, *, config_path: str | None, overrides: list[str],
-                 replicas: dict[str, int], external_nats: bool) -> None:
+                 replicas: dict[str, int], external_nats: bool,
+                 zygote: tuple[int, socket.socket] | None = None) -> None:
+        """`zygote`: the one `shoal up` forked before its loop (pid, socket), if preloading."""
         self.config = config
         self.config_path = config_path
         self.overrides = overrides
@@ -97,6 +107,11 @@ class Launcher:
         self.runstate = RunState(config.run_root)
         self._spawned = asyncio.Event()  # wakes the health watch
         self._watch: asyncio.Task[None] | None = None
+        arenas = config.launcher.malloc_arena_max
+        # The services' environment (exec'd ones; a forked one has the zygote's malloc).
+        self.child_env = {**os.environ, **({"MALLOC_ARENA_MAX": str(arenas)} if arenas else {})}
+        self.zygote = (Zygote(zygote_ident(config), zygote, self._policy(), self.child_env)
+                       if zygote is not None else None)
 
     def _policy(self) -> RestartPolicy:
         cfg = self.config.launcher
@@ -133,7 +148,7 @@ class Launcher:
             tls_cert=emb.tls_cert, tls_key=emb.tls_key))
         return [nats_server_binary(), "-c", str(conf_file), "-l", str(log_file)]
 
-    async def _nats_listening(self, proc: asyncio.subprocess.Process) -> None:
+    async def _nats_listening(self, proc: ChildProcess) -> None:
         host, port = parse_addr(self.config.nats.embedded.listen)
         log_file = Path(self.config.run_root) / "nats" / "nats-server.log"
         deadline = time.monotonic() + NATS_LISTEN_TIMEOUT
@@ -190,11 +205,28 @@ class Launcher:
 
     def _running_pids(self) -> list[int]:
         everyone = [*self.children, *([self.nats] if self.nats else [])]
-        return [c.proc.pid for c in everyone if c.proc and c.proc.returncode is None]
+        procs = [c.proc for c in everyone] + [self.zygote.proc if self.zygote else None]
+        return [p.pid for p in procs if p and p.returncode is None]
+
+    async def _spawn(self, child: Child) -> ChildProcess:
+        """A service forked by the zygote if one is ready, else exec'd; NATS exec'd."""
+        if child.service == NATS:
+            return await spawn(child.argv)
+        if self.zygote is not None and self.zygote.ready:
+            try:
+                proc: ChildProcess = await self.zygote.fork(child.argv)
+                log.info("child started", child=child.name, pid=proc.pid, by="fork")
+                return proc
+            except ZygoteError as exc:
+                log.warning("zygote could not fork; exec'ing", child=child.name,
+                            error=str(exc))
+        proc = await spawn(child.argv, env=self.child_env)
+        log.info("child started", child=child.name, pid=proc.pid, by="exec")
+        return proc
 
     async def _start(self, child: Child) -> None:
         child.health = child.serving_since = None
-        child.proc = await spawn(child.argv)
+        child.proc = await self._spawn(child)
         self._spawned.set()
         self.runstate.record(self._running_pids())
         if child.ready is not None:
@@ -301,6 +333,12 @@ class Launcher:
         Path(self.config.state_root).mkdir(parents=True, exist_ok=True)
         self.runstate.lock()
         await self.runstate.wait_for_leftovers(self._grace())
+        if self.zygote is not None:
+            self.zygote.start()
+            # The first services are forked, not exec'd (a zygote that does not answer in
+            # time is left to come up while they are exec'd).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.zygote.started.wait(), ZYGOTE_WAIT)
         self.metrics.start()
         for name in [s.name for s in SERVICES] + ([] if self.external_nats else [NATS]):
             RESTARTS.labels(name)  # present from the start, so rate() sees the first restart
@@ -321,6 +359,7 @@ class Launcher:
                 health = ready.result()
                 targets = self.write_prometheus_targets(health)
                 self.print_summary(health, targets)
+                release_free_memory()
                 await stop.wait()
             else:
                 # Stopped before every service answered: let the health poll end before the
@@ -344,6 +383,8 @@ class Launcher:
         # Supervisors first, so none restarts what is being stopped (one cancelled while
         # spawning kills its child: asyncio closes a half-made subprocess transport).
         await _cancel([c.task for c in self.children])
+        if self.zygote is not None:
+            await self.zygote.stop()
         procs = [c.proc for c in self.children if c.proc and c.proc.returncode is None]
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -383,7 +424,7 @@ async def _cancel(tasks: list[asyncio.Task[None] | None]) -> None:
     await asyncio.gather(*live, return_exceptions=True)
 
 
-async def _wait_or_kill(procs: list[asyncio.subprocess.Process], grace: float) -> None:
+async def _wait_or_kill(procs: list[ChildProcess], grace: float) -> None:
     if not procs:
         return
     waits = [asyncio.create_task(p.wait()) for p in procs]

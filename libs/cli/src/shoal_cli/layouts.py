@@ -110,11 +110,19 @@ def _canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-class _OciLayout:
+class _Reader:
+    """Reads one kind of archive (`layout`) into an ImportPlan."""
+
+    layout = ""
+
     def __init__(self, contents: Contents, base_name: str) -> None:
         self.contents = contents
         self.base_name = base_name
-        self.out = ImportPlan("OCI image layout")
+        self.out = ImportPlan(self.layout)
+
+
+class _OciLayout(_Reader):
+    layout = "OCI image layout"
 
     def plan(self) -> ImportPlan:
         members = self.contents.members
@@ -209,11 +217,8 @@ class _OciLayout:
                            "give --base-name REPOSITORY to import it under that name")
 
 
-class _DockerArchive:
-    def __init__(self, contents: Contents, base_name: str) -> None:
-        self.contents = contents
-        self.base_name = base_name
-        self.out = ImportPlan("docker archive")
+class _DockerArchive(_Reader):
+    layout = "docker archive"
 
     def plan(self) -> ImportPlan:
         entries = _json(self.contents.members["manifest.json"], "manifest.json")

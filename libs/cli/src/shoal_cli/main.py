@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 from pathlib import Path
 
+import structlog
 from shoal_common import nats_auth
 from shoal_common.catalog import lookup
 from shoal_common.config import Config, ConfigError, load_config
@@ -17,10 +19,13 @@ from shoal_common.errors import ShoalError
 from shoal_common.logging import configure_logging
 from shoal_common.messages.namespaces import CRI_NAMESPACE, check_namespace
 
-from shoal_cli import namespaces, networks, pods
+from shoal_cli import namespaces, networks
 
 # The bus client and the launcher (nats-py, aiohttp) are imported by the commands that use
-# them: the CRI commands start in half the time without them.
+# them: the CRI commands start in half the time without them. The CRI client (grpc) is
+# imported only by the pod commands: `shoal up` never has grpc, which the zygote it forks
+# must not have, and is some 10 MiB smaller without it.
+POD_COMMANDS = frozenset({"run", "ps", "pods", "logs", "exec", "stop", "rm", "inspect"})
 
 
 def _replicas(items: list[str]) -> dict[str, int]:
@@ -186,27 +191,49 @@ def _namespace(args: argparse.Namespace) -> None:
         args.namespace = CRI_NAMESPACE
 
 
+def _up(args: argparse.Namespace, config: Config) -> None:
+    replicas = _replicas(args.replicas)
+    zygote: tuple[int, socket.socket] | None = None
+    why = "launcher.preload = false"
+    if config.launcher.preload:
+        # Before the launcher has a loop, threads or logging: the zygote forked here must
+        # have none of them (and shares with the launcher what both imported).
+        from shoal_cli.zygote import Job, fork_zygote, zygote_ident
+
+        made = fork_zygote(zygote_ident(config), config.launcher.malloc_arena_max)
+        if isinstance(made, Job):  # a service the zygote forked, long after
+            made.run()
+            return
+        zygote, why = (made, "") if isinstance(made, tuple) else (None, made)
+    from shoal_cli.launcher import Launcher
+
+    configure_logging(config.log, service="launcher", node=config.node_id)
+    if zygote is None:
+        structlog.get_logger("shoal.launcher").info("services are exec'd", why=why)
+    if args.nats_url is None:
+        # The embedded server listens where nats.embedded.listen says; point at it.
+        config.nats.url = f"nats://{config.nats.embedded.listen}"
+    launcher = Launcher(config, config_path=args.config, overrides=args.set,
+                        replicas=replicas, external_nats=args.nats_url is not None,
+                        zygote=zygote)
+    sys.exit(asyncio.run(launcher.run()))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _namespace(args)
     config = _load(args)
     if args.command == "up":
-        from shoal_cli.launcher import Launcher
-
-        configure_logging(config.log, service="launcher", node=config.node_id)
-        if args.nats_url is None:
-            # The embedded server listens where nats.embedded.listen says; point at it.
-            config.nats.url = f"nats://{config.nats.embedded.listen}"
-        launcher = Launcher(config, config_path=args.config, overrides=args.set,
-                            replicas=_replicas(args.replicas),
-                            external_nats=args.nats_url is not None)
-        sys.exit(asyncio.run(launcher.run()))
+        _up(args, config)
+        return
     configure_logging(config.log, service="cli", node=config.node_id)
     if args.command == "network":
         sys.exit(asyncio.run(networks.main(config, args)))
     if args.command == "namespaces":
         sys.exit(asyncio.run(namespaces.main(config, args)))
-    if args.command in pods.COMMANDS:
+    if args.command in POD_COMMANDS:
+        from shoal_cli import pods
+
         sys.exit(asyncio.run(pods.main(config, args)))
     from shoal_cli import client
 

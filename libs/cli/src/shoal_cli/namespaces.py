@@ -10,13 +10,11 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-import grpc
-from cri_api.v1 import api_pb2 as cri
 from shoal_common.config import Config
 from shoal_common.errors import ShoalError
 from shoal_common.messages.namespaces import CRI_NAMESPACE, MAX_LABELS, check_namespace
 
-from shoal_cli.cri_client import CliError, connect
+from shoal_cli.failures import CliError, each
 from shoal_cli.output import SHORT
 
 if TYPE_CHECKING:
@@ -67,6 +65,12 @@ def print_table(namespaces: list[NamespaceInfo]) -> None:
 
 async def in_use(config: Config, name: str) -> str:
     """What the CRI gateway holds in namespace `name` ("" for nothing), as a sentence."""
+    # Here, not at the top: `shoal up` imports this module and must not import grpc.
+    import grpc
+    from cri_api.v1 import api_pb2 as cri
+
+    from shoal_cli.cri_client import connect
+
     try:
         async with connect(config.cri_socket, name) as api:
             pods = (await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest())).items
@@ -143,23 +147,17 @@ async def _rm(config: Config, bus: Bus, names: list[str]) -> int:
     from shoal_common.clients import ImagesClient
     from shoal_common.messages.namespaces import NamespaceRemoveRequest
 
-    code = 0
-    for name in names:
+    async def remove(name: str) -> None:
+        if name == CRI_NAMESPACE:
+            raise CliError(f"namespace {CRI_NAMESPACE} is the CRI's (kubelet's pods and "
+                           "images): it cannot be removed")
         try:
-            if name == CRI_NAMESPACE:
-                raise CliError(f"namespace {CRI_NAMESPACE} is the CRI's (kubelet's pods and "
-                               "images): it cannot be removed")
             held = await in_use(config, name)
             if held:
                 raise CliError(f"namespace {name} holds {held}: remove them first "
                                f"(shoal -n {name} rm -f ID...)")
             await ImagesClient(bus).namespaces_remove(NamespaceRemoveRequest(name=name))
-        except CliError as exc:
-            print(f"shoal namespaces rm: {exc}", file=sys.stderr)
-            code = 1
         except ShoalError as exc:
-            print(f"shoal namespaces rm: {exc.message}", file=sys.stderr)
-            code = 1
-        else:
-            print(name)
-    return code
+            raise CliError(exc.message) from None
+
+    return await each("namespaces rm", names, remove)

@@ -22,6 +22,7 @@ from shoal_cli.cri_client import (
     Cri,
     connect,
     container_status,
+    each,
     exit_status,
     exited,
     resolve,
@@ -131,19 +132,13 @@ async def _each(command: str, api: Cri, ids: list[str],
                 act: Callable[[str, Target], Awaitable[None]]) -> int:
     """Resolve every id and act on what it names; a failure is reported and the others
     still get done."""
-    code = 0
-    for ident in ids:
+    async def on(ident: str) -> None:
         try:
             await act(ident, await resolve(api, ident))
         except grpc.aio.AioRpcError as exc:
-            print(f"shoal {command}: {ident}: {exc.details()}", file=sys.stderr)
-            code = 1
-        except CliError as exc:
-            print(f"shoal {command}: {exc}", file=sys.stderr)
-            code = 1
-        else:
-            print(ident)
-    return code
+            raise CliError(f"{ident}: {exc.details()}") from None
+
+    return await each(command, ids, on)
 
 
 async def stop(api: Cri, config: Config, args: argparse.Namespace) -> int:

@@ -3,19 +3,16 @@ per layer as `shoal pull` draws them (redrawn on a terminal, state changes elsew
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import uuid
 
-from shoal_common import codec, subjects
 from shoal_common.bus import Bus
 from shoal_common.clients import ImagesClient
 from shoal_common.config import Config
 from shoal_common.errors import ShoalError
-from shoal_common.messages.images import LayerProgress, RegistryAuth
 from shoal_common.messages.push import PushProgress, PushReply, PushRequest
 
-from shoal_cli.images import ProgressView, human
+from shoal_cli.images import ProgressView, registry_auth, showing
 
 PUSH_TIMEOUT = 3600.0
 LABELS = {"waiting": "Waiting", "pushing": "Pushing", "exists": "Layer already exists",
@@ -24,42 +21,22 @@ OUTCOMES = {"exists": "already there", "mounted": "mounted", "uploaded": "upload
 
 
 class PushView(ProgressView):
-    def line(self, p: LayerProgress) -> str:
-        short = p.digest.removeprefix("sha256:")[:12]
-        if p.state == "pushing" and p.total:
-            width = 30
-            filled = int(width * p.done / p.total)
-            bar = "=" * max(filled - 1, 0) + (">" if filled else "") + " " * (width - filled)
-            return f"{short}: Pushing [{bar}] {human(p.done)}/{human(p.total)}"
-        return f"{short}: {LABELS.get(p.state, p.state)}"
+    labels = LABELS
+    moving = "pushing"
 
 
 async def push(config: Config, bus: Bus, image: str, target: str, namespace: str,
                user: str) -> int:
-    auth = None
-    if user:
-        username, _, password = user.partition(":")
-        auth = RegistryAuth(username=username, password=password)
     push_id = uuid.uuid4().hex
-    view = PushView(sys.stdout)
-
-    async def on_progress(msg: object) -> None:
-        event = codec.decode(msg.data, PushProgress)  # type: ignore[attr-defined]
-        if event.push_id == push_id:
-            view.update(event)
-
-    sub = await bus.nc.subscribe(subjects.event(config.node_id, namespace,
-                                                PushProgress.TOPIC), cb=on_progress)
     try:
-        reply = await ImagesClient(bus, namespace=namespace).push(
-            PushRequest(ref=image, target=target, push_id=push_id, auth=auth),
-            timeout=PUSH_TIMEOUT)
+        async with showing(bus, config, namespace, PushProgress,
+                           lambda e: e.push_id == push_id, PushView(sys.stdout)):
+            reply = await ImagesClient(bus, namespace=namespace).push(
+                PushRequest(ref=image, target=target, push_id=push_id,
+                            auth=registry_auth(user)), timeout=PUSH_TIMEOUT)
     except ShoalError as exc:
         print(f"shoal push: {_explain(exc)}", file=sys.stderr)
         return 1
-    finally:
-        await asyncio.sleep(0.1)  # let the final progress event land
-        await sub.unsubscribe()
     _summary(reply)
     return 0
 

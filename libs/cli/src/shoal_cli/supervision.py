@@ -55,19 +55,21 @@ class RestartPolicy:
         return self.quick_deaths > 2
 
 
-def _die_with_parent(parent: int) -> None:
-    """Runs in the child between fork and exec: SIGTERM when the launcher dies. If it died
-    before prctl took effect, the signal will never come: leave at once instead."""
+def die_with_parent(parent: int) -> None:
+    """Runs in a new child of the launcher (between fork and exec, or right after the
+    zygote forked it): SIGTERM when the launcher dies. If it died before prctl took effect,
+    the signal will never come: leave at once instead."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         os._exit(1)
 
 
-async def spawn(argv: list[str]) -> asyncio.subprocess.Process:
+async def spawn(argv: list[str], *, env: dict[str, str] | None = None,
+                pass_fds: tuple[int, ...] = ()) -> asyncio.subprocess.Process:
     """Start a child in its own session (Ctrl-C reaches only the launcher) that gets SIGTERM
     if the launcher dies. Forked by the event loop's (main) thread: PDEATHSIG follows the
     thread that forked, and that one lives as long as the launcher."""
     return await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-        preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+        *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, env=env,
+        pass_fds=pass_fds, preexec_fn=functools.partial(die_with_parent, os.getpid()))

@@ -123,7 +123,10 @@ class RuntimeConfig(_Section):
 ENTRY_POINTS = "shoal.config"
 
 
+@functools.cache
 def _sections() -> dict[str, type[ServiceConfig]]:
+    """Scanned once per process: what is installed does not change while it runs (and the
+    scan of every distribution's metadata is most of a config load)."""
     found: dict[str, type[ServiceConfig]] = {}
     for ep in entry_points(group=ENTRY_POINTS):
         cls = ep.load()
@@ -170,6 +173,11 @@ class LauncherConfig(_Section):
     restart_backoff_initial: float = 0.5
     restart_backoff_max: float = 30.0
     ready_timeout: float = 30.0
+    # Fork the services from a parent that imported their shared stack once (pages shared
+    # copy-on-write); false: exec each as `python -m shoal_<service>`.
+    preload: bool = True
+    # glibc malloc arenas per service (MALLOC_ARENA_MAX); 0: glibc's default (8 per core).
+    malloc_arena_max: int = 2
 
 
 class LogConfig(_Section):
@@ -300,6 +308,8 @@ def _validate(cfg: Config) -> None:
     for key in _sections():
         getattr(cfg.services, key).check(f"services.{key}")
     check_addr(cfg.launcher.metrics_addr, "launcher.metrics_addr")
+    if not 0 <= cfg.launcher.malloc_arena_max <= 1024:
+        raise bad("launcher.malloc_arena_max", "must be between 0 and 1024")
     check_addr(cfg.cri.stream_addr, "cri.stream_addr")
     if cfg.cri.stream_idle_timeout <= 0:
         raise bad("cri.stream_idle_timeout", "must be > 0")

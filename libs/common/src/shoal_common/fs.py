@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import overload
 
 PRIVATE_DIR = 0o700
 # Where a runtime helper (conmon, runc) or a container's user must pass through by name.
@@ -27,3 +28,26 @@ def write_private(path: Path, data: str | bytes) -> None:
     with os.fdopen(fd, "wb") as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
+
+
+class Under:
+    """A read-only attribute naming a path below another attribute of the same object
+    (`db = Under("state_dir", "tasks.db")`): a layout as a table of names, not a property
+    each."""
+
+    def __init__(self, base: str, *parts: str) -> None:
+        self.base = base
+        self.parts = parts
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> Under: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> Path: ...
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> Under | Path:
+        if obj is None:
+            return self
+        return Path(getattr(obj, self.base)).joinpath(*self.parts)
+
+    def __set__(self, obj: object, value: object) -> None:
+        raise AttributeError(f"a path below {self.base} is not set but derived")

@@ -5,6 +5,10 @@ Every replica also answers the runner's built-in `health` and `ping`."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
 from shoal_common.bus import RequestContext, Router
 from shoal_common.errors import ShoalError
 from shoal_common.messages import ComponentStatus, Empty, RuntimeStatusReply, RuntimeStatusRequest
@@ -18,6 +22,27 @@ from shoal_executor.domain.features import FEATURE_COMPONENT, FEATURES, handler_
 
 router: Router[ExecutorApp] = Router()
 Ctx = RequestContext[ExecutorApp]
+
+
+class _ForObject(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+Req = TypeVar("Req", bound=_ForObject)
+Reply = TypeVar("Reply")
+
+
+def _locked(handler: Callable[[Ctx, Req], Awaitable[Reply]]
+            ) -> Callable[[Ctx, Req], Awaitable[Reply]]:
+    """The handler run holding the lock of the sandbox or container its request names, so
+    a command resent meanwhile waits for it (functools.wraps keeps the annotations the
+    router reads)."""
+    @functools.wraps(handler)
+    async def held(ctx: Ctx, req: Req) -> Reply:
+        async with ctx.app.locks.hold(req.id):
+            return await handler(ctx, req)
+    return held
 
 
 async def _feature_components(ctx: Ctx) -> list[ComponentStatus]:
@@ -52,10 +77,10 @@ async def status(ctx: Ctx, req: RuntimeStatusRequest) -> RuntimeStatusReply:
 
 
 @router.command("sandbox.create")
+@_locked
 async def sandbox_create(ctx: Ctx, req: m.SandboxCreateRequest) -> m.SandboxInfo:
-    async with ctx.app.locks.hold(req.id):
-        return await ctx.app.runtime.create_sandbox(req.id, req.config, req.pause_image_config,
-                                                    req.rootfs, ctx.namespace, req.runtime_handler)
+    return await ctx.app.runtime.create_sandbox(req.id, req.config, req.pause_image_config,
+                                                req.rootfs, ctx.namespace, req.runtime_handler)
 
 
 @router.command("sandbox.status")
@@ -64,44 +89,44 @@ async def sandbox_status(ctx: Ctx, req: m.SandboxIdRequest) -> m.SandboxInfo:
 
 
 @router.command("sandbox.stop")
+@_locked
 async def sandbox_stop(ctx: Ctx, req: m.SandboxIdRequest) -> m.SandboxInfo:
-    async with ctx.app.locks.hold(req.id):
-        return await ctx.app.runtime.stop_sandbox(req.id, ctx.namespace)
+    return await ctx.app.runtime.stop_sandbox(req.id, ctx.namespace)
 
 
 @router.command("sandbox.remove")
+@_locked
 async def sandbox_remove(ctx: Ctx, req: m.SandboxIdRequest) -> Empty:
-    async with ctx.app.locks.hold(req.id):
-        await ctx.app.runtime.remove_sandbox(req.id, ctx.namespace)
-        return Empty()
+    await ctx.app.runtime.remove_sandbox(req.id, ctx.namespace)
+    return Empty()
 
 
 @router.command("container.create")
+@_locked
 async def container_create(ctx: Ctx, req: m.ContainerCreateRequest) -> m.ContainerCreateReply:
-    async with ctx.app.locks.hold(req.id):
-        return await ctx.app.runtime.create_container(req.id, req.sandbox_id, req.config,
-                                                      req.sandbox_config, req.image_config,
-                                                      req.rootfs, ctx.namespace,
-                                                      req.runtime_handler)
+    return await ctx.app.runtime.create_container(req.id, req.sandbox_id, req.config,
+                                                  req.sandbox_config, req.image_config,
+                                                  req.rootfs, ctx.namespace,
+                                                  req.runtime_handler)
 
 
 @router.command("container.start")
+@_locked
 async def container_start(ctx: Ctx, req: m.ContainerIdRequest) -> TaskState:
-    async with ctx.app.locks.hold(req.id):
-        return await ctx.app.runtime.start_container(req.id, ctx.namespace)
+    return await ctx.app.runtime.start_container(req.id, ctx.namespace)
 
 
 @router.command("container.stop")
+@_locked
 async def container_stop(ctx: Ctx, req: m.ContainerStopRequest) -> TaskState:
-    async with ctx.app.locks.hold(req.id):
-        return await ctx.app.runtime.stop_container(req.id, req.timeout, ctx.namespace)
+    return await ctx.app.runtime.stop_container(req.id, req.timeout, ctx.namespace)
 
 
 @router.command("container.remove")
+@_locked
 async def container_remove(ctx: Ctx, req: m.ContainerIdRequest) -> Empty:
-    async with ctx.app.locks.hold(req.id):
-        await ctx.app.runtime.remove_container(req.id, ctx.namespace)
-        return Empty()
+    await ctx.app.runtime.remove_container(req.id, ctx.namespace)
+    return Empty()
 
 
 @router.command("network.create")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from shoal_common.messages.base import Event, Message
 from shoal_common.messages.fields import ImageRef
 
@@ -125,13 +127,19 @@ class LayerProgress(Message):
     state: str
 
 
-class PullProgress(Event):
-    TOPIC = "images.pull.progress"
-    pull_id: str
-    ref: ImageRef
+class TransferProgress(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The fields of PullProgress and PushProgress (not an event itself): each layer's
+    progress; the last event is `finished` (with the `error` that ended it, if one did)."""
+
     layers: list[LayerProgress]
     finished: bool = False
     error: str = ""
+
+
+class PullProgress(TransferProgress, Event, kw_only=True):
+    TOPIC = "images.pull.progress"
+    pull_id: str
+    ref: ImageRef
 
 
 class ContentInfoRequest(Message):

@@ -8,7 +8,7 @@ from msgspec import Meta
 
 from shoal_common.messages.base import Event, Message
 from shoal_common.messages.fields import ImageRef
-from shoal_common.messages.images import LayerProgress, RegistryAuth
+from shoal_common.messages.images import RegistryAuth, TransferProgress
 
 # Caller-chosen: a retry with the same id joins the push in flight; progress events carry it.
 PushId = Annotated[str, Meta(pattern=r"\A[A-Za-z0-9_-]{1,64}\Z")]
@@ -44,12 +44,10 @@ class PushReply(Message):
     note: str = ""
 
 
-class PushProgress(Event):
+class PushProgress(TransferProgress, Event, kw_only=True):
+    """`layers`: one per layer (config blobs are small and not shown); state: waiting,
+    pushing, exists (already in the repository), mounted (from another repository), done."""
+
     TOPIC = "images.push.progress"
     push_id: str
     target: ImageRef
-    # One per layer (config blobs are small and not shown); state: waiting, pushing, exists
-    # (already in the repository), mounted (from another repository), done.
-    layers: list[LayerProgress]
-    finished: bool = False
-    error: str = ""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import grpc
 from cri_api.v1 import api_pb2 as cri
@@ -28,6 +28,8 @@ from shoal_cri_gateway.streaming.server import StreamServer
 
 StreamRequest = TypeVar("StreamRequest", cri.ExecRequest, cri.AttachRequest,
                         cri.PortForwardRequest)
+
+Filter = TypeVar("Filter", covariant=True)
 
 KUBE_API_VERSION = "0.1.0"  # what kubelet expects in VersionResponse.version
 RUNTIME_NAME = "shoal"
@@ -54,6 +56,19 @@ def _check_streams(rpc_name: str, request: cri.ExecRequest | cri.AttachRequest) 
         raise Invalid(f"{rpc_name}: tty and stderr cannot both be true")
     if not (request.stdin or request.stdout or request.stderr):
         raise Invalid(f"{rpc_name}: one of stdin, stdout, or stderr must be set")
+
+
+class _Filtered(Protocol[Filter]):
+    """A List request, whose `filter` counts only when it is set."""
+
+    @property
+    def filter(self) -> Filter: ...
+
+    def HasField(self, field_name: Literal["filter"], /) -> bool: ...
+
+
+def _filter_of(request: _Filtered[Filter]) -> Filter | None:
+    return request.filter if request.HasField("filter") else None
 
 
 @dataclass
@@ -182,9 +197,8 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     @rpc
     async def ListPodSandbox(self, request: cri.ListPodSandboxRequest,
                              context: grpc.aio.ServicerContext) -> cri.ListPodSandboxResponse:
-        f = request.filter if request.HasField("filter") else None
         return cri.ListPodSandboxResponse(items=await self.rt.views.list_pods(
-            namespace_of(context), f))
+            namespace_of(context), _filter_of(request)))
 
     # -- containers --------------------------------------------------------------------
 
@@ -224,9 +238,8 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     @rpc
     async def ListContainers(self, request: cri.ListContainersRequest,
                              context: grpc.aio.ServicerContext) -> cri.ListContainersResponse:
-        f = request.filter if request.HasField("filter") else None
         return cri.ListContainersResponse(containers=await self.rt.views.list_containers(
-            namespace_of(context), f))
+            namespace_of(context), _filter_of(request)))
 
     @rpc
     async def UpdateContainerResources(self, request: cri.UpdateContainerResourcesRequest,
@@ -296,9 +309,8 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     async def ListContainerStats(self, request: cri.ListContainerStatsRequest,
                                  context: grpc.aio.ServicerContext
                                  ) -> cri.ListContainerStatsResponse:
-        f = request.filter if request.HasField("filter") else None
         return cri.ListContainerStatsResponse(stats=await self.rt.stats.list_containers(
-            namespace_of(context), f))
+            namespace_of(context), _filter_of(request)))
 
     @rpc
     async def PodSandboxStats(self, request: cri.PodSandboxStatsRequest,
@@ -310,9 +322,8 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     async def ListPodSandboxStats(self, request: cri.ListPodSandboxStatsRequest,
                                   context: grpc.aio.ServicerContext
                                   ) -> cri.ListPodSandboxStatsResponse:
-        f = request.filter if request.HasField("filter") else None
         return cri.ListPodSandboxStatsResponse(stats=await self.rt.stats.list_pods(
-            namespace_of(context), f))
+            namespace_of(context), _filter_of(request)))
 
     # -- events ------------------------------------------------------------------------
 

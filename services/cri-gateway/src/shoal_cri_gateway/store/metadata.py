@@ -13,14 +13,14 @@ import json
 import re
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from shoal_common.errors import AlreadyExists, NotFound
 from shoal_common.sqlite import SqliteStore
 
-MIGRATIONS = ["""
-CREATE TABLE pods(
+# The columns each table had first; v4 copies both with the namespace (and v2, v3's) added.
+_POD_COLUMNS = """
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
     uid TEXT NOT NULL,
@@ -34,12 +34,13 @@ CREATE TABLE pods(
     ip TEXT NOT NULL,
     additional_ips TEXT NOT NULL,
     netns_path TEXT NOT NULL,
-    runtime_handler TEXT NOT NULL,
-    UNIQUE(name, namespace, uid, attempt)
-);
-CREATE TABLE containers(
+    runtime_handler TEXT NOT NULL,"""
+
+
+def _container_columns(pods: str) -> str:
+    return f"""
     id TEXT PRIMARY KEY,
-    pod_id TEXT NOT NULL REFERENCES pods(id),
+    pod_id TEXT NOT NULL REFERENCES {pods}(id),
     name TEXT NOT NULL,
     attempt INTEGER NOT NULL,
     created_at_ns INTEGER NOT NULL,
@@ -49,7 +50,14 @@ CREATE TABLE containers(
     config BLOB NOT NULL,
     labels TEXT NOT NULL,
     annotations TEXT NOT NULL,
-    log_path TEXT NOT NULL,
+    log_path TEXT NOT NULL,"""
+
+
+MIGRATIONS = [f"""
+CREATE TABLE pods({_POD_COLUMNS}
+    UNIQUE(name, namespace, uid, attempt)
+);
+CREATE TABLE containers({_container_columns("pods")}
     UNIQUE(pod_id, name, attempt)
 );
 CREATE INDEX containers_by_pod ON containers(pod_id)
@@ -70,40 +78,14 @@ ALTER TABLE containers ADD COLUMN state TEXT NOT NULL DEFAULT 'created'
     # tables are copied: containers go to a table referencing the new pods, the old tables
     # are dropped (containers first: nothing references it), and the renames carry the
     # reference over (SQLite >= 3.26 rewrites foreign keys on RENAME).
-    """
-CREATE TABLE pods_v4(
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    uid TEXT NOT NULL,
-    namespace TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    created_at_ns INTEGER NOT NULL,
-    config BLOB NOT NULL,
-    labels TEXT NOT NULL,
-    annotations TEXT NOT NULL,
-    ip TEXT NOT NULL,
-    additional_ips TEXT NOT NULL,
-    netns_path TEXT NOT NULL,
-    runtime_handler TEXT NOT NULL,
+    f"""
+CREATE TABLE pods_v4({_POD_COLUMNS}
     shoal_namespace TEXT NOT NULL,
     UNIQUE(shoal_namespace, namespace, name, uid, attempt)
 );
 INSERT INTO pods_v4 SELECT id, name, uid, namespace, attempt, state, created_at_ns, config,
     labels, annotations, ip, additional_ips, netns_path, runtime_handler, 'k8s.io' FROM pods;
-CREATE TABLE containers_v4(
-    id TEXT PRIMARY KEY,
-    pod_id TEXT NOT NULL REFERENCES pods_v4(id),
-    name TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    created_at_ns INTEGER NOT NULL,
-    image TEXT NOT NULL,
-    image_ref TEXT NOT NULL,
-    image_id TEXT NOT NULL,
-    config BLOB NOT NULL,
-    labels TEXT NOT NULL,
-    annotations TEXT NOT NULL,
-    log_path TEXT NOT NULL,
+CREATE TABLE containers_v4({_container_columns("pods_v4")}
     updated_resources BLOB,
     state TEXT NOT NULL DEFAULT 'created',
     shoal_namespace TEXT NOT NULL,
@@ -184,39 +166,54 @@ def _in(namespace: str) -> str:
     return "" if namespace == CRI_NAMESPACE else f" in namespace {namespace}"
 
 
+# The fields stored as JSON text; every other field is its own column as it is.
+_POD_JSON = ("labels", "annotations", "additional_ips")
+_CTR_JSON = ("labels", "annotations")
+
+
 def _pod(row: sqlite3.Row) -> PodRecord:
     d = dict(row)
-    for key in ("labels", "annotations", "additional_ips"):
+    for key in _POD_JSON:
         d[key] = json.loads(d[key])
     return PodRecord(**d)
 
 
 def _ctr(row: sqlite3.Row) -> ContainerRecord:
     d = dict(row)
-    for key in ("labels", "annotations"):
+    for key in _CTR_JSON:
         d[key] = json.loads(d[key])
     return ContainerRecord(**d)
+
+
+def _columns(record: PodRecord | ContainerRecord, json_fields: tuple[str, ...]
+             ) -> dict[str, object]:
+    """A record as its table's columns (a dataclass field each, in order)."""
+    out = {f.name: getattr(record, f.name) for f in fields(record)}
+    for key in json_fields:
+        out[key] = json.dumps(out[key])
+    return out
 
 
 class Metadata(SqliteStore):
     migrations = MIGRATIONS
 
-    async def add_pod(self, p: PodRecord) -> None:
+    async def _insert(self, table: str, columns: dict[str, object], exists: str) -> None:
+        """One new row; a row it clashes with (or a missing pod it names) is AlreadyExists."""
+        # The table and column names are this module's constants; values are bound.
+        sql = (f"INSERT INTO {table}({', '.join(columns)}) "
+               f"VALUES ({','.join('?' * len(columns))})")
+
         def tx(c: sqlite3.Connection) -> None:
             try:
-                c.execute(
-                    "INSERT INTO pods(id, name, uid, namespace, attempt, state, created_at_ns, "
-                    "config, labels, annotations, ip, additional_ips, netns_path, "
-                    "runtime_handler, shoal_namespace) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
-                        p.id, p.name, p.uid, p.namespace, p.attempt, p.state, p.created_at_ns,
-                        p.config, json.dumps(p.labels), json.dumps(p.annotations), p.ip,
-                        json.dumps(p.additional_ips), p.netns_path, p.runtime_handler,
-                        p.shoal_namespace))
+                c.execute(sql, tuple(columns.values()))
             except sqlite3.IntegrityError:
-                raise AlreadyExists(f"pod sandbox {p.namespace}/{p.name} (uid {p.uid}, attempt "
-                                    f"{p.attempt}) already exists{_in(p.shoal_namespace)}"
-                                    ) from None
+                raise AlreadyExists(exists) from None
         await self.db.transaction(tx)
+
+    async def add_pod(self, p: PodRecord) -> None:
+        await self._insert("pods", _columns(p, _POD_JSON),
+                           f"pod sandbox {p.namespace}/{p.name} (uid {p.uid}, attempt "
+                           f"{p.attempt}) already exists{_in(p.shoal_namespace)}")
 
     async def set_pod_config(self, pod_id: str, config: bytes) -> None:
         await self.db.transaction(lambda c: c.execute(
@@ -280,21 +277,9 @@ class Metadata(SqliteStore):
         await self.db.transaction(lambda c: c.execute("DELETE FROM pods WHERE id=?", (pod_id,)))
 
     async def add_container(self, r: ContainerRecord) -> None:
-        def tx(c: sqlite3.Connection) -> None:
-            try:
-                c.execute(
-                    "INSERT INTO containers(id, pod_id, name, attempt, created_at_ns, image, "
-                    "image_ref, image_id, config, labels, annotations, log_path, "
-                    "updated_resources, state, shoal_namespace) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
-                        r.id, r.pod_id, r.name, r.attempt, r.created_at_ns, r.image,
-                        r.image_ref, r.image_id, r.config, json.dumps(r.labels),
-                        json.dumps(r.annotations), r.log_path, r.updated_resources, r.state,
-                        r.shoal_namespace))
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(f"container {r.name} (attempt {r.attempt}) already exists "
-                                    f"in pod {r.pod_id}") from None
-        await self.db.transaction(tx)
+        await self._insert("containers", _columns(r, _CTR_JSON),
+                           f"container {r.name} (attempt {r.attempt}) already exists "
+                           f"in pod {r.pod_id}")
 
     async def update_resources(self, container_id: str,
                                change: Callable[[bytes | None], bytes | None]) -> None:

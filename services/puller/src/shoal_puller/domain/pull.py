@@ -100,7 +100,7 @@ class Puller:
         ref = parse_reference(req.ref)
         if is_builtin_host(ref.domain):
             return await self.builtins.pull(namespace, ref)  # made here, never fetched
-        creds = _credentials(req)
+        creds = Credentials.from_message(req.auth)
         platform = Platform.parse(req.platform) if req.platform else self.settings.platform
         lease = uuid.uuid4().hex
         started = time.perf_counter()
@@ -317,16 +317,6 @@ class Puller:
                     f"{done} of {sum(p.total for p in progress)} bytes fetched")
 
 
-def _credentials(req: PullRequest) -> Credentials | None:
-    if req.auth is None:
-        return None
-    a = req.auth
-    return Credentials.from_cri(username=a.username, password=a.password, auth=a.auth,
-                                server_address=a.server_address,
-                                identity_token=a.identity_token,
-                                registry_token=a.registry_token)
-
-
 def _parse_manifest(doc: dict[str, Any],
                     ref: Reference) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if doc.get("schemaVersion") != 2:
@@ -340,5 +330,3 @@ def _parse_manifest(doc: dict[str, Any],
                 isinstance(desc.get("size"), int) and desc["size"] >= 0):
             raise Invalid(f"{ref}: malformed descriptor in manifest: {desc!r}")
     return config, layers
-
-

@@ -244,7 +244,7 @@ class Pusher:
                     raise FailedPrecondition(f"push {target}: blob {digest} is not in the "
                                              "content store (pull the image again)")
             ep = self.uploads.endpoint(target.domain)
-            creds = _credentials(req)
+            creds = Credentials.from_message(req.auth)
             sources = await self._sources(namespace, target)
             pushed = await self._watched(namespace, req, str(target), progress, lambda: (
                 self._blobs(ep, target, creds, progress, sources)))
@@ -397,13 +397,3 @@ def _descriptor(desc: Any, manifest: str) -> tuple[str, int]:
             "sha256:") or not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise Invalid(f"manifest {manifest}: malformed descriptor {str(desc)[:200]}")
     return digest, size
-
-
-def _credentials(req: PushRequest) -> Credentials | None:
-    if req.auth is None:
-        return None
-    a = req.auth
-    return Credentials.from_cri(username=a.username, password=a.password, auth=a.auth,
-                                server_address=a.server_address,
-                                identity_token=a.identity_token,
-                                registry_token=a.registry_token)

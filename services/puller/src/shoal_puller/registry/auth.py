@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import yarl
 from shoal_common.errors import FailedPrecondition, Invalid
+from shoal_common.messages.images import RegistryAuth
 
 from shoal_puller.registry._http import MAX_ERROR_BODY, error_text, parse_retry_after
 from shoal_puller.registry.endpoints import Endpoint, Endpoints
@@ -84,6 +85,16 @@ class Credentials:
                 raise Invalid("auth config: the auth field decodes to no user:password pair")
         return cls(username=username, password=password, identity_token=identity_token,
                    registry_token=registry_token, server_address=server_address)
+
+    @classmethod
+    def from_message(cls, auth: RegistryAuth | None) -> Credentials | None:
+        """What a pull or push request carries (None: it carries none)."""
+        if auth is None:
+            return None
+        return cls.from_cri(username=auth.username, password=auth.password, auth=auth.auth,
+                            server_address=auth.server_address,
+                            identity_token=auth.identity_token,
+                            registry_token=auth.registry_token)
 
     @property
     def anonymous(self) -> bool:

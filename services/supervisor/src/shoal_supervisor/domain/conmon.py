@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal_common.errors import FailedPrecondition, Internal
-from shoal_common.fs import write_private
+from shoal_common.fs import Under, write_private
 
 from shoal_supervisor.domain import monitor
 from shoal_supervisor.domain.exec_output import ExecOutput, LogFifo
@@ -83,13 +83,8 @@ class AttachedExecSpec:
     tty: bool
     stdin: bool
 
-    @property
-    def start_fifo(self) -> Path:
-        return self.session_dir / "start"
-
-    @property
-    def sync_fifo(self) -> Path:
-        return self.session_dir / "sync"
+    start_fifo = Under("session_dir", "start")
+    sync_fifo = Under("session_dir", "sync")
 
     @property
     def attach_socket(self) -> Path:

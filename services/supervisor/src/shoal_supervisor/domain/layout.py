@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal_common.fs import private_dir
+from shoal_common.fs import Under, private_dir
 
 
 @dataclass(frozen=True)
@@ -17,41 +17,28 @@ class Layout:
     state_dir: Path
     run_dir: Path
 
-    @property
-    def db(self) -> Path:
-        return self.state_dir / "tasks.db"
-
-    @property
-    def exit_dir(self) -> Path:
-        return self.state_dir / "exits"
+    db = Under("state_dir", "tasks.db")
+    exit_dir = Under("state_dir", "exits")
+    persist_root = Under("state_dir", "persist")
+    task_root = Under("run_dir", "tasks")
+    socket_dir = Under("run_dir", "attach")
+    runtime_root = Under("run_dir", "runc")
+    output_dir = Under("run_dir", "exec-output")  # large ExecSync outputs, until read
 
     def exit_file(self, task_id: str) -> Path:
         return self.exit_dir / task_id
 
     def persist_dir(self, task_id: str) -> Path:
-        return self.state_dir / "persist" / task_id
+        return self.persist_root / task_id
 
     def task_dir(self, task_id: str) -> Path:
-        return self.run_dir / "tasks" / task_id
-
-    @property
-    def socket_dir(self) -> Path:
-        return self.run_dir / "attach"
-
-    @property
-    def runtime_root(self) -> Path:
-        return self.run_dir / "runc"
-
-    @property
-    def output_dir(self) -> Path:
-        """Large ExecSync outputs, until their caller has read them."""
-        return self.run_dir / "exec-output"
+        return self.task_root / task_id
 
     def make(self) -> None:
         # Owner-only like the service dirs above them: only root (conmon, runc, the
         # gateway's streaming server) needs anything in here.
-        for d in (self.exit_dir, self.state_dir / "persist", self.run_dir / "tasks",
-                  self.socket_dir, self.runtime_root, self.output_dir):
+        for d in (self.exit_dir, self.persist_root, self.task_root, self.socket_dir,
+                  self.runtime_root, self.output_dir):
             private_dir(d)
 
     def clear_task(self, task_id: str) -> None:
