@@ -16,7 +16,8 @@ APT_PACKAGES=(runc conmon containernetworking-plugins iproute2 iptables busybox-
 # The test suite runs a real OCI registry and a real Prometheus (tests/ops), compares
 # unpacked trees with umoci (tests/snapshotter; it also builds a layout to import), and
 # reads pushed images and exported archives with skopeo (and makes archives to import).
-(( WITH_TEST )) && APT_PACKAGES+=(docker-registry prometheus umoci skopeo)
+# The Docker gateway is tested with Debian's docker-compose (and its docker CLI, below).
+(( WITH_TEST )) && APT_PACKAGES+=(docker-registry prometheus umoci skopeo docker-compose)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -29,6 +30,18 @@ if (( ${#missing[@]} )); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Debian's docker CLI (20.10, API 1.41) for the Docker gateway's tests: taken out of the
+# docker.io package, not installed, so no dockerd is ever set up or started.
+DOCKER_CLI="$VENV/libexec/docker"
+if (( WITH_TEST )) && [[ ! -x "$DOCKER_CLI" ]]; then
+  deb_dir=$(mktemp -d)
+  (cd "$deb_dir" && { apt-get download -qq docker.io 2>/dev/null ||
+                      { apt-get update -qq && apt-get download -qq docker.io; }; } &&
+   dpkg-deb -x docker.io_*.deb tree)
+  install -D -m 0755 "$deb_dir/tree/usr/bin/docker" "$DOCKER_CLI"
+  rm -rf "$deb_dir"
+fi
+
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "setup: Shoal needs Python >= 3.11 ($PYTHON is $("$PYTHON" --version 2>&1))" >&2
   exit 1
@@ -38,7 +51,7 @@ fi
 
 # Reinstall only when a package definition changed (editable installs track the code itself).
 PACKAGES=(libs/common libs/cli services/puller services/snapshotter services/executor
-          services/supervisor services/cri-gateway)
+          services/supervisor services/cri-gateway services/docker-gateway)
 stamp_src=$(cd "$ROOT" && cat libs/*/pyproject.toml services/*/pyproject.toml requirements-test.txt | sha256sum | cut -c1-16)
 stamp="$VENV/.shoal-setup-$stamp_src-$WITH_TEST"
 if [[ ! -e "$stamp" ]]; then

@@ -23,6 +23,7 @@ SERVICE_MODULES = {
     "executor": "shoal_executor",
     "supervisor": "shoal_supervisor",
     "cri-gateway": "shoal_cri_gateway",
+    "docker-gateway": "shoal_docker_gateway",
 }
 
 

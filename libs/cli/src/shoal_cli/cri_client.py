@@ -21,7 +21,7 @@ CONNECT_TIMEOUT = 5.0
 NAMESPACE_METADATA = "shoal-namespace"  # the gateway's (shoal_cri_gateway.domain.namespaces)
 
 # Re-exported: the pod commands take them from here with the connection.
-__all__ = ["NAMESPACE_METADATA", "CliError", "connect", "each"]
+__all__ = ["NAMESPACE_METADATA", "CliError", "connect", "each", "namespaced_channel"]
 
 
 
@@ -60,6 +60,13 @@ class _Stream(_Namespaced, grpc.aio.UnaryStreamClientInterceptor):
     intercept_unary_stream = _Namespaced._intercept
 
 
+def namespaced_channel(socket_path: str, namespace: str) -> grpc.aio.Channel:
+    """A channel to the CRI socket whose every call carries `namespace` (it connects on
+    first use, so the gateway need not be up yet)."""
+    interceptors: list[Any] = [_Unary(namespace), _Stream(namespace)]  # the stubs ask a cast
+    return grpc.aio.insecure_channel(f"unix://{socket_path}", interceptors=interceptors)
+
+
 @asynccontextmanager
 async def connect(socket_path: str, namespace: str) -> AsyncIterator[Cri]:
     # A plain connect first: gRPC would only time out, where the errno says what is wrong.
@@ -75,9 +82,7 @@ async def connect(socket_path: str, namespace: str) -> AsyncIterator[Cri]:
                        f"({hint})") from None
     except PermissionError:
         raise CliError(f"no permission to use {socket_path} (it is root's)") from None
-    interceptors: list[Any] = [_Unary(namespace), _Stream(namespace)]  # the stubs ask a cast
-    async with grpc.aio.insecure_channel(f"unix://{socket_path}",
-                                         interceptors=interceptors) as channel:
+    async with namespaced_channel(socket_path, namespace) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
         except TimeoutError:

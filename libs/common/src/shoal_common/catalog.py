@@ -1,4 +1,4 @@
-"""The five services: process name, bus subject token, entry module, default metrics port."""
+"""The six services: process name, bus subject token, entry module, default metrics port."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ SERVICES: tuple[ServiceInfo, ...] = (
     ServiceInfo("executor", "tasks", "shoal_executor", 9713),
     ServiceInfo("supervisor", "monitor", "shoal_supervisor", 9714),
     ServiceInfo("cri-gateway", "cri", "shoal_cri_gateway", 9715),
+    ServiceInfo("docker-gateway", "docker", "shoal_docker_gateway", 9716),
 )
 BY_NAME: dict[str, ServiceInfo] = {s.name: s for s in SERVICES}
 BY_SUBJECT: dict[str, ServiceInfo] = {s.subject: s for s in SERVICES}

@@ -166,6 +166,15 @@ class CriConfig(_Section):
     stream_idle_timeout: float = 4 * 3600.0
 
 
+class DockerConfig(_Section):
+    """The Docker Engine API (the docker gateway), shared with the CLI and tests."""
+
+    # Empty = <run_root>/docker.sock (owner-only, like the CRI socket)
+    socket: str = ""
+    # The Shoal namespace of its containers (images are shared by content), Docker's own.
+    namespace: str = "moby"
+
+
 class LauncherConfig(_Section):
     """`shoal up`: its own metrics and how it restarts children."""
 
@@ -199,6 +208,7 @@ class Config(_Section):
     # One section per service (see services_type); read a typed one with `section()`.
     services: Any = msgspec.field(default_factory=_default_services)
     cri: CriConfig = msgspec.field(default_factory=CriConfig)
+    docker: DockerConfig = msgspec.field(default_factory=DockerConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     launcher: LauncherConfig = msgspec.field(default_factory=LauncherConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
@@ -224,6 +234,10 @@ class Config(_Section):
     @property
     def cri_socket(self) -> str:
         return self.cri.socket or str(Path(self.run_root) / "cri.sock")
+
+    @property
+    def docker_socket(self) -> str:
+        return self.docker.socket or str(Path(self.run_root) / "docker.sock")
 
     @property
     def nats_store_dir(self) -> str:

@@ -20,7 +20,9 @@ from shoal_common.errors import Unavailable
 from shoal_common.fs import private_dir
 
 ADMIN = "admin"
-SERVICE_USERS = ("puller", "snapshotter", "executor", "supervisor", "cri-gateway")
+SERVICE_USERS = ("puller", "snapshotter", "executor", "supervisor", "cri-gateway",
+                 "docker-gateway")
+GATEWAYS = ("cri-gateway", "docker-gateway")
 JS_API = "$JS.API"
 
 
@@ -50,9 +52,10 @@ def connect_options(cfg: NatsConfig) -> dict[str, Any]:
 def _perms(node: str, stream: str, user: str) -> dict[str, Any]:
     n = node
     own = {"puller": "images", "snapshotter": "snapshots", "executor": "tasks",
-           "supervisor": "monitor", "cri-gateway": "cri"}[user]
+           "supervisor": "monitor", "cri-gateway": "cri", "docker-gateway": "docker"}[user]
     events = {"puller": ["images", "content"], "snapshotter": ["snapshots"],
-              "executor": [], "supervisor": ["tasks"], "cri-gateway": []}[user]
+              "executor": [], "supervisor": ["tasks"], "cri-gateway": [],
+              "docker-gateway": []}[user]
     publish = [f"shoal.v1.{n}.events.*.{topic}.>" for topic in events]
     publish += [f"shoal.v1.{n}.started.{own}"]  # "I serve": callers resend what was lost
     # Every service makes sure the events stream exists.
@@ -66,9 +69,9 @@ def _perms(node: str, stream: str, user: str) -> dict[str, Any]:
                     f"$JS.ACK.{stream}.{durable}.>"]
     if user == "executor":
         publish += [f"shoal.v1.{n}.monitor.>"]
-    if user == "cri-gateway":
-        # Commands to the services on the container path, and its own ordered consumers
-        # of task events; it publishes no event (a forged images.delete was acted on).
+    if user in GATEWAYS:
+        # Commands to the services on the container path, and their own ordered consumers
+        # of events; they publish no event (a forged images.delete was acted on).
         publish += [f"shoal.v1.{n}.{svc}.>" for svc in ("images", "snapshots", "tasks",
                                                           "monitor")]
         publish += [f"{JS_API}.STREAM.NAMES", f"{JS_API}.CONSUMER.CREATE.{stream}",

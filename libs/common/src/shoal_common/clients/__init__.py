@@ -3,6 +3,7 @@
 from shoal_common.bus import Bus
 from shoal_common.clients.base import PROBE_TIMEOUT, ServiceClient, Verb, check_router
 from shoal_common.clients.cri import CriClient
+from shoal_common.clients.docker import DockerClient
 from shoal_common.clients.images import ImagesClient
 from shoal_common.clients.monitor import MonitorClient
 from shoal_common.clients.snapshots import SnapshotsClient
@@ -21,13 +22,15 @@ class Clients:
 
 # By subject token (shoal_common.catalog's `subject`).
 CLIENTS: dict[str, type[ServiceClient]] = {
-    c.service: c for c in (ImagesClient, SnapshotsClient, TasksClient, MonitorClient, CriClient)}
+    c.service: c for c in (ImagesClient, SnapshotsClient, TasksClient, MonitorClient, CriClient,
+                                                    DockerClient)}
 
 __all__ = [
     "CLIENTS",
     "PROBE_TIMEOUT",
     "Clients",
     "CriClient",
+    "DockerClient",
     "ImagesClient",
     "MonitorClient",
     "ServiceClient",

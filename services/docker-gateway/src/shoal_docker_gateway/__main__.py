@@ -1,0 +1,3 @@
+from shoal_docker_gateway.main import main
+
+main()

@@ -1,0 +1,41 @@
+"""The Docker gateway's application state, built at start and closed at stop: its records,
+the CRI channel and bus clients in the Docker namespace, and the HTTP server on the Docker
+socket (its real edge; on the bus it answers health/ping)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from shoal_cli.cri_client import Cri, namespaced_channel
+from shoal_common.clients import Clients
+from shoal_common.messages.namespaces import check_namespace
+from shoal_common.service import ServiceContext
+
+from shoal_docker_gateway.api import system
+from shoal_docker_gateway.api.server import DockerServer, make_app
+from shoal_docker_gateway.domain.backend import Backend
+from shoal_docker_gateway.store.records import Records
+
+# Every endpoint group, in the order their routes are added.
+GROUPS = (system.routes,)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(ctx: ServiceContext) -> AsyncIterator[DockerServer]:
+    cfg = ctx.config
+    namespace = check_namespace(cfg.docker.namespace, "config key docker.namespace")
+    records = Records(ctx.state_dir / "docker.db")
+    await records.open()
+    channel = namespaced_channel(cfg.cri_socket, namespace)
+    backend = Backend(config=cfg, namespace=namespace, bus=ctx.bus,
+                      clients=Clients(ctx.bus, namespace=namespace), channel=channel,
+                      cri=Cri(channel), records=records)
+    server = DockerServer(cfg.docker_socket, make_app(backend, GROUPS))
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+        await channel.close(None)
+        await records.close()
