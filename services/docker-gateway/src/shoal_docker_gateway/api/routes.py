@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from shoal_docker_gateway.api.errors import BadParameter
+from shoal_docker_gateway.errors import BadParameter
 
 API_VERSION = "1.41"  # what Debian's docker.io 20.10 speaks; newer clients negotiate down
 MIN_API_VERSION = "1.12"

@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from shoal_docker_gateway.api import errors
+from shoal_docker_gateway import errors
 from shoal_docker_gateway.api.routes import API_VERSION, JSON_TYPE, Handler, Routes
 from shoal_docker_gateway.domain.backend import BACKEND, Backend
 
