@@ -12,13 +12,24 @@ from shoal_common.clients import Clients
 from shoal_common.messages.namespaces import check_namespace
 from shoal_common.service import ServiceContext
 
-from shoal_docker_gateway.api import system
+from shoal_docker_gateway.api import (
+    build,
+    containers,
+    disk,
+    events,
+    images,
+    networks,
+    streams,
+    system,
+    volumes,
+)
 from shoal_docker_gateway.api.server import DockerServer, make_app
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.store.records import Records
 
 # Every endpoint group, in the order their routes are added.
-GROUPS = (system.routes,)
+GROUPS = (system.routes, images.routes, containers.routes, streams.routes, volumes.routes,
+          networks.routes, events.routes, disk.routes, build.routes)
 
 
 @contextlib.asynccontextmanager

@@ -33,6 +33,11 @@ CREATE TABLE volumes (
     options TEXT NOT NULL DEFAULT '{}',
     created REAL NOT NULL
 );
+CREATE TABLE build_cache (
+    key TEXT PRIMARY KEY,         -- sha256 of (parent image id, instruction, its inputs)
+    image_id TEXT NOT NULL,       -- the image the step made
+    created REAL NOT NULL
+);
 """
 
 

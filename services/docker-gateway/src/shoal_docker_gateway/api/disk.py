@@ -1,0 +1,7 @@
+"""`docker system df` and `docker system prune`."""
+
+from __future__ import annotations
+
+from shoal_docker_gateway.api.routes import Routes
+
+routes = Routes()

@@ -1,0 +1,7 @@
+"""`docker pull/images/inspect/tag/rmi/history/save/load`."""
+
+from __future__ import annotations
+
+from shoal_docker_gateway.api.routes import Routes
+
+routes = Routes()
