@@ -102,22 +102,22 @@ async def status(config: Config, wait: float) -> int:
 def _print_status(config: Config, answers: list[list[HealthReply]],
                   expected: list[Expected]) -> int:
     print(f"node {config.node_id}  nats {config.nats.url}")
-    print(f"{'SERVICE':<13}{'REPLICA':<18}{'STATUS':<10}{'PID':>8}{'UPTIME':>10}"
+    print(f"{'SERVICE':<16}{'REPLICA':<20}{'STATUS':<10}{'PID':>8}{'UPTIME':>10}"
           f"{'IN-FLIGHT':>11}  {'VERSION':<9}METRICS")
     down = 0
     for svc, replies in zip(SERVICES, answers, strict=True):
         heard = {r.replica for r in replies}
         silent = [e for e in expected if e.service == svc.name and e.replica not in heard]
         for h in sorted(replies, key=lambda r: r.replica):
-            print(f"{svc.name:<13}{h.replica:<18}{h.status:<10}{h.pid:>8}"
+            print(f"{svc.name:<16}{h.replica:<20}{h.status:<10}{h.pid:>8}"
                   f"{h.uptime_seconds:>9.0f}s{h.in_flight:>11}  {h.version:<9}"
                   f"http://{h.metrics_addr}/metrics")
         for e in sorted(silent, key=lambda e: e.replica):  # running, but not answering
-            print(f"{svc.name:<13}{e.replica:<18}{'DOWN':<10}{e.pid:>8}")
+            print(f"{svc.name:<16}{e.replica:<20}{'DOWN':<10}{e.pid:>8}")
         if not replies:
             down += 1
             if not silent:
-                print(f"{svc.name:<13}{'-':<18}{'DOWN':<10}")
+                print(f"{svc.name:<16}{'-':<20}{'DOWN':<10}")
     return 1 if down else 0
 
 

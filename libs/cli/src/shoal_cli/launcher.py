@@ -405,13 +405,14 @@ class Launcher:
         lines = [f"Shoal is up on node {cfg.node_id}",
                  f"  NATS           {nats}",
                  f"  CRI socket     unix://{cfg.cri_socket}",
+                 f"  Docker API     unix://{cfg.docker_socket}",
                  f"  launcher       http://{self.metrics.addr}/metrics",
                  f"  prometheus     file-SD targets in {targets}",
                  "",
-                 f"  {'SERVICE':<13}{'REPLICA':<16}{'PID':>8}  METRICS"]
+                 f"  {'SERVICE':<16}{'REPLICA':<18}{'PID':>8}  METRICS"]
         for child in self.children:
             h = health[child.name]
-            lines.append(f"  {child.service:<13}{child.name:<16}{h.pid:>8}  "
+            lines.append(f"  {child.service:<16}{child.name:<18}{h.pid:>8}  "
                          f"http://{h.metrics_addr}/metrics")
         lines.append("\nPress Ctrl-C to stop.")
         print("\n".join(lines), flush=True)
