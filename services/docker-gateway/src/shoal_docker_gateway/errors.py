@@ -69,5 +69,5 @@ def from_exception(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, grpc.aio.AioRpcError):
         return _GRPC_STATUS.get(exc.code(), 500), exc.details() or exc.code().name
     if isinstance(exc, ShoalError):
-        return _SHOAL_STATUS.get(exc.code, 500), str(exc)
+        return _SHOAL_STATUS.get(exc.code, 500), exc.message
     return 500, f"internal error: {type(exc).__name__}"
