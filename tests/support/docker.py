@@ -82,7 +82,9 @@ def docker_node_fixture(name: str, extra: Sequence[str] = ()) -> Any:
         async with running_node(nats_url, root, f"t{os.getpid()}-d{name}", images,
                                 namespaces=[NAMESPACE]) as node:
             services = node.services
-            gateway = services.start("docker-gateway", extra=[*services.extra, *extra])
+            logs = root / "docker-logs"
+            gateway = services.start("docker-gateway", extra=[
+                *services.extra, "--set", f'docker.log_root="{logs}"', *extra])
             services.wait_serving(gateway)
             config_dir = root / "docker-config"
             config_dir.mkdir()

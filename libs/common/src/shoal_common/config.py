@@ -173,6 +173,9 @@ class DockerConfig(_Section):
     socket: str = ""
     # The Shoal namespace of its containers (images are shared by content), Docker's own.
     namespace: str = "moby"
+    # Containers' CRI log files (<log_root>/<id>/container.log): like kubelet's /var/log/pods,
+    # outside the state root, where the supervisor lets conmon write.
+    log_root: str = "/var/log/shoal/docker"
 
 
 class LauncherConfig(_Section):

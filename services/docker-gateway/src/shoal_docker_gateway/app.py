@@ -4,9 +4,11 @@ socket (its real edge; on the bus it answers health/ping)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import structlog
 from shoal_cli.cri_client import Cri, namespaced_channel
 from shoal_common.clients import Clients
 from shoal_common.messages.namespaces import check_namespace
@@ -24,12 +26,29 @@ from shoal_docker_gateway.api import (
     volumes,
 )
 from shoal_docker_gateway.api.server import DockerServer, make_app
+from shoal_docker_gateway.domain import containers as lifecycle
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.store.records import Records
 
 # Every endpoint group, in the order their routes are added.
 GROUPS = (system.routes, images.routes, containers.routes, streams.routes, volumes.routes,
           networks.routes, events.routes, disk.routes, build.routes)
+
+
+log = structlog.get_logger("shoal.docker")
+
+
+async def _reconcile(backend: Backend) -> None:
+    """Half-done creates and removes of a gateway that was killed, finished once the CRI
+    gateway answers (it may start after us)."""
+    for attempt in range(60):
+        try:
+            await lifecycle.reconcile(backend)
+            return
+        except Exception as exc:  # the CRI gateway not up yet: tried again
+            if attempt == 59:
+                log.warning("reconciling containers failed", error=str(exc))
+            await asyncio.sleep(1.0)
 
 
 @contextlib.asynccontextmanager
@@ -43,10 +62,12 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[DockerServer]:
                       clients=Clients(ctx.bus, namespace=namespace), channel=channel,
                       cri=Cri(channel), records=records)
     server = DockerServer(cfg.docker_socket, make_app(backend, GROUPS))
+    reconciled = asyncio.create_task(_reconcile(backend))
     try:
         await server.start()
         yield server
     finally:
+        reconciled.cancel()
         await server.stop()
         await channel.close(None)
         await records.close()

@@ -17,7 +17,7 @@ def state_dir(backend: Backend) -> Path:
 
 def log_directory(backend: Backend, cid: str) -> Path:
     """The pod's CRI log directory for Docker container `cid` (64 hex, checked by caller)."""
-    return state_dir(backend) / "containers" / cid
+    return Path(backend.config.docker.log_root) / cid
 
 
 def log_path(backend: Backend, cid: str) -> Path:
