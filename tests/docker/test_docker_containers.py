@@ -1,4 +1,4 @@
-"""Containers through Debian's docker CLI: run -d, ps, logs, inspect,
+"""Containers through Debian's docker CLI: run (attached, --rm, -d), start -a, ps, logs, inspect,
 stop/start/restart, kill, wait, rename, rm, -v with a named volume, and Docker's errors."""
 
 from __future__ import annotations
@@ -16,9 +16,23 @@ def _gone(dnode, name: str) -> None:
     dnode.docker("rm", "-f", name, check=False)
 
 
+def test_run_attached_prints_output_and_exit_code(dnode, images) -> None:
+    out = dnode.docker("run", "--rm", images["busybox"], "echo", "hi")
+    assert out.stdout == b"hi\n", out
+    failed = dnode.docker("run", "--rm", images["busybox"], "sh", "-c", "echo oops >&2; exit 3",
+                          check=False)
+    assert failed.returncode == 3, failed
+    assert failed.stderr == b"oops\n"
+    cid = dnode.out("create", images["busybox"], "sh", "-c", "sleep 0.5; echo late")
+    assert dnode.docker("start", "-a", cid).stdout == b"late\n"
+    dnode.docker("rm", cid)
+    end = time.monotonic() + 10  # --rm: removed once it exited
+    while dnode.out("ps", "-aq"):
+        assert time.monotonic() < end, dnode.out("ps", "-a")
+        time.sleep(0.2)
+
+
 def test_run_detached_then_wait_and_logs(dnode, images) -> None:
-    """Output and exit code of a detached run (attached `docker run`, without -d, prints
-    nothing yet: see docs/docker.md)."""
     cid = dnode.out("run", "-d", images["busybox"], "sh", "-c", "echo hi; echo oops >&2; exit 3")
     try:
         assert dnode.out("wait", cid) == "3"

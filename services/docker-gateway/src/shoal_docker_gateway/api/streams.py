@@ -3,6 +3,8 @@ container): output read from the container's CRI log file."""
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from shoal_docker_gateway.api.routes import Routes, query_bool
@@ -12,6 +14,26 @@ from shoal_docker_gateway.domain.lookup import resolve
 from shoal_docker_gateway.errors import BadParameter
 
 routes = Routes()
+
+
+class _Hijacked(asyncio.Protocol):
+    """The connection once hijacked: a client with nothing to send half-closes it (the
+    docker CLI does, without stdin) and still reads the output, so end-of-input must not
+    close it as aiohttp's own protocol would; the end is passed on to aiohttp's."""
+
+    def __init__(self, previous: asyncio.BaseProtocol) -> None:
+        self.previous = previous
+
+    def data_received(self, data: bytes) -> None:
+        pass  # stdin is not forwarded (refused at attach)
+
+    def eof_received(self) -> bool:
+        return True  # keep the write side open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.previous.connection_lost(exc)
+
+
 RAW = "application/vnd.docker.raw-stream"
 
 
@@ -68,6 +90,7 @@ async def attach(request: web.Request) -> web.StreamResponse:
     head = (f"HTTP/1.1 101 UPGRADED\r\nContent-Type: {RAW}\r\nConnection: Upgrade\r\n"
             "Upgrade: tcp\r\n\r\n" if upgrade else
             f"HTTP/1.1 200 OK\r\nContent-Type: {RAW}\r\n\r\n")
+    transport.set_protocol(_Hijacked(transport.get_protocol()))
     transport.write(head.encode())
     try:
         async for chunk in logs.stream(backend, rec, path, q, start):
