@@ -15,12 +15,15 @@ from shoal_common.messages.namespaces import check_namespace
 from shoal_common.service import ServiceContext
 
 from shoal_docker_gateway.api import (
+    archive,
     build,
     containers,
     disk,
     events,
+    execs,
     images,
     networks,
+    stats,
     streams,
     system,
     volumes,
@@ -31,8 +34,9 @@ from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.store.records import Records
 
 # Every endpoint group, in the order their routes are added.
-GROUPS = (system.routes, images.routes, containers.routes, streams.routes, volumes.routes,
-          networks.routes, events.routes, disk.routes, build.routes)
+GROUPS = (system.routes, images.routes, containers.routes, streams.routes, execs.routes,
+          stats.routes, archive.routes, volumes.routes, networks.routes, events.routes,
+          disk.routes, build.routes)
 
 
 log = structlog.get_logger("shoal.docker")
