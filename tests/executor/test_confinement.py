@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from shoal_common.errors import Internal, Invalid
 from shoal_common.messages.snapshots import Mount
+from shoal_common.rootfs_users import resolve_user
 from shoal_executor.domain import mounts
 from shoal_executor.domain.checks import confine_rootfs
 from shoal_executor.domain.paths import RunDirs, write_public
-from shoal_executor.domain.rootfs_users import resolve_user
 from shoal_executor.domain.seccomp import load_profile
 from shoal_executor.domain.spec import parse_signal
 

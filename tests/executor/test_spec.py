@@ -15,8 +15,8 @@ import pytest
 from cri_api.v1 import api_pb2 as cri
 from executor_support import write_mountinfo
 from shoal_common.errors import Invalid
+from shoal_common.rootfs_users import resolve_in_root, resolve_user
 from shoal_executor.domain.cgroups import HostCgroups, page_size_name
-from shoal_executor.domain.rootfs_users import resolve_in_root, resolve_user
 from shoal_executor.domain.seccomp import DENIED
 from shoal_executor.domain.spec import (
     DEFAULT_CAPS,

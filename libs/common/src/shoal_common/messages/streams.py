@@ -15,7 +15,12 @@ from typing import Annotated
 from msgspec import Meta
 
 from shoal_common.messages.base import Message
-from shoal_common.messages.fields import AbsPath, ExecId, ObjectId
+from shoal_common.messages.fields import AbsPath, ExecId, ObjectId, OptionalAbsPath
+
+# An image-style user ("name", "uid", "uid:gid", "name:group"), resolved against the
+# container's own /etc/passwd and /etc/group by the supervisor; "" = the container's user.
+ExecUser = Annotated[str, Meta(pattern=r"\A(|[A-Za-z0-9_.][A-Za-z0-9_.@$-]{0,63}"
+                               r"(:[A-Za-z0-9_.][A-Za-z0-9_.@$-]{0,63})?)\Z")]
 
 
 class ExecCreateRequest(Message):
@@ -25,6 +30,8 @@ class ExecCreateRequest(Message):
     env: list[str] = []
     tty: bool = False
     stdin: bool = False
+    user: ExecUser = ""
+    cwd: OptionalAbsPath = ""  # "" = the container's working directory
     # Initial terminal size when the client already sent one (0 = unknown).
     height: int = 0
     width: int = 0

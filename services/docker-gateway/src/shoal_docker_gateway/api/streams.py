@@ -1,40 +1,32 @@
-"""`docker logs` and `docker attach` (and the attach `docker run` makes before it starts a
-container): output read from the container's CRI log file."""
+"""`docker logs`, `docker attach` (and the attach `docker run` makes before it starts a
+container) and terminal resizes: output from the container's CRI log file, or, when stdin
+is attached, the container's own streams through its conmon."""
 
 from __future__ import annotations
 
-import asyncio
-
+import structlog
 from aiohttp import web
+from shoal_common.attach import ProcessIO, Sessions
+from shoal_common.messages.streams import ResizeRequest
 
+from shoal_docker_gateway.api.hijack import (
+    MULTIPLEXED,
+    RAW,
+    Output,
+    done,
+    hijack,
+    terminal_size,
+)
 from shoal_docker_gateway.api.routes import Routes, query_bool
 from shoal_docker_gateway.domain import logs, paths
-from shoal_docker_gateway.domain.backend import backend_of
+from shoal_docker_gateway.domain.backend import Backend, backend_of
+from shoal_docker_gateway.domain.containers import observe
 from shoal_docker_gateway.domain.lookup import resolve
-from shoal_docker_gateway.errors import BadParameter
+from shoal_docker_gateway.errors import BadParameter, Conflict, from_exception
+from shoal_docker_gateway.store.containers import ContainerRecord
 
 routes = Routes()
-
-
-class _Hijacked(asyncio.Protocol):
-    """The connection once hijacked: a client with nothing to send half-closes it (the
-    docker CLI does, without stdin) and still reads the output, so end-of-input must not
-    close it as aiohttp's own protocol would; the end is passed on to aiohttp's."""
-
-    def __init__(self, previous: asyncio.BaseProtocol) -> None:
-        self.previous = previous
-
-    def data_received(self, data: bytes) -> None:
-        pass  # stdin is not forwarded (refused at attach)
-
-    def eof_received(self) -> bool:
-        return True  # keep the write side open
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.previous.connection_lost(exc)
-
-
-RAW = "application/vnd.docker.raw-stream"
+log = structlog.get_logger("shoal.docker.attach")
 
 
 def _seconds(request: web.Request, name: str) -> float:
@@ -62,7 +54,7 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     if not (q.stdout or q.stderr):
         raise BadParameter("You must choose at least one stream")
     response = web.StreamResponse(headers={"Content-Type": RAW if rec.config.get("Tty") else
-                                           "application/vnd.docker.multiplexed-stream"})
+                                           MULTIPLEXED})
     await response.prepare(request)
     async for chunk in logs.stream(backend, rec, paths.log_path(backend, rec.id), q):
         await response.write(chunk)
@@ -72,31 +64,57 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/containers/{id}/attach")
 async def attach(request: web.Request) -> web.StreamResponse:
-    """Hijacked as Docker does it (101 UPGRADED, then raw bytes); output only: stdin is
-    not forwarded (it answers 501 when asked for)."""
+    """Hijacked as Docker does it (101 UPGRADED, then raw bytes). With stdin, the client is
+    joined to the container's own streams through its conmon (so it must not have exited);
+    output only, it follows the container's log, which also gives `logs=1` its history."""
     backend = backend_of(request)
     rec = await resolve(backend, request.match_info["id"])
+    tty = bool(rec.config.get("Tty"))
     if query_bool(request, "stdin") and rec.config.get("OpenStdin"):
-        raise BadParameter("attaching stdin is not supported by Shoal yet (use -d, or run "
-                           "without -i)")
+        return await _attach_live(request, backend, rec, tty)
     path = paths.log_path(backend, rec.id)
     q = logs.LogQuery(stdout=query_bool(request, "stdout"), stderr=query_bool(request, "stderr"),
                       follow=query_bool(request, "stream"))
     start = 0 if query_bool(request, "logs") or rec.state == "created" else logs.size_of(path)
-    transport = request.transport
-    if transport is None:
-        return web.Response(status=500)
-    upgrade = "upgrade" in request.headers.get("Connection", "").lower()
-    head = (f"HTTP/1.1 101 UPGRADED\r\nContent-Type: {RAW}\r\nConnection: Upgrade\r\n"
-            "Upgrade: tcp\r\n\r\n" if upgrade else
-            f"HTTP/1.1 200 OK\r\nContent-Type: {RAW}\r\n\r\n")
-    transport.set_protocol(_Hijacked(transport.get_protocol()))
-    transport.write(head.encode())
+    conn = hijack(request, RAW)
     try:
         async for chunk in logs.stream(backend, rec, path, q, start):
-            if transport.is_closing():
+            if conn.closing:
                 break
-            transport.write(chunk)
+            await conn.write(chunk)
+    except ConnectionError:
+        pass  # the client left
     finally:
-        transport.close()  # the stream ends with the connection, as a hijacked one does
-    raise web.HTTPOk()  # nothing more goes on this connection
+        conn.close()  # the stream ends with the connection, as a hijacked one does
+    raise done()
+
+
+async def _attach_live(request: web.Request, backend: Backend, rec: ContainerRecord,
+                       tty: bool) -> web.StreamResponse:
+    if (await observe(backend, rec)).status not in ("created", "running"):
+        raise Conflict("You cannot attach to a stopped container, start it first")
+    conn = hijack(request, RAW if tty else MULTIPLEXED)
+    io = ProcessIO(stdin=conn,
+                   stdout=Output(conn, "stdout", tty) if query_bool(request, "stdout") else None,
+                   stderr=Output(conn, "stderr", tty) if query_bool(request, "stderr") else None)
+    try:
+        await Sessions(backend.clients.monitor).attach(rec.cri_id, io, outlive_stdin=True)
+    except ConnectionError:
+        pass
+    except Exception as exc:
+        log.info("attach failed", container=rec.id, error=from_exception(exc)[1])
+    finally:
+        conn.close()
+    raise done()
+
+
+@routes.post("/containers/{id}/resize")
+async def resize(request: web.Request) -> web.Response:
+    backend = backend_of(request)
+    rec = await resolve(backend, request.match_info["id"])
+    size = terminal_size(request)
+    if (await observe(backend, rec)).status != "running":
+        raise Conflict(f"Container {rec.id} is not running")
+    await backend.clients.monitor.resize(ResizeRequest(id=rec.cri_id, height=size.height,
+                                                       width=size.width))
+    return web.Response(status=200)

@@ -4,7 +4,7 @@ gateway's own records, and the node's settings."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
@@ -13,6 +13,7 @@ from shoal_common.bus import Bus
 from shoal_common.clients import Clients
 from shoal_common.config import Config
 
+from shoal_docker_gateway.domain.execs import ExecRegistry
 from shoal_docker_gateway.store.records import Records
 
 
@@ -25,6 +26,7 @@ class Backend:
     channel: grpc.aio.Channel  # to the CRI socket, every call carrying `namespace`
     cri: Cri
     records: Records
+    execs: ExecRegistry = field(default_factory=ExecRegistry)  # in memory, as dockerd's
 
     @property
     def node_id(self) -> str:

@@ -213,6 +213,7 @@ async def remove(backend: Backend, rec: ContainerRecord, force: bool, volumes: b
     store = Containers(backend.records)
     rec = await store.update(rec, state="removing")  # intent: finished at start if killed
     await _remove_everything(backend, rec)
+    backend.execs.forget_container(rec.id)
     if volumes:
         from shoal_docker_gateway.domain import volumes as vols
 

@@ -31,12 +31,13 @@ from shoal_common.errors import (
     NotFound,
 )
 from shoal_common.messages import streams
+from shoal_common.rootfs_users import resolve_user
 
 from shoal_supervisor.domain import conmon, monitor
 from shoal_supervisor.domain.conmon import AttachedExecSpec, Conmon
 from shoal_supervisor.domain.layout import Layout
 from shoal_supervisor.domain.oci_runtime import runtime_message
-from shoal_supervisor.store.tasks import RUNNING, TaskRecord
+from shoal_supervisor.store.tasks import LIVE, RUNNING, TaskRecord
 
 log = structlog.get_logger("shoal.supervisor")
 
@@ -71,9 +72,11 @@ def check_command(verb: str, cmd: list[str], env: list[str]) -> None:
 
 
 def exec_process(task: TaskRecord, cmd: list[str], env: list[str], tty: bool,
-                 console: tuple[int, int] | None = None) -> dict[str, Any]:
+                 console: tuple[int, int] | None = None, user: str = "",
+                 cwd: str = "") -> dict[str, Any]:
     """The container's own process settings (user, caps, cwd, env, profiles) with the
-    exec's command, terminal and extra environment, as `runtime exec --process` takes."""
+    exec's command, terminal and extra environment, as `runtime exec --process` takes;
+    `user` and `cwd`, when given, replace the container's."""
     try:
         config = json.loads((Path(task.bundle) / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -88,7 +91,20 @@ def exec_process(task: TaskRecord, cmd: list[str], env: list[str], tty: bool,
     merged = {e.split("=", 1)[0]: e for e in process.get("env") or []}
     merged.update({e.split("=", 1)[0]: e for e in env})
     process["env"] = list(merged.values())
+    if cwd:
+        process["cwd"] = cwd
+    if user:
+        process["user"] = _exec_user(task, config, user)
     return process
+
+
+def _exec_user(task: TaskRecord, config: dict[str, Any], user: str) -> dict[str, Any]:
+    """`user` resolved in the container's own passwd and group files (read within its
+    rootfs: the image must not make us read host files)."""
+    root = (config.get("root") or {}).get("path") or "rootfs"
+    rootfs = Path(task.bundle, root)  # a relative root.path is the bundle's
+    found = resolve_user(str(rootfs), user)
+    return {"uid": found.uid, "gid": found.gid, "additionalGids": found.additional_gids}
 
 
 def sessions_dir(task_dir: Path) -> Path:
@@ -162,9 +178,9 @@ class ExecSessions:
                 return streams.ExecSession(exec_id=req.exec_id,
                                            attach_socket=str(spec.attach_socket))
             raise AlreadyExists(f"exec session {req.exec_id} already exists")
-        d.mkdir(mode=0o700, parents=True)
         console = (req.height, req.width) if req.height > 0 and req.width > 0 else None
-        process = exec_process(task, req.cmd, req.env, req.tty, console)
+        process = exec_process(task, req.cmd, req.env, req.tty, console, req.user, req.cwd)
+        d.mkdir(mode=0o700, parents=True)
         try:
             await Conmon(conmon_path).exec_attached(
                 spec, process, timeout=max(1.0, min(PREPARE_TIMEOUT, budget - 1)))
@@ -242,7 +258,11 @@ class ExecSessions:
         shutil.rmtree(d, ignore_errors=True)
 
     async def attach(self, task_id: str) -> streams.AttachInfo:
-        task = await self._running(task_id)
+        """A created task can be attached too: its conmon is up and listening, and a client
+        that must see every byte (docker run) attaches before it starts."""
+        task = await self._record(task_id)
+        if task.state not in LIVE:
+            raise FailedPrecondition(f"container {task_id} is not running ({task.state})")
         socket = self.layout.socket_dir / task.id / "attach"
         if not socket.exists():
             raise FailedPrecondition(f"container {task_id} has no attach socket")

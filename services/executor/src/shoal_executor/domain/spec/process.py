@@ -8,8 +8,8 @@ from typing import Any
 
 from cri_api.v1 import api_pb2 as cri
 from shoal_common.errors import Invalid
+from shoal_common.rootfs_users import User, resolve_user
 
-from shoal_executor.domain.rootfs_users import User, resolve_user
 from shoal_executor.domain.spec.capabilities import capabilities
 from shoal_executor.domain.spec.context import SpecInput
 
