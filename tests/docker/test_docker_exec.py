@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import pytest
-
 from support.docker import DOCKER_CLI, docker_node_fixture
 from support.shoal import images_fixture  # noqa: F401
 
