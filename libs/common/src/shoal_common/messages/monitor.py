@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
 from msgspec import Meta
 
 from shoal_common.messages.base import Event, Message
@@ -33,6 +34,22 @@ OutputId = Annotated[str, Meta(pattern=r"\A[a-f0-9]{32}\Z")]
 OutputStream = Annotated[str, Meta(pattern=r"\A(stdout|stderr)\Z")]
 
 
+# "" = none (the CRI's way: kubelet restarts containers, not the runtime).
+RestartName = Annotated[str, Meta(pattern=r"\A(|no|always|on-failure|unless-stopped)\Z")]
+RESTART_ANNOTATION = "io.shoal.restart-policy"  # "<name>[:<max retries>]" on a CRI container
+
+
+class RestartPolicy(Message):
+    """Docker's restart policies, kept by the supervisor so they hold while the edge that
+    asked for them is down: after an exit the task is run again from its bundle (a new
+    conmon, the same id and rootfs), with Docker's backoff; a stop or kill through the
+    supervisor ends it (`always` resumes after a supervisor restart, as after a daemon
+    restart; `unless-stopped` does not)."""
+
+    name: RestartName = ""
+    max_retries: Annotated[int, Meta(ge=0, le=1_000_000)] = 0  # on-failure; 0 = no limit
+
+
 class MonitorCreateRequest(Message):
     """Create (not start) a container from a prepared OCI bundle, under its own conmon."""
 
@@ -48,6 +65,7 @@ class MonitorCreateRequest(Message):
     sandbox_id: OptionalId = ""  # the pod this container belongs to ("" for its own pause)
     cgroup_path: OptionalAbsPath = ""  # as written in config.json linux.cgroupsPath
     labels: dict[str, str] = {}
+    restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
 
 
 class TaskState(Message):
@@ -59,6 +77,7 @@ class TaskState(Message):
     started_at: float = 0.0
     finished_at: float = 0.0
     oom_killed: bool = False
+    restart_count: int = 0  # runs after the first, under its restart policy
     # "Completed" (exit 0), "Error", "OOMKilled" once stopped
     reason: str = ""
     message: str = ""
