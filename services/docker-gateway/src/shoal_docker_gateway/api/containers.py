@@ -92,8 +92,12 @@ async def wait(request: web.Request) -> web.StreamResponse:
         store = Containers(backend.records)
         while await store.by_id(rec.id) is not None:  # noqa: ASYNC110 (another task removes)
             await asyncio.sleep(ops.POLL)
-    await response.write(json.dumps({"StatusCode": seen.exit_code, "Error": None}).encode())
-    await response.write_eof()
+    try:
+        await response.write(json.dumps({"StatusCode": seen.exit_code,
+                                         "Error": None}).encode())
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client stopped waiting (docker run --rm does, once it saw the end)
     return response
 
 
