@@ -30,6 +30,7 @@ from shoal_docker_gateway.api import (
 )
 from shoal_docker_gateway.api.server import DockerServer, make_app
 from shoal_docker_gateway.domain import containers as lifecycle
+from shoal_docker_gateway.domain import networks as docker_networks
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.store.records import Records
 
@@ -69,9 +70,11 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[DockerServer]:
     reconciled = asyncio.create_task(_reconcile(backend))
     try:
         await server.start()
+        await docker_networks.start(backend)  # containers on user networks resolve again
         yield server
     finally:
         reconciled.cancel()
+        await docker_networks.stop(backend)
         await server.stop()
         await channel.close(None)
         await records.close()

@@ -13,6 +13,7 @@ from shoal_common.bus import Bus
 from shoal_common.clients import Clients
 from shoal_common.config import Config
 
+from shoal_docker_gateway.domain.dns import DnsService
 from shoal_docker_gateway.domain.execs import ExecRegistry
 from shoal_docker_gateway.store.records import Records
 
@@ -27,6 +28,7 @@ class Backend:
     cri: Cri
     records: Records
     execs: ExecRegistry = field(default_factory=ExecRegistry)  # in memory, as dockerd's
+    dns: DnsService | None = None  # started by networks.dns_of
 
     @property
     def node_id(self) -> str:

@@ -19,7 +19,7 @@ from cri_api.v1 import api_pb2 as cri
 from shoal_cli.failures import CliError
 from shoal_cli.run import JOIN, NETWORK_ANNOTATION, _security
 
-from shoal_docker_gateway.domain import paths, volumes
+from shoal_docker_gateway.domain import networks, paths, volumes
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.containers_body import (
     flag,
@@ -262,11 +262,16 @@ def command(body: dict[str, Any], image: dict[str, Any]) -> tuple[list[str], lis
     return [], cmd or [], effective
 
 
-async def network(backend: Backend, hc: dict[str, Any], pod: cri.PodSandboxConfig) -> str:
-    """HostConfig.NetworkMode on the pod; the mode as inspect names it."""
+async def network(backend: Backend, body: dict[str, Any], hc: dict[str, Any],
+                  pod: cri.PodSandboxConfig) -> tuple[str, dict[str, str]]:
+    """HostConfig.NetworkMode on the pod: the mode as inspect names it, and the Docker user
+    network it joins ({"Id", "Name"}; {} for none). On a user bridge network the pod's
+    nameserver is the network's gateway, where the gateway answers for its containers'
+    names (domain/dns.py), unless the client named its own (Dns)."""
     mode = text(hc, "NetworkMode", "HostConfig.")
+    joined: dict[str, str] = {}
     if mode in DEFAULT_NETWORKS:
-        return "default" if not mode else mode
+        return ("default" if not mode else mode), joined
     if mode == "host":
         if pod.port_mappings:
             pod.ClearField("port_mappings")  # Docker drops them with a warning
@@ -277,9 +282,18 @@ async def network(backend: Backend, hc: dict[str, Any], pod: cri.PodSandboxConfi
                                "network mode")
         target = await resolve(backend, mode.removeprefix(JOIN))
         pod.annotations[NETWORK_ANNOTATION] = JOIN + target.pod_id
+    elif mode == "none":
+        pod.annotations[NETWORK_ANNOTATION] = mode
     else:
-        pod.annotations[NETWORK_ANNOTATION] = mode  # `none`, or a network's name
-    return mode
+        att = await networks.attach(backend, body, mode)
+        if att is None:  # a Shoal network's own name (`shoal network create`)
+            pod.annotations[NETWORK_ANNOTATION] = mode
+        else:
+            pod.annotations[NETWORK_ANNOTATION] = att.shoal_name
+            if att.dns and not pod.dns_config.servers:
+                pod.dns_config.servers.append(att.dns)
+            joined = {"Id": att.net_id, "Name": att.name}
+    return mode, joined
 
 
 def _dns(hc: dict[str, Any], pod: cri.PodSandboxConfig) -> None:
@@ -316,7 +330,7 @@ async def build(backend: Backend, cid: str, name: str, body: dict[str, Any], ima
         port_mappings=port_mappings, labels=labels)
     _dns(hc, pod)
     _sysctls(hc, pod)
-    mode = await network(backend, hc, pod)
+    mode, joined = await network(backend, body, hc, pod)
     if text(hc, "IpcMode", "HostConfig.") == "host":
         pod.linux.security_context.namespace_options.ipc = cri.NODE
     if text(hc, "PidMode", "HostConfig.") == "host":
@@ -339,6 +353,7 @@ async def build(backend: Backend, cid: str, name: str, body: dict[str, Any], ima
     ctr.mounts.extend(crimounts)
     merged = {"Path": argv[0] if argv else "", "Args": argv[1:], "Ports": shown_ports,
               "Mounts": shown_mounts, "AnonymousVolumes": anonymous, "NetworkMode": mode,
+              **({"Network": joined} if joined else {}),
               "Env": _merged_env(list(image.get("Env") or []), env),
               "WorkingDir": text(body, "WorkingDir") or str(image.get("WorkingDir") or ""),
               "User": text(body, "User") or str(image.get("User") or ""),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shoal_docker_gateway.domain import paths
+from shoal_docker_gateway.domain import networks, paths
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.containers import Observed, observe
 from shoal_docker_gateway.domain.images import rfc3339
@@ -145,6 +145,5 @@ async def inspect(backend: Backend, rec: ContainerRecord) -> dict[str, Any]:
         "Platform": "linux", "MountLabel": "", "ProcessLabel": "", "AppArmorProfile": "",
         "HostConfig": rec.host_config, "Mounts": merged.get("Mounts", []),
         "Config": config,
-        "NetworkSettings": {"Ports": merged.get("Ports", {}), "IPAddress": "",
-                            "Networks": {}},
+        "NetworkSettings": await networks.settings(backend, rec),
     }

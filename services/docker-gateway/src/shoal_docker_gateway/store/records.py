@@ -40,6 +40,22 @@ CREATE TABLE build_cache (
 );
 """
 
+# Docker's user networks: each is a Shoal network of the executor (`shoal_name`, a DNS
+# label made from the Docker name); what Docker shows and Shoal does not keep is here.
+SCHEMA_NETWORKS = """
+CREATE TABLE networks (
+    id TEXT PRIMARY KEY,          -- Docker's id: 64 hex, chosen here
+    name TEXT NOT NULL UNIQUE,    -- Docker's name, as the client gave it
+    shoal_name TEXT NOT NULL UNIQUE,
+    driver TEXT NOT NULL,         -- bridge, macvlan, ipvlan
+    attachable INTEGER NOT NULL DEFAULT 0,
+    labels TEXT NOT NULL DEFAULT '{}',
+    options TEXT NOT NULL DEFAULT '{}',
+    ipam TEXT NOT NULL DEFAULT '{}',  -- IPAM as asked for (Config: Subnet, Gateway)
+    created REAL NOT NULL
+);
+"""
+
 
 class Records(SqliteStore):
-    migrations: ClassVar[list[str]] = [SCHEMA_V1]
+    migrations: ClassVar[list[str]] = [SCHEMA_V1, SCHEMA_NETWORKS]
