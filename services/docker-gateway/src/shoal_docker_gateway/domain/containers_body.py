@@ -100,7 +100,7 @@ def restart_policy(hc: dict[str, Any]) -> tuple[str, int]:
     name = text(rp, "Name", "HostConfig.RestartPolicy.")
     if name not in RESTART_POLICIES:
         raise BadParameter(f"invalid restart policy '{name}'")
-    retries = integer(rp, "MaximumRetryCount", "HostConfig.RestartPolicy.", high=2 ** 31)
+    retries = integer(rp, "MaximumRetryCount", "HostConfig.RestartPolicy.", high=1_000_000)
     if retries and name != "on-failure":
         raise BadParameter(f"maximum retry count cannot be used with restart policy '{name}'")
     if name not in ("", "no") and flag(hc, "AutoRemove"):

@@ -18,6 +18,7 @@ from typing import Any
 from cri_api.v1 import api_pb2 as cri
 from shoal_cli.failures import CliError
 from shoal_cli.run import JOIN, NETWORK_ANNOTATION, _security
+from shoal_common.messages.monitor import RESTART_ANNOTATION
 
 from shoal_docker_gateway.domain import networks, paths, volumes
 from shoal_docker_gateway.domain.backend import Backend
@@ -321,7 +322,7 @@ async def build(backend: Backend, cid: str, name: str, body: dict[str, Any], ima
     image config's `config` (Entrypoint, Cmd, Env, Volumes...)."""
     hc = obj(body, "HostConfig")
     refuse_unsupported(hc)
-    restart_policy(hc)
+    policy, retries = restart_policy(hc)
     labels = {ID_LABEL: cid}
     port_mappings, shown_ports = ports(body, hc)
     pod = cri.PodSandboxConfig(
@@ -342,6 +343,8 @@ async def build(backend: Backend, cid: str, name: str, body: dict[str, Any], ima
         command=cmd, args=args, envs=_env(env), working_dir=text(body, "WorkingDir"),
         log_path=paths.LOG_FILE, labels=labels, tty=flag(body, "Tty"),
         stdin=flag(body, "OpenStdin"), stdin_once=flag(body, "StdinOnce"))
+    if policy != "no":  # kept by the supervisor, which runs the container again itself
+        ctr.annotations[RESTART_ANNOTATION] = f"{policy}:{retries}"
     ctr.linux.security_context.namespace_options.CopyFrom(
         pod.linux.security_context.namespace_options)
     _resources(hc, ctr.linux.resources)
