@@ -101,6 +101,14 @@ async def wait(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@routes.post("/containers/{id}/update")
+async def update(request: web.Request) -> web.Response:
+    backend = backend_of(request)
+    rec = await resolve(backend, request.match_info["id"])
+    await ops.update(backend, rec, await json_body(request))
+    return json_response({"Warnings": []})
+
+
 @routes.delete("/containers/{id}")
 async def remove(request: web.Request) -> web.Response:
     backend = backend_of(request)

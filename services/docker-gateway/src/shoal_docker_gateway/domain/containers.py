@@ -24,7 +24,7 @@ from shoal_docker_gateway.domain import containers_spec, images, paths
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.containers_body import check_name, obj
 from shoal_docker_gateway.domain.lookup import resolve
-from shoal_docker_gateway.errors import BadParameter, Conflict
+from shoal_docker_gateway.errors import BadParameter, Conflict, Unsupported
 from shoal_docker_gateway.store.containers import ContainerRecord, Containers
 
 log = structlog.get_logger("shoal.docker")
@@ -203,6 +203,37 @@ async def kill(backend: Backend, rec: ContainerRecord, signum: int) -> None:
         await _note_exit(backend, rec)
         return
     await backend.clients.monitor.kill(KillRequest(id=rec.cri_id, signal=signum))
+
+
+# What `docker update` may change, all resources (the CLI sends every one, 0 = unchanged).
+UPDATABLE = ("Memory", "MemorySwap", "NanoCpus", "CpuShares", "CpuPeriod", "CpuQuota",
+             "CpusetCpus", "CpusetMems")
+REFUSED_UPDATES = ("BlkioWeight", "KernelMemory", "MemoryReservation", "PidsLimit",
+                   "CpuRealtimePeriod", "CpuRealtimeRuntime")
+
+
+async def update(backend: Backend, rec: ContainerRecord, body: dict[str, Any]) -> None:
+    """New limits for a container: applied now through the CRI if it runs (or is created),
+    and kept for later runs."""
+    for key in REFUSED_UPDATES:
+        if body.get(key) not in (None, 0, ""):
+            raise Unsupported(f"updating {key} is not supported by Shoal")
+    policy = body.get("RestartPolicy")
+    if isinstance(policy, dict) and policy.get("Name"):
+        raise Unsupported("updating the restart policy is not supported by Shoal yet")
+    hc = dict(rec.host_config)
+    hc.update({k: body[k] for k in UPDATABLE if body.get(k) not in (None, 0, "")})
+    if body.get("NanoCpus"):
+        hc.pop("CpuQuota", None)
+        hc.pop("CpuPeriod", None)
+    elif body.get("CpuQuota") or body.get("CpuPeriod"):
+        hc.pop("NanoCpus", None)
+    res = cri.LinuxContainerResources()
+    containers_spec.resources(hc, res)  # checks every field as a create does
+    if (await observe(backend, rec)).status in ("created", "running"):
+        await backend.cri.runtime.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
+            container_id=rec.cri_id, linux=res))
+    await Containers(backend.records).update(rec, config={**rec.config, "HostConfig": hc})
 
 
 async def remove(backend: Backend, rec: ContainerRecord, force: bool, volumes: bool) -> None:

@@ -199,7 +199,7 @@ async def mounts(backend: Backend, body: dict[str, Any], hc: dict[str, Any],
     return out, anonymous, shown
 
 
-def _resources(hc: dict[str, Any], res: cri.LinuxContainerResources) -> None:
+def resources(hc: dict[str, Any], res: cri.LinuxContainerResources) -> None:
     res.memory_limit_in_bytes = integer(hc, "Memory", "HostConfig.")
     swap = integer(hc, "MemorySwap", "HostConfig.", low=-1)
     if swap > 0:
@@ -347,7 +347,7 @@ async def build(backend: Backend, cid: str, name: str, body: dict[str, Any], ima
         ctr.annotations[RESTART_ANNOTATION] = f"{policy}:{retries}"
     ctr.linux.security_context.namespace_options.CopyFrom(
         pod.linux.security_context.namespace_options)
-    _resources(hc, ctr.linux.resources)
+    resources(hc, ctr.linux.resources)
     _security_context(body, hc, ctr.linux.security_context)
     if ctr.linux.security_context.privileged:
         pod.linux.security_context.privileged = True  # the CRI's rule: the pod is too
