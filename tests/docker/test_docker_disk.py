@@ -7,7 +7,6 @@ import json
 import subprocess
 import time
 
-import pytest
 from support.docker import docker_node_fixture
 from support.shoal import images_fixture  # noqa: F401
 
@@ -92,8 +91,7 @@ def test_container_prune_removes_stopped_ones_only(dnode, images) -> None:
 
 def test_system_prune(dnode, images) -> None:
     missing = [p for p in ("/networks/prune", "/build/prune") if _status(dnode, "POST", p) == 501]
-    if missing:
-        pytest.skip(f"docker system prune needs {', '.join(missing)}, not served yet")
+    assert not missing, f"docker system prune needs {', '.join(missing)}"
     dnode.docker("run", "-d", "--name", "sp-live", images["busybox"], "sleep", "300")
     dnode.docker("run", "--name", "sp-done", images["busybox"], "true")
     dnode.docker("volume", "create", "sp-vol")
