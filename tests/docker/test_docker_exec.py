@@ -133,3 +133,9 @@ def test_sdk_exec_run(dnode, box) -> None:
     info = client.api.exec_create(box, ["sh", "-c", "exit 3"])
     client.api.exec_start(info["Id"])
     assert client.api.exec_inspect(info["Id"])["ExitCode"] == 3
+
+
+def test_sdk_containers_run(dnode, images) -> None:
+    client = dnode.sdk()
+    out = client.containers.run(images["busybox"], ["echo", "from-sdk"], remove=True)
+    assert out == b"from-sdk\n"

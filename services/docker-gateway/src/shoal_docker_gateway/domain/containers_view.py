@@ -143,7 +143,9 @@ async def inspect(backend: Backend, rec: ContainerRecord) -> dict[str, Any]:
         "Image": rec.image_id, "Name": f"/{rec.name}", "RestartCount": rec.restart_count,
         "LogPath": str(paths.log_path(backend, rec.id)), "Driver": "overlayfs",
         "Platform": "linux", "MountLabel": "", "ProcessLabel": "", "AppArmorProfile": "",
-        "HostConfig": rec.host_config, "Mounts": merged.get("Mounts", []),
+        # LogConfig: the CRI log file; the SDK's containers.run reads its Type.
+        "HostConfig": {"LogConfig": {"Type": "json-file", "Config": {}}, **rec.host_config},
+        "Mounts": merged.get("Mounts", []),
         "Config": config,
         "NetworkSettings": await networks.settings(backend, rec),
     }
