@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 from cri_api.v1 import api_pb2 as cri
 from shoal_common.errors import Invalid
+from shoal_common.messages.monitor import RESTART_ANNOTATION
 from shoal_executor.domain.checks import (
     check_container_config,
     check_image_config,
@@ -15,6 +16,7 @@ from shoal_executor.domain.checks import (
     pod_cgroup_parent,
 )
 from shoal_executor.domain.checks.cgroup import expand_slice
+from shoal_executor.domain.checks.container import restart_policy
 from shoal_executor.domain.runtime import resolv_conf
 
 NODE = cri.NamespaceOption(network=cri.NODE, ipc=cri.NODE)
@@ -255,3 +257,22 @@ def test_a_huge_value_is_cut_short_in_the_message(check: Callable[[], None]) -> 
     with pytest.raises(Invalid) as err:
         check()
     assert len(err.value.message) < 400
+
+
+@pytest.mark.parametrize("text,name,retries", [
+    ("", "", 0), ("no:0", "", 0), ("always:0", "always", 0),
+    ("unless-stopped", "unless-stopped", 0),
+    ("on-failure:5", "on-failure", 5), ("on-failure", "on-failure", 0)])
+def test_the_restart_annotation_becomes_the_supervisors_policy(text: str, name: str,
+                                                               retries: int) -> None:
+    config = cri.ContainerConfig(annotations={RESTART_ANNOTATION: text} if text else {})
+    policy = restart_policy(config)
+    assert (policy.name, policy.max_retries) == (name, retries)
+
+
+@pytest.mark.parametrize("text", ["sometimes", "always:3", "on-failure:-1", "on-failure:x",
+                                  "on-failure:1234567", "always:0\n"])
+def test_a_bad_restart_annotation_is_refused(text: str) -> None:
+    config = cri.ContainerConfig(annotations={RESTART_ANNOTATION: text})
+    with pytest.raises(Invalid, match="restart policy"):
+        check_container_config(config)

@@ -78,6 +78,7 @@ class TaskState(Message):
     finished_at: float = 0.0
     oom_killed: bool = False
     restart_count: int = 0  # runs after the first, under its restart policy
+    restarting: bool = False  # stopped, its next run waiting for the policy's delay
     # "Completed" (exit 0), "Error", "OOMKilled" once stopped
     reason: str = ""
     message: str = ""

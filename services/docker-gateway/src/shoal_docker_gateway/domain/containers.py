@@ -22,7 +22,7 @@ from shoal_common.messages.monitor import KillRequest
 
 from shoal_docker_gateway.domain import containers_spec, images, paths
 from shoal_docker_gateway.domain.backend import Backend
-from shoal_docker_gateway.domain.containers_body import check_name, obj
+from shoal_docker_gateway.domain.containers_body import check_name, obj, restart_policy
 from shoal_docker_gateway.domain.lookup import resolve
 from shoal_docker_gateway.errors import BadParameter, Conflict, Unsupported
 from shoal_docker_gateway.store.containers import ContainerRecord, Containers
@@ -167,6 +167,12 @@ async def stop(backend: Backend, rec: ContainerRecord, timeout: int) -> bool:
     """False if it was not running (Docker's 304)."""
     seen = await observe(backend, rec)
     if seen.status != "running":
+        if rec.cri_id and restart_policy(rec.host_config)[0] != "no":
+            # Between two runs of its restart policy (or in the making of one): the stop,
+            # which the supervisor sees, ends the policy.
+            await backend.cri.runtime.StopContainer(cri.StopContainerRequest(
+                container_id=rec.cri_id, timeout=timeout), timeout=timeout + 60)
+            await _note_exit(backend, rec)
         return False
     await backend.cri.runtime.StopContainer(cri.StopContainerRequest(
         container_id=rec.cri_id, timeout=timeout), timeout=timeout + 60)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from shoal_common.errors import ShoalError
+from shoal_common.messages.monitor import TaskIdRequest
+
 from shoal_docker_gateway.domain import networks, paths
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.containers import Observed, observe
@@ -122,8 +125,20 @@ def _time(seconds: float) -> str:
     return rfc3339(seconds) if seconds else "0001-01-01T00:00:00Z"
 
 
+async def _restarts(backend: Backend, rec: ContainerRecord) -> tuple[int, bool]:
+    """Runs the supervisor made under the restart policy, and whether one is waiting."""
+    if not rec.cri_id:
+        return 0, False
+    try:
+        task = await backend.clients.monitor.state(TaskIdRequest(id=rec.cri_id))
+    except ShoalError:  # gone, or the supervisor away: what the gateway knows
+        return 0, False
+    return task.restart_count, task.restarting
+
+
 async def inspect(backend: Backend, rec: ContainerRecord) -> dict[str, Any]:
     seen = await observe(backend, rec)
+    restarts, restarting = await _restarts(backend, rec)
     merged = rec.config.get("Shoal", {})
     config = {k: v for k, v in rec.config.items() if k not in ("Shoal", "HostConfig",
                                                                  "NetworkingConfig")}
@@ -135,12 +150,13 @@ async def inspect(backend: Backend, rec: ContainerRecord) -> dict[str, Any]:
     return {
         "Id": rec.id, "Created": _time(rec.created), "Path": merged.get("Path", ""),
         "Args": merged.get("Args", []),
-        "State": {"Status": seen.status, "Running": seen.status == "running",
-                  "Paused": False, "Restarting": False, "OOMKilled": False,
+        "State": {"Status": "restarting" if restarting else seen.status,
+                  "Running": seen.status == "running", "Paused": False,
+                  "Restarting": restarting, "OOMKilled": False,
                   "Dead": seen.status == "dead", "Pid": seen.pid, "ExitCode": seen.exit_code,
                   "Error": "", "StartedAt": _time(seen.started_at),
                   "FinishedAt": _time(seen.finished_at)},
-        "Image": rec.image_id, "Name": f"/{rec.name}", "RestartCount": rec.restart_count,
+        "Image": rec.image_id, "Name": f"/{rec.name}", "RestartCount": rec.restart_count + restarts,
         "LogPath": str(paths.log_path(backend, rec.id)), "Driver": "overlayfs",
         "Platform": "linux", "MountLabel": "", "ProcessLabel": "", "AppArmorProfile": "",
         # LogConfig: the CRI log file; the SDK's containers.run reads its Type.

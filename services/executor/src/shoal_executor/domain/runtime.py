@@ -40,6 +40,7 @@ from shoal_executor.domain.checks import (
     check_pod_config,
     confine_rootfs,
 )
+from shoal_executor.domain.checks.container import restart_policy
 from shoal_executor.domain.checks.image_volumes import check_image_volumes
 from shoal_executor.domain.cni import AttachResult, Cni
 from shoal_executor.domain.image_volumes import mount_image_volumes, unmount_image_volumes
@@ -407,7 +408,7 @@ class Runtime:
                 id=container_id, bundle=str(bundle), log_path=config.log_path,
                 runtime_handler=runtime, tty=config.tty, stdin=config.stdin,
                 stdin_once=config.stdin_once, sandbox_id=sandbox_id,
-                cgroup_path=spec["linux"]["cgroupsPath"]))
+                cgroup_path=spec["linux"]["cgroupsPath"], restart=restart_policy(config)))
             await faults.point("executor.container.created")
         except BaseException:
             try:

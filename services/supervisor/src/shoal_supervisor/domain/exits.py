@@ -21,7 +21,7 @@ import contextlib
 import contextvars
 import time
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -68,6 +68,8 @@ class ExitWatcher:
         self._background: set[asyncio.Task[Any]] = set()
         self._inotify: Inotify | None = None
         self._poller: asyncio.Task[None] | None = None
+        # Told of each exit once it is recorded (the restart policies).
+        self.on_exit: Callable[[TaskRecord], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -193,6 +195,8 @@ class ExitWatcher:
         event = self._exit_events.pop(task.id, None)
         if event is not None:
             event.set()
+        if self.on_exit is not None:
+            self.on_exit(updated)
         await self._outbox.after_change()
 
     async def _check_monitor(self, task: TaskRecord) -> None:

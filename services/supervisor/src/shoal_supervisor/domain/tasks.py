@@ -51,7 +51,9 @@ from shoal_supervisor.domain.exits import ExitWatcher, Locks
 from shoal_supervisor.domain.layout import Layout
 from shoal_supervisor.domain.oci_runtime import OciRuntime
 from shoal_supervisor.domain.outbox import Outbox, Publish
+from shoal_supervisor.domain.restarts import Restarts, wants_restart
 from shoal_supervisor.store.tasks import (
+    CREATED,
     CREATING,
     LIVE,
     RUNNING,
@@ -116,6 +118,8 @@ class TaskManager:
         self._outbox = Outbox(store, publish)
         self.exits = ExitWatcher(store, layout, self._locks, self._outbox,
                                  poll_interval=poll_interval)
+        self.restarts = Restarts(self.rerun)
+        self.exits.on_exit = self.restarts.exited
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -129,6 +133,7 @@ class TaskManager:
         self.outputs.start()
 
     async def close(self) -> None:
+        await self.restarts.close()
         await self.outputs.close()
         await self.exits.close()
         await self._outbox.close()
@@ -143,9 +148,23 @@ class TaskManager:
                 async with self._locks[task.id]:
                     await self._resume_create(task)
         await self.exits.reconcile()
+        await self._reconcile_restarts()
         live = sum(1 for t in await self.store.list_tasks() if t.state in LIVE)
         log.info("reconciled tasks", known=len(tasks), live=live)
         await self._outbox.after_change()
+
+    async def _reconcile_restarts(self) -> None:
+        """Exits that wait for their rerun (we were down, or killed during one), and reruns
+        made but not yet started, go on now."""
+        for task in await self.store.list_tasks():
+            if task.state == STOPPED:
+                self.restarts.exited(task, at_once=True)
+            elif task.state == CREATED and task.restart_count > 0:
+                try:
+                    await self.start(task.id)
+                except ShoalError as exc:
+                    log.warning("starting an interrupted restart failed", task=task.id,
+                                error=exc.message)
 
     # -- commands --------------------------------------------------------------------------
 
@@ -191,7 +210,8 @@ class TaskManager:
                 log_path=checked.log_path, tty=req.tty, stdin=req.stdin,
                 stdin_once=req.stdin_once, sandbox_id=req.sandbox_id,
                 cgroup_path=req.cgroup_path, labels=dict(req.labels), created_at=time.time(),
-                owner_pid=os.getpid())
+                owner_pid=os.getpid(), restart_name=req.restart.name,
+                restart_max=req.restart.max_retries)
             if not await self.store.insert_creating(task):
                 raise Unavailable(f"task {req.id} is being created by another replica")
             await self._run_create(task, conmon_path, budget)
@@ -259,12 +279,48 @@ class TaskManager:
         return False
 
     async def _discard(self, task: TaskRecord) -> None:
-        """Undo a create that failed or was interrupted; nothing is published."""
+        """Undo a create that failed or was interrupted; nothing is published. A rerun's
+        record stays, stopped (its last exit is still the container's)."""
         try:
             await _runtime(task).delete(task.id, force=True)
         except ShoalError as exc:
             log.warning("cleanup: runtime delete failed", task=task.id, error=exc.message)
+        if task.restart_count > 0:
+            await self._clear_run(task)
+            await self.store.mark_rerun_failed(task, "the restart could not create the "
+                                               "container again")
+            return
         await self._forget(task, publish=False)
+
+    async def rerun(self, task_id: str, uid: str) -> None:
+        """Run a stopped task again from its bundle, as its restart policy asks: the old
+        container deleted, then create and start as for a new one, under one lock hold (a
+        stop waits for it, then stops the new run)."""
+        conmon_path = conmon.find(self.conmon_path)
+        async with self._locks[task_id]:
+            task = await self.store.get(task_id)
+            if task is None or task.uid != uid or task.state != STOPPED:
+                return  # deleted, or already rerun
+            if not wants_restart(task):
+                return
+            await _runtime(task).delete(task.id, force=True)
+            await self._clear_run(task)
+            rerun = await self.store.mark_rerun(task, uuid.uuid4().hex, os.getpid())
+            if rerun is None:
+                return  # stopped by hand meanwhile
+            await self._run_create(rerun, conmon_path, CREATE_TIMEOUT)
+            created = await self.store.get(task_id)
+            if created is not None:
+                await self._start_locked(created)
+            log.info("task restarted", task=task_id, restarts=rerun.restart_count)
+        await self._outbox.after_change()
+
+    async def _clear_run(self, task: TaskRecord) -> None:
+        """What one run left (its conmon, files, exec sessions); the record stays."""
+        pid = monitor.conmon_pid(self.layout.task_dir(task.id))
+        await monitor.wait_gone(pid, task.id, 5.0, 0.05)
+        self.exits.unwatch_oom(task.id)
+        self._remove_files(task)
 
     async def start(self, task_id: str) -> TaskState:
         async with self._locks[task_id]:
@@ -282,21 +338,24 @@ class TaskManager:
                                          "again")
             if task.state == CREATING:
                 raise Unavailable(f"task {task_id} is being created")
-            # Taken before the runtime runs the process: a fast exit's time (the exit file's)
-            # then never precedes the start.
-            started_at = time.time()
-            await self.store.mark_starting(task, started_at)
-            try:
-                await self._start_once(task)
-            except ShoalError:
-                await self.store.mark_starting(task, 0.0)  # the runtime did not start it
-                raise
-            await faults.point("supervisor.task.started")
-            # Under the lock: an exit right after start is recorded after the start.
-            await self.store.mark_started(task, started_at)
-            log.info("task started", task=task_id, pid=task.pid)
+            await self._start_locked(task)
         await self._outbox.after_change()
         return (await self.record(task_id)).to_state()
+
+    async def _start_locked(self, task: TaskRecord) -> None:
+        # Taken before the runtime runs the process: a fast exit's time (the exit file's)
+        # then never precedes the start.
+        started_at = time.time()
+        await self.store.mark_starting(task, started_at)
+        try:
+            await self._start_once(task)
+        except ShoalError:
+            await self.store.mark_starting(task, 0.0)  # the runtime did not start it
+            raise
+        await faults.point("supervisor.task.started")
+        # Under the lock: an exit right after start is recorded after the start.
+        await self.store.mark_started(task, started_at)
+        log.info("task started", task=task.id, pid=task.pid)
 
     async def _start_once(self, task: TaskRecord) -> None:
         """`runc start`, unless an earlier attempt did it: killed between the runtime's
@@ -313,7 +372,12 @@ class TaskManager:
                      status=state.get("status"))
 
     async def state(self, task_id: str) -> TaskState:
-        return (await self.record(task_id)).to_state()
+        return self._shown(await self.record(task_id))
+
+    def _shown(self, task: TaskRecord) -> TaskState:
+        state = task.to_state()
+        state.restarting = task.state == STOPPED and self.restarts.waiting(task.id)
+        return state
 
     async def list_tasks(self, sandbox_id: str) -> list[TaskState]:
         tasks = await self.store.list_tasks(sandbox_id)
@@ -322,12 +386,14 @@ class TaskManager:
             await self.exits.process_exit(task_id)
         if exited:
             tasks = await self.store.list_tasks(sandbox_id)
-        return [t.to_state() for t in tasks]
+        return [self._shown(t) for t in tasks]
 
     async def kill(self, task_id: str, sig: int, all_processes: bool) -> TaskState:
         if not 0 < sig < 65:
             raise Invalid(f"signal {sig} is not a valid signal number")
         task = await self.record(task_id)
+        if sig == signal.SIGKILL and task.restart_name:
+            await self._stop_restarts(task_id)
         if task.state in LIVE:
             await self._signal(task, sig, all_processes)
         return (await self.record(task_id)).to_state()
@@ -342,6 +408,9 @@ class TaskManager:
     async def stop(self, task_id: str, sig: int, timeout: float, budget: float) -> TaskState:
         """Signal, wait up to `timeout` (within the caller's budget), then SIGKILL."""
         task = await self.record(task_id)
+        if task.restart_name:
+            await self._stop_restarts(task_id)
+            task = await self.record(task_id)
         if task.state not in LIVE:
             return task.to_state()
         grace = max(0.0, min(timeout, budget - KILL_MARGIN))
@@ -355,6 +424,14 @@ class TaskManager:
             raise DeadlineExceeded(f"task {task_id} did not exit after SIGKILL")
         return (await self.record(task_id)).to_state()
 
+    async def _stop_restarts(self, task_id: str) -> None:
+        """Stopped or killed by hand: no rerun from now on. A rerun under way holds the lock
+        through its start; waiting for it makes the caller stop the new run."""
+        await self.store.set_manual_stop(task_id)
+        self.restarts.forget(task_id)
+        async with self._locks[task_id]:
+            pass
+
     async def delete(self, task_id: str) -> TaskState:
         """Forget a task that is not running (created or stopped); idempotent."""
         async with self._locks[task_id]:
@@ -367,6 +444,7 @@ class TaskManager:
                 raise Unavailable(f"task {task_id} is being created")
             await _runtime(task).delete(task_id, force=True)
             await self._forget(task, publish=task.state != CREATING)
+            self.restarts.forget(task_id)
             log.info("task deleted", task=task_id)
         self._locks.pop(task_id, None)
         await self._outbox.after_change()

@@ -60,6 +60,11 @@ CREATE TABLE outbox(
     topic TEXT NOT NULL,
     body BLOB NOT NULL
 )
+""", """
+ALTER TABLE tasks ADD COLUMN restart_name TEXT NOT NULL DEFAULT '';
+ALTER TABLE tasks ADD COLUMN restart_max INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN restart_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN manual_stop INTEGER NOT NULL DEFAULT 0
 """]
 
 # Task states as stored. `creating` is written before conmon runs, so a create that a crash
@@ -97,6 +102,10 @@ class TaskRecord:
     reason: str = ""
     message: str = ""
     owner_pid: int = 0  # the supervisor process running the create, while `creating`
+    restart_name: str = ""  # Docker's restart policy ("" / no: never)
+    restart_max: int = 0  # on-failure's maximum retry count; 0 = no limit
+    restart_count: int = 0  # runs after the first (each a new uid)
+    manual_stop: bool = False  # stopped or killed through us: no more restarts
 
     def to_state(self) -> TaskState:
         return TaskState(
@@ -104,7 +113,8 @@ class TaskRecord:
             exit_code=self.exit_code, created_at=self.created_at, started_at=self.started_at,
             finished_at=self.finished_at, oom_killed=self.oom_kills > 0, reason=self.reason,
             message=self.message or ("being created" if self.state == CREATING else ""),
-            bundle=self.bundle, log_path=self.log_path, sandbox_id=self.sandbox_id)
+            bundle=self.bundle, log_path=self.log_path, sandbox_id=self.sandbox_id,
+            restart_count=self.restart_count)
 
 
 @dataclass
@@ -121,7 +131,7 @@ _COLUMNS = [f for f in TaskRecord.__dataclass_fields__]
 def _row_to_task(row: sqlite3.Row) -> TaskRecord:
     values = dict(row)
     values["labels"] = json.loads(values["labels"])
-    for flag in ("tty", "stdin", "stdin_once"):
+    for flag in ("tty", "stdin", "stdin_once", "manual_stop"):
         values[flag] = bool(values[flag])
     return TaskRecord(**values)
 
@@ -260,6 +270,32 @@ class TaskStore(SqliteStore):
             return True
 
         return await self._changed(tx, task.id)
+
+    async def set_manual_stop(self, task_id: str) -> None:
+        """A stop or kill asked for: the restart policy no longer applies (Docker's rule)."""
+        await self.db.transaction(lambda conn: conn.execute(
+            "UPDATE tasks SET manual_stop=1 WHERE id=?", (task_id,)))
+
+    async def mark_rerun(self, task: TaskRecord, uid: str, owner_pid: int) -> TaskRecord | None:
+        """`stopped` → `creating` for a run under the restart policy: a new incarnation (uid,
+        so its events are new facts), the last exit kept until the new run starts."""
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE tasks SET state=?, uid=?, owner_pid=?, pid=0, conmon_pid=0, "
+                "started_at=0, oom_kills=0, restart_count=restart_count+1, message='' "
+                "WHERE id=? AND uid=? AND state=? AND manual_stop=0",
+                (CREATING, uid, owner_pid, task.id, task.uid, STOPPED))
+            return cur.rowcount == 1
+
+        return await self._changed(tx, task.id)
+
+    async def mark_rerun_failed(self, task: TaskRecord, message: str) -> None:
+        """A run under the restart policy that could not be made: `stopped` again, kept."""
+        await self.db.transaction(lambda conn: conn.execute(
+            "UPDATE tasks SET state=?, pid=0, conmon_pid=0, owner_pid=0, reason='Error', "
+            "message=? WHERE id=? AND uid=? AND state=?",
+            (STOPPED, message, task.id, task.uid, CREATING)))
 
     async def set_message(self, task_id: str, message: str) -> None:
         await self.db.transaction(lambda conn: conn.execute(

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from cri_api.v1 import api_pb2 as cri
+from shoal_common.messages.monitor import RESTART_ANNOTATION, RestartPolicy
 
 from shoal_executor.domain.checks.text import (
     check_abs_path,
@@ -29,6 +30,7 @@ MAX_SIGNAL = 64
 OOM_SCORE_RANGE = (-1000, 1000)
 _CPUSET = re.compile(r"\A[0-9,\-]{0,1024}\Z")
 _DEVICE_ACCESS = re.compile(r"\A[rwm]{0,3}\Z")
+_RESTART = re.compile(r"\A(no|always|unless-stopped|on-failure)(?::([0-9]{1,6}))?\Z")
 
 
 def _check_process(config: cri.ContainerConfig) -> None:
@@ -120,11 +122,27 @@ def _check_resources(res: cri.LinuxContainerResources) -> None:
         check_text(f"{field}.unified[{shown(key)}]", value, 4096)
 
 
+def restart_policy(config: cri.ContainerConfig) -> RestartPolicy:
+    """The restart policy the Docker gateway asks for (`name[:max retries]` in an
+    annotation); none for a CRI client that does not set it (kubelet restarts its own)."""
+    text = config.annotations.get(RESTART_ANNOTATION, "")
+    if not text:
+        return RestartPolicy()
+    match = _RESTART.match(text)
+    if match is None or (int(match[2] or 0) and match[1] != "on-failure"):
+        raise refuse(f"{CTR}.annotations[{RESTART_ANNOTATION}]",
+                     f"{shown(text)} is not a restart policy (no, always, unless-stopped, "
+                     "on-failure[:N])")
+    return RestartPolicy(name="" if match[1] == "no" else match[1],
+                         max_retries=int(match[2] or 0))
+
+
 def check_container_config(config: cri.ContainerConfig) -> None:
     """Raise Invalid naming the first bad field."""
     _check_process(config)
     _check_paths(config)
     _check_annotations(dict(config.annotations))
+    restart_policy(config)
     if config.HasField("linux"):
         _check_security(config.linux.security_context)
         _check_resources(config.linux.resources)
