@@ -71,3 +71,26 @@ def test_bad_restart_policies_are_refused_by_the_gateway(dnode, images) -> None:
             client.containers.create(images["busybox"], "true", restart_policy=policy,
                                      **extra)
         assert err.value.status_code == 400
+
+
+def test_start_of_an_exited_container_keeps_its_writable_layer(dnode, images,
+                                                               tmp_path) -> None:
+    """As dockerd: `docker start`/`restart` run the same container again, so what it wrote,
+    what `docker cp` put in, and `docker update`'s limits are all still there."""
+    dnode.docker("run", "-d", "--name", "keep", images["busybox"], "sh", "-c",
+                 "echo run >> /runs; sleep 600")
+    try:
+        (tmp_path / "copied").write_text("from the host\n")
+        dnode.docker("cp", str(tmp_path / "copied"), "keep:/copied")
+        dnode.docker("update", "--memory", "80m", "--memory-swap", "160m", "keep")
+        dnode.docker("stop", "-t", "0", "keep")
+        dnode.docker("start", "keep")
+        assert dnode.out("exec", "keep", "cat", "/runs", "/copied") == \
+            "run\nrun\nfrom the host"
+        limit = "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+        assert dnode.out("exec", "keep", "cat", limit) == str(80 << 20)
+        dnode.docker("restart", "-t", "0", "keep")
+        assert dnode.out("exec", "keep", "cat", "/runs").split() == ["run"] * 3
+        assert state(dnode, "keep")["Status"] == "running"
+    finally:
+        dnode.docker("rm", "-f", "keep")

@@ -10,18 +10,22 @@ import signal
 import time
 
 import pytest
+from shoal_common import errors
 from shoal_common.messages.monitor import (
     KillRequest,
     MonitorCreateRequest,
+    Resources,
     RestartPolicy,
     StopRequest,
     TaskExited,
     TaskIdRequest,
     TaskState,
+    UpdateRequest,
 )
 from supervisor_harness import Harness, eventually, parse_log, pid_alive
 
 pytestmark = pytest.mark.e2e
+MEMORY_LIMIT = "/sys/fs/cgroup/memory/memory.limit_in_bytes"
 
 
 async def create(sup: Harness, args: list[str], policy: RestartPolicy) -> TaskState:
@@ -109,3 +113,24 @@ async def test_exit_while_the_supervisor_is_down_is_rerun(sup: Harness) -> None:
     final = await sup.call("stop", StopRequest(id=task.id, timeout=0.5), TaskState)
     assert final.state == "stopped"
     await sup.call("delete", TaskIdRequest(id=task.id), TaskState)
+
+
+async def test_run_again_keeps_the_rootfs_and_updated_limits(sup: Harness) -> None:
+    """`rerun` (Docker's start of an exited container) reuses the bundle's rootfs, and the
+    limits `update` set are applied to the new run before it starts."""
+    await sup.start_supervisor()
+    task = await create(sup, ["sh", "-c", "echo x >> /f; wc -l < /f; "
+                              f"cat {MEMORY_LIMIT}; sleep 600"], RestartPolicy())
+    await sup.call("update", UpdateRequest(id=task.id, resources=Resources(
+        memory_limit=64 << 20)), TaskState)
+    await sup.call("stop", StopRequest(id=task.id, timeout=0), TaskState)
+    again = await sup.call("rerun", TaskIdRequest(id=task.id), TaskState)
+    assert again.state == "running" and again.pid != task.pid
+    await eventually(lambda: len(parse_log(sup.log_path(task.id))) >= 4, what="second run")
+    lines = [c for *_, c in parse_log(sup.log_path(task.id))]
+    assert lines[2:] == ["2", str(64 << 20)] and lines[0] == "1", lines
+    # A running task is answered as it is; an unknown one is NotFound.
+    assert (await sup.call("rerun", TaskIdRequest(id=task.id), TaskState)).pid == again.pid
+    with pytest.raises(errors.NotFound):
+        await sup.call("rerun", TaskIdRequest(id="nosuch"), TaskState)
+    await sup.call("stop", StopRequest(id=task.id, timeout=0), TaskState)

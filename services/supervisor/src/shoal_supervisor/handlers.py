@@ -49,6 +49,11 @@ async def kill(ctx: Ctx, req: m.KillRequest) -> m.TaskState:
     return await ctx.app.tasks.kill(req.id, req.signal, req.all)
 
 
+@router.command("rerun")
+async def rerun(ctx: Ctx, req: m.TaskIdRequest) -> m.TaskState:
+    return await ctx.app.tasks.run_again(req.id)
+
+
 @router.command("stop")
 async def stop(ctx: Ctx, req: m.StopRequest) -> m.TaskState:
     return await ctx.app.tasks.stop(req.id, req.signal, req.timeout, ctx.remaining())

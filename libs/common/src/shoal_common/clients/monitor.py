@@ -57,6 +57,10 @@ class MonitorClient(ServiceClient):
                   retries=1)
     start = Verb("start", TaskIdRequest, TaskState, attempt_timeout=LIFECYCLE_TIMEOUT,
                  retries=1)
+    # A stopped task run again in place (Docker's start of an exited container); a repeat
+    # on a task that ran and exited again would run it once more.
+    rerun = Verb("rerun", TaskIdRequest, TaskState, attempt_timeout=LIFECYCLE_TIMEOUT,
+                 retries=0, idempotent=False)
     state = Verb("state", TaskIdRequest, TaskState)
     list_tasks = Verb("list", TaskListRequest, TaskListReply)
     kill = Verb("kill", KillRequest, TaskState)

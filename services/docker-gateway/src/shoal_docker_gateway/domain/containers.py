@@ -18,7 +18,8 @@ from typing import Any
 import grpc
 import structlog
 from cri_api.v1 import api_pb2 as cri
-from shoal_common.messages.monitor import KillRequest
+from shoal_common.errors import NotFound
+from shoal_common.messages.monitor import KillRequest, TaskIdRequest
 
 from shoal_docker_gateway.domain import containers_spec, images, paths
 from shoal_docker_gateway.domain.backend import Backend
@@ -113,13 +114,25 @@ async def start(backend: Backend, rec: ContainerRecord) -> bool:
     seen = await observe(backend, rec)
     if seen.status == "running":
         return False
-    if seen.status == "exited":
-        rec = await _recreate(backend, rec)
-    await backend.cri.runtime.StartContainer(cri.StartContainerRequest(
-        container_id=rec.cri_id))
+    if not (seen.status == "exited" and await _run_again(backend, rec)):
+        if seen.status == "exited":
+            rec = await _recreate(backend, rec)
+        await backend.cri.runtime.StartContainer(cri.StartContainerRequest(
+            container_id=rec.cri_id))
     await Containers(backend.records).update(rec, state="running", started_at=time.time())
     if rec.host_config.get("AutoRemove"):
         asyncio.get_running_loop().create_task(_auto_remove(backend, rec.id))
+    return True
+
+
+async def _run_again(backend: Backend, rec: ContainerRecord) -> bool:
+    """An exited container run again in place by the supervisor, as dockerd restarts one:
+    its writable layer, what `docker cp` put there, and its `docker update`s kept. False
+    when its task is gone (made before the supervisor kept tasks, say)."""
+    try:
+        await backend.clients.monitor.rerun(TaskIdRequest(id=rec.cri_id))
+    except NotFound:
+        return False
     return True
 
 

@@ -292,16 +292,31 @@ class TaskManager:
             return
         await self._forget(task, publish=False)
 
-    async def rerun(self, task_id: str, uid: str) -> None:
-        """Run a stopped task again from its bundle, as its restart policy asks: the old
-        container deleted, then create and start as for a new one, under one lock hold (a
-        stop waits for it, then stops the new run)."""
+    async def run_again(self, task_id: str) -> TaskState:
+        """A stopped task run again from its bundle at once (Docker's `start` of an exited
+        container: its rootfs, so its writable layer, kept); its restart policy applies
+        again. A running task is answered as it is."""
+        task = await self.record(task_id)
+        if task.state == STOPPED:
+            await self.store.set_manual_stop(task_id, False)
+            self.restarts.forget(task_id)
+            await self.rerun(task_id, task.uid, asked=True)
+        task = await self.record(task_id)
+        if task.state != RUNNING and not (task.state == STOPPED and task.started_at):
+            raise FailedPrecondition(f"task {task_id} cannot be run again ({task.state}"
+                                     f"{': ' + task.message if task.message else ''})")
+        return self._shown(task)
+
+    async def rerun(self, task_id: str, uid: str, *, asked: bool = False) -> None:
+        """Run a stopped task again from its bundle, as its restart policy (or a caller)
+        asks: the old container deleted, then create and start as for a new one, under one
+        lock hold (a stop waits for it, then stops the new run)."""
         conmon_path = conmon.find(self.conmon_path)
         async with self._locks[task_id]:
             task = await self.store.get(task_id)
             if task is None or task.uid != uid or task.state != STOPPED:
                 return  # deleted, or already rerun
-            if not wants_restart(task):
+            if not asked and not wants_restart(task):
                 return
             await _runtime(task).delete(task.id, force=True)
             await self._clear_run(task)
@@ -311,6 +326,8 @@ class TaskManager:
             await self._run_create(rerun, conmon_path, CREATE_TIMEOUT)
             created = await self.store.get(task_id)
             if created is not None:
+                if created.resources:
+                    await _runtime(created).update(task_id, created.resources)
                 await self._start_locked(created)
             log.info("task restarted", task=task_id, restarts=rerun.restart_count)
         await self._outbox.after_change()
@@ -506,6 +523,10 @@ class TaskManager:
                                memory_swap_accounted())
         if body:
             await _runtime(task).update(task_id, body)
+            kept = dict(task.resources)
+            for section, values in body.items():
+                kept[section] = {**kept.get(section, {}), **values}
+            await self.store.set_resources(task_id, kept)
         return (await self.record(task_id)).to_state()
 
     async def stats(self, ids: list[str]) -> list[TaskStats]:

@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from shoal_common import codec
 from shoal_common.messages import Event
@@ -65,6 +66,8 @@ ALTER TABLE tasks ADD COLUMN restart_name TEXT NOT NULL DEFAULT '';
 ALTER TABLE tasks ADD COLUMN restart_max INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN restart_count INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN manual_stop INTEGER NOT NULL DEFAULT 0
+""", """
+ALTER TABLE tasks ADD COLUMN resources TEXT NOT NULL DEFAULT '{}'
 """]
 
 # Task states as stored. `creating` is written before conmon runs, so a create that a crash
@@ -106,6 +109,9 @@ class TaskRecord:
     restart_max: int = 0  # on-failure's maximum retry count; 0 = no limit
     restart_count: int = 0  # runs after the first (each a new uid)
     manual_stop: bool = False  # stopped or killed through us: no more restarts
+    # What `update` changed (the runtime's --resources JSON), applied again to each rerun:
+    # the bundle's config.json still has the limits of the create.
+    resources: dict[str, Any] = field(default_factory=dict)
 
     def to_state(self) -> TaskState:
         return TaskState(
@@ -131,6 +137,7 @@ _COLUMNS = [f for f in TaskRecord.__dataclass_fields__]
 def _row_to_task(row: sqlite3.Row) -> TaskRecord:
     values = dict(row)
     values["labels"] = json.loads(values["labels"])
+    values["resources"] = json.loads(values["resources"])
     for flag in ("tty", "stdin", "stdin_once", "manual_stop"):
         values[flag] = bool(values[flag])
     return TaskRecord(**values)
@@ -190,6 +197,7 @@ class TaskStore(SqliteStore):
         def tx(conn: sqlite3.Connection) -> bool:
             values = dict(task.__dict__)
             values["labels"] = json.dumps(task.labels, sort_keys=True)
+            values["resources"] = json.dumps(task.resources, sort_keys=True)
             cur = conn.execute(f"INSERT OR IGNORE INTO tasks({','.join(_COLUMNS)}) VALUES "
                                f"({','.join('?' * len(_COLUMNS))})",
                                [values[c] for c in _COLUMNS])
@@ -271,10 +279,16 @@ class TaskStore(SqliteStore):
 
         return await self._changed(tx, task.id)
 
-    async def set_manual_stop(self, task_id: str) -> None:
-        """A stop or kill asked for: the restart policy no longer applies (Docker's rule)."""
+    async def set_manual_stop(self, task_id: str, manual: bool = True) -> None:
+        """A stop or kill asked for: the restart policy no longer applies (Docker's rule);
+        an explicit run again makes it apply again."""
         await self.db.transaction(lambda conn: conn.execute(
-            "UPDATE tasks SET manual_stop=1 WHERE id=?", (task_id,)))
+            "UPDATE tasks SET manual_stop=? WHERE id=?", (int(manual), task_id)))
+
+    async def set_resources(self, task_id: str, resources: dict[str, Any]) -> None:
+        await self.db.transaction(lambda conn: conn.execute(
+            "UPDATE tasks SET resources=? WHERE id=?",
+            (json.dumps(resources, sort_keys=True), task_id)))
 
     async def mark_rerun(self, task: TaskRecord, uid: str, owner_pid: int) -> TaskRecord | None:
         """`stopped` → `creating` for a run under the restart policy: a new incarnation (uid,
