@@ -169,3 +169,22 @@ async def test_the_gateway_publishes_no_event(
         await nc.close()
     assert (f'permissions violation for publish to "shoal.v1.{NODE.lower()}.events.'
             in " ".join(errors).lower())
+
+
+async def test_the_docker_gateway_publishes_only_docker_events(
+        secured: tuple[SecuredShoal, dict[str, str]]) -> None:
+    """Its `docker.event`s go to the stream (for `docker events --since`); an images.delete
+    from it is refused like any other gateway's."""
+    shoal, _ = secured
+    nc, errors = await shoal.connect_as("docker-gateway")
+    try:
+        js = nc.jetstream()
+        ack = await js.publish(f"shoal.v1.{NODE}.events.moby.docker.event", b"\x80")
+        assert ack.seq > 0
+        await nc.publish(f"shoal.v1.{NODE}.events.moby.images.delete", b"\x80")
+        await nc.flush()
+        await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+    assert (f'permissions violation for publish to "shoal.v1.{NODE.lower()}.events.moby.images'
+            in " ".join(errors).lower())

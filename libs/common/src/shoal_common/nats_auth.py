@@ -55,7 +55,7 @@ def _perms(node: str, stream: str, user: str) -> dict[str, Any]:
            "supervisor": "monitor", "cri-gateway": "cri", "docker-gateway": "docker"}[user]
     events = {"puller": ["images", "content"], "snapshotter": ["snapshots"],
               "executor": [], "supervisor": ["tasks"], "cri-gateway": [],
-              "docker-gateway": []}[user]
+              "docker-gateway": ["docker"]}[user]
     publish = [f"shoal.v1.{n}.events.*.{topic}.>" for topic in events]
     publish += [f"shoal.v1.{n}.started.{own}"]  # "I serve": callers resend what was lost
     # Every service makes sure the events stream exists.
@@ -71,13 +71,17 @@ def _perms(node: str, stream: str, user: str) -> dict[str, Any]:
         publish += [f"shoal.v1.{n}.monitor.>"]
     if user in GATEWAYS:
         # Commands to the services on the container path, and their own ordered consumers
-        # of events; they publish no event (a forged images.delete was acted on).
+        # of events; they publish no event another service acts on (a forged images.delete
+        # was acted on): the Docker gateway's own `docker.*` events only.
         publish += [f"shoal.v1.{n}.{svc}.>" for svc in ("images", "snapshots", "tasks",
                                                           "monitor")]
         publish += [f"{JS_API}.STREAM.NAMES", f"{JS_API}.CONSUMER.CREATE.{stream}",
                     f"{JS_API}.CONSUMER.CREATE.{stream}.>",
                     f"{JS_API}.CONSUMER.DELETE.{stream}.>", f"{JS_API}.CONSUMER.INFO.{stream}.>",
                     "$JS.FC.>", "$JS.ACK.>"]
+    if user == "docker-gateway":
+        # Its durable consumer of task exits (Docker's `die` events, none lost while away).
+        publish += [f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.docker-gateway-{n}"]
     subscribe = [f"shoal.v1.{n}.{own}.>", f"shoal.v1.{n}.started.*", f"{inbox_prefix(user)}.>"]
     return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe},
             "allow_responses": True}
