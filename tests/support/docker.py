@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from support.processes import ServiceProcess
 from support.shoal import RunningShoal, running_node
 
 DOCKER_CLI = Path(sys.executable).parent.parent / "libexec" / "docker"
@@ -27,6 +28,18 @@ class DockerNode:
     shoal: RunningShoal
     socket: Path
     config_dir: Path  # DOCKER_CONFIG: the CLI's own files, not ~/.docker
+    gateway: ServiceProcess | None = None
+    gateway_argv: list[str] = field(default_factory=list)
+
+    def kill9_gateway(self) -> None:
+        assert self.gateway is not None
+        self.gateway.kill9()
+
+    def start_gateway(self) -> None:
+        """A new gateway process with the first one's flags, serving when this returns."""
+        services = self.shoal.services
+        self.gateway = services.start("docker-gateway", extra=self.gateway_argv)
+        services.wait_serving(self.gateway)
 
     @property
     def host(self) -> str:
@@ -83,11 +96,12 @@ def docker_node_fixture(name: str, extra: Sequence[str] = ()) -> Any:
                                 namespaces=[NAMESPACE]) as node:
             services = node.services
             logs = root / "docker-logs"
-            gateway = services.start("docker-gateway", extra=[
-                *services.extra, "--set", f'docker.log_root="{logs}"', *extra])
+            argv = [*services.extra, "--set", f'docker.log_root="{logs}"', *extra]
+            gateway = services.start("docker-gateway", extra=argv)
             services.wait_serving(gateway)
             config_dir = root / "docker-config"
             config_dir.mkdir()
-            yield DockerNode(node, services.node.run_root / "docker.sock", config_dir)
+            yield DockerNode(node, services.node.run_root / "docker.sock", config_dir,
+                             gateway, argv)
 
     return dnode

@@ -30,6 +30,7 @@ from shoal_docker_gateway.api import (
 )
 from shoal_docker_gateway.api.server import DockerServer, make_app
 from shoal_docker_gateway.domain import containers as lifecycle
+from shoal_docker_gateway.domain import events as docker_events
 from shoal_docker_gateway.domain import networks as docker_networks
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.store.records import Records
@@ -68,12 +69,15 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[DockerServer]:
                       cri=Cri(channel), records=records)
     server = DockerServer(cfg.docker_socket, make_app(backend, GROUPS))
     reconciled = asyncio.create_task(_reconcile(backend))
+    dies = docker_events.task_consumer(backend)
     try:
+        await dies.start()
         await server.start()
         await docker_networks.start(backend)  # containers on user networks resolve again
         yield server
     finally:
         reconciled.cancel()
+        await dies.stop(5.0)
         await docker_networks.stop(backend)
         await server.stop()
         await channel.close(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 
 import structlog
 from aiohttp import web
@@ -19,7 +20,7 @@ from shoal_docker_gateway.api.hijack import (
     terminal_size,
 )
 from shoal_docker_gateway.api.routes import Routes, json_body, json_response
-from shoal_docker_gateway.domain import execs
+from shoal_docker_gateway.domain import events, execs
 from shoal_docker_gateway.domain.backend import backend_of
 from shoal_docker_gateway.domain.containers import observe
 from shoal_docker_gateway.domain.containers_body import flag
@@ -39,6 +40,8 @@ async def create(request: web.Request) -> web.Response:
     if (await observe(backend, rec)).status != "running":
         raise Conflict(f"Container {rec.id} is not running")
     inst = backend.execs.add(rec, process, flags)
+    await events.container(backend, rec, f"exec_create: {shlex.join(process.cmd)}",
+                           execID=inst.id)
     return json_response({"Id": inst.id}, status=201)
 
 
@@ -63,6 +66,8 @@ async def start(request: web.Request) -> web.StreamResponse:
     if (await observe(backend, rec)).status != "running":
         raise Conflict(f"Container {rec.id} is not running")
     execs.claim(inst)
+    await events.container(backend, rec, f"exec_start: {shlex.join(inst.process.cmd)}",
+                           execID=inst.id)
     sessions = Sessions(backend.clients.monitor)
     if flag(body, "Detach"):
         # Runs on with nobody attached; its end is recorded for inspect.

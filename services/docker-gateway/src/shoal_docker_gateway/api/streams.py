@@ -18,7 +18,7 @@ from shoal_docker_gateway.api.hijack import (
     terminal_size,
 )
 from shoal_docker_gateway.api.routes import Routes, query_bool
-from shoal_docker_gateway.domain import logs, paths
+from shoal_docker_gateway.domain import events, logs, paths
 from shoal_docker_gateway.domain.backend import Backend, backend_of
 from shoal_docker_gateway.domain.containers import observe
 from shoal_docker_gateway.domain.lookup import resolve
@@ -70,6 +70,7 @@ async def attach(request: web.Request) -> web.StreamResponse:
     backend = backend_of(request)
     rec = await resolve(backend, request.match_info["id"])
     tty = bool(rec.config.get("Tty"))
+    await events.container(backend, rec, "attach")
     if query_bool(request, "stdin") and rec.config.get("OpenStdin"):
         return await _attach_live(request, backend, rec, tty)
     path = paths.log_path(backend, rec.id)

@@ -14,6 +14,7 @@ from shoal_common.clients import Clients
 from shoal_common.config import Config
 
 from shoal_docker_gateway.domain.dns import DnsService
+from shoal_docker_gateway.domain.events import Gone, Seen
 from shoal_docker_gateway.domain.execs import ExecRegistry
 from shoal_docker_gateway.store.records import Records
 
@@ -29,6 +30,8 @@ class Backend:
     records: Records
     execs: ExecRegistry = field(default_factory=ExecRegistry)  # in memory, as dockerd's
     dns: DnsService | None = None  # started by networks.dns_of
+    gone: Gone = field(default_factory=Gone)  # removed containers, for their `die`
+    seen: Seen = field(default_factory=Seen)  # start/die events, for Docker's order
 
     @property
     def node_id(self) -> str:

@@ -21,7 +21,7 @@ from cri_api.v1 import api_pb2 as cri
 from shoal_common.errors import NotFound
 from shoal_common.messages.monitor import KillRequest, TaskIdRequest
 
-from shoal_docker_gateway.domain import containers_spec, images, paths
+from shoal_docker_gateway.domain import containers_spec, events, images, paths
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.containers_body import check_name, obj, restart_policy
 from shoal_docker_gateway.domain.lookup import resolve
@@ -262,8 +262,14 @@ async def remove(backend: Backend, rec: ContainerRecord, force: bool, volumes: b
                        "before attempting removal or force remove")
     store = Containers(backend.records)
     rec = await store.update(rec, state="removing")  # intent: finished at start if killed
+    backend.gone.add(rec)  # its exit may come after the row is gone
+    if seen.status == "running":
+        backend.seen.expect(rec.id, "die")
+        await events.container(backend, rec, "kill", signal=str(signal.SIGKILL))
     await _remove_everything(backend, rec)
     backend.execs.forget_container(rec.id)
+    await backend.seen.wait(rec.id, "die")  # Docker's order: kill, die, destroy
+    await events.container(backend, rec, "destroy")
     if volumes:
         from shoal_docker_gateway.domain import volumes as vols
 

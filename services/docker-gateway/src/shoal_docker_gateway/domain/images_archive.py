@@ -28,7 +28,7 @@ from shoal_common.errors import ShoalError
 from shoal_common.messages.images import ContentReadReply, ContentReadRequest, ImageInfo
 from shoal_common.messages.transfer import ImportAbortRequest
 
-from shoal_docker_gateway.domain import paths
+from shoal_docker_gateway.domain import events, paths
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.images import find
 from shoal_docker_gateway.domain.images_refs import familiar, looks_like_id, parse
@@ -95,6 +95,8 @@ async def save(backend: Backend, refs: list[str]) -> Callable[[Write], Awaitable
         out = transfer._TarOut(buffer)  # type: ignore[arg-type]
         await transfer._write_archive(cast(ImagesClient, paced), images, out)
         await paced.flush()
+        for ref in refs:
+            await events.emit(backend, "image", "save", ref, {"name": ref})
 
     return write_all
 
@@ -145,6 +147,8 @@ async def load(backend: Backend, body: StreamReader) -> AsyncIterator[str]:
             os.unlink(path)
     for info in infos:
         tags = [familiar(n) for n in info.repo_tags]
+        await events.emit(backend, "image", "load", info.id,
+                          {"name": tags[0] if tags else info.id})
         for tag in tags:
             yield f"Loaded image: {tag}\n"
         if not tags:

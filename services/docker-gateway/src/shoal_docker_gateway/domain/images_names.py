@@ -27,6 +27,7 @@ from shoal_common.messages.transfer import (
     ImportImage,
 )
 
+from shoal_docker_gateway.domain import events
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.images import (
     config_of,
@@ -87,13 +88,14 @@ _NAMES = asyncio.Lock()
 async def tag(backend: Backend, source: str, target: Ref) -> None:
     """POST /images/{name}/tag: `target` names the image `source` names (201)."""
     async with _NAMES:
-        await _tag(backend, source, target)
+        image_id = await _tag(backend, source, target)
+    await events.emit(backend, "image", "tag", image_id, {"name": familiar(str(target))})
 
 
-async def _tag(backend: Backend, source: str, target: Ref) -> None:
+async def _tag(backend: Backend, source: str, target: Ref) -> str:
     info = await find(backend, source)
     if str(target) in info.names:
-        return
+        return info.id
     client = backend.clients.images
     import_id = await _leased(client, info, [])
     try:
@@ -101,6 +103,7 @@ async def _tag(backend: Backend, source: str, target: Ref) -> None:
             ImportImage(digest=info.target_digest, names=[str(target)])]))
     finally:
         await _abort(client, import_id)
+    return info.id
 
 
 async def _rename(backend: Backend, info: ImageInfo, keep: list[str]) -> list[str]:
@@ -151,7 +154,12 @@ def _untag_plan(info: ImageInfo, ref: Ref) -> list[str]:
 async def remove(backend: Backend, ref: str, force: bool) -> list[dict[str, str]]:
     """DELETE /images/{name}: Docker's list of `Untagged` and `Deleted` items."""
     async with _NAMES:
-        return await _remove(backend, ref, force)
+        items = await _remove(backend, ref, force)
+    for item in items:
+        for action, what in item.items():
+            await events.emit(backend, "image", "untag" if action == "Untagged" else "delete",
+                              what, {"name": what})
+    return items
 
 
 async def _remove(backend: Backend, ref: str, force: bool) -> list[dict[str, str]]:

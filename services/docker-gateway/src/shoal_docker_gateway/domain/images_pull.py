@@ -26,6 +26,7 @@ from shoal_common.messages.images import (
     RegistryAuth,
 )
 
+from shoal_docker_gateway.domain import events
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.images_progress import Followed, bar, follow, short_id
 from shoal_docker_gateway.domain.images_refs import Ref, familiar
@@ -126,6 +127,8 @@ async def pull(backend: Backend, ref: Ref, auth: RegistryAuth | None,
                       ) as followed:
         async for message in _messages(ref, followed, previous):
             yield message
+    await events.emit(backend, "image", "pull", familiar(str(ref)),
+                      {"name": familiar(str(ref)).rsplit(":", 1)[0].split("@")[0]})
 
 
 async def _messages(ref: Ref, followed: Followed,

@@ -13,6 +13,7 @@ from shoal_common.errors import ErrorCode, ShoalError
 from shoal_common.messages.images import ContentInfoRequest, LayerProgress, RegistryAuth
 from shoal_common.messages.push import PushProgress, PushReply, PushRequest
 
+from shoal_docker_gateway.domain import events
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.images import find, list_all
 from shoal_docker_gateway.domain.images_progress import Followed, bar, follow, short_id
@@ -73,6 +74,8 @@ async def push(backend: Backend, ref: Ref, auth: RegistryAuth | None
                       ) as followed:
         async for message in _messages(backend, ref, followed):
             yield message
+    await events.emit(backend, "image", "push", familiar(str(ref)),
+                      {"name": familiar(str(ref))})
 
 
 async def _messages(backend: Backend, ref: Ref,

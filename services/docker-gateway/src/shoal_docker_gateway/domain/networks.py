@@ -36,7 +36,7 @@ from shoal_common.messages.networks import (
     NetworkNameRequest,
 )
 
-from shoal_docker_gateway.domain import dns, images
+from shoal_docker_gateway.domain import dns, events, images
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.containers_body import flag, obj, objects, str_map, text
 from shoal_docker_gateway.domain.events_filters import (
@@ -296,6 +296,7 @@ async def create(backend: Backend, body: dict[str, Any]) -> NetworkRecord:
         raise
     if driver == "bridge":
         await dns_of(backend).serve(dns.Target(rec.id, info.gateway, info.subnet, info.bridge))
+    await events.emit(backend, "network", "create", rec.id, {"name": name, "type": driver})
     return rec
 
 
@@ -529,6 +530,8 @@ async def remove(backend: Backend, ref: str) -> None:
         pass  # a create killed before the executor made it, or a remove killed after
     await dns_of(backend).forget(net.id)
     await Networks(backend.records).delete(net.id)
+    await events.emit(backend, "network", "destroy", net.id,
+                      {"name": net.name, "type": net.driver})
 
 
 def parse_until(value: str) -> float:
@@ -590,6 +593,8 @@ async def connect(backend: Backend, ref: str, body: dict[str, Any]) -> None:
                            "defined networks")
     await _movable(backend, rec, "connect", net)
     await _move(backend, rec, net, aliases)
+    await events.emit(backend, "network", "connect", net.id,
+                      {"container": rec.id, "name": net.name, "type": net.driver})
 
 
 async def disconnect(backend: Backend, ref: str, body: dict[str, Any]) -> None:
@@ -602,6 +607,8 @@ async def disconnect(backend: Backend, ref: str, body: dict[str, Any]) -> None:
         return
     await _movable(backend, rec, "disconnect", net)
     await _move(backend, rec, PREDEFINED_NETS["none"], [])
+    await events.emit(backend, "network", "disconnect", net.id,
+                      {"container": rec.id, "name": net.name, "type": net.driver})
 
 
 def _moved_body(rec: ContainerRecord, net: Net, aliases: list[str]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal_docker_gateway.domain import paths
+from shoal_docker_gateway.domain import events, paths
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.events_filters import (
     Filters,
@@ -78,6 +78,8 @@ async def create(backend: Backend, name: str, labels: dict[str, str] | None = No
     rec, made = await Volumes(backend.records).insert_or_get(
         VolumeRecord(name=name, labels=labels or {}, options={}))
     await asyncio.to_thread(_make_dirs, paths.volumes_dir(backend), name, made)
+    if made:
+        await events.emit(backend, "volume", "create", name, {"driver": "local"})
     return rec
 
 
@@ -143,6 +145,7 @@ async def _delete(backend: Backend, name: str) -> None:
     # The directory first: a remove cut short keeps the row, and the next remove finishes.
     await asyncio.to_thread(shutil.rmtree, paths.volumes_dir(backend) / name, True)
     await Volumes(backend.records).delete(name)
+    await events.emit(backend, "volume", "destroy", name, {"driver": "local"})
 
 
 def _matches(rec: VolumeRecord, filters: Filters, used: dict[str, list[str]]) -> bool:

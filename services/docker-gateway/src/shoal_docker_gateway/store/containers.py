@@ -83,6 +83,13 @@ class Containers:
             f"SELECT {', '.join(COLUMNS)} FROM containers WHERE id = ?", (cid,)).fetchall())
         return _row(rows[0]) if rows else None
 
+    async def by_cri_id(self, cri_id: str) -> ContainerRecord | None:
+        """The container whose current CRI container is `cri_id`."""
+        rows = await self.db.run(lambda c: c.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM containers WHERE cri_id = ?",
+            (cri_id,)).fetchall())
+        return _row(rows[0]) if rows else None
+
     async def find(self, ref: str) -> list[ContainerRecord]:
         """Docker's lookup: the full id, else the exact name (a leading / allowed), else
         every container whose id starts with `ref`."""
