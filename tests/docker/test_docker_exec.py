@@ -139,3 +139,20 @@ def test_sdk_containers_run(dnode, images) -> None:
     client = dnode.sdk()
     out = client.containers.run(images["busybox"], ["echo", "from-sdk"], remove=True)
     assert out == b"from-sdk\n"
+
+
+def test_detach_keys_leave_the_container_running(dnode, images) -> None:
+    """ctrl-p ctrl-q (or --detach-keys) ends the client's session, not the container. The
+    CLI spots the keys itself and drops the connection; the container keeps its stdin."""
+    code, out = _on_pty(dnode, ["run", "-it", "--name", "detached", images["busybox"], "sh"],
+                        [b"echo before-$((2*3))\r", b"\x10\x11"])
+    try:
+        assert b"before-6" in out, (code, out)
+        assert dnode.out("inspect", "-f", "{{.State.Status}}", "detached") == "running"
+        assert dnode.out("exec", "detached", "echo", "alive") == "alive"
+        code, out = _on_pty(dnode, ["attach", "--detach-keys", "ctrl-x,x", "detached"],
+                            [b"echo again-$((3*3))\r", b"\x18x"])
+        assert b"again-9" in out, (code, out)
+        assert dnode.out("inspect", "-f", "{{.State.Status}}", "detached") == "running"
+    finally:
+        dnode.docker("rm", "-f", "detached")

@@ -342,7 +342,10 @@ async def build(backend: Backend, cid: str, name: str, body: dict[str, Any], ima
         metadata=cri.ContainerMetadata(name=CTR_NAME), image=cri.ImageSpec(image=image_ref),
         command=cmd, args=args, envs=_env(env), working_dir=text(body, "WorkingDir"),
         log_path=paths.LOG_FILE, labels=labels, tty=flag(body, "Tty"),
-        stdin=flag(body, "OpenStdin"), stdin_once=flag(body, "StdinOnce"))
+        stdin=flag(body, "OpenStdin"),
+        # dockerd closes a container's stdin when its attached client leaves only without a
+        # terminal: `run -it` then detach (ctrl-p ctrl-q) leaves the shell running.
+        stdin_once=flag(body, "StdinOnce") and not flag(body, "Tty"))
     if policy != "no":  # kept by the supervisor, which runs the container again itself
         ctr.annotations[RESTART_ANNOTATION] = f"{policy}:{retries}"
     ctr.linux.security_context.namespace_options.CopyFrom(
