@@ -59,7 +59,7 @@ BASES: dict[str, dict[str, Any]] = {
     "exec_create": {"id": "LIVE", "exec_id": "hostile1", "cmd": ["true"], "env": [],
                     "tty": False, "stdin": False, "height": 0, "width": 0},
     "resize": {"id": "LIVE", "height": 10, "width": 10, "exec_id": ""},
-    **{v: {"id": "LIVE"} for v in ("start", "state", "delete", "reopen_log", "attach")},
+    **{v: {"id": "LIVE"} for v in ("start", "rerun", "state", "delete", "reopen_log", "attach")},
     **{v: {"id": "LIVE", "exec_id": "nosuchexec"}
        for v in ("exec_start", "exec_wait", "exec_remove")},
 }

@@ -378,7 +378,7 @@ class Pods:
         ctr = await self.meta.container(container_id, ns)
         if ctr.state == "creating":
             raise FailedPrecondition(f"container {ctr.id} is still being created")
-        await self.clients(ns).tasks.container_start(ContainerIdRequest(id=ctr.id))
+        await self._start_task(ns, ctr.id)
         if ctr.pod_id not in self._started_pods:
             # Pod start latency ends at the pod's first container start (this gateway's view:
             # a restarted gateway does not observe pods started before it).
@@ -386,6 +386,19 @@ class Pods:
             pod = await self.meta.pod(ctr.pod_id, ns)
             metrics.POD_START_SECONDS.observe(max(0.0, (time.time_ns() - pod.created_at_ns)
                                                   / 1e9))
+
+    async def _start_task(self, ns: str, container_id: str) -> None:
+        """Straight to the supervisor (the executor would only look up the record we have,
+        a bus hop per start)."""
+        monitor = self.clients(ns).monitor
+        try:
+            await monitor.start(TaskIdRequest(id=container_id))
+        except FailedPrecondition:
+            # A start repeated after its reply was lost finds a short-lived container
+            # already exited: the first start did start it, so the repeat succeeds.
+            state = await monitor.state(TaskIdRequest(id=container_id))
+            if not (state.state == "stopped" and state.started_at > 0):
+                raise
 
     async def stop_container(self, ns: str, container_id: str, timeout: int) -> None:
         try:
