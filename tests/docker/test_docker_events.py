@@ -4,6 +4,7 @@ gateway is down."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -11,7 +12,10 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.parse
+from datetime import UTC, datetime
 
+import nats
 import pytest
 from support.docker import DOCKER_CLI, docker_node_fixture
 from support.shoal import images_fixture  # noqa: F401
@@ -31,6 +35,35 @@ def replay(dnode, since: float, *filters: str) -> list[dict]:
 
 def actions(events: list[dict], actor: str | None = None) -> list[str]:
     return [e["Action"] for e in events if actor is None or e["Actor"]["ID"] == actor]
+
+
+def replay_until(dnode, since: float, done, *filters: str, timeout: float = 20
+                 ) -> list[dict]:
+    """`replay` again until `done(events)`: the gateway publishes an event once what it
+    reports is done, which may be a moment after the CLI returned."""
+    end = time.monotonic() + timeout
+    while True:
+        events = replay(dnode, since, *filters)
+        if done(events) or time.monotonic() > end:
+            return events
+        time.sleep(0.3)
+
+
+CORE = ("create", "start", "die", "destroy")
+
+
+def test_run_rm_gives_create_start_die_destroy_in_order(dnode, images) -> None:
+    dnode.docker("pull", images["busybox"])
+    t0 = time.time()
+    dnode.docker("run", "--rm", "--name", "evx", images["busybox"], "true")
+    seen = replay_until(dnode, t0, lambda evs: "destroy" in actions(evs), "container=evx")
+    assert [a for a in actions(seen) if a in CORE] == list(CORE), seen
+    assert len({e["Actor"]["ID"] for e in seen}) == 1
+    die = next(e for e in seen if e["Action"] == "die")
+    assert die["Actor"]["Attributes"]["exitCode"] == "0"
+    assert die["Actor"]["Attributes"]["name"] == "evx"
+    times = [e["timeNano"] for e in seen]
+    assert times == sorted(times)
 
 
 def test_a_run_gives_create_start_die_destroy(dnode, images) -> None:
@@ -57,10 +90,50 @@ def test_a_run_gives_create_start_die_destroy(dnode, images) -> None:
                           "event=destroy")) == ["create", "destroy"]
     assert replay(dnode, t0, "container=nosuch") == []
     assert {e["Type"] for e in replay(dnode, t0, "type=container")} == {"container"}
-    # The SDK sees the same documents.
-    sdk = list(dnode.sdk().events(since=t0, until=time.time(), decode=True,
+    # The SDK sees the same documents as the CLI.
+    until = time.time()
+    sdk = list(dnode.sdk().events(since=t0, until=until, decode=True,
                                   filters={"container": cid}))
     assert [e["Action"] for e in sdk] == ["create", "start", "die", "destroy"]
+    cli = dnode.out("events", "--since", f"{t0:.9f}", "--until", f"{until:.9f}",
+                    "--filter", f"container={cid}", "--format", "{{json .}}")
+    assert sdk == [json.loads(line) for line in cli.splitlines()]
+
+
+def test_stop_restart_rename_and_exec_events(dnode, images) -> None:
+    t0 = time.time()
+    cid = dnode.out("run", "-d", "--name", "evs", images["busybox"], "sleep", "600")
+    assert dnode.out("exec", "evs", "sh", "-c", "echo hi") == "hi"
+    dnode.docker("rename", "evs", "evs2")
+    dnode.docker("restart", "-t", "1", "evs2")
+    dnode.docker("stop", "-t", "1", "evs2")
+    dnode.docker("stop", "evs2")  # not running: 304, and no event
+    dnode.docker("rm", "evs2")
+    expected = ["create", "start", "exec_create: sh -c echo hi", "exec_start: sh -c echo hi",
+                "rename", "kill", "die", "stop", "start", "restart", "kill", "die", "stop",
+                "destroy"]
+    seen = replay_until(dnode, t0, lambda evs: "destroy" in actions(evs),
+                        f"container={cid[:12]}")
+    assert actions(seen) == expected, actions(seen)
+    by_action = {e["Action"]: e["Actor"]["Attributes"] for e in seen}
+    assert by_action["rename"]["oldName"] == "/evs" and by_action["rename"]["name"] == "evs2"
+    assert by_action["kill"]["signal"] == "15"
+    assert by_action["exec_start: sh -c echo hi"]["execID"] == \
+        by_action["exec_create: sh -c echo hi"]["execID"]
+    # `event=exec_start` matches the action before ": ", as Docker's filter does.
+    assert actions(replay(dnode, t0, f"container={cid}", "event=exec_start")) == \
+        ["exec_start: sh -c echo hi"]
+    # A kill with a signal names it; `docker kill` of a stopped container is no event.
+    t1 = time.time()
+    dnode.docker("run", "-d", "--name", "evk", images["busybox"], "sleep", "600")
+    dnode.docker("kill", "-s", "USR1", "evk")  # busybox sleep dies of it
+    dnode.docker("wait", "evk")
+    assert dnode.docker("kill", "evk", check=False).returncode != 0
+    dnode.docker("rm", "evk")
+    seen = replay_until(dnode, t1, lambda evs: "destroy" in actions(evs), "container=evk")
+    assert [(e["Action"], e["Actor"]["Attributes"].get("signal")) for e in seen
+            if e["Action"] in ("kill", "die")] == [("kill", str(signal.SIGUSR1)),
+                                                  ("die", None)], seen
 
 
 def test_image_volume_and_network_events(dnode, images) -> None:
@@ -110,6 +183,41 @@ def test_following_shows_events_as_they_happen(dnode, images) -> None:
         dnode.docker("rm", "-f", "evy")
 
 
+async def _followers(dnode) -> int:
+    """The ordered consumers of this node's docker.event subject (one per GET /events)."""
+    from shoal_common import subjects
+
+    subject = subjects.event(dnode.shoal.services.node.node_id, "moby", "docker.event")
+    nc = await nats.connect(dnode.shoal.services.node.nats_url)
+    try:
+        infos = await nc.jetstream().consumers_info("SHOAL_EVENTS")
+    finally:
+        await nc.close()
+    return sum(1 for i in infos if i.config.filter_subject == subject)
+
+
+async def test_a_quiet_follower_that_leaves_ends_its_consumer(dnode) -> None:
+    """A follower whose filter matches nothing is never written to: its leaving is seen
+    anyway, and its consumer goes (not one left per Ctrl-C)."""
+    before = await _followers(dnode)
+    follower = subprocess.Popen(
+        [str(DOCKER_CLI), "events", "--filter", "container=nosuch-ever"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dnode.env(),
+        stdin=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 10
+        while await _followers(dnode) == before:
+            assert time.monotonic() < end and follower.poll() is None
+            await asyncio.sleep(0.2)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(timeout=10)
+    end = time.monotonic() + 20
+    while await _followers(dnode) > before:
+        assert time.monotonic() < end, "the consumer of a follower that left is still there"
+        await asyncio.sleep(0.3)
+
+
 def test_a_die_while_the_gateway_is_down_is_reported(dnode, images) -> None:
     t0 = time.time()
     cid = dnode.out("run", "-d", "--name", "evz", images["busybox"], "sh", "-c",
@@ -133,6 +241,45 @@ def test_a_die_while_the_gateway_is_down_is_reported(dnode, images) -> None:
         dnode.docker("rm", "-f", "evz")
 
 
+def test_replay_ends_when_until_is_reached(dnode) -> None:
+    """`until` in the past: the end of what is stored before it, at once (however far back
+    `since` is); in the future: at that time."""
+    started = time.monotonic()
+    replay(dnode, time.time() - 3600)
+    assert time.monotonic() - started < 5
+    started = time.monotonic()
+    out = dnode.out("events", "--until", f"{time.time() + 2:.9f}", timeout=30)
+    assert out == "" and 1.5 < time.monotonic() - started < 8
+
+
+async def test_malformed_bus_events_are_skipped(dnode, images) -> None:
+    """A tasks.exit or docker.event that is not the supervisor's or the gateway's doing
+    (garbage, an exit of no Docker container) neither stops the consumer nor a replay."""
+    from shoal_common import codec, subjects
+    from shoal_common.messages.monitor import TaskExited
+
+    t0 = time.time()
+    node_id = dnode.shoal.services.node.node_id
+    nc = await nats.connect(dnode.shoal.services.node.nats_url)
+    try:
+        js = nc.jetstream()
+        for topic in ("tasks.exit", "docker.event"):
+            await js.publish(subjects.event(node_id, "moby", topic), b"\xc1garbage")
+        await js.publish(subjects.event(node_id, "moby", "tasks.exit"), codec.encode(
+            TaskExited(id="f" * 64, pid=1, exit_code=1, exited_at=time.time(),
+                       reason="Error")))
+    finally:
+        await nc.close()
+    cid = dnode.out("run", "-d", "--name", "evm", images["busybox"], "sh", "-c", "exit 3")
+    try:
+        seen = replay_until(dnode, t0, lambda evs: "die" in actions(evs), "event=die")
+        assert [(e["Actor"]["ID"], e["Actor"]["Attributes"]["exitCode"]) for e in seen] == \
+            [(cid, "3")]
+        assert dnode.gateway is not None and dnode.gateway.proc.poll() is None
+    finally:
+        dnode.docker("rm", "-f", "evm")
+
+
 class UnixHTTP(http.client.HTTPConnection):
     def __init__(self, path: str) -> None:
         super().__init__("localhost", timeout=30)
@@ -143,12 +290,30 @@ class UnixHTTP(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
+def test_rfc3339_times(dnode) -> None:
+    """The API takes RFC 3339 too (the CLI converts its own forms to unix seconds)."""
+    t0 = time.time()
+    dnode.docker("volume", "create", "evrfc")
+    dnode.docker("volume", "rm", "evrfc")
+    since = datetime.fromtimestamp(t0 - 1, UTC).isoformat().replace("+00:00", "Z")
+    until = datetime.fromtimestamp(time.time() + 1, UTC).isoformat()
+    conn = UnixHTTP(str(dnode.socket))
+    conn.request("GET", "/v1.41/events?" + urllib.parse.urlencode(
+        {"since": since, "until": until, "filters": json.dumps({"volume": ["evrfc"]})}))
+    reply = conn.getresponse()
+    assert reply.status == 200
+    got = [json.loads(line) for line in reply.read().decode().splitlines()]
+    assert [e["Action"] for e in got] == ["create", "destroy"], got
+
+
 @pytest.mark.parametrize("query,message", [
     ("since=nonsense", "invalid value for since"),
     ("until=12x", "invalid value for until"),
     ("since=20&until=10", "since must be before until"),
     ("filters=%7B%22colour%22%3A%5B%22red%22%5D%7D", "invalid filter 'colour'"),
     ("filters=notjson", "filters"),
+    ("since=999999999999", "invalid value for since"),
+    ("until=2023-13-40T00:00:00Z", "invalid value for until"),
 ])
 def test_bad_input_is_refused(dnode, query, message) -> None:
     """The CLI checks --since itself; the API answers 400 with Docker's message."""
@@ -160,3 +325,6 @@ def test_bad_input_is_refused(dnode, query, message) -> None:
     bad = dnode.docker("events", "--filter", "colour=red", "--until", f"{time.time():.0f}",
                        check=False, timeout=30)
     assert bad.returncode != 0 and "invalid filter" in bad.stderr.decode(), bad
+    # The CLI refuses a --since it cannot read before it asks.
+    bad = dnode.docker("events", "--since", "nonsense", check=False, timeout=30)
+    assert bad.returncode != 0 and "nonsense" in bad.stderr.decode(), bad

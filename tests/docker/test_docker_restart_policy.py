@@ -46,6 +46,10 @@ def test_always_runs_again_until_docker_stop(dnode, images) -> None:
                  "sh", "-c", "sleep 0.3")
     try:
         until(lambda: state(dnode, "again")["RestartCount"] >= 2, what="restarts")
+        # Between two runs (the delay grows to 0.8 s and more) `docker ps` says so.
+        until(lambda: dnode.out("ps", "--filter", "name=again", "--format",
+                                "{{.Status}}").startswith("Restarting (0)"),
+              what="a Restarting status")
         dnode.docker("stop", "-t", "1", "again")
         count = state(dnode, "again")["RestartCount"]
         time.sleep(1.5)

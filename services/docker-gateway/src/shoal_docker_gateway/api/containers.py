@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import sqlite3
 from typing import Any
 
 from aiohttp import web
@@ -20,12 +18,10 @@ from shoal_docker_gateway.api.routes import (
 )
 from shoal_docker_gateway.domain import containers as ops
 from shoal_docker_gateway.domain import containers_view as view
-from shoal_docker_gateway.domain import events
-from shoal_docker_gateway.domain.backend import Backend, backend_of
-from shoal_docker_gateway.domain.containers_body import check_name
+from shoal_docker_gateway.domain.backend import backend_of
 from shoal_docker_gateway.domain.lookup import resolve
-from shoal_docker_gateway.errors import BadParameter, Conflict, NotModified
-from shoal_docker_gateway.store.containers import ContainerRecord, Containers
+from shoal_docker_gateway.errors import BadParameter, NotModified
+from shoal_docker_gateway.store.containers import Containers
 
 routes = Routes()
 
@@ -34,7 +30,6 @@ routes = Routes()
 async def create(request: web.Request) -> web.Response:
     backend = backend_of(request)
     rec = await ops.create(backend, request.query.get("name", ""), await json_body(request))
-    await events.container(backend, rec, "create")
     return json_response({"Id": rec.id, "Warnings": []}, status=201)
 
 
@@ -51,20 +46,9 @@ async def start(request: web.Request) -> web.Response:
 async def stop(request: web.Request) -> web.Response:
     backend = backend_of(request)
     rec = await resolve(backend, request.match_info["id"])
-    if not await _stop(backend, rec, _timeout(request)):
+    if not await ops.stop(backend, rec, _timeout(request)):
         raise NotModified("not running")
     return web.Response(status=204)
-
-
-async def _stop(backend: Backend, rec: ContainerRecord, timeout: int) -> bool:
-    """Docker's events of a stop: kill (the stop signal), die, stop."""
-    backend.seen.expect(rec.id, "die")
-    await events.container(backend, rec, "kill", signal=str(signal.SIGTERM))
-    stopped = await ops.stop(backend, rec, timeout)
-    if stopped:
-        await backend.seen.wait(rec.id, "die")
-        await events.container(backend, rec, "stop")
-    return stopped
 
 
 def _timeout(request: web.Request) -> int:
@@ -78,11 +62,7 @@ def _timeout(request: web.Request) -> int:
 async def restart(request: web.Request) -> web.Response:
     backend = backend_of(request)
     rec = await resolve(backend, request.match_info["id"])
-    await _stop(backend, rec, _timeout(request))
-    backend.seen.expect(rec.id, "start")
-    await ops.start(backend, await resolve(backend, rec.id))
-    await backend.seen.wait(rec.id, "start")
-    await events.container(backend, rec, "restart")
+    await ops.restart(backend, rec, _timeout(request))
     return web.Response(status=204)
 
 
@@ -90,10 +70,7 @@ async def restart(request: web.Request) -> web.Response:
 async def kill(request: web.Request) -> web.Response:
     backend = backend_of(request)
     rec = await resolve(backend, request.match_info["id"])
-    signum = ops.parse_signal(request.query.get("signal", ""))
-    if (await ops.observe(backend, rec)).status == "running":  # else 409, and no event
-        await events.container(backend, rec, "kill", signal=str(signum))
-    await ops.kill(backend, rec, signum)
+    await ops.kill(backend, rec, ops.parse_signal(request.query.get("signal", "")))
     return web.Response(status=204)
 
 
@@ -127,7 +104,6 @@ async def update(request: web.Request) -> web.Response:
     backend = backend_of(request)
     rec = await resolve(backend, request.match_info["id"])
     await ops.update(backend, rec, await json_body(request))
-    await events.container(backend, rec, "update")
     return json_response({"Warnings": []})
 
 
@@ -144,13 +120,7 @@ async def remove(request: web.Request) -> web.Response:
 async def rename(request: web.Request) -> web.Response:
     backend = backend_of(request)
     rec = await resolve(backend, request.match_info["id"])
-    name = check_name(request.query.get("name", ""))
-    try:
-        await Containers(backend.records).rename(rec.id, name)
-    except sqlite3.IntegrityError:
-        raise Conflict(f'Conflict. The container name "/{name}" is already in use') from None
-    await events.emit(backend, "container", "rename", rec.id, events.container_attrs(
-        rec, name=name, oldName=f"/{rec.name}"))
+    await ops.rename(backend, rec, request.query.get("name", ""))
     return web.Response(status=204)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shlex
 
 import structlog
 from aiohttp import web
@@ -40,7 +39,7 @@ async def create(request: web.Request) -> web.Response:
     if (await observe(backend, rec)).status != "running":
         raise Conflict(f"Container {rec.id} is not running")
     inst = backend.execs.add(rec, process, flags)
-    await events.container(backend, rec, f"exec_create: {shlex.join(process.cmd)}",
+    await events.container(backend, rec, events.exec_action("exec_create", process.cmd),
                            execID=inst.id)
     return json_response({"Id": inst.id}, status=201)
 
@@ -66,7 +65,7 @@ async def start(request: web.Request) -> web.StreamResponse:
     if (await observe(backend, rec)).status != "running":
         raise Conflict(f"Container {rec.id} is not running")
     execs.claim(inst)
-    await events.container(backend, rec, f"exec_start: {shlex.join(inst.process.cmd)}",
+    await events.container(backend, rec, events.exec_action("exec_start", inst.process.cmd),
                            execID=inst.id)
     sessions = Sessions(backend.clients.monitor)
     if flag(body, "Detach"):

@@ -87,7 +87,9 @@ async def create(backend: Backend, name: str, body: dict[str, Any]) -> Container
         with contextlib.suppress(Exception):
             await _remove_everything(backend, rec)
         raise
-    return await store.update(rec, cri_id=cri_id, state="created")
+    rec = await store.update(rec, cri_id=cri_id, state="created")
+    await events.container(backend, rec, "create")
+    return rec
 
 
 def _body(rec: ContainerRecord) -> dict[str, Any]:
@@ -187,10 +189,32 @@ async def stop(backend: Backend, rec: ContainerRecord, timeout: int) -> bool:
                 container_id=rec.cri_id, timeout=timeout), timeout=timeout + 60)
             await _note_exit(backend, rec)
         return False
+    backend.seen.expect(rec.id, "die")
+    await events.container(backend, rec, "kill", signal=str(_stop_signal(rec)))
     await backend.cri.runtime.StopContainer(cri.StopContainerRequest(
         container_id=rec.cri_id, timeout=timeout), timeout=timeout + 60)
     await _note_exit(backend, rec)
+    await backend.seen.wait(rec.id, "die")  # Docker's order: kill, die, stop
+    await events.container(backend, rec, "stop")
     return True
+
+
+def _stop_signal(rec: ContainerRecord) -> int:
+    """The signal a stop sends first (the container's or its image's StopSignal)."""
+    try:
+        return parse_signal(str(rec.config.get("Shoal", {}).get("StopSignal") or "SIGTERM"))
+    except BadParameter:
+        return int(signal.SIGTERM)
+
+
+async def restart(backend: Backend, rec: ContainerRecord, timeout: int) -> None:
+    """Docker's restart: a stop if it runs, a start; events kill, die, stop, start,
+    restart."""
+    await stop(backend, rec, timeout)
+    backend.seen.expect(rec.id, "start")
+    await start(backend, await resolve(backend, rec.id))
+    await backend.seen.wait(rec.id, "start")
+    await events.container(backend, rec, "restart")
 
 
 async def _note_exit(backend: Backend, rec: ContainerRecord) -> None:
@@ -216,6 +240,7 @@ async def kill(backend: Backend, rec: ContainerRecord, signum: int) -> None:
     seen = await observe(backend, rec)
     if seen.status != "running":
         raise Conflict(f"Cannot kill container: {rec.id}: Container {rec.id} is not running")
+    await events.container(backend, rec, "kill", signal=str(signum))
     if signum == signal.SIGKILL:
         await backend.cri.runtime.StopContainer(cri.StopContainerRequest(
             container_id=rec.cri_id, timeout=0))
@@ -253,6 +278,17 @@ async def update(backend: Backend, rec: ContainerRecord, body: dict[str, Any]) -
         await backend.cri.runtime.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
             container_id=rec.cri_id, linux=res))
     await Containers(backend.records).update(rec, config={**rec.config, "HostConfig": hc})
+    await events.container(backend, rec, "update")
+
+
+async def rename(backend: Backend, rec: ContainerRecord, name: str) -> None:
+    """A new unique name (409 when taken)."""
+    name = check_name(name)
+    try:
+        await Containers(backend.records).rename(rec.id, name)
+    except sqlite3.IntegrityError:
+        raise Conflict(f'Conflict. The container name "/{name}" is already in use') from None
+    await events.container(backend, rec, "rename", name=name, oldName=f"/{rec.name}")
 
 
 async def remove(backend: Backend, rec: ContainerRecord, force: bool, volumes: bool) -> None:

@@ -3,6 +3,7 @@ record (what the client asked for) and the CRI (what is running now)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from shoal_common.messages.monitor import TaskIdRequest
 from shoal_docker_gateway.domain import networks, paths
 from shoal_docker_gateway.domain.backend import Backend
 from shoal_docker_gateway.domain.containers import Observed, observe
+from shoal_docker_gateway.domain.containers_body import restart_policy
 from shoal_docker_gateway.domain.images import rfc3339
 from shoal_docker_gateway.errors import BadParameter
 from shoal_docker_gateway.store.containers import ContainerRecord, Containers
@@ -47,8 +49,9 @@ def status_text(seen: Observed) -> str:
     now = time.time()
     if seen.status == "running":
         return f"Up {human_duration(now - seen.started_at)}"
-    if seen.status == "exited" and seen.finished_at:
-        return f"Exited ({seen.exit_code}) {human_duration(now - seen.finished_at)} ago"
+    if seen.status in ("exited", "restarting") and seen.finished_at:
+        return (f"{seen.status.capitalize()} ({seen.exit_code}) "
+                f"{human_duration(now - seen.finished_at)} ago")
     return seen.status.capitalize()
 
 
@@ -102,7 +105,11 @@ async def listing(backend: Backend, all_: bool, filters: dict[str, Any]
         if rec.state in ("creating", "removing"):
             continue
         seen = await observe(backend, rec)
-        if (not all_ and seen.status != "running") or not _matches(rec, seen, filters):
+        if seen.status == "exited" and restart_policy(rec.host_config)[0] != "no" and \
+                (await _restarts(backend, rec))[1]:
+            seen = dataclasses.replace(seen, status="restarting")  # between two runs
+        if (not all_ and seen.status not in ("running", "restarting")) or \
+                not _matches(rec, seen, filters):
             continue
         rows.append({
             "Id": rec.id, "Names": [f"/{rec.name}"], "Image": rec.image,
