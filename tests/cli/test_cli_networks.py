@@ -428,6 +428,12 @@ def hostile_bodies() -> Iterator[tuple[str, dict[str, Any]]]:
                          ("gateway", "10.237.41.1"), ("id", "../x"), ("id", 5)):
         yield "network.create", {**good, field: value}
     yield "network.create", {**good, "parent": "eth0"}
+    for verb in ("sandbox.connect", "sandbox.disconnect"):
+        for body in ({"id": "../x", "network": "fine"}, {"id": "a" * 200, "network": ""},
+                     {"id": "abc", "network": "../../etc"}, {"id": "abc", "network": "A"},
+                     {"id": "abc", "network": 5}, {"id": "abc"}, {"network": "fine"},
+                     {"id": "nosuchpod", "network": ""}):
+            yield verb, body
 
 
 async def test_hostile_bodies_are_invalid_and_change_nothing(shoal_node: Shoal) -> None:
@@ -477,3 +483,95 @@ async def test_a_restarted_executor_repairs_the_network_files(
         assert_gone(cli.node, info)
     finally:
         subprocess.run(["ip", "link", "delete", ghost_bridge], capture_output=True)
+
+
+def leases(node: Node, network: str) -> set[str]:
+    """The addresses host-local holds on a `shoal network create` network."""
+    directory = ipam_dir(node) / network
+    return {p.name for p in directory.iterdir() if p.name[0].isdigit()} if \
+        directory.exists() else set()
+
+
+async def test_a_ready_pod_is_connected_to_more_networks_and_disconnected(
+        cli: Cli, shoal_node: Shoal, images: dict[str, str]) -> None:
+    busybox, name = images["busybox"], unique("cn")
+    before = host_names()
+    front, back = f"{name}-f", f"{name}-b"
+    await cli.ok("network", "create", "--subnet", "10.237.60.0/24", front)
+    await cli.ok("network", "create", "--subnet", "10.237.61.0/24", back)
+    try:
+        await _connect_and_disconnect(cli, shoal_node, busybox, name, front, back, before)
+    finally:  # a failed run's bridges would refuse the next run's subnets
+        async with cri_client(shoal_node.services) as api:
+            await remove_all_pods(api)
+        for net in (front, back):
+            await cli("network", "rm", net)
+
+
+async def _connect_and_disconnect(cli: Cli, shoal_node: Shoal, busybox: str, name: str,
+                                  front: str, back: str, before: set[str]) -> None:
+    a_cid, a_pod = await serving(cli, f"{name}-a", "--network", front, image=busybox)
+    b_cid, b_pod = await serving(cli, f"{name}-b", "--network", back, image=busybox)
+    b_ip = await cli.pod_ip(b_pod)
+
+    out = (await cli.ok("network", "connect", back, a_pod)).split()
+    assert out[0] == "eth1" and ipaddress.ip_address(out[1]) in ipaddress.ip_network(
+        "10.237.61.0/24"), out
+    a_back_ip = out[1]
+    # A retry (a lost reply) gets the same interface and address.
+    assert (await cli.ok("network", "connect", back, a_pod)).split() == out
+    r = await cli.sh(a_cid, f"busybox ping -c 1 -W 5 {b_ip} && busybox ip -o -4 addr show eth1"
+                            " && busybox ip route")
+    assert r.code == 0 and a_back_ip in r.out and "ttl=64" in r.out, r  # on the link: no hop
+    # The pod's default route stays on the network it was made on.
+    default = [line for line in r.out.splitlines() if line.startswith("default")]
+    assert default == [line for line in default if "10.237.60.1" in line and "eth0" in line]
+    assert len(default) == 1, r.out
+    r = await cli.sh(b_cid, f"busybox ping -c 1 -W 5 {a_back_ip}")
+    assert r.code == 0, r
+    listed = {p["id"]: p["ips"] for p in (await cli.json("network", "inspect", back))["pods"]}
+    assert listed == {b_pod: [b_ip], a_pod: [a_back_ip]}
+    assert await cli.pod_ip(a_pod) != a_back_ip  # the CRI's address is eth0's
+    refused = await cli("network", "rm", back)
+    assert refused.code == 1 and "in use" in refused.err and a_pod[:12] in refused.err
+
+    # The pod's own network stays; the default network is one more it may join.
+    refused = await cli("network", "disconnect", front, a_pod)
+    assert refused.code == 1 and "stays on it" in refused.err, refused.err
+    assert (await cli.ok("network", "connect", "", a_pod)).split()[0] == "eth2"
+    await cli.ok("network", "disconnect", "", a_pod)
+    await cli.ok("network", "disconnect", back, a_pod)
+    await cli.ok("network", "disconnect", back, a_pod)  # again: nothing left to do
+    r = await cli.sh(a_cid, "busybox ip -o link")
+    assert r.code == 0 and "eth1" not in r.out and "eth2" not in r.out, r.out
+    assert leases(cli.node, back) == {b_ip}
+
+    # Connected again, then the pod removed while connected: everything given back.
+    await cli.ok("network", "connect", back, a_pod)
+    assert len(leases(cli.node, back)) == 2
+    await cli.ok("rm", "-f", a_pod)
+    assert leases(cli.node, back) == {b_ip}
+    await cli.ok("rm", "-f", b_pod)
+    for net in (front, back):
+        await cli.ok("network", "rm", net)
+    assert left(shoal_node, before) == []
+
+
+async def test_connect_refuses_what_cannot_take_a_network(
+        cli: Cli, shoal_node: Shoal, images: dict[str, str]) -> None:
+    busybox, name = images["busybox"], unique("cr")
+    _, h_pod = await serving(cli, f"{name}-h", "--network", "host", image=busybox)
+    _, o_pod = await serving(cli, f"{name}-o", image=busybox)
+    _, j_pod = await serving(cli, f"{name}-j", "--network", f"container:{o_pod}",
+                                 image=busybox)
+    for pod, message in ((h_pod, "on the host's network"),
+                         (j_pod, f"shares the network namespace of pod sandbox {o_pod}"),
+                         ("ffff0000", "not found")):
+        r = await cli("network", "connect", "", pod)
+        assert r.code == 1 and message in r.err, (pod, r.err)
+    r = await cli("network", "connect", "nosuchnet", o_pod)
+    assert r.code == 1 and "unknown network 'nosuchnet'" in r.err, r.err
+    r = await cli("network", "connect", "Bad_Name", o_pod)
+    assert r.code == 2 and "not a network name" in r.err, r.err
+    # Its own network (the default, by its name) already: eth0, as it is.
+    assert (await cli.ok("network", "connect", "shoal", o_pod)).split()[0] == "eth0"

@@ -13,7 +13,13 @@ from shoal_common.errors import AlreadyExists, FailedPrecondition, Invalid, NotF
 from shoal_executor.domain.cni import Cni
 from shoal_executor.domain.networks import conflist, parse_gateway, parse_subnet
 from shoal_executor.store.networks import NetworkRecord, NetworkStore
-from shoal_executor.store.records import MIGRATIONS, NO_NETWORK, Records, SandboxRecord
+from shoal_executor.store.records import (
+    MIGRATIONS,
+    NO_NETWORK,
+    READY,
+    Records,
+    SandboxRecord,
+)
 
 
 def record(name: str, subnet: str, request_id: str = "r1") -> NetworkRecord:
@@ -87,6 +93,50 @@ async def test_claims_say_which_network_and_a_pod_without_one_owes_no_del(
     assert claims == {"n1": (False, NO_NETWORK), "d1": (True, "")}
     store = NetworkStore(records.db)
     assert [m.id for m in await store.members("")] == ["d1"]
+
+
+async def test_a_connect_is_recorded_before_cni_and_its_row_outlives_the_sandbox(
+        records: Records) -> None:
+    store = NetworkStore(records.db)
+    await store.create(record("blue", "10.237.0.0/24"), no_check)
+    pod = SandboxRecord(id="p1", netns_name="shoal-p1", netns_path="/run/netns/shoal-p1",
+                        state=READY)
+    with pytest.raises(FailedPrecondition, match="not ready"):
+        await records.begin_attachment("p1", "blue")
+    await records.put_sandbox(pod, claim_netns=True)
+    with pytest.raises(Invalid, match="unknown network 'green'"):
+        await records.begin_attachment("p1", "green")
+    att, fresh = await records.begin_attachment("p1", "blue")
+    assert (att.ifname, att.netns_path, att.attached, fresh) == ("eth1", pod.netns_path,
+                                                                  False, True)
+    # While its connect runs (its owner alive): no second one, no removal of the network.
+    with pytest.raises(FailedPrecondition, match="being connected"):
+        await records.begin_attachment("p1", "blue")
+    with pytest.raises(FailedPrecondition, match="eth1 being connected"):
+        await store.remove("blue")
+    assert not att.abandoned()
+    second, _ = await records.begin_attachment("p1", "")  # the default network: eth2
+    assert second.ifname == "eth2"
+    await records.attached(att, ["10.237.0.7"])
+    again, fresh = await records.begin_attachment("p1", "blue")  # a retry finds it done
+    assert (again.attached, again.ips, fresh) == (True, ["10.237.0.7"], False)
+    assert [(m.id, m.ips) for m in await store.members("blue")] == [("p1", ["10.237.0.7"])]
+    # A connect whose process died is abandoned: the sweep's, or a retry's to take over.
+    await records.db.transaction(lambda c: c.execute(
+        "UPDATE attachments SET owner='1:0' WHERE ifname='eth2'"))
+    assert [a.abandoned() for a in await records.attachments("p1")] == [False, True]
+    taken, fresh = await records.begin_attachment("p1", "")
+    assert (taken.ifname, fresh) == ("eth2", False)
+    await records.drop_attachment(second)
+    # The sandbox gone with CNI DEL still owed: the row stays, the network stays in use.
+    await records.delete_sandbox("p1")
+    assert [a.ifname for a in await records.attachments()] == ["eth1"]
+    assert await store.members("blue") == []
+    with pytest.raises(FailedPrecondition, match=r"p1 \(eth1 being connected or removed"):
+        await store.remove("blue")
+    await records.drop_attachment(att)
+    await records.drop_netns_claim("shoal-p1")
+    assert (await store.remove("blue")).name == "blue"
 
 
 async def test_a_database_from_before_networks_keeps_its_rows(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""`shoal network create|ls|inspect|rm`: pod networks, over the bus to the executor (which
-writes them as CNI configuration lists into its conf dir). A pod joins one with
-`shoal run --network NAME`."""
+"""`shoal network create|ls|inspect|rm|connect|disconnect`: pod networks, over the bus to
+the executor (which writes them as CNI configuration lists into its conf dir). A pod is
+made on one with `shoal run --network NAME`, and connected to more (eth1, eth2...) with
+`shoal network connect NAME POD`."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ if TYPE_CHECKING:
     from shoal_common.clients import TasksClient
     from shoal_common.messages.networks import NetworkInfo
 
+CONNECTS = ("connect", "disconnect")
 NAME_RE = re.compile(r"\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")  # ... NetworkName
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                common: argparse.ArgumentParser) -> None:
-    net = sub.add_parser("network", help="pod networks: create, ls, inspect, rm")
+    net = sub.add_parser("network", help="pod networks: create, ls, inspect, rm, connect, "
+                                         "disconnect")
     cmds = net.add_subparsers(dest="network_command", required=True)
     create = cmds.add_parser("create", parents=[common], help="create a network")
     create.add_argument("name", help="a DNS label: lower-case letters, digits and '-'")
@@ -41,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     inspect.add_argument("names", nargs="+", metavar="NAME")
     rm = cmds.add_parser("rm", parents=[common], help="remove networks no pod is on")
     rm.add_argument("names", nargs="+", metavar="NAME")
+    for verb, what in (("connect", "connect a ready pod to one more network"),
+                       ("disconnect", "disconnect a pod from a network it was connected to")):
+        cmd = cmds.add_parser(verb, parents=[common], help=what)
+        cmd.add_argument("name", metavar="NETWORK",
+                         help="a network's name, or '' for the default network")
+        cmd.add_argument("pod", metavar="POD", help="the pod sandbox's id")
 
 
 def _doc(net: NetworkInfo) -> dict[str, Any]:
@@ -73,9 +82,9 @@ async def _command(tasks: TasksClient, args: argparse.Namespace) -> int:
     )
 
     cmd = args.network_command
-    named = args.names if cmd in ("inspect", "rm") else [args.name] if cmd == "create" else []
+    named = args.names if cmd in ("inspect", "rm") else [] if cmd == "ls" else [args.name]
     for name in named:
-        if not NAME_RE.match(name):
+        if not NAME_RE.match(name) and not (name == "" and cmd in CONNECTS):
             print(f"shoal network {cmd}: {name!r} is not a network name: use lower-case "
                   "letters, digits and '-' (at most 63, a letter or digit at each end)",
                   file=sys.stderr)
@@ -86,6 +95,8 @@ async def _command(tasks: TasksClient, args: argparse.Namespace) -> int:
             gateway=args.gateway, parent=args.parent))
         print(info.name)
         return 0
+    if cmd in CONNECTS:
+        return await _connect(tasks, args)
     if cmd == "ls":
         listed = (await tasks.network_list(NetworkListRequest())).networks
         if args.quiet:
@@ -108,6 +119,18 @@ async def _command(tasks: TasksClient, args: argparse.Namespace) -> int:
         docs = [_doc(info) for info in found]
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
     return code
+
+
+async def _connect(tasks: TasksClient, args: argparse.Namespace) -> int:
+    from shoal_common.messages.networks import SandboxNetworkRequest
+
+    req = SandboxNetworkRequest(id=args.pod, network=args.name)
+    if args.network_command == "connect":
+        att = await tasks.sandbox_connect(req)
+        print(f"{att.ifname} {' '.join(att.ips)}".rstrip())
+    else:
+        await tasks.sandbox_disconnect(req)
+    return 0
 
 
 async def main(config: Config, args: argparse.Namespace) -> int:

@@ -101,6 +101,19 @@ async def sandbox_remove(ctx: Ctx, req: m.SandboxIdRequest) -> Empty:
     return Empty()
 
 
+@router.command("sandbox.connect")
+@_locked
+async def sandbox_connect(ctx: Ctx, req: n.SandboxNetworkRequest) -> n.NetworkAttachment:
+    return await ctx.app.runtime.net.connect(req.id, req.network)
+
+
+@router.command("sandbox.disconnect")
+@_locked
+async def sandbox_disconnect(ctx: Ctx, req: n.SandboxNetworkRequest) -> Empty:
+    await ctx.app.runtime.net.disconnect(req.id, req.network)
+    return Empty()
+
+
 @router.command("container.create")
 @_locked
 async def container_create(ctx: Ctx, req: m.ContainerCreateRequest) -> m.ContainerCreateReply:

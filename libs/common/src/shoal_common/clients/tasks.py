@@ -7,11 +7,13 @@ from shoal_common.clients.base import PROBE_TIMEOUT, ServiceClient, Verb
 from shoal_common.messages import Empty, RuntimeStatusReply, RuntimeStatusRequest
 from shoal_common.messages.monitor import TaskState
 from shoal_common.messages.networks import (
+    NetworkAttachment,
     NetworkCreateRequest,
     NetworkInfo,
     NetworkList,
     NetworkListRequest,
     NetworkNameRequest,
+    SandboxNetworkRequest,
 )
 from shoal_common.messages.tasks import (
     ContainerCreateReply,
@@ -60,6 +62,11 @@ class TasksClient(ServiceClient):
     network_get = Verb("network.get", NetworkNameRequest, NetworkInfo)
     network_remove = Verb("network.remove", NetworkNameRequest, Empty,
                           attempt_timeout=ATTEMPT, retries=3)
+    # A ready pod on more networks than the one it was made on (Docker's network connect).
+    sandbox_connect = Verb("sandbox.connect", SandboxNetworkRequest, NetworkAttachment,
+                           attempt_timeout=ATTEMPT, retries=3)
+    sandbox_disconnect = Verb("sandbox.disconnect", SandboxNetworkRequest, Empty,
+                              attempt_timeout=ATTEMPT, retries=3)
 
     async def stop_container(self, req: ContainerStopRequest) -> TaskState:
         """A stop waits the container's grace period on top of the attempt's own budget."""

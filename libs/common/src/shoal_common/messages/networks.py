@@ -44,6 +44,25 @@ class NetworkListRequest(Message):
     pass
 
 
+# A network a pod may be connected to: a `shoal network create` network, or "" (the default).
+NetworkRef = Annotated[str, Meta(pattern=r"\A(|[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)\Z")]
+
+
+class SandboxNetworkRequest(Message):
+    """Connect a ready pod sandbox to one more network (`sandbox.connect`: an interface
+    eth1, eth2... in its namespace; a retry returns the attachment made) or disconnect it
+    (`sandbox.disconnect`: a network it is not connected to any more is no error)."""
+
+    id: ObjectId  # the sandbox
+    network: NetworkRef
+
+
+class NetworkAttachment(Message):
+    network: str
+    ifname: str
+    ips: list[str] = []
+
+
 class NetworkPod(Message):
     """A pod sandbox on a network: `joins` names the pod whose namespace it shares."""
 

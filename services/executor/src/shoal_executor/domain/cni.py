@@ -89,6 +89,24 @@ def load_network(conf_dir: Path) -> NetworkConfig:
     raise FailedPrecondition(f"no usable CNI network config in {conf_dir} ({detail})")
 
 
+DEFAULT_ROUTES = ("0.0.0.0/0", "::/0")
+
+
+def without_default_route(net: NetworkConfig) -> NetworkConfig:
+    plugins = []
+    for plugin in net.plugins:
+        plugin = dict(plugin)
+        ipam = plugin.get("ipam")
+        if isinstance(ipam, dict) and isinstance(ipam.get("routes"), list):
+            plugin["ipam"] = {**ipam, "routes": [
+                r for r in ipam["routes"]
+                if not (isinstance(r, dict) and r.get("dst") in DEFAULT_ROUTES)]}
+        if plugin.get("isDefaultGateway"):
+            plugin["isDefaultGateway"] = False
+        plugins.append(plugin)
+    return NetworkConfig(net.name, net.version, plugins, net.source)
+
+
 class Cni:
     def __init__(self, conf_dir: Path, bin_dirs: list[str]) -> None:
         self.conf_dir = conf_dir
@@ -163,8 +181,13 @@ class Cni:
 
     async def add(self, container_id: str, netns: str, *, ifname: str = "eth0",
                   runtime_config: dict[str, Any] | None = None,
-                  network: str = "") -> AttachResult:
+                  network: str = "", default_route: bool = True) -> AttachResult:
+        """`default_route` False: the network's IPAM routes to 0.0.0.0/0 and ::/0 left out
+        (a pod's second network: its first has the default route, and a second one to the
+        same destination would fail the plugin)."""
         net = self.network(network)
+        if not default_route:
+            net = without_default_route(net)
         result: dict[str, Any] | None = None
         done: list[dict[str, Any]] = []
         try:

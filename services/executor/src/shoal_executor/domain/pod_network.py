@@ -9,6 +9,11 @@ network; otherwise the annotation `io.shoal.network` (kubelet's pods have none) 
 - `container:<sandbox id>`: the network namespace of that pod (its address, ports and
   interfaces): no CNI for the joiner, whose record names the pod it `joins`.
 
+A ready pod with a namespace of its own may be connected to more networks later
+(`sandbox.connect`, Docker's `network connect`): interfaces eth1, eth2... without a default
+route (eth0's network keeps it), each recorded before its CNI ADD and given back with CNI
+DEL at a disconnect or the pod's stop; the network it was made on stays its own.
+
 A joined namespace lives as long as any pod on it: the pod that made it, stopped or
 removed, keeps its CNI attachment and namespace while another pod joins it (as a Docker
 container's network stays while a container shares it), and the last pod to leave gives
@@ -26,8 +31,9 @@ from pathlib import Path
 import structlog
 from cri_api.v1 import api_pb2 as cri
 from shoal_common import faults
-from shoal_common.errors import FailedPrecondition, Invalid, ShoalError
+from shoal_common.errors import FailedPrecondition, Invalid, NotFound, ShoalError
 from shoal_common.locks import KeyedLocks
+from shoal_common.messages.networks import NetworkAttachment
 
 from shoal_executor.domain import netns, userns
 from shoal_executor.domain.checks.userns import IdMap
@@ -40,6 +46,7 @@ from shoal_executor.store.records import (
     NOTREADY,
     READY,
     REMOVING,
+    Attachment,
     Records,
     SandboxRecord,
 )
@@ -188,6 +195,9 @@ class PodNetworks:
             await self._detach_claims(record.id)
 
     async def _detach_claims(self, sandbox_id: str) -> None:
+        for att in await self.records.attachments(sandbox_id):
+            with contextlib.suppress(ShoalError):  # logged; kept, to be tried again
+                await self.release_attachment(att)
         for claim in await self.records.netns_claims(sandbox_id):
             if not claim.attached:
                 continue
@@ -229,3 +239,73 @@ class PodNetworks:
                 await netns.delete(claim.name)
                 await self.records.release_netns(claim.name)
             log.info("released the network the last joiner held", sandbox=owner_id)
+
+    # -- more networks -----------------------------------------------------------------------
+
+    async def connect(self, sandbox_id: str, network: str) -> NetworkAttachment:
+        network = "" if network == self._default_name() else network
+        record = await self.records.sandbox(sandbox_id)
+        if record is None:
+            raise NotFound(f"pod sandbox {sandbox_id} not found")
+        if record.joins:
+            raise FailedPrecondition(f"pod sandbox {sandbox_id} shares the network namespace "
+                                     f"of pod sandbox {record.joins}: connect that one")
+        if record.network == HOST_NETWORK or not record.netns_path:
+            raise FailedPrecondition(f"pod sandbox {sandbox_id} is on the host's network")
+        if network == record.network:
+            return NetworkAttachment(network=network, ifname="eth0", ips=record.ips)
+        if network and await self.store.get(network) is None:
+            raise Invalid(f"unknown network {network!r} (see `shoal network ls`)")
+        async with self.holding(sandbox_id):  # not while its last joiner gives it back
+            att, fresh = await self.records.begin_attachment(sandbox_id, network)
+            if att.attached:
+                return _attachment(att)
+            if not fresh:  # a try cut short may have attached part of it: undone first
+                await self.cni.delete(sandbox_id, att.netns_path, ifname=att.ifname,
+                                      network=network)
+            await faults.point("executor.sandbox.connecting")
+            try:
+                result = await self.cni.add(sandbox_id, att.netns_path, ifname=att.ifname,
+                                            network=network, default_route=False)
+            except ShoalError:
+                # ADD undid the plugins it ran; DEL once more so the row may go.
+                with contextlib.suppress(ShoalError):
+                    await self.release_attachment(att)
+                raise
+            await self.records.attached(att, result.ips)
+        log.info("sandbox connected to a network", sandbox=sandbox_id,
+                 network=network or "(default)", ifname=att.ifname, ips=result.ips)
+        att.ips, att.attached = result.ips, True
+        return _attachment(att)
+
+    async def disconnect(self, sandbox_id: str, network: str) -> None:
+        """A network `connect` added given back (one it is not on: nothing to do)."""
+        network = "" if network == self._default_name() else network
+        record = await self.records.sandbox(sandbox_id)
+        if record is None:
+            raise NotFound(f"pod sandbox {sandbox_id} not found")
+        if network == record.network and record.netns_path and not record.joins:
+            raise FailedPrecondition(f"pod sandbox {sandbox_id} was made on network "
+                                     f"{network or '(default)'!r}: it stays on it")
+        async with self.holding(sandbox_id):
+            for att in await self.records.attachments(sandbox_id):
+                if att.network == network:
+                    await self.release_attachment(att)
+                    log.info("sandbox disconnected from a network", sandbox=sandbox_id,
+                             network=network or "(default)", ifname=att.ifname)
+
+    async def release_attachment(self, att: Attachment) -> None:
+        """CNI DEL of a connected network, then its record; raises when DEL failed (the
+        record stays: a later stop, remove or start-up sweep tries again)."""
+        try:
+            await self.cni.delete(att.sandbox_id, att.netns_path, ifname=att.ifname,
+                                  network=att.network)
+        except ShoalError as exc:
+            log.warning("CNI DEL of a connected network failed", sandbox=att.sandbox_id,
+                        network=att.network, ifname=att.ifname, error=exc.message)
+            raise
+        await self.records.drop_attachment(att)
+
+
+def _attachment(att: Attachment) -> NetworkAttachment:
+    return NetworkAttachment(network=att.network, ifname=att.ifname, ips=att.ips)

@@ -15,6 +15,7 @@ executor records every task before it makes it)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 from collections.abc import Coroutine
@@ -43,6 +44,7 @@ HOST_LOCAL_DIR = "/var/lib/cni/networks"
 
 async def before_serving(runtime: Runtime) -> None:
     await undo_half_done(runtime)
+    await sweep_attachments(runtime)
     await sweep_netns(runtime)
     await sweep_dirs(runtime)
 
@@ -77,6 +79,19 @@ async def undo_half_done(rt: Runtime) -> None:
             if not await _bounded(rt.remove_container(ctr.id, NAMESPACE), "container",
                                   ctr.id):
                 return
+
+
+async def sweep_attachments(rt: Runtime) -> None:
+    """Networks connected after a pod was made whose connect was cut short, or whose pod's
+    record is gone with CNI DEL still owed: DEL, then the record (before the namespaces
+    are swept: DEL needs the namespace's path only, which the plugins tolerate gone)."""
+    sandboxes = {s.id for s in await rt.records.sandboxes()}
+    for att in await rt.records.attachments():
+        if att.abandoned() or att.sandbox_id not in sandboxes:
+            log.info("sweeping a network connection", sandbox=att.sandbox_id,
+                     network=att.network, ifname=att.ifname, attached=att.attached)
+            with contextlib.suppress(ShoalError):  # logged; tried again at the next start
+                await rt.net.release_attachment(att)
 
 
 async def sweep_netns(rt: Runtime) -> None:

@@ -45,9 +45,13 @@ _DEFAULT = "network = '' AND (netns_name != '' OR joins != '')"
 
 
 def _members(c: sqlite3.Connection, name: str) -> list[Member]:
+    """The pods made on network `name`, then those connected to it later."""
     where, args = (_DEFAULT, ()) if not name else ("network = ?", (name,))
     rows = c.execute(f"SELECT id, pod, ips, joins FROM sandboxes WHERE {where} "
                      "ORDER BY created_at", args).fetchall()
+    rows += c.execute("SELECT s.id, s.pod, a.ips, s.joins FROM attachments a JOIN sandboxes s "
+                      "ON s.id = a.sandbox_id WHERE a.network = ? AND a.attached = 1 "
+                      "ORDER BY s.created_at", (name,)).fetchall()
     return [Member(r["id"], r["pod"], json.loads(r["ips"]), r["joins"]) for r in rows]
 
 
@@ -100,6 +104,11 @@ class NetworkStore:
                       for r in c.execute("SELECT sandbox_id FROM netns WHERE network=? AND "
                                          "sandbox_id NOT IN (SELECT id FROM sandboxes)",
                                          (name,))]
+            # Connecting now, or removed with CNI DEL of the interface still owed.
+            users += [f"{r['sandbox_id'][:12]} ({r['ifname']} being connected or removed)"
+                      for r in c.execute("SELECT sandbox_id, ifname FROM attachments WHERE "
+                                         "network=? AND (attached=0 OR sandbox_id NOT IN "
+                                         "(SELECT id FROM sandboxes))", (name,))]
             if users:
                 raise FailedPrecondition(f"network {name!r} is in use by pod sandboxes "
                                          f"{', '.join(users)}: remove them first")

@@ -67,6 +67,18 @@ CREATE TABLE networks(
     bridge TEXT NOT NULL,
     created_at REAL NOT NULL
 )
+""", """
+CREATE TABLE attachments(
+    sandbox_id TEXT NOT NULL,
+    network TEXT NOT NULL,
+    ifname TEXT NOT NULL,
+    netns_path TEXT NOT NULL,
+    ips TEXT NOT NULL,
+    attached INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    PRIMARY KEY(sandbox_id, ifname),
+    UNIQUE(sandbox_id, network)
+)
 """]
 
 # Sandbox states: `creating` and `removing` are operations under way (by `owner`); `ready`
@@ -150,6 +162,25 @@ class NetnsClaim:
     network: str = ""  # whose CNI config DEL must run with ("" = the default network)
 
 
+@dataclass
+class Attachment:
+    """A network a sandbox was connected to after it was made (interface eth1, eth2...):
+    recorded before CNI ADD runs (`attached` false until it has), kept until CNI DEL has
+    run, even after the sandbox's record is gone (the start-up sweep finishes it)."""
+
+    sandbox_id: str
+    network: str
+    ifname: str
+    netns_path: str
+    ips: list[str]
+    attached: bool
+    owner: str = ""  # owner_token() of the process connecting it
+
+    def abandoned(self) -> bool:
+        """A connect cut short: its process is gone before CNI ADD was recorded done."""
+        return not self.attached and not owner_alive(self.owner)
+
+
 class Records(SqliteStore):
     migrations = MIGRATIONS
 
@@ -230,6 +261,63 @@ class Records(SqliteStore):
         await self.db.transaction(lambda c: c.execute(
             "DELETE FROM netns WHERE name=? AND attached=0", (name,)))
 
+    # -- networks connected after the sandbox was made ----------------------------------------
+
+    async def attachments(self, sandbox_id: str | None = None) -> list[Attachment]:
+        rows = await self.db.run(lambda c: c.execute(
+            "SELECT * FROM attachments" + ("" if sandbox_id is None else
+                                           " WHERE sandbox_id=?") + " ORDER BY ifname",
+            () if sandbox_id is None else (sandbox_id,)).fetchall())
+        return [_attachment(r) for r in rows]
+
+    async def begin_attachment(self, sandbox_id: str, network: str
+                               ) -> tuple[Attachment, bool]:
+        """The intent to connect the (ready) sandbox to `network`, on its next free
+        interface, held by this process: (the row that says so, whether it is new; an old
+        one is a previous try's). One transaction, so a network's removal and this see each
+        other."""
+        owner = owner_token()
+
+        def tx(c: sqlite3.Connection) -> tuple[Attachment, bool]:
+            row = c.execute("SELECT * FROM attachments WHERE sandbox_id=? AND network=?",
+                            (sandbox_id, network)).fetchone()
+            if row is not None:
+                found = _attachment(row)
+                if found.attached or not owner_alive(found.owner):
+                    c.execute("UPDATE attachments SET owner=? WHERE sandbox_id=? AND "
+                              "network=?", (owner, sandbox_id, network))
+                    return found, False
+                raise FailedPrecondition(f"pod sandbox {sandbox_id} is being connected to "
+                                         f"network {network or '(default)'!r} by another "
+                                         "executor; try again")
+            sandbox = c.execute("SELECT state, netns_path FROM sandboxes WHERE id=?",
+                                (sandbox_id,)).fetchone()
+            if sandbox is None or sandbox["state"] != READY:
+                raise FailedPrecondition(f"pod sandbox {sandbox_id} is not ready")
+            if network and c.execute("SELECT 1 FROM networks WHERE name=?",
+                                     (network,)).fetchone() is None:
+                raise Invalid(f"unknown network {network!r}")
+            used = {r["ifname"] for r in c.execute(
+                "SELECT ifname FROM attachments WHERE sandbox_id=?", (sandbox_id,))}
+            ifname = next(f"eth{i}" for i in range(1, len(used) + 2) if f"eth{i}" not in used)
+            att = Attachment(sandbox_id, network, ifname, sandbox["netns_path"], [], False,
+                             owner)
+            c.execute("INSERT INTO attachments VALUES (?,?,?,?,?,?,?)",
+                      (sandbox_id, network, ifname, att.netns_path, "[]", 0, owner))
+            return att, True
+        return await self.db.transaction(tx)
+
+    async def attached(self, att: Attachment, ips: list[str]) -> None:
+        await self.db.transaction(lambda c: c.execute(
+            "UPDATE attachments SET ips=?, attached=1 WHERE sandbox_id=? AND ifname=?",
+            (json.dumps(ips), att.sandbox_id, att.ifname)))
+
+    async def drop_attachment(self, att: Attachment) -> None:
+        """CNI DEL has run (or ADD undid itself): nothing of it is left."""
+        await self.db.transaction(lambda c: c.execute(
+            "DELETE FROM attachments WHERE sandbox_id=? AND ifname=?",
+            (att.sandbox_id, att.ifname)))
+
     async def drop_netns_claim(self, name: str) -> None:
         await self.db.transaction(lambda c: c.execute(
             "DELETE FROM netns WHERE name=?", (name,)))
@@ -249,6 +337,11 @@ def _check_network(c: sqlite3.Connection, s: SandboxRecord) -> None:
                              (s.joins,)).fetchone() is None:
         raise FailedPrecondition(f"the network namespace of pod sandbox {s.joins} is gone: "
                                  "it cannot be joined")
+
+
+def _attachment(row: sqlite3.Row) -> Attachment:
+    return Attachment(row["sandbox_id"], row["network"], row["ifname"], row["netns_path"],
+                      json.loads(row["ips"]), bool(row["attached"]), row["owner"])
 
 
 def _sandbox(row: sqlite3.Row) -> SandboxRecord:
