@@ -86,3 +86,49 @@ def test_compose_up_ps_logs_down(dnode, images, tmp_path: Path) -> None:
     assert "shoalproj_default" not in dnode.out("network", "ls", "--format", "{{.Name}}")
     assert "shoalproj_shared" not in dnode.out("volume", "ls", "--format", "{{.Name}}")
     assert dnode.out("ps", "-aq") == ""
+
+
+TWO_NETWORKS = """\
+version: "3.8"
+services:
+  api:
+    image: {image}
+    command: ["sh", "-c", "mkdir -p /www && echo hello-from-api > /www/index.html &&
+              exec busybox httpd -f -p 80 -h /www"]
+    networks: [front, back]
+  db:
+    image: {image}
+    command: ["sleep", "300"]
+    networks: [back]
+  edge:
+    image: {image}
+    command: ["sleep", "300"]
+    networks: [front]
+networks:
+  front: {{}}
+  back: {{}}
+"""
+
+
+def test_compose_service_on_two_networks(dnode, images, tmp_path: Path) -> None:
+    project = tmp_path / "twonets"
+    project.mkdir()
+    (project / "docker-compose.yml").write_text(TWO_NETWORKS.format(image=images["busybox"]))
+    try:
+        dnode.compose(project, "up", "-d")
+        doc = json.loads(dnode.out("inspect", "twonets_api_1"))[0]
+        nets = doc["NetworkSettings"]["Networks"]
+        assert sorted(nets) == ["twonets_back", "twonets_front"], nets
+        assert all(ep["IPAddress"] and "api" in ep["Aliases"] for ep in nets.values()), nets
+        # api is reached by name from either network; db and edge share none.
+        for client in ("db", "edge"):
+            out = dnode.compose(project, "exec", "-T", client, "wget", "-qO-", "http://api/")
+            assert out.stdout == b"hello-from-api\n", (client, out)
+        out = dnode.compose(project, "exec", "-T", "api", "sh", "-c",
+                            "nslookup db >/dev/null && nslookup edge >/dev/null && echo both")
+        assert out.stdout == b"both\n", out
+    finally:
+        down = dnode.compose(project, "down", "-t", "1", check=False)
+    assert down.returncode == 0, down
+    names = dnode.out("network", "ls", "--format", "{{.Name}}").split()
+    assert "twonets_front" not in names and "twonets_back" not in names, names

@@ -133,23 +133,64 @@ def test_connect_and_disconnect(dnode, images) -> None:
         cid = dnode.out("create", "--name", "mover", images["busybox"], "sleep", "300")
         dnode.docker("network", "connect", "--alias", "moved", "tn_move", "mover")
         nets = json.loads(dnode.out("inspect", "mover"))[0]["NetworkSettings"]["Networks"]
-        assert list(nets) == ["tn_move"] and set(nets["tn_move"]["Aliases"]) == {
+        assert list(nets) == ["bridge", "tn_move"] and set(nets["tn_move"]["Aliases"]) == {
             "moved", cid[:12]}, nets
         dnode.docker("start", "mover")
         code, out = _lookup(dnode, images, "tn_move", "moved")
         assert code == 0 and _ip(dnode, "mover", "tn_move") in out, out
-        busy = dnode.docker("network", "connect", "tn_other", "mover", check=False)
-        assert busy.returncode != 0 and b"one network at a time" in busy.stderr, busy
+        # Running: one more network, reached at once (an interface of its pod).
+        dnode.docker("network", "connect", "tn_other", "mover")
+        other_ip = _ip(dnode, "mover", "tn_other")
+        assert other_ip and other_ip != _ip(dnode, "mover", "tn_move")
+        links = dnode.out("exec", "mover", "ip", "-o", "-4", "addr")
+        assert other_ip in links and _ip(dnode, "mover", "tn_move") in links, links
+        members = json.loads(dnode.out("network", "inspect", "tn_other"))[0]["Containers"]
+        assert members[cid]["IPv4Address"].startswith(other_ip + "/"), members
         same = dnode.docker("network", "connect", "tn_move", "mover", check=False)
         assert same.returncode != 0 and b"already exists" in same.stderr, same
-        dnode.docker("stop", "-t", "0", "mover")
+        first = dnode.docker("network", "disconnect", "bridge", "mover", check=False)
+        assert first.returncode != 0 and b"disconnect those first" in first.stderr, first
+        in_use = dnode.docker("network", "rm", "tn_other", check=False)
+        assert in_use.returncode != 0 and b"has active endpoints" in in_use.stderr, in_use
+        dnode.docker("network", "disconnect", "tn_other", "mover")
+        assert other_ip not in dnode.out("exec", "mover", "ip", "-o", "-4", "addr")
+        dnode.docker("network", "rm", "tn_other")
         dnode.docker("network", "disconnect", "tn_move", "mover")
         nets = json.loads(dnode.out("inspect", "mover"))[0]["NetworkSettings"]["Networks"]
-        assert list(nets) == ["none"], nets
+        assert list(nets) == ["bridge"], nets
         dnode.docker("network", "rm", "tn_move")  # no container on it any more
+        # Off the network it was made on: its pod made again, so not while it runs.
+        busy = dnode.docker("network", "disconnect", "bridge", "mover", check=False)
+        assert busy.returncode != 0 and b"stop it first" in busy.stderr, busy
+        dnode.docker("stop", "-t", "0", "mover")
+        dnode.docker("network", "disconnect", "bridge", "mover")
+        nets = json.loads(dnode.out("inspect", "mover"))[0]["NetworkSettings"]["Networks"]
+        assert list(nets) == ["none"], nets
         assert dnode.out("start", "mover") == "mover"
     finally:
         _gone(dnode, "mover", networks=("tn_move", "tn_other"))
+
+
+def test_a_container_on_two_networks_resolves_names_on_both(dnode, images) -> None:
+    try:
+        for net in ("tn_front", "tn_back"):
+            dnode.docker("network", "create", net)
+        for name, net in (("fronty", "tn_front"), ("backy", "tn_back"), ("middle", "tn_front")):
+            dnode.docker("run", "-d", "--name", name, "--network", net, images["busybox"],
+                         "sleep", "300")
+        dnode.docker("network", "connect", "tn_back", "middle")
+        # Asked of its first network's server: names on either network, each network's
+        # address of it.
+        for name, net in (("fronty", "tn_front"), ("backy", "tn_back")):
+            out = dnode.out("exec", "middle", "nslookup", name)
+            assert _ip(dnode, name, net) in out.split("Name:")[-1], (name, out)
+        ping = dnode.docker("exec", "middle", "busybox", "ping", "-c", "1", "-W", "5", "backy")
+        assert ping.returncode == 0, ping
+        # A container on one of them only does not find the other's names.
+        code, out = _lookup(dnode, images, "tn_front", "backy")
+        assert code != 0 and "NXDOMAIN" in out, out
+    finally:
+        _gone(dnode, "fronty", "backy", "middle", networks=("tn_front", "tn_back"))
 
 
 @pytest.mark.parametrize(("kwargs", "status", "text"), [

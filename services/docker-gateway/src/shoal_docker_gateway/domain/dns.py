@@ -5,6 +5,9 @@ Docker answers at 127.0.0.11 inside each container's namespace; Shoal does what 
 aardvark-dns does instead: the gateway answers on each user bridge network's gateway
 address, port 53 (UDP and TCP), in the host's network namespace, where the network's
 bridge has that address; the containers' resolv.conf names it (the pod's CRI DNSConfig).
+A container on several networks asks the server of the one it was made on (its
+resolv.conf): names of the others it is on are answered too (each network's names, as the
+asker's address on this one says which it is on), as Docker's resolver gives them.
 Names of the network's containers are answered from the records (read again at most every
 REFRESH seconds, and at once for a name not known yet, so a container made a moment ago
 resolves and a removed one is gone); single-label names and the reverse zone of the
@@ -53,6 +56,7 @@ MAX_FORWARDS = 64  # forwarded queries in flight per network
 MAX_INFLIGHT = 256  # UDP queries being answered per network (more are dropped)
 TCP_IDLE = 10.0
 MAX_TCP = 32  # TCP connections per network
+MAX_OTHERS = 64  # other networks' names kept per network
 UDP_LIMIT = 512  # a reply of ours, without EDNS (glibc and busybox retry over TCP)
 TTL = 0  # containers come and go: resolvers must not keep the answers
 BRIDGE_RE = re.compile(r"\Ashl-[0-9a-f]{11}\Z")  # the executor's bridges (BRIDGE_PREFIX)
@@ -79,6 +83,7 @@ class Names:
 
     by_name: dict[str, list[str]] = field(default_factory=dict)
     by_reverse: dict[str, str] = field(default_factory=dict)
+    peers: dict[str, list[str]] = field(default_factory=dict)  # address → its other networks
     read_at: float = 0.0
 
 
@@ -176,6 +181,7 @@ class NetworkDns:
         self._names_fn = names
         self._upstreams = upstreams
         self._names = Names()
+        self._others: dict[str, Names] = {}  # the other networks of askers on this one
         self._lock = asyncio.Lock()
         self._forwards = asyncio.Semaphore(MAX_FORWARDS)
         self._udp: asyncio.DatagramTransport | None = None
@@ -232,7 +238,32 @@ class NetworkDns:
                     self._names = fresh
         return self._names
 
-    async def answer(self, data: bytes, limit: int = 65535) -> bytes | None:
+    async def other_names(self, net_id: str) -> Names:
+        """Another network's names, for an asker on it too (kept REFRESH seconds)."""
+        found = self._others.get(net_id)
+        if found is not None and time.monotonic() - found.read_at < REFRESH:
+            return found
+        try:
+            found = await self._names_fn(net_id)
+        except Exception as exc:  # the executor away: none from there
+            log.info("reading a network's names failed", network=net_id, error=str(exc))
+            return found or Names()
+        found.read_at = time.monotonic()
+        if len(self._others) > MAX_OTHERS:
+            self._others.clear()
+        self._others[net_id] = found
+        return found
+
+    async def _addresses(self, qname: str, client: str) -> tuple[Names, list[str] | None]:
+        names = await self.names(qname)
+        addresses = names.by_name.get(qname)
+        for other in names.peers.get(client, []) if addresses is None else []:
+            addresses = (await self.other_names(other)).by_name.get(qname)
+            if addresses is not None:
+                break
+        return names, addresses
+
+    async def answer(self, data: bytes, limit: int = 65535, client: str = "") -> bytes | None:
         """The reply to a query (None: dropped, it is not one); a reply of ours longer
         than `limit` (UDP's 512) is truncated, so the client asks again over TCP."""
         try:
@@ -248,14 +279,14 @@ class NetworkDns:
         q = req.q
         qname = str(q.qname).rstrip(".").lower()
         if q.qclass == CLASS.IN:
-            local = await self._local(qname, q.qtype, reply)
+            local = await self._local(qname, q.qtype, reply, client)
             if local is not None:
                 return local if len(local) <= limit else bytes(reply.truncate().pack())
         return await self._forward(data, reply)
 
-    async def _local(self, qname: str, qtype: int, reply: DNSRecord) -> bytes | None:
-        names = await self.names(qname)
-        addresses = names.by_name.get(qname)
+    async def _local(self, qname: str, qtype: int, reply: DNSRecord, client: str
+                     ) -> bytes | None:
+        names, addresses = await self._addresses(qname, client)
         if addresses is not None:
             for text in addresses:
                 ip = ipaddress.ip_address(text)
@@ -313,7 +344,7 @@ class NetworkDns:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
                 data = await asyncio.wait_for(reader.readexactly(int.from_bytes(head)),
                                               TCP_IDLE)
-                out = await self.answer(data)
+                out = await self.answer(data, client=str(peer[0]))
                 if out is None:
                     break
                 writer.write(len(out).to_bytes(2) + out)
@@ -359,7 +390,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.server.spawn(self._reply(data, addr))
 
     async def _reply(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        out = await self.server.answer(data, limit=UDP_LIMIT)
+        out = await self.server.answer(data, limit=UDP_LIMIT, client=str(addr[0]))
         if out is not None and self.transport is not None:
             self.transport.sendto(out, addr)
 

@@ -6,11 +6,14 @@ label>-<8 hex of the id>`: Docker's names are freer than Shoal's (compose makes
 `<project>_default`). Docker's predefined networks are `bridge` (Shoal's default network,
 the CRI's), `host` and `none`: listed, never made or removed.
 
-A Shoal pod is on one network, chosen when it is made: a container joins a network at
-create (`NetworkMode`, with `NetworkingConfig.EndpointsConfig[net].Aliases`), and `docker
-network connect`/`disconnect` of a container that is not running moves it, by making its
-pod again on the new network; a running container cannot take a second network (501).
-Names are resolved on user bridge networks by domain/dns.py."""
+A container is made on one network (`NetworkMode`, with
+`NetworkingConfig.EndpointsConfig[net].Aliases`); `docker network connect` adds more, in
+any state, through the executor's `sandbox.connect` (interfaces eth1, eth2... of its pod,
+recorded in the container's `Shoal.Connected` before the executor acts), and `disconnect`
+takes them away. A container on `none` is moved instead (its pod made again on the
+network: it must not be running), and so is one disconnected from the network it was made
+on (once it is on no other). Names are resolved on user bridge networks by domain/dns.py,
+across every network the asking container is on."""
 
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from shoal_common.messages.networks import (
     NetworkInfo,
     NetworkListRequest,
     NetworkNameRequest,
+    SandboxNetworkRequest,
 )
 
 from shoal_docker_gateway.domain import dns, events, images
@@ -165,8 +169,26 @@ def net_key(rec: ContainerRecord) -> str:
     return ""
 
 
+def connected(rec: ContainerRecord) -> dict[str, list[str]]:
+    """The networks `network connect` added to container `rec`: Docker id → its aliases."""
+    merged = rec.config.get("Shoal", {})
+    found = merged.get("Connected") if isinstance(merged, dict) else None
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): [a for a in v if isinstance(a, str)] if isinstance(v, list) else []
+            for k, v in found.items()}
+
+
+def net_keys(rec: ContainerRecord) -> list[str]:
+    """Every Docker network container `rec` is on: the one it was made on first."""
+    return [k for k in (net_key(rec), *connected(rec)) if k]
+
+
 async def _net_of(backend: Backend, rec: ContainerRecord) -> Net | None:
-    key = net_key(rec)
+    return await _net_by_key(backend, net_key(rec))
+
+
+async def _net_by_key(backend: Backend, key: str) -> Net | None:
     if key in _BY_PREDEFINED_ID:
         return _BY_PREDEFINED_ID[key]
     found = await Networks(backend.records).by_id(key) if key else None
@@ -363,7 +385,11 @@ async def attach(backend: Backend, body: dict[str, Any], mode: str) -> Attachmen
 
 
 def aliases_of(rec: ContainerRecord, net: Net) -> list[str]:
-    """The aliases container `rec` was given on `net` (its EndpointsConfig entry)."""
+    """The aliases container `rec` was given on `net` (its EndpointsConfig entry, or its
+    connect's EndpointConfig)."""
+    extra = connected(rec)
+    if net.id in extra:
+        return extra[net.id]
     eps = rec.config.get("NetworkingConfig")
     eps = eps.get("EndpointsConfig") if isinstance(eps, dict) else None
     if not isinstance(eps, dict):
@@ -400,7 +426,7 @@ def _members(net: Net, info: NetworkInfo | None, recs: list[ContainerRecord]
     out = {}
     plen = _prefix(info)
     for rec in recs:
-        if net_key(rec) != net.id or rec.state in ("creating", "removing"):
+        if net.id not in net_keys(rec) or rec.state in ("creating", "removing"):
             continue
         v4, v6 = _addresses(info, rec.pod_id)
         if net.name not in ("host", "none") and not (v4 or v6):
@@ -460,15 +486,15 @@ async def settings(backend: Backend, rec: ContainerRecord) -> dict[str, Any]:
         "SecondaryIPv6Addresses": None, "EndpointID": "", "Gateway": "",
         "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0, "IPAddress": "", "IPPrefixLen": 0,
         "IPv6Gateway": "", "MacAddress": "", "Networks": {}}
-    net = await _net_of(backend, rec)
-    if net is None:
-        return out
-    ep = _endpoint(rec, net, await _info(backend, net))
-    out["Networks"] = {net.name: ep}
-    if net.name == "bridge":  # the default network's address is also shown at the top
-        for key in ("EndpointID", "Gateway", "IPAddress", "IPPrefixLen", "GlobalIPv6Address",
-                    "GlobalIPv6PrefixLen"):
-            out[key] = ep[key]
+    for i, key in enumerate(net_keys(rec)):
+        net = await _net_by_key(backend, key)
+        if net is None:
+            continue
+        ep = out["Networks"][net.name] = _endpoint(rec, net, await _info(backend, net))
+        if i == 0 and net.name == "bridge":  # the default network's address, also at the top
+            for field in ("EndpointID", "Gateway", "IPAddress", "IPPrefixLen",
+                          "GlobalIPv6Address", "GlobalIPv6PrefixLen"):
+                out[field] = ep[field]
     return out
 
 
@@ -511,7 +537,7 @@ def _matches(net: Net, filters: Filters, used: set[str]) -> bool:
 
 async def listing(backend: Backend, filters: Filters) -> list[dict[str, Any]]:
     dns_of(backend)
-    used = {net_key(r) for r in await Containers(backend.records).all()}
+    used = {k for r in await Containers(backend.records).all() for k in net_keys(r)}
     return [doc(net, info) for net, info in await _all_nets(backend)
             if _matches(net, filters, used)]
 
@@ -520,7 +546,7 @@ async def remove(backend: Backend, ref: str) -> None:
     net = await find(backend, ref)
     if net.rec is None:
         raise Forbidden(f"{net.name} is a pre-defined network and cannot be removed")
-    users = [r for r in await Containers(backend.records).all() if net_key(r) == net.id]
+    users = [r for r in await Containers(backend.records).all() if net.id in net_keys(r)]
     if users:
         raise Forbidden(f"error while removing network: network {net.name} id {net.id} has "
                         "active endpoints")
@@ -551,7 +577,7 @@ def parse_until(value: str) -> float:
 async def prune(backend: Backend, filters: Filters) -> list[str]:
     """Every user network no container is on (and that `filters` match): their names."""
     untils = [parse_until(v) for v in filters.get("until", [])]
-    used = {net_key(r) for r in await Containers(backend.records).all()}
+    used = {k for r in await Containers(backend.records).all() for k in net_keys(r)}
     deleted = []
     for rec in await Networks(backend.records).all():
         if rec.id in used or any(rec.created >= u for u in untils) or \
@@ -572,41 +598,87 @@ async def prune(backend: Backend, filters: Filters) -> list[str]:
 async def _movable(backend: Backend, rec: ContainerRecord, verb: str, net: Net) -> None:
     from shoal_docker_gateway.domain.containers import observe  # it imports this module
 
+    _shared(rec, net)
+    if (await observe(backend, rec)).status == "running":
+        raise Unsupported(f"cannot {verb} running container {rec.name}: its pod would be made "
+                          f"again on the new network; stop it first")
+
+
+def _shared(rec: ContainerRecord, net: Net) -> None:
     mode = rec.config.get("Shoal", {}).get("NetworkMode", "")
     if net.name == "host" or mode == "host" or str(mode).startswith("container:"):
         raise Forbidden("container sharing network namespace with another container or host "
                         "cannot be connected to any other network")
-    if (await observe(backend, rec)).status == "running":
-        raise Unsupported(f"cannot {verb} running container {rec.name}: a Shoal container is "
-                          "on one network at a time, chosen when its pod is made; stop it "
-                          f"first ({verb} of a stopped or created container moves it)")
 
 
 async def connect(backend: Backend, ref: str, body: dict[str, Any]) -> None:
     net = await find(backend, ref)
     rec = await resolve(backend, text(body, "Container") or "")
     aliases = check_endpoint(obj(body, "EndpointConfig"), "EndpointConfig.")
-    if net_key(rec) == net.id:
+    if net.id in net_keys(rec):
         raise Forbidden(f"endpoint with name {rec.name} already exists in network {net.name}")
     if aliases and net.rec is None:
         raise BadParameter("network-scoped alias is supported only for containers in user "
                            "defined networks")
-    await _movable(backend, rec, "connect", net)
-    await _move(backend, rec, net, aliases)
+    if net.name == "none" or net_key(rec) == PREDEFINED_NETS["none"].id:
+        await _movable(backend, rec, "connect", net)  # nothing to add to: made again
+        await _move(backend, rec, net, aliases)
+    else:
+        _shared(rec, net)
+        await _add(backend, rec, net, aliases)
     await events.emit(backend, "network", "connect", net.id,
                       {"container": rec.id, "name": net.name, "type": net.driver})
+
+
+def _with_connected(rec: ContainerRecord, nets: dict[str, list[str]]) -> dict[str, Any]:
+    return {**rec.config, "Shoal": {**rec.config.get("Shoal", {}), "Connected": nets}}
+
+
+async def _add(backend: Backend, rec: ContainerRecord, net: Net, aliases: list[str]) -> None:
+    """One more network for the container's pod: recorded first (the executor's connect is
+    idempotent: a retry finds what a cut-short one did), undone in the record if refused."""
+    if not rec.pod_id or rec.state in ("creating", "removing"):
+        raise Conflict(f"container {rec.id} is being created or removed")
+    shoal_name, server = "", ""
+    if net.rec is not None:
+        info = await ensure_shoal(backend, net.rec)
+        shoal_name, server = net.rec.shoal_name, info.gateway if net.driver == "bridge" else ""
+        if server:
+            await dns_of(backend).serve(dns.Target(net.id, info.gateway, info.subnet,
+                                                   info.bridge))
+    store = Containers(backend.records)
+    rec = await store.update(rec, config=_with_connected(rec, {**connected(rec),
+                                                               net.id: aliases}))
+    try:
+        await backend.clients.tasks.sandbox_connect(SandboxNetworkRequest(
+            id=rec.pod_id, network=shoal_name))
+    except BaseException:
+        fresh = await resolve(backend, rec.id)
+        left = {k: v for k, v in connected(fresh).items() if k != net.id}
+        await store.update(fresh, config=_with_connected(fresh, left))
+        raise
 
 
 async def disconnect(backend: Backend, ref: str, body: dict[str, Any]) -> None:
     net = await find(backend, ref)
     rec = await resolve(backend, text(body, "Container") or "")
-    flag(body, "Force")  # checked; nothing to force: the pod is made again either way
-    if net_key(rec) != net.id:
+    flag(body, "Force")  # checked; nothing to force
+    if net.id not in net_keys(rec):
         raise Forbidden(f"container {rec.id} is not connected to network {net.name}")
-    if net.name == "none":
+    if net.id in connected(rec):
+        await backend.clients.tasks.sandbox_disconnect(SandboxNetworkRequest(
+            id=rec.pod_id, network=net.rec.shoal_name if net.rec is not None else ""))
+        left = {k: v for k, v in connected(rec).items() if k != net.id}
+        await Containers(backend.records).update(rec, config=_with_connected(rec, left))
+    elif net.name == "none":
         return
-    await _movable(backend, rec, "disconnect", net)
-    await _move(backend, rec, PREDEFINED_NETS["none"], [])
+    elif connected(rec):
+        raise Unsupported(f"cannot disconnect container {rec.name} from {net.name}, the "
+                          "network it was made on, while it is on others: disconnect those "
+                          "first")
+    else:
+        await _movable(backend, rec, "disconnect", net)
+        await _move(backend, rec, PREDEFINED_NETS["none"], [])
     await events.emit(backend, "network", "disconnect", net.id,
                       {"container": rec.id, "name": net.name, "type": net.driver})
 
@@ -695,11 +767,15 @@ async def _names(backend: Backend, net_id: str) -> dns.Names:
         return out
     net = Net.of(rec)
     info = await _info(backend, net)
-    pods = {p.id: p.ips for p in info.pods} if info is not None else {}
+    pods: dict[str, list[str]] = {}
+    for p in info.pods if info is not None else []:
+        pods.setdefault(p.id, []).extend(p.ips)
     for ctr in await Containers(backend.records).all():
         ips = pods.get(ctr.pod_id) if ctr.pod_id else None
-        if not ips or net_key(ctr) != net_id or ctr.state in ("creating", "removing"):
+        if not ips or net_id not in net_keys(ctr) or ctr.state in ("creating", "removing"):
             continue
+        for ip in ips:  # where else its asker may find names
+            out.peers[ip] = [k for k in net_keys(ctr) if k != net_id]
         valid = []
         for ip in ips:
             try:
