@@ -149,7 +149,9 @@ class Bench:
             dns_config=cri.DNSConfig(servers=["10.96.0.10"], searches=["bench.svc"]),
             labels={LABEL: "1"})
 
-    async def start_pod(self, rt: Runtime, phase: str) -> PodStart:
+    async def start_pod(self, rt: Runtime, phase: str, image: str = "",
+                        command: Sequence[str] = ("sleep", "3600")) -> PodStart:
+        """One pod and its container (`image`: rt.image unless given), started."""
         config = self.pod_config(rt, phase)
         t0 = time.perf_counter()
         pod_id = (await rt.rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config),
@@ -157,8 +159,9 @@ class Bench:
         rt.pods.add(pod_id)
         t1 = time.perf_counter()
         container = cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name="main"), image=cri.ImageSpec(image=rt.image),
-            command=["sleep", "3600"], log_path="main.log", labels={LABEL: "1"})
+            metadata=cri.ContainerMetadata(name="main"),
+            image=cri.ImageSpec(image=image or rt.image),
+            command=list(command), log_path="main.log", labels={LABEL: "1"})
         cid = (await rt.rt.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod_id, config=container, sandbox_config=config),
             timeout=CALL_TIMEOUT)).container_id
