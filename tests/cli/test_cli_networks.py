@@ -575,3 +575,40 @@ async def test_connect_refuses_what_cannot_take_a_network(
     assert r.code == 2 and "not a network name" in r.err, r.err
     # Its own network (the default, by its name) already: eth0, as it is.
     assert (await cli.ok("network", "connect", "shoal", o_pod)).split()[0] == "eth0"
+
+
+async def test_an_executor_killed_mid_connect_leaks_no_address(
+        cli: Cli, shoal_node: Shoal, images: dict[str, str], tmp_path: Path) -> None:
+    """Killed after CNI ADD, before the attachment was recorded done: the caller's resend,
+    answered by the next executor, ends with the pod connected once (one lease)."""
+    services, name = shoal_node.services, unique("kc")
+    await cli.ok("network", "create", "--subnet", "10.237.62.0/24", name)
+    executor = next(sp for sp in services if sp.service == "executor" and sp.proc.poll() is None)
+    try:
+        _, pod = await serving(cli, f"{name}-a", image=images["busybox"])
+        executor.terminate()
+        armed = services.start("executor", extra=services.extra, env={
+            "SHOAL_FAULTS": "executor.sandbox.connected=kill",
+            "SHOAL_FAULTS_DIR": str(tmp_path)})
+        await asyncio.to_thread(services.wait_serving, armed)
+        connect = asyncio.ensure_future(cli("network", "connect", name, pod, timeout=90))
+        await asyncio.to_thread(armed.proc.wait, 30)
+        assert (tmp_path / "fault-executor.sandbox.connected").exists()
+        assert len(leases(cli.node, name)) == 1  # ADD ran; its record says not yet
+        executor = services.start("executor", extra=services.extra)
+        await asyncio.to_thread(services.wait_serving, executor)
+        done = await connect
+        assert done.code == 0 and done.out.startswith("eth1 "), done
+        ip = done.out.split()[1]
+        assert leases(cli.node, name) == {ip}
+        info = await cli.json("network", "inspect", name)
+        assert [(p["id"], p["ips"]) for p in info["pods"]] == [(pod, [ip])]
+        await cli.ok("rm", "-f", pod)
+        assert leases(cli.node, name) == set()
+    finally:
+        if executor.proc.poll() is not None:
+            executor = services.start("executor", extra=services.extra)
+            await asyncio.to_thread(services.wait_serving, executor)
+        async with cri_client(services) as api:
+            await remove_all_pods(api)
+        await cli("network", "rm", name)

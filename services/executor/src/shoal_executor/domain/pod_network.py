@@ -263,7 +263,6 @@ class PodNetworks:
             if not fresh:  # a try cut short may have attached part of it: undone first
                 await self.cni.delete(sandbox_id, att.netns_path, ifname=att.ifname,
                                       network=network)
-            await faults.point("executor.sandbox.connecting")
             try:
                 result = await self.cni.add(sandbox_id, att.netns_path, ifname=att.ifname,
                                             network=network, default_route=False)
@@ -272,6 +271,7 @@ class PodNetworks:
                 with contextlib.suppress(ShoalError):
                     await self.release_attachment(att)
                 raise
+            await faults.point("executor.sandbox.connected")  # attached, not yet recorded
             await self.records.attached(att, result.ips)
         log.info("sandbox connected to a network", sandbox=sandbox_id,
                  network=network or "(default)", ifname=att.ifname, ips=result.ips)
