@@ -142,12 +142,16 @@ class Bench:
         name = f"bench-{self.run_id}-{phase}-{self._seq}"
         logs = self.root / "pod-logs" / rt.name / name
         logs.mkdir(parents=True)
-        return cri.PodSandboxConfig(
+        config = cri.PodSandboxConfig(
             metadata=cri.PodSandboxMetadata(name=name, uid=uuid.uuid4().hex,
                                             namespace="bench"),
             hostname=name, log_directory=str(logs),
             dns_config=cri.DNSConfig(servers=["10.96.0.10"], searches=["bench.svc"]),
             labels={LABEL: "1"})
+        # What kubelet sends for a pod without shareProcessNamespace (the CRI's default,
+        # POD, would share one PID namespace among the pod's containers).
+        config.linux.security_context.namespace_options.pid = cri.CONTAINER
+        return config
 
     async def start_pod(self, rt: Runtime, phase: str, image: str = "",
                         command: Sequence[str] = ("sleep", "3600")) -> PodStart:
@@ -162,6 +166,8 @@ class Bench:
             metadata=cri.ContainerMetadata(name="main"),
             image=cri.ImageSpec(image=image or rt.image),
             command=list(command), log_path="main.log", labels={LABEL: "1"})
+        container.linux.security_context.namespace_options.CopyFrom(  # as kubelet does
+            config.linux.security_context.namespace_options)
         cid = (await rt.rt.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod_id, config=container, sandbox_config=config),
             timeout=CALL_TIMEOUT)).container_id

@@ -101,5 +101,5 @@ async def test_first_schema_database_is_migrated(tmp_path: Path) -> None:
             id="c2", pod_id="p2", name="ctr", attempt=0, created_at_ns=4, image="img",
             image_ref="ref", image_id="id", config=b""))
         assert (await meta.container("c2", "k8s.io")).updated_resources is None
-    assert schema_version(path) == len(MIGRATIONS) == 4
+    assert schema_version(path) == len(MIGRATIONS) == 5
 

@@ -17,8 +17,11 @@ from support.shoal import Cri, cri_client, host_names, leftovers, remove_all_pod
 
 pytestmark = pytest.mark.e2e
 
-SANDBOX_STEPS = ["executor.sandbox.netns", "executor.sandbox.rootfs",
+SANDBOX_STEPS = ["executor.sandbox.netns", "executor.sandbox.pinned", "executor.sandbox.rootfs",
                  "executor.sandbox.started", "executor.sandbox.network"]
+# Steps of the pause process: their pod shares a PID namespace (the CRI's default, which
+# these pods keep), so it has one; the others ask for kubelet's CONTAINER and have none.
+PAUSE_STEPS = {"executor.sandbox.rootfs", "executor.sandbox.started"}
 CONTAINER_STEPS = ["executor.container.rootfs", "executor.container.created"]
 
 
@@ -47,9 +50,11 @@ async def test_a_sandbox_failing_at_each_step_leaves_nothing(
         services: ServiceSet, images: dict[str, str], tmp_path: Path, step: str) -> None:
     before = host_names()
     async with shoal_with(services, images, step) as api:
+        config = pod_config(tmp_path, "doomed")
+        if step not in PAUSE_STEPS:
+            config.linux.security_context.namespace_options.pid = cri.CONTAINER
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(
-                config=pod_config(tmp_path, "doomed")))
+            await api.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
         assert f"fault injected at {step}" in (err.value.details() or "")
         assert (await api.runtime.ListPodSandbox(cri.ListPodSandboxRequest())).items == []
         assert leftovers(services, services.subnet_prefix, before) == []

@@ -42,14 +42,20 @@ STEPS: dict[str, list[tuple[str, str]]] = {
     "executor": [
         ("executor.sandbox.stopping", STOP), ("executor.sandbox.stopped", STOP),
         ("executor.sandbox.removing", REMOVE), ("executor.sandbox.removed", REMOVE),
-        ("executor.sandbox.netns", RUN), ("executor.sandbox.rootfs", RUN),
-        ("executor.sandbox.started", RUN), ("executor.sandbox.network", RUN),
+        ("executor.sandbox.netns", RUN), ("executor.sandbox.pinned", RUN),
+        ("executor.sandbox.rootfs", RUN), ("executor.sandbox.started", RUN),
+        ("executor.sandbox.network", RUN),
         ("executor.container.rootfs", CREATE), ("executor.container.created", CREATE)],
     # The pause container's: made by conmon and runc but not yet recorded; started by runc
     # but not yet recorded (a retried start then found it running).
     "supervisor": [("supervisor.task.created", RUN), ("supervisor.task.started", RUN)],
 }
 CASES = [(service, step, call) for service, steps in STEPS.items() for step, call in steps]
+# Steps of a pod's pause process: their pods share a PID namespace (the CRI's default), so
+# they have one; the others ask for kubelet's CONTAINER and have none (their namespaces
+# are pinned: executor.sandbox.pinned).
+PAUSE_STEPS = {"executor.sandbox.rootfs", "executor.sandbox.started",
+               "supervisor.task.created", "supervisor.task.started"}
 # A stop or remove the killed executor never answers is given up after this and retried.
 STOP_CALL = 5.0
 # Kills are batched so that all of a batch's come before its first create is resent (30 s
@@ -149,6 +155,8 @@ async def scenario(node: KillNode, window: Window, step: str, call: str, tmp: Pa
     assert node.api is not None
     api = node.api
     config = pod_config(tmp, pod_name(step))
+    if step not in PAUSE_STEPS:
+        config.linux.security_context.namespace_options.pid = cri.CONTAINER
     async with node.lock:  # setup and kill: nothing else of this node's in flight
         pod_id, ctr_id = await prepare(api, call, config, image)
         await window.before_kill()

@@ -60,7 +60,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[ExecutorApp]:
     os.chmod(ctx.run_dir, TRAVERSE_DIR)
     snapshots = Path(ctx.config.state_root) / "snapshotter" / "snapshots"
     runtime = Runtime(RuntimeSettings(ctx.run_dir, ctx.config.runtime, cni, snapshots,
-                                      cgroup_roots=tuple(cfg.pod_cgroup_roots)),
+                                      cgroup_roots=tuple(cfg.pod_cgroup_roots),
+                                      drop_infra=cfg.drop_infra),
                       records, ctx.bus)
     networks = Networks(cni, runtime.net.store, ctx.state_dir / "cni" / "ipam", cfg.pod_subnet)
     sweep: asyncio.Task[None] | None = None

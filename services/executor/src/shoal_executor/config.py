@@ -46,6 +46,9 @@ class ExecutorConfig(ServiceConfig):
     # "cgroupfs" (paths under /sys/fs/cgroup) or "systemd" (runc --systemd-cgroup, a scope
     # per container in the pod's slice). Must match kubelet's cgroupDriver.
     cgroup_driver: str = CGROUPFS
+    # CRI-O's drop_infra_ctr: a pod that does not need a pause process (no shared PID
+    # namespace, user namespace or sysctls) gets none; its namespaces are pinned instead.
+    drop_infra: bool = True
 
     def check(self, key: str) -> None:
         super().check(key)

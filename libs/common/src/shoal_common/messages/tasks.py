@@ -25,8 +25,9 @@ class SandboxInfo(Message):
     ip: str = ""
     additional_ips: list[str] = []
     netns_path: str = ""  # "" for host network
-    pid: int = 0  # the pause process
+    pid: int = 0  # the pause process (0: none, see `pinned`)
     created_at: float = 0.0
+    pinned: bool = False  # no pause process: its namespaces are pinned by bind mounts
 
 
 class SandboxIdRequest(Message):

@@ -166,11 +166,13 @@ class CriMetrics:
         """Fixed for the gateway's life: kubelet reads them once, at its start."""
         return [d.proto() for d in DESCRIPTORS]
 
-    async def _network(self, pod: PodRecord, pause: TaskState | None) -> dict[str, list[int]]:
+    async def _network(self, pod: PodRecord, inside: TaskState | None
+                       ) -> dict[str, list[int]]:
         # A host-network pod (no netns of its own) would report the node's interfaces.
-        if not pod.netns_path or pause is None or pause.state != "running" or not pause.pid:
+        if not pod.netns_path or inside is None or inside.state != "running" or \
+                not inside.pid:
             return {}
-        return await asyncio.to_thread(read_pod_network, pause.pid, pod.netns_path)
+        return await asyncio.to_thread(read_pod_network, inside.pid, pod.netns_path)
 
     async def _spec(self, c: ContainerRecord, task: TaskState) -> cri.LinuxContainerResources:
         """The resources ContainerStatus reports: the OCI spec's, with applied updates."""
@@ -205,9 +207,13 @@ class CriMetrics:
         running = [c for c in await self.pods.meta.containers(ns)
                    if c.pod_id in pods and c.state != "creating"
                    and (t := tasks.get(c.id)) is not None and t.state == "running"]
+        # A pod's interfaces are read through a process in its network namespace: its
+        # pause process, or (a pod without one) any running container of it.
+        inside = {c.pod_id: tasks[c.id] for c in running}
         by_pod, networks = await asyncio.gather(
             self._containers(ns, running, pods, tasks),
-            asyncio.gather(*(self._network(p, tasks.get(p.id)) for p in pods.values())))
+            asyncio.gather(*(self._network(p, inside.get(p.id) if p.pinned else
+                                           tasks.get(p.id)) for p in pods.values())))
         return [cri.PodSandboxMetrics(pod_sandbox_id=p.id, metrics=pod_metrics(p, network),
                                       container_metrics=by_pod.get(p.id, []))
                 for p, network in zip(pods.values(), networks, strict=True)]

@@ -184,6 +184,7 @@ class Pods:
             raise
         record.state, record.ip = "ready", info.ip
         record.additional_ips, record.netns_path = info.additional_ips, info.netns_path
+        record.pinned = info.pinned
         await self.meta.update_pod(record)
         log.info("pod sandbox ready", pod=f"{md.namespace}/{md.name}", id=record.id,
                  ip=info.ip, shoal_namespace=ns)
@@ -293,9 +294,12 @@ class Pods:
         await self.meta.set_pod_config(pod.id, config.SerializeToString(deterministic=True))
 
     async def sandbox_state(self, pod: PodRecord) -> str:
-        """A pod whose pause process died is NOTREADY even if nobody stopped it."""
+        """A pod whose pause process died is NOTREADY even if nobody stopped it (a pod with
+        none is as its record says)."""
         if pod.state != "ready":
             return "notready"
+        if pod.pinned:
+            return "ready"
         try:
             task = await self.clients(pod.shoal_namespace).monitor.state(
                 TaskIdRequest(id=pod.id))

@@ -101,6 +101,11 @@ ALTER TABLE containers_v4 RENAME TO containers;
 CREATE INDEX containers_by_pod ON containers(pod_id);
 CREATE INDEX pods_by_namespace ON pods(shoal_namespace);
 CREATE INDEX containers_by_namespace ON containers(shoal_namespace)
+""",
+    # v5: whether the pod has no pause process (the executor pinned its namespaces), so
+    # its state is its record's, with no pause task to ask about.
+    """
+ALTER TABLE pods ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0
 """]
 
 CRI_NAMESPACE = "k8s.io"  # what every record made before namespaces belongs to
@@ -123,6 +128,7 @@ class PodRecord:
     netns_path: str = ""
     runtime_handler: str = ""
     shoal_namespace: str = CRI_NAMESPACE
+    pinned: bool = False  # no pause process (its namespaces pinned by the executor)
 
 
 @dataclass
@@ -175,6 +181,7 @@ def _pod(row: sqlite3.Row) -> PodRecord:
     d = dict(row)
     for key in _POD_JSON:
         d[key] = json.loads(d[key])
+    d["pinned"] = bool(d["pinned"])
     return PodRecord(**d)
 
 
@@ -221,8 +228,8 @@ class Metadata(SqliteStore):
 
     async def update_pod(self, p: PodRecord) -> None:
         await self.db.transaction(lambda c: c.execute(
-            "UPDATE pods SET state=?, ip=?, additional_ips=?, netns_path=? WHERE id=?",
-            (p.state, p.ip, json.dumps(p.additional_ips), p.netns_path, p.id)))
+            "UPDATE pods SET state=?, ip=?, additional_ips=?, netns_path=?, pinned=? WHERE id=?",
+            (p.state, p.ip, json.dumps(p.additional_ips), p.netns_path, int(p.pinned), p.id)))
 
     async def pod(self, pod_id: str, namespace: str) -> PodRecord:
         """By full id or unique prefix (crictl passes short ids), in `namespace` only."""

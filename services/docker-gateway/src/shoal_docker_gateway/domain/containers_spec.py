@@ -334,6 +334,9 @@ async def build(backend: Backend, cid: str, name: str, body: dict[str, Any], ima
     mode, joined = await network(backend, body, hc, pod)
     if text(hc, "IpcMode", "HostConfig.") == "host":
         pod.linux.security_context.namespace_options.ipc = cri.NODE
+    # Docker's container is the first process of a PID namespace of its own (kubelet's
+    # CONTAINER): the pod then needs no pause process either.
+    pod.linux.security_context.namespace_options.pid = cri.CONTAINER
     if text(hc, "PidMode", "HostConfig.") == "host":
         pod.linux.security_context.namespace_options.pid = cri.NODE
     cmd, args, argv = command(body, image)

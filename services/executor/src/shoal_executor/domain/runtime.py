@@ -33,7 +33,7 @@ from shoal_common.messages.monitor import (
 from shoal_common.messages.snapshots import Mount
 from shoal_common.messages.tasks import ContainerCreateReply, SandboxInfo
 
-from shoal_executor.domain import features, mounts, userns
+from shoal_executor.domain import features, mounts, pinned, userns
 from shoal_executor.domain.checks import (
     POD_CGROUP_ROOTS,
     check_container_config,
@@ -128,6 +128,7 @@ class RuntimeSettings:
     # <state_root>/snapshotter/snapshots: rootfs mounts may name directories there only.
     snapshots_dir: Path
     cgroup_roots: tuple[str, ...] = POD_CGROUP_ROOTS
+    drop_infra: bool = True  # no pause process where a pod needs none (domain/pinned.py)
 
     def where(self) -> features.Where:
         return features.Where(str(self.snapshots_dir), str(self.run_dir))
@@ -184,7 +185,7 @@ class Runtime:
         idmap = await features.check_pod(config, self.s.runtimes.binary(runtime), runtime,
                                          self.s.where())
         existing = await self.records.sandbox(sandbox_id)
-        if existing is not None and existing.pid:
+        if existing is not None and existing.made():
             return self._info(existing)
         # After the repeat of a finished create is answered: the pod it joins may be gone.
         choice = await self.net.choose(config, idmap)
@@ -200,6 +201,7 @@ class Runtime:
             cgroup_parent=cgroup_parent or DEFAULT_CGROUP_PARENT)
         record.runtime_config = {"portMappings": port_mappings(config)}
         record.state, record.owner = CREATING, self.owner
+        record.pinned = self.s.drop_infra and not pinned.needs_pause(config, idmap is not None)
         self.net.assign(record, choice, config)
         # The intent, before anything is set up: a kill from here on leaves a record the
         # next start undoes (domain/reconcile.py).
@@ -211,15 +213,20 @@ class Runtime:
             network = await self.net.attach(record, idmap)
             hostname = config.hostname or (os.uname().nodename if host_network else "")
             self._pod_files(pod_dir, config, hostname)
-            state = await self._start_pause(record, config, image_config, rootfs, runtime,
-                                            namespace)
+            if record.pinned:
+                await pinned.pin(pod_dir, config, hostname)
+                await faults.point("executor.sandbox.pinned")
+                pid = 0
+            else:
+                pid = (await self._start_pause(record, config, image_config, rootfs, runtime,
+                                               namespace)).pid
             if network is not None:
                 record.ips = (await network).ips
                 await faults.point("executor.sandbox.network")
             # Containers bind-mount it; the pause container does not, so it can come last.
             write_public(pod_dir / "hosts", HOSTS + (
                 f"{record.ips[0]}\t{hostname}\n" if record.ips and hostname else ""))
-            record.pid = state.pid
+            record.pid = pid
             record.state, record.owner = READY, ""
             await self.records.put_sandbox(record)
         except BaseException:
@@ -276,7 +283,7 @@ class Runtime:
     def _info(self, r: SandboxRecord) -> SandboxInfo:
         return SandboxInfo(id=r.id, state=r.state, ip=r.ips[0] if r.ips else "",
                            additional_ips=r.ips[1:], netns_path=r.netns_path, pid=r.pid,
-                           created_at=r.created_at)
+                           created_at=r.created_at, pinned=r.pinned)
 
     async def sandbox_status(self, sandbox_id: str) -> SandboxInfo:
         record = await self.records.sandbox(sandbox_id)
@@ -295,7 +302,9 @@ class Runtime:
         async def stop_processes() -> None:
             await _all(*(self.stop_container(c.id, 0.0, namespace) for c in containers))
             try:
-                await self._monitor(namespace).stop(StopRequest(id=sandbox_id, timeout=0.0))
+                if not record.pinned:
+                    await self._monitor(namespace).stop(StopRequest(id=sandbox_id,
+                                                                    timeout=0.0))
             except NotFound:
                 pass
             await faults.point("executor.sandbox.stopping")
@@ -329,8 +338,9 @@ class Runtime:
         monitor = self._monitor(namespace)
         failure: ShoalError | None = None
         try:
-            await monitor.stop(StopRequest(id=record.id, signal=9, timeout=0.0))
-            await monitor.delete(TaskIdRequest(id=record.id))
+            if not record.pinned:  # a pinned pod never has a pause task
+                await monitor.stop(StopRequest(id=record.id, signal=9, timeout=0.0))
+                await monitor.delete(TaskIdRequest(id=record.id))
         except ShoalError as exc:
             if not isinstance(exc, NotFound):
                 log.warning("deleting the pause task", sandbox=record.id, error=exc.message)
@@ -339,12 +349,13 @@ class Runtime:
         await mounts.unmount(str(self._bundle_dir(record.id) / "rootfs"))
         mounts.unmount_below(str(self._bundle_dir(record.id)))
         await mounts.unmount(str(self._sandbox_dir(record.id) / "shm"))
+        await pinned.unpin(self._sandbox_dir(record.id))
         await userns.unmount_pod(self._sandbox_dir(record.id))
         await self.net.release(record)
         self.dirs.remove(self._bundle_dir(record.id))
         self.dirs.remove(self._sandbox_dir(record.id))
-        if not forget:
-            record.state, record.pid, record.owner = NOTREADY, 0, ""
+        if not forget:  # a failed create: not made (its retry makes it anew)
+            record.state, record.pid, record.owner, record.pinned = NOTREADY, 0, "", False
             await self.records.put_sandbox(record)
         elif failure is not None:
             raise failure  # the record stays for a retry: without it the pause task leaks
@@ -376,7 +387,7 @@ class Runtime:
         sandbox = await self.records.sandbox(sandbox_id)
         if sandbox is None:
             raise NotFound(f"sandbox {sandbox_id} not found")
-        if sandbox.state != "ready" or not sandbox.pid:
+        if sandbox.state != "ready" or not sandbox.made():
             raise FailedPrecondition(f"sandbox {sandbox_id} is not ready")
         bundle_dir = self._bundle_dir(container_id)
         rootfs_dir = bundle_dir / "rootfs"
@@ -384,11 +395,9 @@ class Runtime:
         idmap = userns.pod_idmap(pod_dir)
         id_maps = await features.check_container(config, idmap, self.s.runtimes.binary(
             runtime), runtime, self.s.where())
-        proc = f"/proc/{sandbox.pid}/ns"
+        ns_paths = _pod_namespaces(sandbox, pod_dir)
         pod = PodContext.of(sandbox_id, pod_config, idmap, netns_path=sandbox.netns_path,
-                            userns_path=userns.ns_file(pod_dir, idmap),
-                            pid_ns_path=f"{proc}/pid", ipc_ns_path=f"{proc}/ipc",
-                            uts_ns_path=f"{proc}/uts",
+                            userns_path=userns.ns_file(pod_dir, idmap), **ns_paths,
                             hostname_path=str(pod_dir / "hostname"),
                             resolv_conf_path=str(pod_dir / "resolv.conf"),
                             hosts_path=str(pod_dir / "hosts"),
@@ -469,6 +478,17 @@ class Runtime:
         mounts.unmount_below(str(bundle))  # idmapped volumes, an interrupted mount's layers
         self.dirs.remove(bundle)
         await self.records.delete_container(container_id)
+
+
+def _pod_namespaces(sandbox: SandboxRecord, pod_dir: Path) -> dict[str, str]:
+    """Where a container finds the pod's PID, IPC and UTS namespaces: its pinned files, or
+    its pause process's (a pinned pod shares no PID namespace)."""
+    if sandbox.pinned:
+        return {"pid_ns_path": "", "ipc_ns_path": pinned.path(pod_dir, "ipc"),
+                "uts_ns_path": pinned.path(pod_dir, "uts")}
+    proc = f"/proc/{sandbox.pid}/ns"
+    return {"pid_ns_path": f"{proc}/pid", "ipc_ns_path": f"{proc}/ipc",
+            "uts_ns_path": f"{proc}/uts"}
 
 
 async def _all(*steps: Awaitable[Any]) -> None:

@@ -79,6 +79,8 @@ CREATE TABLE attachments(
     PRIMARY KEY(sandbox_id, ifname),
     UNIQUE(sandbox_id, network)
 )
+""", """
+ALTER TABLE sandboxes ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0
 """]
 
 # Sandbox states: `creating` and `removing` are operations under way (by `owner`); `ready`
@@ -128,12 +130,19 @@ class SandboxRecord:
     network: str = ""  # see NO_NETWORK; a joiner has the network of the pod it joins
     joins: str = ""  # the sandbox whose network namespace it shares (no CNI of its own)
     pod: str = ""  # "<namespace>/<name>" of its PodSandboxConfig, to name it to operators
+    # No pause process: its namespaces pinned by bind mounts (domain/pinned.py); `pid` 0.
+    pinned: bool = False
+
+    def made(self) -> bool:
+        """Its create finished (it may have been stopped since)."""
+        return bool(self.pid) or (self.pinned and self.state in (READY, NOTREADY))
 
     def abandoned(self) -> bool:
         """An operation under way whose process is gone (killed mid-create or mid-remove);
-        `ready` without a pid is the intent as versions before `creating` wrote it."""
+        `ready` without a pid (and not pinned) is the intent as versions before `creating`
+        wrote it."""
         return not owner_alive(self.owner) and (
-            self.state in (CREATING, REMOVING) or (self.state == READY and not self.pid))
+            self.state in (CREATING, REMOVING) or (self.state == READY and not self.made()))
 
 
 @dataclass
@@ -191,10 +200,10 @@ class Records(SqliteStore):
             _check_network(c, s)
             c.execute("INSERT OR REPLACE INTO sandboxes(id, netns_name, netns_path, ips, pid, "
                       "state, created_at, dir, runtime_config, cgroup_parent, owner, network, "
-                      "joins, pod) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                      "joins, pod, pinned) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (s.id, s.netns_name, s.netns_path, json.dumps(s.ips), s.pid, s.state,
                        s.created_at, s.dir, json.dumps(s.runtime_config), s.cgroup_parent,
-                       s.owner, s.network, s.joins, s.pod))
+                       s.owner, s.network, s.joins, s.pod, int(s.pinned)))
             if claim_netns and s.netns_name:
                 # A pod without a network has nothing of CNI to give back.
                 c.execute("INSERT OR REPLACE INTO netns(name, sandbox_id, path, runtime_config, "
@@ -348,4 +357,5 @@ def _sandbox(row: sqlite3.Row) -> SandboxRecord:
     d = dict(row)
     d["ips"] = json.loads(d["ips"])
     d["runtime_config"] = json.loads(d["runtime_config"])
+    d["pinned"] = bool(d["pinned"])
     return SandboxRecord(**d)
