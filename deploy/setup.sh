@@ -12,7 +12,7 @@ WITH_TEST=0
 [[ "${1:-}" == "--test" ]] && WITH_TEST=1
 
 APT_PACKAGES=(runc conmon containernetworking-plugins iproute2 iptables busybox-static catatonit
-              ca-certificates python3 python3-venv)
+              ca-certificates python3 python3-venv util-linux hostname)
 # The test suite runs a real OCI registry and a real Prometheus (tests/ops), compares
 # unpacked trees with umoci (tests/snapshotter; it also builds a layout to import), and
 # reads pushed images and exported archives with skopeo (and makes archives to import).
