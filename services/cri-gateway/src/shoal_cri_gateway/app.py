@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from shoal_common.infra import drop_infra
 from shoal_common.service import ServiceContext
 
 from shoal_cri_gateway.domain.cri_metrics import CriMetrics
@@ -38,7 +39,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[GatewayApp]:
     PodsByState(ctx.state_dir / "metadata.db").register()
     # Per call's namespace (the `shoal-namespace` metadata; kubelet's: k8s.io).
     clients = NamespacedClients(ctx.bus)
-    pods = Pods(clients, metadata, ctx.config.cri.sandbox_image)
+    pods = Pods(clients, metadata, ctx.config.cri.sandbox_image, drop_infra(ctx.config))
     views = Views(pods)
     streams = StreamServer(ctx.config.cri.stream_addr, StreamRuntime(pods),
                            ctx.config.cri.stream_idle_timeout)

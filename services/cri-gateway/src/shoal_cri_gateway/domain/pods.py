@@ -18,6 +18,7 @@ import structlog
 from cri_api.v1 import api_pb2 as cri
 from shoal_common import faults
 from shoal_common.errors import AlreadyExists, FailedPrecondition, Invalid, NotFound, ShoalError
+from shoal_common.infra import needs_pause
 from shoal_common.messages.images import ImageGetRequest, ImageInfo, PullRequest
 from shoal_common.messages.monitor import (
     ExecSyncReply,
@@ -75,10 +76,11 @@ class Pods:
     only there, resolves images there, and sends its commands with it."""
 
     def __init__(self, clients: NamespacedClients, metadata: Metadata,
-                 sandbox_image: str) -> None:
+                 sandbox_image: str, drop_infra: bool = True) -> None:
         self.clients = clients
         self.meta = metadata
         self.sandbox_image = sandbox_image
+        self.drop_infra = drop_infra  # no pause rootfs for a pod the executor gives none
         self._started_pods: set[str] = set()
         self._inflight: dict[tuple[str, ...], asyncio.Task[Any]] = {}
 
@@ -173,11 +175,15 @@ class Pods:
             await self.meta.add_pod(record)  # the intent, before anything is made
             await faults.point("cri.sandbox.recorded")
         try:
-            pause = await self.image(ns, self.sandbox_image, pull=True)
-            mounts = await self.rootfs(ns, f"sandbox-{record.id}", pause, self.sandbox_image)
+            pause_config, rootfs = b"{}", []
+            if not self.drop_infra or needs_pause(config):
+                pause = await self.image(ns, self.sandbox_image, pull=True)
+                pause_config = pause.config
+                rootfs = (await self.rootfs(ns, f"sandbox-{record.id}", pause,
+                                            self.sandbox_image)).mounts
             info = await self.clients(ns).tasks.sandbox_create(SandboxCreateRequest(
-                id=record.id, config=record.config, pause_image_config=pause.config,
-                rootfs=mounts.mounts, runtime_handler=handler))
+                id=record.id, config=record.config, pause_image_config=pause_config,
+                rootfs=rootfs, runtime_handler=handler))
             await faults.point("cri.sandbox.created")
         except BaseException:
             await asyncio.shield(self._undo_pod(record))
@@ -208,7 +214,8 @@ class Pods:
         except NotFound:
             pass
         await faults.point("cri.sandbox.removing")
-        await self._remove_snapshot(ns, f"sandbox-{pod.id}")
+        if not pod.pinned:  # a pod without a pause process has no pause rootfs
+            await self._remove_snapshot(ns, f"sandbox-{pod.id}")
         await self.meta.delete_pod(pod.id)
 
     async def stop(self, ns: str, pod_id: str) -> None:

@@ -6,9 +6,8 @@ its containers join by path, as they join its named network namespace. One conmo
 util-linux `unshare --ipc=FILE --uts=FILE` makes and pins them (setting the pod's hostname
 in the new UTS namespace with `hostname`), then exits: the mounts keep the namespaces.
 
-A pause process is still needed (`needs_pause`) where the namespaces must be made by a
-process of the pod: a shared PID namespace (its init), a user namespace (the others are
-owned by it), and sysctls (runc sets them in the namespaces it creates)."""
+A pause process is still needed where the namespaces must be made by a process of the pod
+(shoal_common.infra.needs_pause: a shared PID namespace, a user namespace, sysctls)."""
 
 from __future__ import annotations
 
@@ -22,18 +21,6 @@ from shoal_executor.domain import mounts
 
 KINDS = ("ipc", "uts")
 TIMEOUT = 30.0
-
-
-def needs_pause(config: cri.PodSandboxConfig, user_namespace: bool) -> str:
-    """Why the pod needs a pause process ("" = it does not)."""
-    opts = config.linux.security_context.namespace_options
-    if opts.pid == cri.POD:
-        return "its containers share a PID namespace"
-    if user_namespace:
-        return "it has a user namespace"
-    if config.linux.sysctls:
-        return "it sets sysctls"
-    return ""
 
 
 def path(pod_dir: Path, kind: str) -> str:

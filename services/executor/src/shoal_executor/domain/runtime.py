@@ -24,6 +24,7 @@ from shoal_common.bus import Bus
 from shoal_common.clients import MonitorClient
 from shoal_common.config import RuntimeConfig
 from shoal_common.errors import FailedPrecondition, Invalid, NotFound, ShoalError
+from shoal_common.infra import needs_pause
 from shoal_common.messages.monitor import (
     MonitorCreateRequest,
     StopRequest,
@@ -181,7 +182,8 @@ class Runtime:
         config = decode_proto(cri.PodSandboxConfig, config_bytes, "PodSandboxConfig")
         cgroup_parent = check_pod_config(config, self.s.cgroup_roots)
         image_config = _image_config(pause_config, "pause image config")
-        rootfs = confine_rootfs(rootfs, self.s.snapshots_dir)
+        # Empty for a pod without a pause process (the gateway prepares none for it).
+        rootfs = confine_rootfs(rootfs, self.s.snapshots_dir) if rootfs else []
         idmap = await features.check_pod(config, self.s.runtimes.binary(runtime), runtime,
                                          self.s.where())
         existing = await self.records.sandbox(sandbox_id)
@@ -201,7 +203,11 @@ class Runtime:
             cgroup_parent=cgroup_parent or DEFAULT_CGROUP_PARENT)
         record.runtime_config = {"portMappings": port_mappings(config)}
         record.state, record.owner = CREATING, self.owner
-        record.pinned = self.s.drop_infra and not pinned.needs_pause(config, idmap is not None)
+        record.pinned = self.s.drop_infra and not needs_pause(config) and idmap is None
+        if not record.pinned and not rootfs:
+            raise Invalid("this pod needs a pause container (" + (needs_pause(config) or
+                          "services.executor.drop_infra is off") + "), and no rootfs was "
+                          "given for it")
         self.net.assign(record, choice, config)
         # The intent, before anything is set up: a kill from here on leaves a record the
         # next start undoes (domain/reconcile.py).
