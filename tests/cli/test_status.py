@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from shoal_common.catalog import SERVICES
 from support.ports import free_port
-from support.processes import SHOAL, metrics_sets, shoal_up_argv
+from support.processes import EVERY_SERVICE_AT_START, SHOAL, metrics_sets, shoal_up_argv
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     root = tmp_path_factory.mktemp("status")
     port = free_port()
     argv = shoal_up_argv(root, "statusnode", [f"nats.embedded.listen=127.0.0.1:{port}",
-                                              "log.format=json", *metrics_sets()],
+                                              "log.format=json", *metrics_sets(),
+                                              EVERY_SERVICE_AT_START],
                          "--replicas", "puller=2")
     out = root / "up.out"
     with open(out, "wb") as stdout, open(root / "up.err", "wb") as stderr:

@@ -4,8 +4,10 @@ exec'd zygote refuses what is not `python -m <a service>` and forks what is."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -132,6 +134,41 @@ def test_zygote_forks_a_service_as_a_child_of_its_parent(zygote: Zygote) -> None
     assert "shoal-puller: error: unrecognized arguments: --no-such-flag" in \
         zygote.err.read_text()
     assert zygote.close() == 0
+
+
+def _fd_targets(pid: int) -> set[str]:
+    found = set()
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(f"/proc/{pid}/fd/{entry}"))
+    return found
+
+
+def test_descriptors_sent_with_a_request_are_the_childs_alone(zygote: Zygote) -> None:
+    """What the launcher hands a service (the Docker socket it holds) arrives at the number
+    asked for, in the child only; a request whose numbers do not match is refused."""
+    r, w = os.pipe()
+    pipe = os.readlink(f"/proc/self/fd/{w}")
+    try:
+        socket.send_fds(zygote.sock, [json.dumps({"argv": [PY, "-m", "shoal_puller", "--x"],
+                                                  "fds": [3, 4]}).encode()], [w])
+        assert "fds must number each" in str(json.loads(zygote.sock.recv(65536))["error"])
+        socket.send_fds(zygote.sock, [json.dumps({
+            "argv": [PY, "-m", "shoal_puller", "--nats-url", "nats://127.0.0.1:1"],
+            "fds": [45]}).encode()], [w])
+        pid = json.loads(zygote.sock.recv(65536))["pid"]
+        try:
+            assert os.readlink(f"/proc/{pid}/fd/45") == pipe
+            assert pipe not in _fd_targets(zygote.proc.pid)  # the zygote kept no copy
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            wait_exit(pid)
+        os.close(w)
+        assert os.read(r, 1) == b""  # every copy of the write end is closed now
+    finally:
+        os.close(r)
+        with contextlib.suppress(OSError):
+            os.close(w)
 
 
 def test_shoal_up_imports_no_grpc_before_it_forks() -> None:

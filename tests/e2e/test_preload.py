@@ -17,7 +17,13 @@ from typing import TypeVar
 import pytest
 from shoal_common.catalog import SERVICES
 from support.ports import free_port
-from support.processes import SHOAL, metrics_sets, pids_mentioning, shoal_up_argv
+from support.processes import (
+    EVERY_SERVICE_AT_START,
+    SHOAL,
+    metrics_sets,
+    pids_mentioning,
+    shoal_up_argv,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +73,8 @@ class Up:
         self.root, self.node = root, node
         self.port = free_port()
         argv = shoal_up_argv(root, node, [f"nats.embedded.listen=127.0.0.1:{self.port}",
-                                          "log.format=json", *metrics_sets(), *sets])
+                                          "log.format=json", *metrics_sets(),
+                                          EVERY_SERVICE_AT_START, *sets])
         self.out, self.err = root / "up.out", root / "up.err"
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=err,

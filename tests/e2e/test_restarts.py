@@ -35,7 +35,13 @@ from shoal_common.clients import CLIENTS
 from shoal_common.config import load_config
 from shoal_common.messages import HealthReply
 from support.ports import free_port
-from support.processes import SHOAL, metrics_sets, pids_mentioning, shoal_up_argv
+from support.processes import (
+    EVERY_SERVICE_AT_START,
+    SHOAL,
+    metrics_sets,
+    pids_mentioning,
+    shoal_up_argv,
+)
 from support.shoal import images_fixture  # noqa: F401
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +57,7 @@ class Up:
         self.root, self.node = root, node
         self.port = free_port()
         self.sets = [f"nats.embedded.listen=127.0.0.1:{self.port}", "log.format=json",
-                     *metrics_sets(), *sets]
+                     *metrics_sets(), EVERY_SERVICE_AT_START, *sets]
         self.socket = root / "run" / "cri.sock"
         self.err = root / "up.err"
         self.proc: subprocess.Popen[bytes] | None = None

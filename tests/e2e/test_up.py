@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -13,7 +16,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from shoal_common.catalog import SERVICES
 from support.ports import free_port
-from support.processes import SHOAL, metrics_sets, pids_mentioning, shoal_up_argv
+from support.processes import (
+    EVERY_SERVICE_AT_START,
+    SHOAL,
+    metrics_sets,
+    pids_mentioning,
+    shoal_up_argv,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +66,7 @@ def test_up_serves_restarts_and_stops_cleanly(tmp_path: Path) -> None:
     common = ["--node-id", "upnode", "--state-root", str(tmp_path / "state"),
               "--run-root", str(tmp_path / "run")]
     sets = [f"nats.embedded.listen=127.0.0.1:{nats_port}", "log.format=json",
-            "launcher.restart_backoff_initial=0.2", *metrics_sets()]
+            "launcher.restart_backoff_initial=0.2", *metrics_sets(), EVERY_SERVICE_AT_START]
     argv = shoal_up_argv(tmp_path, "upnode", sets, "--replicas", "puller=2")
     out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -75,8 +84,6 @@ def test_up_serves_restarts_and_stops_cleanly(tmp_path: Path) -> None:
         for url in urls:
             assert metrics_of(url)
         # Prometheus file-SD targets name the addresses really bound (port 0 configured).
-        import json
-
         groups = json.loads((tmp_path / "run" / "prometheus-targets.json").read_text())
         targets = {t for g in groups for t in g["targets"]}
         assert {u.removeprefix("http://").removesuffix("/metrics") for u in urls} == targets
@@ -109,6 +116,89 @@ def test_up_serves_restarts_and_stops_cleanly(tmp_path: Path) -> None:
     assert pids_mentioning(str(tmp_path)) == []
     assert not (tmp_path / "run" / "cri.sock").exists()
     assert not (tmp_path / "run" / "prometheus-targets.json").exists()
+
+
+def docker_ping(sock: Path, timeout: float = 30) -> str:
+    """GET /_ping on the Docker socket, as the docker CLI's first request."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    with conn:
+        conn.connect(str(sock))
+        conn.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    return data.decode(errors="replace")
+
+
+def gateway_pids(root: Path) -> list[int]:
+    return [pid for pid in pids_mentioning(str(root))
+            if "shoal_docker_gateway" in Path(f"/proc/{pid}/cmdline").read_text()]
+
+
+def test_the_docker_gateway_starts_at_its_first_connection(tmp_path: Path) -> None:
+    """Default settings: the launcher holds docker.sock, and the gateway starts when a client
+    first connects; a gateway killed with a client waiting serves that client once it is
+    back; a node whose gateway has state starts it with the others."""
+    nats_port = free_port()
+    client = ["--node-id", "ondemand", "--state-root", str(tmp_path / "state"),
+              "--run-root", str(tmp_path / "run"), "--nats-url", f"nats://127.0.0.1:{nats_port}"]
+    argv = shoal_up_argv(tmp_path, "ondemand", [f"nats.embedded.listen=127.0.0.1:{nats_port}",
+                                                "log.format=json", *metrics_sets()])
+    sock = tmp_path / "run" / "docker.sock"
+    out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
+
+    def start() -> subprocess.Popen[bytes]:
+        with open(out_path, "wb") as out, open(err_path, "ab") as err:
+            up = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        wait_for(lambda: "Press Ctrl-C" in out_path.read_text() or up.poll() is not None,
+                 60, "shoal up to report ready")
+        assert up.poll() is None, err_path.read_text()[-3000:]
+        return up
+
+    def stop(up: subprocess.Popen[bytes]) -> None:
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0, err_path.read_text()[-3000:]
+
+    up = start()
+    try:
+        assert re.search(r"docker-gateway-0\s+-\s+starts at the first connection",
+                         out_path.read_text())
+        assert sock.is_socket() and sock.stat().st_mode & 0o777 == 0o600
+        assert gateway_pids(tmp_path) == []
+        result = status(client)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(r"^docker-gateway\s+-\s+ON-DEMAND", result.stdout, re.M), result.stdout
+
+        reply = docker_ping(sock)
+        assert reply.startswith("HTTP/1.1 200") and reply.endswith("OK"), reply
+        first = gateway_pids(tmp_path)
+        assert len(first) == 1
+        rows = wait_for(lambda: (r := status_rows(status(client).stdout)).get(
+            "docker-gateway-0") and r, 30, "the gateway in shoal status")
+        assert rows["docker-gateway-0"] == ("serving", first[0])
+        groups = json.loads((tmp_path / "run" / "prometheus-targets.json").read_text())
+        assert next(g["targets"] for g in groups if g["labels"]["service"] == "docker-gateway")
+
+        # Killed: a client connecting right after waits in the launcher's socket, not refused.
+        os.kill(first[0], signal.SIGKILL)
+        reply = docker_ping(sock)
+        assert reply.startswith("HTTP/1.1 200"), reply
+        assert gateway_pids(tmp_path) not in ([], first)
+    finally:
+        stop(up)
+    assert not sock.exists()
+    assert pids_mentioning(str(tmp_path)) == []
+
+    up = start()  # the gateway has records now: it starts with the others
+    try:
+        assert not re.search(r"docker-gateway-0\s+-\s", out_path.read_text())
+        assert len(gateway_pids(tmp_path)) == 1
+        assert docker_ping(sock).startswith("HTTP/1.1 200")
+    finally:
+        stop(up)
+    assert pids_mentioning(str(tmp_path)) == []
 
 
 def test_up_refuses_invalid_config_naming_the_key(tmp_path: Path) -> None:

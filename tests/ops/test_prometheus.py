@@ -28,7 +28,12 @@ from cri_api.v1 import api_pb2_grpc as cri_grpc
 from shoal_common.catalog import SERVICES
 from support.images import busybox_image, pause_image, push
 from support.ports import free_port
-from support.processes import metrics_sets, pids_mentioning, shoal_up_argv
+from support.processes import (
+    EVERY_SERVICE_AT_START,
+    metrics_sets,
+    pids_mentioning,
+    shoal_up_argv,
+)
 from support.registry import Registry
 
 pytestmark = pytest.mark.e2e
@@ -174,7 +179,8 @@ def _start_shoal(tmp: Path, pause: str) -> tuple[subprocess.Popen[bytes], Path, 
     # configured metrics address to the targets file, so a port 0 would be written as ":0".
     sets = [f"nats.embedded.listen=127.0.0.1:{free_port()}", "log.format=json",
             f'cri.sandbox_image="{pause}"', f'services.executor.pod_subnet="{SUBNET}"',
-            f'services.executor.cni_bridge="{BRIDGE}"', *metrics_sets(free_port)]
+            f'services.executor.cni_bridge="{BRIDGE}"', *metrics_sets(free_port),
+            EVERY_SERVICE_AT_START]
     argv = shoal_up_argv(tmp, NODE, sets)
     out_path, err_path = tmp / "up.out", tmp / "up.err"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:

@@ -21,7 +21,14 @@ from cri_api.v1 import api_pb2_grpc as cri_grpc
 from shoal_common.fs import Under
 
 from support.ports import free_port
-from support.processes import SERVICE_MODULES, Node, metrics_sets, pids_mentioning, shoal_up_argv
+from support.processes import (
+    EVERY_SERVICE_AT_START,
+    SERVICE_MODULES,
+    Node,
+    metrics_sets,
+    pids_mentioning,
+    shoal_up_argv,
+)
 from support.shoal import leftovers_at
 
 NATS = "nats"  # the embedded nats-server, as a kill target
@@ -102,7 +109,8 @@ class ShoalUp:
 
     def argv(self) -> list[str]:
         sets = [f"nats.embedded.listen=127.0.0.1:{self.port}", "log.format=json",
-                *metrics_sets(), f'cri.sandbox_image="{self.images["pause"]}"',
+                *metrics_sets(), EVERY_SERVICE_AT_START,
+                f'cri.sandbox_image="{self.images["pause"]}"',
                 f'services.executor.pod_subnet="{self.subnet}"',
                 f'services.executor.cni_bridge="{self.bridge}"', *self.extra]
         return shoal_up_argv(self.root, self.node_id, sets)

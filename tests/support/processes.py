@@ -50,6 +50,11 @@ def shoal_up_argv(root: Path, node_id: str, sets: Iterable[str], *extra: str) ->
             "--run-root", str(root / "run"), *(a for s in sets for a in ("--set", s)), *extra]
 
 
+# `shoal up` starts the docker gateway at its first connection; tests that watch every
+# service's process (restarts, kills, targets, status) want it running from the start.
+EVERY_SERVICE_AT_START = "docker.on_demand=false"
+
+
 def metrics_sets(port: Callable[[], int] = lambda: 0) -> list[str]:
     """`--set` values serving the launcher's and every service's /metrics on loopback: the
     launcher on any free port, each service on `port()` (0: any free one)."""

@@ -16,7 +16,7 @@ from shoal_common.config import Config
 from shoal_common.errors import ShoalError
 from shoal_common.messages import HealthReply, PingRequest
 
-from shoal_cli.runstate import PIDS_FILE, _start_time
+from shoal_cli.runstate import ON_DEMAND_FILE, PIDS_FILE, _start_time
 
 # `shoal status` asks in rounds until every expected replica has answered: the first is
 # short (a healthy replica answers on loopback in about a millisecond) and each next one
@@ -96,11 +96,20 @@ async def status(config: Config, wait: float) -> int:
             e.replica for e in expected if e.service == svc.name}, wait) for svc in SERVICES))
     finally:
         await bus.close()
-    return _print_status(config, answers, expected or [])
+    return _print_status(config, answers, expected or [], on_demand(config))
+
+
+def on_demand(config: Config) -> set[str]:
+    """The services `shoal up` starts at their first connection and has not started yet."""
+    try:
+        names = json.loads((Path(config.run_root) / ON_DEMAND_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
 def _print_status(config: Config, answers: list[list[HealthReply]],
-                  expected: list[Expected]) -> int:
+                  expected: list[Expected], waiting: set[str]) -> int:
     print(f"node {config.node_id}  nats {config.nats.url}")
     print(f"{'SERVICE':<16}{'REPLICA':<20}{'STATUS':<10}{'PID':>8}{'UPTIME':>10}"
           f"{'IN-FLIGHT':>11}  {'VERSION':<9}METRICS")
@@ -114,7 +123,9 @@ def _print_status(config: Config, answers: list[list[HealthReply]],
                   f"http://{h.metrics_addr}/metrics")
         for e in sorted(silent, key=lambda e: e.replica):  # running, but not answering
             print(f"{svc.name:<16}{e.replica:<20}{'DOWN':<10}{e.pid:>8}")
-        if not replies:
+        if not replies and svc.name in waiting and not silent:
+            print(f"{svc.name:<16}{'-':<20}{'ON-DEMAND':<10}")  # starts at its 1st client
+        elif not replies:
             down += 1
             if not silent:
                 print(f"{svc.name:<16}{'-':<20}{'DOWN':<10}")

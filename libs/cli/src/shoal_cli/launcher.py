@@ -39,6 +39,7 @@ from shoal_common.messages import HealthReply
 from shoal_common.metrics import MetricsServer
 from shoal_common.service import release_free_memory
 
+from shoal_cli import activation
 from shoal_cli.runstate import RunState
 from shoal_cli.spawning import ChildProcess, Zygote, ZygoteError
 from shoal_cli.supervision import RestartPolicy, spawn
@@ -76,6 +77,9 @@ class Child:
     metrics_addr: str = ""
     # Awaited after each spawn: returns once the child is up, raises ShoalError if not.
     ready: Callable[[ChildProcess], Awaitable[None]] | None = None
+    fds: tuple[int, ...] = ()  # the launcher's descriptors it gets, at the same numbers
+    # Not started until its socket is first connected to (activation.py).
+    on_demand: bool = False
     proc: ChildProcess | None = None
     restarts: int = 0
     # Since the last spawn: its first health answer (services) and when it began serving.
@@ -107,6 +111,9 @@ class Launcher:
         self.runstate = RunState(config.run_root)
         self._spawned = asyncio.Event()  # wakes the health watch
         self._watch: asyncio.Task[None] | None = None
+        self.docker_socket: socket.socket | None = None  # held for the docker gateway
+        self.docker_on_demand = False
+        self.targets_written = False
         arenas = config.launcher.malloc_arena_max
         # The services' environment (exec'd ones; a forked one has the zygote's malloc).
         self.child_env = {**os.environ, **({"MALLOC_ARENA_MAX": str(arenas)} if arenas else {})}
@@ -194,14 +201,51 @@ class Launcher:
         return argv
 
     def plan(self) -> None:
+        self.runstate.mark_on_demand([])  # what a launcher that was killed wrote
         for svc in SERVICES:
             host, port = parse_addr(self.config.service(svc.name).metrics_addr)
             for i in range(self.replicas.get(svc.name, 1)):
                 # Replica i of a service listens 100*i ports above the configured one.
                 addr = f"{host}:{port + 100 * i if port else 0}"
-                self.children.append(Child(f"{svc.name}-{i}", svc.name,
-                                           self._child_argv(svc, i, addr), self._policy(),
-                                           metrics_addr=addr))
+                child = Child(f"{svc.name}-{i}", svc.name, self._child_argv(svc, i, addr),
+                              self._policy(), metrics_addr=addr)
+                if svc.name == activation.DOCKER_GATEWAY:
+                    self._hand_docker_socket(child)
+                self.children.append(child)
+
+    def _hand_docker_socket(self, child: Child) -> None:
+        """The gateway serves on the socket the launcher holds (bound once, for every
+        replica and restart); with docker.on_demand it starts at its first connection."""
+        if self.docker_socket is None:
+            path = Path(self.config.docker_socket)
+            try:
+                self.docker_socket = activation.listen(path)
+            except OSError as exc:
+                raise ShoalError(f"cannot listen on the Docker socket {path}: "
+                                 f"{exc.strerror or exc}") from None
+            self.docker_on_demand = activation.starts_on_demand(self.config)
+            if self.docker_on_demand:
+                asyncio.get_running_loop().add_reader(self.docker_socket.fileno(),
+                                                      self._activate)
+                self.runstate.mark_on_demand([child.service])
+        fd = self.docker_socket.fileno()
+        child.argv += ["--set", f"docker.socket_fd={fd}"]
+        child.fds = (fd,)
+        child.on_demand = self.docker_on_demand
+
+    def _activate(self) -> None:
+        """A first client is waiting on the Docker socket: start the gateway(s)."""
+        assert self.docker_socket is not None
+        asyncio.get_running_loop().remove_reader(self.docker_socket.fileno())
+        self.runstate.mark_on_demand([])
+        if self.stopping:
+            return
+        for child in self.children:
+            if child.on_demand:
+                log.info("starting on demand", child=child.name,
+                         socket=self.config.docker_socket)
+                child.on_demand = False
+                child.task = asyncio.create_task(self._supervise(child))
 
     def _running_pids(self) -> list[int]:
         everyone = [*self.children, *([self.nats] if self.nats else [])]
@@ -214,13 +258,13 @@ class Launcher:
             return await spawn(child.argv)
         if self.zygote is not None and self.zygote.ready:
             try:
-                proc: ChildProcess = await self.zygote.fork(child.argv)
+                proc: ChildProcess = await self.zygote.fork(child.argv, child.fds)
                 log.info("child started", child=child.name, pid=proc.pid, by="fork")
                 return proc
             except ZygoteError as exc:
                 log.warning("zygote could not fork; exec'ing", child=child.name,
                             error=str(exc))
-        proc = await spawn(child.argv, env=self.child_env)
+        proc = await spawn(child.argv, env=self.child_env, pass_fds=child.fds)
         log.info("child started", child=child.name, pid=proc.pid, by="exec")
         return proc
 
@@ -285,20 +329,27 @@ class Launcher:
                     if child and child.health is None and child.proc \
                             and child.proc.pid == reply.pid:
                         child.served(reply)
+                        if self.targets_written:  # one started on demand, or restarted
+                            self.write_prometheus_targets(self._healths())
             await asyncio.sleep(0.2)
 
+    def _healths(self) -> dict[str, HealthReply]:
+        return {c.name: c.health for c in self.children if c.health is not None}
+
     async def wait_ready(self) -> dict[str, HealthReply]:
-        """Until every replica has answered health (by replica id), or the ready timeout."""
+        """Until every replica started has answered health (by replica id), or the ready
+        timeout. One started on demand is not waited for."""
         deadline = time.monotonic() + self.config.launcher.ready_timeout
         while time.monotonic() < deadline:
-            seen = {c.name: c.health for c in self.children if c.health is not None}
-            if len(seen) == len(self.children):
+            seen = self._healths()
+            if len(seen) == len([c for c in self.children if not c.on_demand]):
                 return seen
             dead = [c.name for c in self.children if c.policy.crash_looping]
             if dead:
                 raise ShoalError(f"children keep exiting: {', '.join(dead)} (see their logs)")
             await asyncio.sleep(0.1)
-        missing = ", ".join(sorted(c.name for c in self.children if c.health is None))
+        missing = ", ".join(sorted(c.name for c in self.children
+                                   if c.health is None and not c.on_demand))
         raise ShoalError(f"not healthy within {self.config.launcher.ready_timeout:.0f} s: "
                          f"{missing}")
 
@@ -310,13 +361,14 @@ class Launcher:
                               "node": self.config.node_id}}]
         for svc in SERVICES:
             addrs = [health[c.name].metrics_addr if c.name in health else c.metrics_addr
-                     for c in self.children if c.service == svc.name]
+                     for c in self.children if c.service == svc.name and not c.on_demand]
             groups.append({"targets": addrs, "labels": {
                 "job": "shoal", "service": svc.name, "node": self.config.node_id}})
         path = Path(self.config.run_root) / "prometheus-targets.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(groups, indent=2))
         tmp.replace(path)
+        self.targets_written = True
         return path
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -350,7 +402,8 @@ class Launcher:
             await bus.connect(wait=10.0)
             self.plan()
             for child in self.children:
-                child.task = asyncio.create_task(self._supervise(child))
+                if not child.on_demand:
+                    child.task = asyncio.create_task(self._supervise(child))
             self._watch = asyncio.create_task(self.watch_health(bus))
             ready = asyncio.create_task(self.wait_ready())
             stopped = asyncio.create_task(stop.wait())
@@ -394,6 +447,11 @@ class Launcher:
             if self.nats.proc and self.nats.proc.returncode is None:
                 self.nats.proc.send_signal(signal.SIGTERM)
                 await _wait_or_kill([self.nats.proc], 10)
+        if self.docker_socket is not None:
+            with contextlib.suppress(ValueError, OSError):  # not watched (any more)
+                asyncio.get_running_loop().remove_reader(self.docker_socket.fileno())
+            activation.close(self.docker_socket, Path(self.config.docker_socket))
+            self.docker_socket = None
         (Path(self.config.run_root) / "prometheus-targets.json").unlink(missing_ok=True)
         self.runstate.clear()
         self.runstate.unlock()
@@ -411,6 +469,10 @@ class Launcher:
                  "",
                  f"  {'SERVICE':<16}{'REPLICA':<18}{'PID':>8}  METRICS"]
         for child in self.children:
+            if child.on_demand:
+                lines.append(f"  {child.service:<16}{child.name:<18}{'-':>8}  starts at the "
+                             "first connection to its socket")
+                continue
             h = health[child.name]
             lines.append(f"  {child.service:<16}{child.name:<18}{h.pid:>8}  "
                          f"http://{h.metrics_addr}/metrics")

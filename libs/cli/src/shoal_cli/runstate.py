@@ -7,6 +7,8 @@
   now running. A launcher killed with SIGKILL leaves children that got SIGTERM
   (PR_SET_PDEATHSIG) and are still finishing; the next launcher waits for them before it
   starts NATS and the services on the same ports, sockets and files.
+- `shoal-up.on-demand`: the services that start at their first connection and have not
+  yet (a JSON list; `shoal status` shows them as such, not as down).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = structlog.get_logger("shoal.launcher")
 
 LOCK_FILE = "shoal-up.lock"
 PIDS_FILE = "shoal-up.pids"
+ON_DEMAND_FILE = "shoal-up.on-demand"
 
 
 def _start_time(pid: int) -> int | None:
@@ -46,6 +49,7 @@ class RunState:
         self.root = Path(run_root)
         self.lock_path = self.root / LOCK_FILE
         self.pids_path = self.root / PIDS_FILE
+        self.on_demand_path = self.root / ON_DEMAND_FILE
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
@@ -74,8 +78,18 @@ class RunState:
         tmp.write_text(json.dumps(entries))
         tmp.replace(self.pids_path)
 
+    def mark_on_demand(self, services: list[str]) -> None:
+        """The services waiting for their first connection (none: the file goes)."""
+        if not services:
+            self.on_demand_path.unlink(missing_ok=True)
+            return
+        tmp = self.on_demand_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(services))
+        tmp.replace(self.on_demand_path)
+
     def clear(self) -> None:
         self.pids_path.unlink(missing_ok=True)
+        self.on_demand_path.unlink(missing_ok=True)
 
     def _leftovers(self) -> list[int]:
         try:

@@ -170,15 +170,21 @@ class Zygote:
             self._sock.close()
             self._sock = None
 
-    async def _exchange(self, argv: list[str]) -> int:
+    async def _exchange(self, argv: list[str], fds: tuple[int, ...]) -> int:
         """One request and its reply, never interrupted half-way (a reply left unread
-        would answer the next request)."""
+        would answer the next request). `fds` go along (SCM_RIGHTS), at the same numbers
+        in the child."""
         async with self._lock:
             sock = self._sock
             if sock is None or not self.ready:
                 raise ZygoteError("no zygote running")
             loop = asyncio.get_running_loop()
-            await loop.sock_sendall(sock, json.dumps({"argv": argv}).encode())
+            request = json.dumps({"argv": argv, "fds": list(fds)}).encode()
+            try:
+                # One small datagram on an idle socketpair: it never waits for room.
+                socket.send_fds(sock, [request], list(fds))
+            except BlockingIOError:
+                raise ZygoteError("the zygote's socket is full") from None
             try:
                 data = await asyncio.wait_for(loop.sock_recv(sock, MAX_MESSAGE), REPLY_TIMEOUT)
             except TimeoutError:
@@ -201,9 +207,10 @@ class Zygote:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
 
-    async def fork(self, argv: list[str]) -> ForkedProcess:
-        """A new child of the launcher running `argv` (sys.executable -m <service> ...)."""
-        exchange = asyncio.create_task(self._exchange(argv))
+    async def fork(self, argv: list[str], fds: tuple[int, ...] = ()) -> ForkedProcess:
+        """A new child of the launcher running `argv` (sys.executable -m <service> ...),
+        with the launcher's descriptors `fds` open at the same numbers."""
+        exchange = asyncio.create_task(self._exchange(argv, fds))
         try:
             pid = await asyncio.shield(exchange)
         except asyncio.CancelledError:

@@ -11,7 +11,9 @@ before its own event loop, threads or logging exist (so the launcher shares the 
 too); a zygote that dies is replaced by `python -m shoal_cli.zygote` (an exec: the
 launcher's loop and threads are running by then). Requests come over a SOCK_SEQPACKET
 socketpair, one JSON message each: {"argv": [sys.executable, "-m", module, ...]} is
-answered {"pid": N} or {"error": "..."}; the first message a zygote sends is
+answered {"pid": N} or {"error": "..."}; a request may carry descriptors (SCM_RIGHTS)
+with "fds": the numbers the child is to have them at (the docker gateway's listening
+socket, which the launcher holds open); the first message a zygote sends is
 {"ready": pid}. End of file (the launcher is gone) ends it, as does SIGTERM (it dies with
 the launcher: PR_SET_PDEATHSIG).
 
@@ -86,12 +88,22 @@ def _service_modules() -> set[str]:
     return {s.module for s in SERVICES}
 
 
-def _parse(data: bytes) -> list[str]:
-    """The argv of a request, checked: `python -m <a service module> args...`."""
+MAX_FDS = 4
+
+
+def _parse(data: bytes, received: list[int]) -> tuple[list[str], dict[int, int]]:
+    """The argv of a request, checked: `python -m <a service module> args...`, and where
+    each descriptor received with it goes in the child ({number there: ours})."""
     try:
         request = json.loads(data)
     except ValueError as exc:
         raise ValueError(f"not JSON: {exc}") from None
+    wanted = request.get("fds", []) if isinstance(request, dict) else None
+    if (not isinstance(wanted, list) or len(wanted) != len(received)
+            or not all(isinstance(n, int) and 2 < n < 1024 for n in wanted)
+            or len(set(wanted)) != len(wanted)):
+        raise ValueError(f"fds must number each of the {len(received)} descriptors sent, "
+                         "each above stdio, none twice")
     argv = request.get("argv") if isinstance(request, dict) else None
     if not isinstance(argv, list) or not all(isinstance(a, str) and "\0" not in a
                                              for a in argv):
@@ -100,7 +112,7 @@ def _parse(data: bytes) -> list[str]:
         raise ValueError(f"argv must start with {sys.executable} -m")
     if argv[2] not in _service_modules():
         raise ValueError(f"{argv[2]!r} is not a Shoal service module")
-    return argv
+    return argv, dict(zip(wanted, received, strict=True))
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -123,11 +135,17 @@ class Job:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def _close_fds() -> None:
-    """Every fd but stdio (the zygote's socket object is closed by its owner first)."""
+def _close_fds(keep: dict[int, int]) -> None:
+    """Every fd but stdio and `keep`'s, which are moved to their numbers ({there: here});
+    the zygote's socket object is closed by its owner first."""
+    # Out of the way first: a kept descriptor may sit where another is to go.
+    moved = {there: os.dup(here) for there, here in keep.items()}
+    for there, spare in moved.items():
+        os.dup2(spare, there)
+        os.close(spare)
     for entry in os.listdir("/proc/self/fd"):
         fd = int(entry)
-        if fd > 2:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:
@@ -161,7 +179,7 @@ def _fork() -> tuple[int, int]:
     return pid, r if pid else w
 
 
-def _become(sock: socket.socket, argv: list[str], launcher: int,
+def _become(sock: socket.socket, argv: list[str], keep: dict[int, int], launcher: int,
             dispositions: dict[signal.Signals, Any], named: int) -> Job:
     """In a child fork_sibling just made: shed the zygote, take on the service's identity."""
     sock.close()
@@ -176,7 +194,7 @@ def _become(sock: socket.socket, argv: list[str], launcher: int,
         if signal.getsignal(sig) is not handler:
             signal.signal(sig, handler)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    _close_fds()
+    _close_fds(keep)
     random.seed()
     _fresh_metrics()
     gc.enable()
@@ -201,19 +219,23 @@ def serve(sock: socket.socket, launcher: int) -> Job:
     _send(sock, {"ready": os.getpid()})
     while True:
         try:
-            data = sock.recv(MAX_MESSAGE)
+            data, received, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
         except OSError:
-            data = b""
+            data, received = b"", []
         if not data:
             os._exit(0)
         try:
-            argv = _parse(data)
+            argv, keep = _parse(data, received)
             pid, named = _fork()
         except (ValueError, OSError) as exc:
+            for fd in received:
+                os.close(fd)
             _send(sock, {"error": str(exc)})
             continue
         if pid == 0:
-            return _become(sock, argv, launcher, dispositions, named)
+            return _become(sock, argv, keep, launcher, dispositions, named)
+        for fd in received:  # the child has them now
+            os.close(fd)
         os.read(named, 1)  # nothing (end of file) if it died first
         os.close(named)
         try:

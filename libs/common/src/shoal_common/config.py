@@ -176,6 +176,18 @@ class DockerConfig(_Section):
     # Containers' CRI log files (<log_root>/<id>/container.log): like kubelet's /var/log/pods,
     # outside the state root, where the supervisor lets conmon write.
     log_root: str = "/var/log/shoal/docker"
+    # `shoal up` holds the socket open and starts the gateway at its first connection (as
+    # Debian's docker.socket activates dockerd), unless the gateway has state (containers,
+    # networks: their restart policies and DNS need it running), then at once; false: at once.
+    on_demand: bool = True
+    # Set by `shoal up`: the listening socket it holds, inherited (-1: the gateway binds
+    # `socket` itself). A restarted gateway gets the same one: no connection is refused.
+    socket_fd: int = -1
+
+    def check(self) -> None:
+        if self.socket_fd < -1 or 0 <= self.socket_fd <= 2:
+            raise ConfigError("config key docker.socket_fd: must be -1 or a descriptor "
+                              "above stdio")
 
 
 class LauncherConfig(_Section):
@@ -327,6 +339,7 @@ def _validate(cfg: Config) -> None:
     check_addr(cfg.launcher.metrics_addr, "launcher.metrics_addr")
     if not 0 <= cfg.launcher.malloc_arena_max <= 1024:
         raise bad("launcher.malloc_arena_max", "must be between 0 and 1024")
+    cfg.docker.check()
     check_addr(cfg.cri.stream_addr, "cri.stream_addr")
     if cfg.cri.stream_idle_timeout <= 0:
         raise bad("cri.stream_idle_timeout", "must be > 0")

@@ -67,7 +67,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[DockerServer]:
     backend = Backend(config=cfg, namespace=namespace, bus=ctx.bus,
                       clients=Clients(ctx.bus, namespace=namespace), channel=channel,
                       cri=Cri(channel), records=records)
-    server = DockerServer(cfg.docker_socket, make_app(backend, GROUPS))
+    server = DockerServer(cfg.docker_socket, make_app(backend, GROUPS), cfg.docker.socket_fd)
     reconciled = asyncio.create_task(_reconcile(backend))
     dies = docker_events.task_consumer(backend)
     try:
