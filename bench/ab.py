@@ -506,28 +506,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     meter, root, command = h.begin(__file__, args.root, argv)
     bench: AB | None = None
     all_pods: set[str] = set()
-    try:
-        with h.sigterm_as_interrupt(), contextlib.ExitStack() as stack:
-            registry = stack.enter_context(Registry(root / "registry"))
-            images, warm = build_images(args, registry)
-            shoal, ctrd, busybox = start_runtimes(stack, root, registry)
-            bench = AB(args, root, images, warm)
-            bench.runtimes = [
-                pods.Runtime("shoal", str(shoal.cri_socket), busybox, shoal.memory),
-                pods.Runtime("containerd", str(ctrd.socket), busybox, pods.containerd_rss(ctrd))]
-            try:
-                h.run_loop(h.run_then_close(bench.run(), bench.close))
-            finally:
-                all_pods = {s.pod_id for s in bench.starts}
-                for rt in bench.runtimes:
-                    all_pods |= rt.pods
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print(f"\ninterrupted; pods removed, every process stopped; files left in {root}",
-              file=sys.stderr)
-        return 130
-    finally:
-        for bridge in (SHOAL_NET[1], CONTAINERD_NET[1]):
-            subprocess.run(["ip", "link", "delete", bridge], capture_output=True, check=False)
+    with pods.session(root, (SHOAL_NET[1], CONTAINERD_NET[1])), \
+            contextlib.ExitStack() as stack:
+        registry = stack.enter_context(Registry(root / "registry"))
+        images, warm = build_images(args, registry)
+        shoal, ctrd, busybox = start_runtimes(stack, root, registry)
+        bench = AB(args, root, images, warm)
+        bench.runtimes = [
+            pods.Runtime("shoal", str(shoal.cri_socket), busybox, shoal.memory),
+            pods.Runtime("containerd", str(ctrd.socket), busybox, pods.containerd_rss(ctrd))]
+        pods.measure(bench, all_pods)
     meter.stop()
     left = pods.leftovers(root, all_pods)
     print(left)

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -546,13 +546,40 @@ def leftovers(root: Path, pod_ids: set[str]) -> str:
         "/var/run/netns; containerd's netns and mounts lived in its private mount namespace)")
 
 
+def measure(bench: Bench, made: set[str]) -> None:
+    """Run `bench`, then close it (also when interrupted); every pod id it made goes into
+    `made` whatever happened, for the leftover check."""
+    try:
+        h.run_loop(h.run_then_close(bench.run(), bench.close))
+    finally:
+        made.update(s.pod_id for s in bench.starts)
+        for rt in bench.runtimes:
+            made.update(rt.pods)
+
+
+@contextlib.contextmanager
+def session(root: Path, bridges: Sequence[str]) -> Iterator[None]:
+    """SIGTERM as Ctrl-C; either ends the benchmark with 130, once what it started has
+    stopped (the ExitStack inside); the CNI bridges it made are deleted in any case."""
+    try:
+        with h.sigterm_as_interrupt():
+            yield
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"\ninterrupted; pods removed, every process stopped; files left in {root}",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        for bridge in bridges:
+            subprocess.run(["ip", "link", "delete", bridge], capture_output=True, check=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     meter, root, command = h.begin(__file__, args.root, argv)
     bench = Bench(args, root)
     all_pods: set[str] = set()
-    try:
-        with h.sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+    with session(root, () if args.socket else (SHOAL_NET[1], CONTAINERD_NET[1])):
+        with contextlib.ExitStack() as stack:
             services: h.ShoalServices | None = None
             ctrd: h.Containerd | None = None
             if args.socket:
@@ -584,21 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             shoal_rss(services, nats.proc.pid, node.root),
                             shoal_profile(services)),
                     Runtime("containerd", str(ctrd.socket), image, containerd_rss(ctrd))]
-            try:
-                h.run_loop(h.run_then_close(bench.run(), bench.close))
-            finally:
-                all_pods = {s.pod_id for s in bench.starts}
-                for rt in bench.runtimes:
-                    all_pods |= rt.pods
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print(f"\ninterrupted; pods removed, every process stopped; files left in {root}",
-              file=sys.stderr)
-        return 130
-    finally:
-        if not args.socket:
-            for bridge in (SHOAL_NET[1], CONTAINERD_NET[1]):
-                subprocess.run(["ip", "link", "delete", bridge], capture_output=True,
-                               check=False)
+            measure(bench, all_pods)
     meter.stop()
     left = leftovers(root, all_pods) if not args.socket else "not checked (external runtimes)"
     print(left)
