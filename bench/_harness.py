@@ -617,7 +617,9 @@ class Containerd:
         return "\n".join(lines) + "\n"
 
     def cni_conflist(self) -> dict[str, Any]:
-        """The same plugin chain as Shoal's default network, on its own subnet and bridge."""
+        """containerd's own default chain (its 10-containerd-net.conflist: bridge with the
+        plugin's per-pod ipMasq, host-local, portmap) on its own subnet and bridge; Shoal's
+        default network is the same chain with the masquerade kept per network instead."""
         assert self.cri is not None
         return {
             "cniVersion": "1.0.0",

@@ -7,6 +7,7 @@ and parent interfaces named per test: other tests run beside these."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import os
@@ -147,9 +148,23 @@ async def serving(cli: Cli, name: str, *run_args: str, image: str) -> tuple[str,
     return await cli.running(name)
 
 
+def nat_rules() -> list[str]:
+    return subprocess.run(["iptables", "-w", "-t", "nat", "-S"], check=True,
+                          capture_output=True, text=True).stdout.splitlines()
+
+
+def masquerade_rules(subnet: str) -> list[str]:
+    """The executor's nat rules for a bridge network (its chain, the jump to it; see
+    shoal_executor/domain/masquerade.py): five while they are there."""
+    chain = "SHOAL-MASQ-" + hashlib.sha256(subnet.encode()).hexdigest()[:12]
+    return [r for r in nat_rules() if chain in r]
+
+
 def assert_gone(node: Node, info: dict[str, Any]) -> None:
-    """Nothing of a removed network is left: file, bridge, leases."""
+    """Nothing of a removed network is left: file, bridge, leases, masquerade."""
     assert not Path(info["file"]).exists()
+    if info["driver"] == "bridge":
+        assert masquerade_rules(info["subnet"]) == []
     if info["bridge"]:
         assert info["bridge"] not in links()
     assert not (ipam_dir(node) / info["name"]).exists()
@@ -170,6 +185,9 @@ async def test_bridge_network_pods_reach_each_other_and_rm_waits_for_them(
     doc = json.loads(conf.read_text())
     assert doc["name"] == name
     assert [p["type"] for p in doc["plugins"]] == ["bridge", "portmap"]
+    # NATed by the executor's one chain for the network, not a chain per pod.
+    assert doc["shoal"] == {"masquerade": True} and doc["plugins"][0]["ipMasq"] is False
+    assert len(masquerade_rules("10.237.1.0/24")) == 5
     assert doc["plugins"][0]["ipam"]["ranges"] == [[{"subnet": "10.237.1.0/24",
                                                       "gateway": "10.237.1.1"}]]
 
@@ -192,6 +210,10 @@ async def test_bridge_network_pods_reach_each_other_and_rm_waits_for_them(
     for addr in (host_ipv4(), "127.0.0.1"):
         assert b"hello-net" in await asyncio.to_thread(http_get, addr, port), addr
     assert info["bridge"] in links()
+    # No per-pod masquerade chain (the bridge plugin's jump names the pod; portmap's
+    # DNAT rules for the published port do too, and stay).
+    assert not [r for r in nat_rules() if r.startswith("-A POSTROUTING ")
+                and (a_pod in r or b_pod in r)]
 
     listed = await cli.json("network", "inspect", name)
     assert {p["id"] for p in listed["pods"]} == {a_pod, b_pod}
@@ -396,6 +418,7 @@ async def test_names_overlaps_and_the_default_network(cli: Cli, shoal_node: Shoa
     default = await cli.json("network", "inspect", "shoal")
     assert default["default"] is True and default["driver"] == "bridge"
     assert default["subnet"] == shoal_node.services.subnet_prefix + "0.0/24"
+    assert len(masquerade_rules(default["subnet"])) == 5  # the default network Shoal installed
     for net in (first, auto):
         await cli.ok("network", "rm", net)
 
@@ -470,12 +493,17 @@ async def test_a_restarted_executor_repairs_the_network_files(
     (ipam_dir(cli.node) / "ghostnet").mkdir(parents=True)
     ghost.write_text(json.dumps({"cniVersion": "1.0.0", "name": "ghostnet", "plugins": [
         {"type": "bridge", "bridge": ghost_bridge, "ipam": {"type": "host-local"}}]}))
+    default = shoal_node.services.subnet_prefix + "0.0/24"
     try:
         executor = next(sp for sp in shoal_node.services if sp.service == "executor"
                         and sp.proc.poll() is None)
+        assert len(masquerade_rules(info["subnet"])) == len(masquerade_rules(default)) == 5
         executor.terminate()
+        # A clean stop drops the masquerade of networks no pod is on; the start puts it back.
+        assert masquerade_rules(info["subnet"]) == masquerade_rules(default) == []
         sp = shoal_node.services.start("executor", extra=shoal_node.services.extra)
         await asyncio.to_thread(shoal_node.services.wait_serving, sp)
+        assert len(masquerade_rules(info["subnet"])) == len(masquerade_rules(default)) == 5
         assert conf.read_text() == written and conf.stat().st_mode & 0o777 == 0o600
         assert not ghost.exists() and ghost_bridge not in links()
         assert not (ipam_dir(cli.node) / "ghostnet").exists()

@@ -5,13 +5,20 @@ database of the version before networks migrated with its rows kept."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 from shoal_common.errors import AlreadyExists, FailedPrecondition, Invalid, NotFound
-from shoal_executor.domain.cni import Cni
-from shoal_executor.domain.networks import conflist, parse_gateway, parse_subnet
+from shoal_executor.domain.cni import Cni, parse_network, without_default_route
+from shoal_executor.domain.networks import (
+    conflist,
+    masquerade_subnets,
+    parse_gateway,
+    parse_subnet,
+)
 from shoal_executor.store.networks import NetworkRecord, NetworkStore
 from shoal_executor.store.records import (
     MIGRATIONS,
@@ -185,6 +192,34 @@ def test_gateways_and_the_configs_written() -> None:
         "type": "host-local", "dataDir": "/state/ipam",
         "ranges": [[{"subnet": "fd00:237::/64", "gateway": "fd00:237::1"}]],
         "routes": [{"dst": "::/0", "gw": "fd00:237::1"}]}}]
+
+
+def test_a_bridge_network_is_masqueraded_by_the_executor_not_per_pod(tmp_path: Path) -> None:
+    doc = conflist(record("blue", "10.237.4.0/24"), Path("/state/ipam"))
+    assert doc["shoal"] == {"masquerade": True}
+    assert doc["plugins"][0]["type"] == "bridge" and doc["plugins"][0]["ipMasq"] is False
+    path = tmp_path / "blue.conflist"
+    path.write_text(json.dumps(doc))
+    net = parse_network(path)
+    assert net.masquerade and without_default_route(net).masquerade
+    assert masquerade_subnets(net) == [ipaddress.ip_network("10.237.4.0/24")]
+    mac = NetworkRecord(name="mac", id="m", request_id="r", driver="macvlan",
+                        subnet="10.237.5.0/24", gateway="", parent="eth0", bridge="",
+                        created_at=0.0)
+    doc = conflist(mac, Path("/state/ipam"))
+    assert "shoal" not in doc and "ipMasq" not in doc["plugins"][0]
+    path.write_text(json.dumps(doc))
+    assert not parse_network(path).masquerade and masquerade_subnets(parse_network(path)) == []
+    # An operator's file, or an older Shoal's (the plugin's own ipMasq): used as it is.
+    for bad in (None, "yes", 1, [True], {}, {"masquerade": "true"}, {"masquerade": 1},
+                {"masquerade": None}):
+        bridge = conflist(record("blue", "10.237.4.0/24"), Path("/state/ipam"))
+        bridge["shoal"] = bad
+        path.write_text(json.dumps(bridge))
+        assert parse_network(path).masquerade is False, bad
+    del bridge["shoal"]
+    path.write_text(json.dumps(bridge))
+    assert masquerade_subnets(parse_network(path)) == []
 
 
 async def test_a_broken_network_file_is_named(tmp_path: Path) -> None:

@@ -77,4 +77,6 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[ExecutorApp]:
             sweep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweep
+        # While the records are open: a network's masquerade stays only while pods use it.
+        await networks.close()
         await records.close()

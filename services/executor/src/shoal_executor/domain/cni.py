@@ -25,13 +25,22 @@ NETWORKS_DIR = "shoal-networks"  # in the conf dir
 PLUGIN_TIMEOUT = 60.0
 
 
+# `"shoal": {"masquerade": true}`, a top-level conflist key of Shoal's own (libcni ignores
+# unknown top-level keys, and Cni._invoke hands each plugin only its own dict): the executor
+# masquerades the bridge's subnets with one rule set per network (domain/masquerade.py)
+# instead of the bridge plugin's `ipMasq`, which makes and deletes a nat chain on every
+# pod's ADD and DEL.
+SHOAL_KEY = "shoal"
+
+
 def default_conflist(subnet: str, bridge: str = "shoal0") -> dict[str, Any]:
     """bridge + host-local IPAM, portmap for hostPort mappings (what kubelet expects)."""
     return {
         "cniVersion": "1.0.0",
         "name": "shoal",
+        SHOAL_KEY: {"masquerade": True},
         "plugins": [
-            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": True,
+            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
              "hairpinMode": True,
              "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
                       "routes": [{"dst": "0.0.0.0/0"}]}},
@@ -46,6 +55,7 @@ class NetworkConfig:
     version: str
     plugins: list[dict[str, Any]]
     source: str  # the file it came from
+    masquerade: bool = False  # the executor NATs its bridge subnets (SHOAL_KEY)
 
 
 @dataclass
@@ -72,7 +82,14 @@ def parse_network(path: Path) -> NetworkConfig:
     if not doc.get("name") or not plugins or not isinstance(plugins, list) or not all(
             isinstance(p, dict) and isinstance(p.get("type"), str) for p in plugins):
         raise ValueError(f"{path.name}: no name, or no plugins each with a type")
-    return NetworkConfig(doc["name"], doc.get("cniVersion", "0.4.0"), plugins, str(path))
+    return NetworkConfig(doc["name"], doc.get("cniVersion", "0.4.0"), plugins, str(path),
+                         masquerade=_masquerade(doc.get(SHOAL_KEY)))
+
+
+def _masquerade(own: object) -> bool:
+    """Shoal's key read defensively: anything but {"masquerade": true} is False (an
+    operator's file is used as it is, never refused for this)."""
+    return isinstance(own, dict) and own.get("masquerade") is True
 
 
 def load_network(conf_dir: Path) -> NetworkConfig:
@@ -104,7 +121,7 @@ def without_default_route(net: NetworkConfig) -> NetworkConfig:
         if plugin.get("isDefaultGateway"):
             plugin["isDefaultGateway"] = False
         plugins.append(plugin)
-    return NetworkConfig(net.name, net.version, plugins, net.source)
+    return NetworkConfig(net.name, net.version, plugins, net.source, net.masquerade)
 
 
 class Cni:

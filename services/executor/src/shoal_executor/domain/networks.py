@@ -3,14 +3,21 @@ database (the truth) and a CNI configuration list `<conf dir>/shoal-networks/<na
 (what CNI runs, written atomically and owner-only from the record; an operator may edit it).
 
 A bridge network is the default network's shape on a bridge of its own (`shl-<id>`): bridge
-+ host-local + portmap. macvlan and ipvlan put pods on a host interface's segment (`parent`)
-with host-local addresses and no port mappings (the host cannot reach its own macvlan
-children, so a host port could not be forwarded to them). Leases are kept under the
-executor's own state dir (`dataDir`), so two executors on one host never share them.
++ host-local + portmap, with the bridge plugin's per-pod `ipMasq` off and Shoal's key
+`"shoal": {"masquerade": true}` on: the executor masquerades the subnet with one rule set
+per network (domain/masquerade.py), there while the executor runs or any pod is on the
+network (ensured at start and at create; removed at removal and, on a clean stop, for a
+network no pod is on). The default network Shoal installs is the same; a config an operator
+wrote without the key is used as it is (no rules). macvlan and ipvlan put pods on a host
+interface's segment (`parent`) with host-local addresses and no port mappings (the host
+cannot reach its own macvlan children, so a host port could not be forwarded to them).
+Leases are kept under the executor's own state dir (`dataDir`), so two executors on one host
+never share them.
 
 Removal deletes the record only while no sandbox is on the network (one transaction, see
-store/networks.py), then the file, the bridge and the lease directory; a start finds a file
-without a record (a removal killed half way) and finishes it, and rewrites a missing file."""
+store/networks.py), then the masquerade, the file, the bridge and the lease directory; a
+start finds a file without a record (a removal killed half way) and finishes it, and
+rewrites a missing file."""
 
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,8 @@ from shoal_common.messages.networks import (
     NetworkPod,
 )
 
-from shoal_executor.domain.cni import Cni, NetworkConfig, parse_network
+from shoal_executor.domain import masquerade
+from shoal_executor.domain.cni import SHOAL_KEY, Cni, NetworkConfig, parse_network
 from shoal_executor.store.networks import Member, NetworkRecord, NetworkStore
 from shoal_executor.store.records import HOST_NETWORK, NO_NETWORK
 
@@ -96,6 +105,24 @@ def subnets_of(net: NetworkConfig) -> list[Net]:
     return found
 
 
+def bridge_subnets(net: NetworkConfig) -> list[Net]:
+    """The subnets of the config's bridge plugins (the ones a masquerade is for)."""
+    return subnets_of(NetworkConfig(net.name, net.version,
+                                    [p for p in net.plugins if p.get("type") == "bridge"],
+                                    net.source))
+
+
+def masquerade_subnets(net: NetworkConfig | None) -> list[Net]:
+    """What the executor masquerades for a network: nothing unless its config asks."""
+    return bridge_subnets(net) if net is not None and net.masquerade else []
+
+
+def record_subnets(rec: NetworkRecord) -> list[Net]:
+    """What a bridge network's record says is masqueraded (its file written from it has the
+    key): for when the file is gone or no longer parses."""
+    return [ipaddress.ip_network(rec.subnet)] if rec.driver == "bridge" else []
+
+
 async def host_subnets() -> list[Net]:
     """The networks of the host's interface addresses (a bridge network over one of them
     would take that traffic away from the host)."""
@@ -125,7 +152,7 @@ def conflist(rec: NetworkRecord, ipam_dir: Path) -> dict[str, Any]:
     if rec.driver == "bridge":
         ipam["routes"] = [{"dst": default_route}]
         plugins: list[dict[str, Any]] = [
-            {"type": "bridge", "bridge": rec.bridge, "isGateway": True, "ipMasq": True,
+            {"type": "bridge", "bridge": rec.bridge, "isGateway": True, "ipMasq": False,
              "hairpinMode": True, "ipam": ipam},
             {"type": "portmap", "capabilities": {"portMappings": True}}]
     else:
@@ -133,7 +160,9 @@ def conflist(rec: NetworkRecord, ipam_dir: Path) -> dict[str, Any]:
             ipam["routes"] = [{"dst": default_route, "gw": rec.gateway}]
         mode = {"macvlan": "bridge", "ipvlan": "l2"}[rec.driver]
         plugins = [{"type": rec.driver, "master": rec.parent, "mode": mode, "ipam": ipam}]
-    return {"cniVersion": "1.0.0", "name": rec.name, "plugins": plugins}
+    # A bridge's NAT is the executor's (domain/masquerade.py), not the plugin's per pod.
+    own = {SHOAL_KEY: {"masquerade": True}} if rec.driver == "bridge" else {}
+    return {"cniVersion": "1.0.0", "name": rec.name, **own, "plugins": plugins}
 
 
 def _pods(members: list[Member]) -> list[NetworkPod]:
@@ -234,6 +263,9 @@ class Networks:
 
         rec = await self.store.create(rec, check)
         self._write(rec)  # after the record: a start rewrites a file a kill left unwritten
+        # After the file, from it (a retry by the same id comes here again).
+        for bridged in masquerade_subnets(self._file(rec.name)):
+            await masquerade.ensure(bridged)
         log.info("network created", network=rec.name, driver=rec.driver, subnet=rec.subnet)
         return await self._info(rec)
 
@@ -244,6 +276,12 @@ class Networks:
             if driver != "bridge" or not (SYS_NET / (BRIDGE_PREFIX + net_id[:11])).exists():
                 return net_id
         raise Internal("no unused bridge name found")  # 8 collisions of 44 random bits
+
+    def _file(self, name: str) -> NetworkConfig | None:
+        try:
+            return parse_network(self.cni.network_file(name))
+        except ValueError:
+            return None
 
     def _write(self, rec: NetworkRecord) -> None:
         private_dir(self.cni.networks_dir)
@@ -279,17 +317,23 @@ class Networks:
         if req.name == self.default_name():
             raise FailedPrecondition(f"{req.name!r} is the default network: it is the CNI "
                                      f"configuration in {self.cni.conf_dir}, not removable here")
-        await self.store.remove(req.name)  # refused while any pod is on it
-        await self._clean_up(self.cni.network_file(req.name))
+        rec = await self.store.remove(req.name)  # refused while any pod is on it
+        await self._clean_up(self.cni.network_file(req.name), rec)
         log.info("network removed", network=req.name)
 
-    async def _clean_up(self, path: Path) -> None:
-        """What a removed network left: its bridge, its leases, then its file (last, so a
-        removal killed before the end is finished at the next start)."""
+    async def _clean_up(self, path: Path, rec: NetworkRecord | None = None) -> None:
+        """What a removed network left: its masquerade, its bridge, its leases, then its
+        file (last, so a removal killed before the end is finished at the next start)."""
         try:
             net = parse_network(path)
         except ValueError:
             net = None
+        # Whatever the file says now (an operator may have turned the key off since), and
+        # the record's subnet too in case the file no longer parses: removing is a no-op
+        # where there is nothing, and no other network can have an overlapping subnet.
+        subnets = bridge_subnets(net) if net is not None else []
+        for subnet in dict.fromkeys([*subnets, *(record_subnets(rec) if rec else [])]):
+            await masquerade.remove(subnet)
         if net is not None:
             for plugin in net.plugins:
                 bridge = plugin.get("bridge")
@@ -306,12 +350,59 @@ class Networks:
 
     async def reconcile(self) -> None:
         """Rewrite a network's missing file; finish the removal of a file's network that has
-        no record any more."""
+        no record any more; ensure the masquerade of every network whose config asks."""
         records = {rec.name: rec for rec in await self.store.all()}
         for rec in records.values():
             if not self.cni.network_file(rec.name).exists():
                 log.info("rewriting a network's missing CNI config", network=rec.name)
                 self._write(rec)
+        await self._sweep_files(records)
+        # The files, as they are now (every record's was just rewritten if missing).
+        for name, subnets in self._masqueraded(list(records.values()), from_records=False):
+            for subnet in subnets:
+                try:
+                    await masquerade.ensure(subnet)
+                except ShoalError as exc:
+                    # Logged, not raised: a node that cannot start serves no pod at all,
+                    # one without the NAT still serves pods their node and each other.
+                    log.error("could not set up a network's masquerade",
+                              network=name or self.default_name(), subnet=str(subnet),
+                              error=exc.message)
+
+    # Sequence, not list: in this class's annotations `list` is the method above.
+    def _masqueraded(self, recs: Sequence[NetworkRecord], *, from_records: bool
+                     ) -> Sequence[tuple[str, Sequence[Net]]]:
+        """(name, subnets) of the default network ("") and the `recs` networks whose config
+        asks for the executor's masquerade; `from_records`: a network whose file is gone or
+        broken by what its record says."""
+        found = [("", masquerade_subnets(self.default()))]
+        for rec in recs:
+            net = self._file(rec.name)
+            found.append((rec.name, record_subnets(rec) if net is None and from_records
+                          else masquerade_subnets(net)))
+        return [(name, subnets) for name, subnets in found if subnets]
+
+    async def close(self) -> None:
+        """On a clean stop: the masquerade of each network no pod is on goes (the next start
+        puts it back); a network with pods keeps it, so they still reach out meanwhile.
+        Failures (iptables', the database's) are logged: the stop goes on."""
+        try:
+            networks = self._masqueraded(await self.store.all(), from_records=True)
+        except Exception as exc:
+            log.warning("could not list the networks to drop their masquerade",
+                        error=str(exc))
+            return
+        for name, subnets in networks:
+            try:
+                if await self.store.members(name):
+                    continue
+                for subnet in subnets:
+                    await masquerade.remove(subnet)
+            except Exception as exc:
+                log.warning("could not drop a network's masquerade",
+                            network=name or self.default_name(), error=str(exc))
+
+    async def _sweep_files(self, records: dict[str, NetworkRecord]) -> None:
         if not self.cni.networks_dir.is_dir():
             return
         for path in sorted(self.cni.networks_dir.iterdir()):
