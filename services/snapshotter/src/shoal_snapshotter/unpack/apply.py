@@ -8,11 +8,11 @@ import errno
 import os
 import stat
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TypeVar
 
-import structlog
-
+from . import logs
 from .compression import Readable, open_decompressed
 from .errors import LayerFormatError, LowerLayerNeeded, UnsafeLayerError
 from .resolve import resolve
@@ -24,14 +24,14 @@ from .safe_fs import (
     lstat_at,
     remove_at,
 )
-
-log = structlog.get_logger("shoal.snapshotter.unpack")
+from .tarstream import FastTarInfo, TarStream
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
 WHITEOUT_OPAQUE = ".wh..wh..opq"
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
-_CHUNK = 1 << 20
+_T = TypeVar("_T")
+_CHUNK = 1 << 20  # sparse members' reads
 # Failures on which an xattr outside user.* is skipped (fs or privileges refuse it here).
 _OPTIONAL_XATTR_ERRNOS = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP)
 
@@ -81,7 +81,7 @@ def apply_layer(
     layer): apply the layer again onto the merged tree, with NATIVE whiteouts. On any error
     root is left half-applied and should be thrown away.
     """
-    tar_stream = open_decompressed(stream, compression)
+    tar_stream = TarStream(open_decompressed(stream, compression))
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         applier = _Applier(root_fd, whiteouts, allow_devices)
@@ -94,7 +94,7 @@ def apply_layer(
     return applier.result
 
 
-class _StrictTarInfo(tarfile.TarInfo):
+class _StrictTarInfo(FastTarInfo):
     """tarfile takes a corrupt header after the first as a silent end of archive; refuse it."""
 
     @classmethod
@@ -126,11 +126,13 @@ class _Applier:
     def close(self) -> None:
         self._dirs.close()
 
-    def run(self, stream: BinaryIO) -> None:
+    def run(self, stream: TarStream) -> None:
         try:
-            tar = tarfile.open(
-                fileobj=stream,
-                mode="r|",
+            # Mode "r" on a forward-only TarStream reads as "r|" (tarfile.next only seeks
+            # ahead); contents are copied from the TarStream itself (_regular).
+            tar = tarfile.TarFile(
+                fileobj=stream,  # type: ignore[arg-type]  # read/tell/seek is all "r" uses
+                mode="r",
                 encoding="utf-8",
                 errors="surrogateescape",
                 tarinfo=_StrictTarInfo,
@@ -149,7 +151,7 @@ class _Applier:
                 tar.members.clear()  # type: ignore[attr-defined]  # undocumented, not in typeshed
                 self.result.entries += 1
                 try:
-                    self._apply(tar, member)
+                    self._apply(tar, stream, member)
                 except tarfile.TarError as e:
                     raise LayerFormatError(f"corrupt tar stream at {member.name!r}: {e}") from e
                 except OSError as e:
@@ -157,12 +159,11 @@ class _Applier:
                     raise
         self._set_dir_times()
         # Read to the end so gzip checks its trailer and a digesting caller sees every byte.
-        while stream.read(_CHUNK):
-            pass
+        stream.drain()
 
     # --- entries -------------------------------------------------------------------------
 
-    def _apply(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def _apply(self, tar: tarfile.TarFile, stream: TarStream, m: tarfile.TarInfo) -> None:
         comps = normalize(m.name, m.name)
         if not comps:
             return  # the root itself: its metadata belongs to the snapshot owner (containerd too)
@@ -186,12 +187,11 @@ class _Applier:
         if m.isdir():
             self._directory(m, pfd, comps)
         elif m.isreg():
-            self._regular(tar, m, pfd, comps)
+            self._regular(tar, stream, m, pfd, comps)
         elif m.issym():
             if not m.linkname:
                 raise LayerFormatError(f"layer entry {m.name!r}: symlink with empty target")
-            self._replace(pfd, comps)
-            os.symlink(m.linkname, base, dir_fd=pfd)
+            self._create(pfd, comps, lambda: os.symlink(m.linkname, base, dir_fd=pfd))
             self._node_metadata(m, pfd, base, is_symlink=True)
         elif m.ischr() or m.isblk() or m.isfifo():
             kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
@@ -212,12 +212,16 @@ class _Applier:
 
     def _directory(self, m: tarfile.TarInfo, pfd: int, comps: tuple[str, ...]) -> None:
         base = comps[-1]
-        st = lstat_at(pfd, base)
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            # A directory over an existing directory keeps it (and its contents).
-            if st is not None:
-                os.unlink(base, dir_fd=pfd)
-            os.mkdir(base, 0o700, dir_fd=pfd)
+        st = None
+        try:
+            os.mkdir(base, 0o700, dir_fd=pfd)  # the common case: nothing there (no lstat)
+        except FileExistsError:
+            st = lstat_at(pfd, base)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                # A directory over an existing directory keeps it (and its contents).
+                if st is not None:
+                    os.unlink(base, dir_fd=pfd)
+                os.mkdir(base, 0o700, dir_fd=pfd)
         fd = os.open(base, O_READ_DIR, dir_fd=pfd)
         try:
             if not self._native:
@@ -254,16 +258,20 @@ class _Applier:
         return bool(self._hiding) and any(comps[:i] in self._hiding
                                           for i in range(1, len(comps)))
 
-    def _regular(
-        self, tar: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, comps: tuple[str, ...]
-    ) -> None:
+    def _regular(self, tar: tarfile.TarFile, stream: TarStream, m: tarfile.TarInfo, pfd: int,
+                 comps: tuple[str, ...]) -> None:
         base = comps[-1]
-        self._replace(pfd, comps)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(base, flags, 0o600, dir_fd=pfd)
+        fd = self._create(pfd, comps, lambda: os.open(base, flags, 0o600, dir_fd=pfd))
         try:
-            content = tar.extractfile(m)
-            if content is not None:
+            if m.sparse is None:
+                stream.seek(m.offset_data)  # (where it already is)
+                if stream.copy_to(fd, m.size) != m.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                self.result.bytes_written += m.size
+            else:  # GNU sparse: tarfile maps the holes (rare: a slow path is fine)
+                content = tar.extractfile(m)
+                assert content is not None  # a regular file
                 while chunk := content.read(_CHUNK):
                     view = memoryview(chunk)
                     while view:
@@ -363,6 +371,20 @@ class _Applier:
 
     # --- helpers -------------------------------------------------------------------------
 
+    def _create(self, pfd: int, comps: tuple[str, ...], make: Callable[[], _T]) -> _T:
+        """make() the entry at comps (in directory pfd), replacing whatever is there.
+
+        make() is tried first: it creates (O_CREAT|O_EXCL, symlink...) and so fails with
+        EEXIST exactly when something is at that name (a symlink included, never followed);
+        when it succeeds, _replace would have found nothing to remove. One lstat fewer for
+        every new entry, the same outcome for every other.
+        """
+        try:
+            return make()
+        except FileExistsError:
+            self._replace(pfd, comps)
+            return make()
+
     def _replace(self, pfd: int, comps: tuple[str, ...]) -> None:
         """Remove whatever exists at comps (in directory pfd), keeping the caches right."""
         if remove_at(pfd, comps[-1]):
@@ -405,7 +427,7 @@ class _Applier:
     def _setxattr(self, m: tarfile.TarInfo, target: int | str, key: str, value: bytes) -> None:
         if key.startswith("trusted.overlay."):
             # overlayfs control attributes (redirect, metacopy, ...) must not come from images.
-            log.warning("layer xattr ignored", entry=m.name, xattr=key)
+            logs.warning("layer xattr ignored", entry=m.name, xattr=key)
             return
         try:
             if isinstance(target, int):
@@ -415,7 +437,7 @@ class _Applier:
         except OSError as e:
             if key.startswith("user.") or e.errno not in _OPTIONAL_XATTR_ERRNOS:
                 raise
-            log.warning("layer xattr not applied", entry=m.name, xattr=key, error=e.strerror)
+            logs.warning("layer xattr not applied", entry=m.name, xattr=key, error=e.strerror)
 
     def _set_dir_times(self) -> None:
         for comps, (atime, mtime) in sorted(self._dir_times.items()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 from .errors import LayerFormatError
@@ -82,13 +83,47 @@ def open_decompressed(stream: Readable, compression: str | None = None) -> Binar
         source = stream
 
     if kind == "gzip":
-        inner: Readable = _GzipFile(fileobj=cast(BinaryIO, source), mode="rb")
+        inner: Readable = _gzip_contents(_GzipFile(fileobj=cast(BinaryIO, source), mode="rb"))
         errors: tuple[type[BaseException], ...] = _GZIP_ERRORS
     elif kind == "zstd":
         inner, errors = _open_zstd(source)
     else:
         inner, errors = source, ()
     return cast(BinaryIO, io.BufferedReader(_Guarded(inner, errors, kind), _BUFFER))
+
+
+def _gzip_contents(gz: gzip.GzipFile) -> Readable:
+    """What reads `gz`'s contents with readinto, inflating into the caller's buffer.
+
+    GzipFile has only read(), a new bytes object per call (a fresh allocation, so page
+    faults, and a copy); its reader, the BufferedReader over the inflater that read() calls
+    (`_buffer` in gzip and in isal alike, with the same checks: CRC, size, trailer), has
+    readinto. `gz` stays referenced: closing it would close that reader.
+    """
+    buffer = getattr(gz, "_buffer", None)
+    if not isinstance(buffer, io.BufferedReader):  # pragma: no cover - another gzip module
+        return gz
+    return _Contents(gz, buffer)
+
+
+class _Contents:
+    """A decompressed stream read through `reader`, while `owner` (whose reader it is) lives."""
+
+    def __init__(self, owner: object, reader: io.BufferedReader) -> None:
+        self._owner = owner
+        self._reader = reader
+
+    def read(self, size: int = -1, /) -> bytes:
+        return self._reader.read(size)
+
+    def readinto(self, b: Buffer, /) -> int:
+        return self._reader.readinto(b)
+
+
+def _readinto_of(stream: Readable) -> Callable[[Buffer], int | None] | None:
+    """`stream`'s readinto, if it has one (Readable promises only read)."""
+    readinto: Callable[[Buffer], int | None] | None = getattr(stream, "readinto", None)
+    return readinto
 
 
 def _read_upto(stream: Readable, n: int) -> bytes:
@@ -141,6 +176,12 @@ class _Prefixed(_ReadRaw):
         super().__init__()
         self._prefix = prefix
         self._source = source
+        self._source_readinto = _readinto_of(source)
+
+    def readinto(self, b: Buffer) -> int:
+        if self._prefix or self._source_readinto is None:
+            return super().readinto(b)
+        return self._source_readinto(b) or 0  # straight into the decompressor's buffer
 
     def read(self, size: int | None = -1) -> bytes:
         if self._prefix:
@@ -164,6 +205,7 @@ class _Guarded(_ReadRaw):
     ) -> None:
         super().__init__()
         self._inner = inner
+        self._inner_readinto = _readinto_of(inner)
         self._errors = errors
         self._kind = kind
 
@@ -173,6 +215,14 @@ class _Guarded(_ReadRaw):
         except self._errors as e:
             raise LayerFormatError(f"corrupt {self._kind} stream: {e}") from e
         return bytes(data or b"")
+
+    def readinto(self, b: Buffer) -> int:
+        if self._inner_readinto is None:
+            return super().readinto(b)
+        try:
+            return self._inner_readinto(b) or 0  # no copy, no allocation
+        except self._errors as e:
+            raise LayerFormatError(f"corrupt {self._kind} stream: {e}") from e
 
 
 class _ZstdTracked(_ReadRaw):

@@ -20,12 +20,9 @@ import os
 import stat
 from collections.abc import Collection, Mapping
 
-import structlog
-
+from . import logs
 from .errors import LayerFormatError, LowerLayerNeeded, UnsafeLayerError
 from .safe_fs import O_READ_DIR, DirCache, lstat_at
-
-log = structlog.get_logger("shoal.snapshotter.unpack")
 
 _OPTIONAL_XATTR_ERRNOS = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP)
 
@@ -103,8 +100,8 @@ def _copy_up(uparent: int, lparent: int, name: str, *, implied: bool, entry: str
                     # The same rule as for a layer's own xattrs (apply._setxattr).
                     if key.startswith("user.") or e.errno not in _OPTIONAL_XATTR_ERRNOS:
                         raise
-                    log.warning("lower xattr not copied up", entry=entry, xattr=key,
-                                error=e.strerror)
+                    logs.warning("lower xattr not copied up", entry=entry, xattr=key,
+                                 error=e.strerror)
             return changed
         finally:
             os.close(lfd)
