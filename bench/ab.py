@@ -396,7 +396,8 @@ def report(args: argparse.Namespace, bench: AB, command: str, meter: h.LoadMeter
            "One run, both runtimes up side by side, one plain CRI client (bench/pods.py's), "
            "measurements interleaved (order flipped every pod, round and repetition). Shoal: "
            "`shoal up` with default settings (launcher, preloaded zygote, embedded "
-           "nats-server, all six services forked from the zygote) on its own roots; only "
+           "nats-server, the services forked from the zygote; the docker gateway only once "
+           "a client connects to its socket, which none does here) on its own roots; only "
            "its ports, pod subnet and bridge and the pause image (the registry's catatonit "
            "`-P` image, also containerd's) set. containerd 1.6 (Debian) with its own config, "
            "root, state and socket, CRI plugin with the same local registry as a plain-HTTP "
@@ -418,8 +419,10 @@ def report(args: argparse.Namespace, bench: AB, command: str, meter: h.LoadMeter
            "of `/bin/busybox sleep 3600` in it (one unmeasured pull of a small new image "
            "first). Ratio = Shoal / containerd; goals from issue #14.", "",
            table, "",
-           f"Spread (p95 nearest-rank). Shoal's PSS includes the docker gateway "
-           f"({docker_gw:.1f} MiB idle), which the issue's \"five services\" did not have.",
+           "Spread (p95 nearest-rank)." + (
+               f" Shoal's PSS includes the docker gateway ({docker_gw:.1f} MiB idle), which "
+               "the issue's \"five services\" did not have." if docker_gw else
+               " Shoal's docker gateway did not run (no Docker client connected)."),
            "",
            spread_table(table_rows), "",
            "PSS by process, MiB ((n) = how many processes):", "",
