@@ -44,10 +44,7 @@ async def scratch_netns() -> AsyncIterator[tuple[str, str]]:
 
 async def test_add_gives_the_pod_an_ip_reachable_from_the_host_and_del_cleans_up(
         conf_dir: Path) -> None:
-    bridge = f"sht{uuid.uuid4().hex[:6]}"
-    (conf_dir / "10-test.conflist").write_text(json.dumps(
-        default_conflist("10.244.213.0/24", bridge=bridge)))
-    cni = Cni(conf_dir, CNI_BIN)
+    cni, bridge = default_network(conf_dir, "10.244.213.0/24")
     name = f"shoal-test-{uuid.uuid4().hex[:8]}"
     path = await netns.create(name)
     server = None
@@ -122,6 +119,13 @@ def masquerade_rules(subnet: str, tool: str = "iptables") -> list[str]:
     return [r for r in nat_rules(tool) if chain in r]
 
 
+def default_network(conf_dir: Path, subnet: str) -> tuple[Cni, str]:
+    """Shoal's default conflist on `subnet` and a bridge of its own: (its Cni, the bridge)."""
+    bridge = f"sht{uuid.uuid4().hex[:6]}"
+    (conf_dir / "10-test.conflist").write_text(json.dumps(default_conflist(subnet, bridge)))
+    return Cni(conf_dir, CNI_BIN), bridge
+
+
 def expected_rules(subnet: str, multicast: str) -> list[str]:
     chain = masquerade.chain(ipaddress.ip_network(subnet))
     return [f"-N {chain}",
@@ -135,9 +139,7 @@ async def test_the_default_network_is_masqueraded_by_one_chain_not_one_per_pod(
         conf_dir: Path) -> None:
     text = "10.244.215.0/24"
     subnet = ipaddress.ip_network(text)
-    bridge = f"sht{uuid.uuid4().hex[:6]}"
-    (conf_dir / "10-test.conflist").write_text(json.dumps(default_conflist(text, bridge)))
-    cni = Cni(conf_dir, CNI_BIN)
+    cni, bridge = default_network(conf_dir, text)
     net = cni.network()
     assert net.masquerade and net.plugins[0]["ipMasq"] is False
     name = f"shoal-test-{uuid.uuid4().hex[:8]}"
@@ -238,9 +240,7 @@ async def test_a_pod_leaves_as_the_host_only_while_its_network_is_masqueraded(
         conf_dir: Path) -> None:
     text = "10.244.216.0/24"
     subnet = ipaddress.ip_network(text)
-    bridge = f"sht{uuid.uuid4().hex[:6]}"
-    (conf_dir / "10-test.conflist").write_text(json.dumps(default_conflist(text, bridge)))
-    cni = Cni(conf_dir, CNI_BIN)
+    cni, bridge = default_network(conf_dir, text)
     forward = Path("/proc/sys/net/ipv4/ip_forward")
     was = forward.read_text().strip()
     pod = f"shoal-test-{uuid.uuid4().hex[:8]}"

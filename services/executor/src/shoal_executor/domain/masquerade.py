@@ -18,10 +18,10 @@ on. ensure() and remove() are idempotent.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
 
+from shoal_common.commands import run_command
 from shoal_common.errors import Internal
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,20 +43,12 @@ def _jump(subnet: Net) -> list[str]:
 async def _run(argv: list[str], stdin: bytes | None = None) -> tuple[int, str]:
     """(exit code, stderr) of a command run without a shell."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else
-            asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE)
+        done = await run_command(argv, stdin=stdin, timeout=TIMEOUT)
     except OSError as exc:
         raise Internal(f"{argv[0]}: {exc}") from None
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            _, err = await proc.communicate(stdin)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise Internal(f"{' '.join(argv)} timed out") from None
-    return proc.returncode or 0, err.decode(errors="replace").strip()
+    return done.returncode, done.stderr.decode(errors="replace").strip()
 
 
 def _tool(subnet: Net) -> str:

@@ -3,12 +3,12 @@ kill, delete, state and update. `create` and `exec` go through conmon (conmon.py
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from shoal_common.commands import run_command
 from shoal_common.errors import FailedPrecondition, Internal
 
 from shoal_supervisor.domain.metrics import timed
@@ -52,22 +52,10 @@ async def run(argv: list[str], op: str, *, stdin: bytes | None = None,
     """Run a short-lived command and collect its output; timed in the runtime histogram."""
     with timed(op):
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else
-                asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+            done = await run_command(argv, stdin=stdin, timeout=timeout)
         except OSError as exc:
             raise FailedPrecondition(f"cannot run {argv[0]}: {exc.strerror}") from None
-        try:
-            async with asyncio.timeout(timeout):
-                out, err = await proc.communicate(stdin)
-        except BaseException:
-            # Timed out or cancelled: do not leave a runtime process behind.
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            raise
-    return Result(proc.returncode or 0, out, err)
+    return Result(done.returncode, done.stdout, done.stderr)
 
 
 class OciRuntime:
