@@ -99,6 +99,8 @@ class Shoal:
 async def shoal(services: ServiceSet, images: dict[str, str],
                 tmp_path: Path) -> AsyncIterator[Shoal]:
     n = next(_subnets)
+    # The services fixture's stop_all deletes them, also when a check below fails.
+    services.pod_subnet, services.bridge = f"10.{n}.0.0/24", f"shoalb{n}"
     # Tests read the subnet and bridge from the last entries: keep them last.
     extra = ["--set", 'services.puller.registries."private.example".password="s3cret-pw"',
              "--set", f'cri.sandbox_image="{images["pause"]}"',
@@ -127,7 +129,6 @@ async def shoal(services: ServiceSet, images: dict[str, str],
     for made in api.ids:
         assert not Path(f"/sys/fs/cgroup/memory/shoal/{made}").exists()
         assert not Path(f"/var/run/netns/shoal-{made[:32]}").exists()
-    subprocess.run(["ip", "link", "delete", f"shoalb{n}"], capture_output=True)
 
 
 async def test_localhost_in_a_pod_and_pod_ip_between_pods(shoal: Shoal,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from shoal_common.catalog import SERVICES
 from shoal_common.fs import Under
+from shoal_executor.domain import masquerade
 
 SHOAL = str(Path(sys.executable).parent / "shoal")  # the CLI installed beside this Python
 
@@ -112,6 +115,9 @@ class ServiceSet:
     procs: list[ServiceProcess] = field(default_factory=list)
     subnet_prefix: str = ""  # of the pod network start_shoal gave this node, e.g. "10.41."
     extra: list[str] = field(default_factory=list)  # the flags start_shoal gave each service
+    # The node's own pod network (start_shoal's), removed by stop_all: see release_network.
+    pod_subnet: str = ""
+    bridge: str = ""
 
     def start(self, service: str, replica: str | None = None,
               extra: Sequence[str] = (), env: dict[str, str] | None = None) -> ServiceProcess:
@@ -159,9 +165,45 @@ class ServiceSet:
             except subprocess.TimeoutExpired:
                 sp.proc.kill()
                 sp.proc.wait()
+        release_network(self.bridge, self.pod_subnet)
 
     def __iter__(self) -> Iterator[ServiceProcess]:
         return iter(self.procs)
+
+
+def release_network(bridge: str, pod_subnet: str) -> None:
+    """What a node's pod network leaves on the host once its services are gone: the bridge
+    (the CNI bridge plugin makes it at the first pod's ADD and no DEL deletes it) and the
+    executor's masquerade chain (left by an executor that did not stop cleanly, or stopped
+    with pods on it). Only these names: other nodes may be running beside it."""
+    if bridge:
+        delete_link(bridge)
+    if pod_subnet:
+        delete_masquerade(pod_subnet)
+
+
+def delete_link(name: str) -> None:
+    """`ip link delete`; a link that is already gone is no error."""
+    done = subprocess.run(["ip", "link", "delete", name], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0 and "Cannot find device" not in done.stderr:
+        raise RuntimeError(f"ip link delete {name}: {done.stderr.strip()}")
+
+
+def delete_masquerade(subnet: str) -> None:
+    """The executor's nat chain for `subnet` (IPv4) and every POSTROUTING jump to it, as
+    domain/masquerade.remove() does; none there is no error."""
+    name = masquerade.chain(ipaddress.ip_network(subnet))
+    nat = ["iptables", "-w", "-t", "nat"]
+    rules = subprocess.run([*nat, "-S", "POSTROUTING"], capture_output=True, text=True,
+                           check=True).stdout
+    for rule in rules.splitlines():
+        words = shlex.split(rule)  # -A POSTROUTING ... -j NAME; the comment is quoted
+        if words[-2:] == ["-j", name]:
+            subprocess.run([*nat, "-D", *words[1:]], capture_output=True, check=True)
+    if subprocess.run([*nat, "-S", name], capture_output=True, check=False).returncode == 0:
+        subprocess.run([*nat, "-F", name], capture_output=True, check=True)
+        subprocess.run([*nat, "-X", name], capture_output=True, check=True)
 
 
 def pids_mentioning(text: str) -> list[int]:

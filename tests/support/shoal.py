@@ -54,12 +54,15 @@ def images_fixture(registry: Registry) -> dict[str, str]:
 async def start_shoal(services: ServiceSet, images: dict[str, str],
                       env: dict[str, dict[str, str]] | None = None
                       ) -> dict[str, ServiceProcess]:
-    """`env`: more environment per service (e.g. {"executor": {"SHOAL_FAULTS": ...}})."""
+    """`env`: more environment per service (e.g. {"executor": {"SHOAL_FAULTS": ...}}).
+    The node's bridge and masquerade chain go when `services` is stopped (stop_all)."""
     n = next(_subnets)
     services.subnet_prefix = f"10.{n}."
+    # Set before anything starts: stop_all deletes them even if the start fails.
+    services.pod_subnet, services.bridge = f"10.{n}.0.0/24", f"shoalt{n}"
     common = ["--set", f'cri.sandbox_image="{images["pause"]}"',
-              "--set", f'services.executor.pod_subnet="10.{n}.0.0/24"',
-              "--set", f'services.executor.cni_bridge="shoalt{n}"']
+              "--set", f'services.executor.pod_subnet="{services.pod_subnet}"',
+              "--set", f'services.executor.cni_bridge="{services.bridge}"']
     services.extra = common
     procs = {name: services.start(name, extra=common, env=(env or {}).get(name)) for name in (
         "puller", "snapshotter", "executor", "supervisor", "cri-gateway")}
