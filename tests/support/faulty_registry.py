@@ -33,6 +33,10 @@ _PROXIED_HEADERS = ("Content-Type", "Docker-Content-Digest", "Content-Range", "L
 _FORWARDED_HEADERS = ("Accept", "Range", "Content-Type", "Content-Range")
 
 
+# After this many body bytes, await the callable's result before sending the rest.
+Stall = tuple[int, Callable[[], Awaitable[object]]]
+
+
 @dataclass(frozen=True)
 class Seen:
     method: str
@@ -164,7 +168,14 @@ class FaultyRegistry(_Server):
     def stall(self, pattern: str, after: int, seconds: float, *, times: int | None = 1) -> None:
         """Proxy, but go silent for `seconds` after `after` body bytes."""
         async def action(request: web.Request, path: str) -> web.StreamResponse:
-            return await self.proxy(request, path, stall=(after, seconds))
+            return await self.proxy(request, path, stall=(after, lambda: asyncio.sleep(seconds)))
+        self.add(pattern, action, times)
+
+    def hold(self, pattern: str, after: int, until: asyncio.Event, *,
+             times: int | None = 1) -> None:
+        """Proxy, but go silent after `after` body bytes until the test sets `until`."""
+        async def action(request: web.Request, path: str) -> web.StreamResponse:
+            return await self.proxy(request, path, stall=(after, until.wait))
         self.add(pattern, action, times)
 
     def trickle(self, pattern: str, bytes_per_second: int, *,
@@ -214,7 +225,7 @@ class FaultyRegistry(_Server):
         return await self.proxy(request, path)
 
     async def proxy(self, request: web.Request, path: str, *, drop_range: bool = False,
-                    cut_after: int | None = None, stall: tuple[int, float] | None = None,
+                    cut_after: int | None = None, stall: Stall | None = None,
                     transform: Callable[[bytes], bytes] | None = None,
                     rate: int | None = None) -> web.StreamResponse:
         if self.upstream is None:
@@ -257,7 +268,7 @@ class FaultyRegistry(_Server):
     @staticmethod
     async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
                      resp: web.StreamResponse, cut_after: int | None,
-                     stall: tuple[int, float] | None, rate: int | None = None) -> None:
+                     stall: Stall | None, rate: int | None = None) -> None:
         sent = 0
         async for chunk in upstream.content.iter_chunked(16 << 10 if rate is None
                                                          else max(1, rate // 10)):
@@ -272,7 +283,7 @@ class FaultyRegistry(_Server):
                 return
             if stall is not None and sent + len(chunk) >= stall[0]:
                 await resp.write(chunk[: stall[0] - sent])
-                await asyncio.sleep(stall[1])
+                await stall[1]()
                 chunk = chunk[stall[0] - sent:]
                 sent = stall[0]
                 stall = None

@@ -48,6 +48,7 @@ class Delivery:
     data: bytes
     seq: int  # stream sequence: orders events across redeliveries
     attempt: int  # 1 for the first delivery
+    stored: float = 0.0  # when the stream stored it (Unix time, the server's clock)
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
@@ -159,7 +160,8 @@ class EventConsumer:
         meta = msg.metadata
         delivery = Delivery(topic=hdrs.get(headers.TOPIC, topic),
                             namespace=hdrs.get(headers.NAMESPACE, ns_token), data=msg.data,
-                            seq=meta.sequence.stream, attempt=meta.num_delivered)
+                            seq=meta.sequence.stream, attempt=meta.num_delivered,
+                            stored=meta.timestamp.timestamp())
         if not valid_namespace(delivery.namespace):  # handlers key names by it
             log.error("event with an invalid namespace; dropped", topic=delivery.topic,
                       seq=delivery.seq)

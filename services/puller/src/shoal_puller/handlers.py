@@ -52,6 +52,10 @@ async def usage(ctx: Ctx, req: m.ContentUsageRequest) -> m.ContentUsageReply:
 @router.command("content.info")
 async def content_info(ctx: Ctx, req: m.ContentInfoRequest) -> m.ContentInfo:
     content = ctx.app.catalog.content
+    if req.partial and not content.exists(req.digest):
+        # Being downloaded (or about to be): where its ingest file is, and what it holds.
+        return m.ContentInfo(digest=req.digest, size=content.ingest_size(req.digest),
+                             path=str(content.ingest_path(req.digest)), committed=False)
     return m.ContentInfo(digest=req.digest, size=content.size(req.digest),
                          path=str(content.blob_path(req.digest)))
 

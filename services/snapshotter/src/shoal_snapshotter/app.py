@@ -26,7 +26,12 @@ from shoal_snapshotter.domain.images import Images
 from shoal_snapshotter.domain.layers import Unpacker
 from shoal_snapshotter.domain.locks import ChainLocks
 from shoal_snapshotter.domain.snapshots import Snapshots
-from shoal_snapshotter.events import TOPICS, image_event_handler, is_permanent
+from shoal_snapshotter.events import (
+    FETCHING_TOPICS,
+    TOPICS,
+    image_event_handler,
+    is_permanent,
+)
 from shoal_snapshotter.store import metadata as md
 
 log = structlog.get_logger("shoal.snapshotter")
@@ -100,7 +105,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SnapshotterApp]:
         snapshots = Snapshots(db, driver, root, publish)
         locks = ChainLocks(root / "locks")
         unpacker = Unpacker(snapshots, locks, workers=settings.unpack_workers)
-        images = Images(snapshots, unpacker)
+        images = Images(snapshots, unpacker, fetching_grace=settings.fetching_grace)
+        await images.forget_fetching()  # before the clean-up collects unreferenced layers
         await snapshots.cleanup(locks, DEFAULT_NAMESPACE)
         collector.register()
         log.info("snapshotter ready", driver=driver.name, root=str(root),
@@ -108,7 +114,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SnapshotterApp]:
         app = SnapshotterApp(snapshots, unpacker, images, FsUsage(root), set())
         if settings.consume_events:
             consumer = EventConsumer(
-                ctx.bus, durable=f"snapshotter-{ctx.bus.node}", topics=TOPICS,
+                ctx.bus, durable=f"snapshotter-{ctx.bus.node}",
+                topics=FETCHING_TOPICS if settings.unpack_while_fetching else TOPICS,
                 handler=image_event_handler(images, ctx.bus), permanent=is_permanent,
                 concurrency=settings.event_concurrency, ack_wait=settings.events_ack_wait,
                 max_deliver=settings.events_max_deliver)
@@ -118,6 +125,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SnapshotterApp]:
         timeout = ctx.config.services.snapshotter.shutdown_timeout
         if consumer is not None:
             await consumer.stop(timeout)
+        if app is not None:
+            await app.images.close()
         if app is not None and app.background:
             _, pending = await asyncio.wait(set(app.background), timeout=timeout)
             for task in pending:

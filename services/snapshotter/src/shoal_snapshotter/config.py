@@ -17,6 +17,12 @@ class SnapshotterConfig(ServiceConfig):
     events_max_deliver: int = 6
     event_concurrency: int = 4
     unpack_workers: int = 4
+    # With consume_events: apply a pull's layers while they download (images.fetching),
+    # reading the puller's ingest files on this machine as they grow.
+    unpack_while_fetching: bool = True
+    # How long layers unpacked that way are kept for the image to be named (images.create);
+    # the layers of a pull that failed go after it.
+    fetching_grace: float = 120.0
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -24,6 +30,6 @@ class SnapshotterConfig(ServiceConfig):
             raise ConfigError(f"config key {key}.driver: {self.driver!r} is not one of "
                               f"{', '.join(DRIVERS)}")
         for name in ("events_ack_wait", "events_max_deliver", "event_concurrency",
-                     "unpack_workers"):
+                     "unpack_workers", "fetching_grace"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config key {key}.{name}: must be > 0")

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import time
+
 import structlog
 from shoal_common import codec
 from shoal_common.bus import Bus
 from shoal_common.consumer import Delivery, Handler, permanent_by_default
-from shoal_common.messages.images import ImageCreate, ImageDelete, ImageUpdate
+from shoal_common.messages.images import ImageCreate, ImageDelete, ImageFetching, ImageUpdate
 
-from shoal_snapshotter.domain.content import BusContent
+from shoal_snapshotter.domain import metrics
+from shoal_snapshotter.domain.content import BusContent, FetchingContent
 from shoal_snapshotter.domain.images import Images
 
 log = structlog.get_logger("shoal.snapshotter.events")
 
 
 TOPICS = (ImageCreate.TOPIC, ImageUpdate.TOPIC, ImageDelete.TOPIC)
+# With unpack_while_fetching: a pull's layers announced before they download.
+FETCHING_TOPICS = (*TOPICS, ImageFetching.TOPIC)
+# An announcement older than this (a redelivery, a consumer that was away) is of a pull
+# that has long finished or failed: the image's own events do the rest.
+FETCHING_MAX_AGE = 30.0
 
 
 # A bad or unsafe image, a blob the content store no longer has, a conflicting snapshot:
@@ -33,6 +41,13 @@ def image_event_handler(images: Images, bus: Bus) -> Handler:
             if reply is not None:
                 log.info("image unpacked", image=event.name, chain_id=reply.chain_id,
                          unpacked=reply.unpacked)
+        elif d.topic == ImageFetching.TOPIC:
+            fetching = codec.decode(d.data, ImageFetching)
+            # Started, not awaited: the event is settled at once (it is only a hint).
+            if d.attempt > 1 or time.time() - d.stored > FETCHING_MAX_AGE or \
+                    not images.start_fetching(d.namespace, fetching,
+                                              FetchingContent(bus, d.namespace)):
+                metrics.FETCHING_UNPACKS.labels("skipped").inc()
         elif d.topic == ImageDelete.TOPIC:
             delete = codec.decode(d.data, ImageDelete)
             removed = await images.delete(d.namespace, delete.name, seq=d.seq)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from shoal_common.messages.base import Event, Message
-from shoal_common.messages.fields import ImageRef
+from shoal_common.messages.fields import ImageRef, Printable
 
 
 class RegistryAuth(Message):
@@ -99,6 +99,18 @@ class ImageCreate(Event):
     layers: list[LayerInfo]
 
 
+class ImageFetching(Event):
+    """A pull is about to download these layers (the puller publishes it without waiting for
+    the stream): the snapshotter may apply each while its blob streams in. Only a hint, and
+    from a peer: the snapshotter checks each blob's digest itself and commits nothing it did
+    not verify; `images.create` still follows a pull that succeeds."""
+
+    TOPIC = "images.fetching"
+    pull_id: Printable
+    ref: ImageRef
+    layers: list[LayerInfo]
+
+
 class ImageUpdate(Event):
     TOPIC = "images.update"
     name: str
@@ -144,6 +156,8 @@ class PullProgress(TransferProgress, Event, kw_only=True):
 
 class ContentInfoRequest(Message):
     digest: str
+    # Also answer for a blob that is still being downloaded (not found only if neither).
+    partial: bool = False
 
 
 class ContentInfo(Message):
@@ -153,6 +167,10 @@ class ContentInfo(Message):
     # open it (the snapshotter then reads the file instead of `content.read` chunks); ""
     # when unknown. Opening it is optional: the bus read is always there.
     path: str = ""
+    # False: not committed yet (a `partial` request); `path` is then the ingest file the
+    # download writes (which may not exist yet), `size` the bytes it holds so far, and the
+    # blob is not readable over the bus.
+    committed: bool = True
 
 
 class ContentReadRequest(Message):

@@ -18,6 +18,7 @@ import structlog
 from shoal_common.errors import Invalid, ShoalError, Unavailable
 from shoal_common.locks import SingleFlight
 from shoal_common.messages.images import (
+    ImageFetching,
     ImageInfo,
     LayerInfo,
     LayerProgress,
@@ -154,18 +155,20 @@ class Puller:
                           f"{len(layer_descs)} layers")
 
         layers.extend(_Layer(d["digest"], int(d["size"]), d["mediaType"]) for d in layer_descs)
+        chains = chain_ids(diff_ids)
+        infos = [LayerInfo(digest=layer.digest, diff_id=diff_id, chain_id=chain,
+                           size=layer.size, media_type=layer.media_type)
+                 for layer, diff_id, chain in zip(layers, diff_ids, chains, strict=True)]
+        await self._announce_fetching(namespace, req, str(ref), infos)
         fetch_started = time.perf_counter()
         await self._fetch_layers(namespace, req, ref, creds, layers)
         metrics.FETCH_SECONDS.observe(time.perf_counter() - fetch_started)
 
-        chains = chain_ids(diff_ids)
         record = ManifestRecord(
             digest=manifest_digest, media_type=manifest_type,
             config_digest=config_desc["digest"],
             size=len(manifest_body) + len(config_bytes) + sum(layer.size for layer in layers),
-            layers=[LayerInfo(digest=layer.digest, diff_id=diff_id, chain_id=chain,
-                              size=layer.size, media_type=layer.media_type)
-                    for layer, diff_id, chain in zip(layers, diff_ids, chains, strict=True)])
+            layers=infos)
         names = [f"{ref.repository}@{top.digest}"]
         if ref.tag:
             names.insert(0, f"{ref.repository}:{ref.tag}")
@@ -175,6 +178,18 @@ class Puller:
         log.info("pulled", ref=str(ref), digest=top.digest, image_id=record.config_digest,
                  bytes=record.size)
         return await self.images.info(namespace, record.config_digest)
+
+    async def _announce_fetching(self, namespace: str, req: PullRequest, ref: str,
+                                 layers: list[LayerInfo]) -> None:
+        """Tell the snapshotter which layers are about to stream in, so it can apply them
+        while they do (a hint: lost, it only costs the overlap)."""
+        if all(self.content.exists(layer.digest) for layer in layers):
+            return
+        try:
+            await self.publish(ImageFetching(pull_id=req.pull_id, ref=ref, layers=layers),
+                               namespace, False)
+        except ShoalError as exc:
+            log.warning("could not announce the layers to fetch", ref=ref, error=exc.message)
 
     async def _fetch_small(self, ref: Reference, creds: Credentials | None,
                            desc: dict[str, Any]) -> bytes:

@@ -76,7 +76,7 @@ class Writer:
 
     @property
     def data_path(self) -> Path:
-        return self.store.ingest_dir / f"{hex_of(self.digest)}.data"
+        return self.store.ingest_path(self.digest)
 
     def _open(self) -> None:
         fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -156,6 +156,9 @@ class ContentStore:
     def blob_path(self, digest: str) -> Path:
         return self.blobs_dir / hex_of(digest)
 
+    def ingest_path(self, digest: str) -> Path:
+        return self.ingest_dir / f"{hex_of(digest)}.data"
+
     def exists(self, digest: str) -> bool:
         return self.blob_path(digest).exists()
 
@@ -188,7 +191,7 @@ class ContentStore:
     def ingest_size(self, digest: str) -> int:
         """Bytes of a blob being written right now (by anyone on the node), for progress."""
         try:
-            return (self.ingest_dir / f"{hex_of(digest)}.data").stat().st_size
+            return self.ingest_path(digest).stat().st_size
         except FileNotFoundError:
             return self.size(digest) if self.exists(digest) else 0
 
@@ -256,7 +259,7 @@ class ContentStore:
                 raise DigestMismatch(f"{digest}: said to be {size} bytes, but the stored "
                                      f"blob of that digest is {have}")
             return size, 0
-        path = self.ingest_dir / f"{hex_of(digest)}.data"
+        path = self.ingest_path(digest)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             held = os.fstat(fd).st_size
@@ -311,7 +314,7 @@ class ContentStore:
     def delete_locked(self, digest: str) -> None:
         """Delete a blob and any partial ingest; the caller holds the blob's lock."""
         self.blob_path(digest).unlink(missing_ok=True)
-        (self.ingest_dir / f"{hex_of(digest)}.data").unlink(missing_ok=True)
+        self.ingest_path(digest).unlink(missing_ok=True)
         _fsync_dir(self.blobs_dir)
 
     def list_digests(self) -> list[str]:

@@ -5,6 +5,10 @@ bus on the event loop. `Prefetcher` keeps a few `content.read` requests in fligh
 the reader (so the applier rarely waits a round trip), and `ThreadReader` is the file-like
 object the thread reads, each refill handed to the loop with run_coroutine_threadsafe.
 Memory stays bounded by `ahead` chunks.
+
+`Ingest` is the third way in, for an unpack that follows a pull (`FetchingContent`): the
+puller's ingest file of a blob still downloading, read as it grows (unpack.follow), with a
+watch that ends the read when the download stops.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import fcntl
 import io
 import os
 import stat
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from shoal_common.bus import Bus
 from shoal_common.clients import ImagesClient
-from shoal_common.errors import Internal
+from shoal_common.errors import Internal, Unavailable
 from shoal_common.messages.images import (
     MAX_CONTENT_READ,
     ContentInfo,
@@ -48,6 +53,14 @@ class BusContent:
         reply = await self.images.content_read(ContentReadRequest(digest=digest, offset=offset,
                                                                   size=size))
         return reply.data
+
+
+class FetchingContent(BusContent):
+    """BusContent that also describes blobs still being downloaded (`committed` False): the
+    source of an unpack that follows a pull (see Ingest)."""
+
+    async def info(self, digest: str) -> ContentInfo:
+        return await self.images.content_info(ContentInfoRequest(digest=digest, partial=True))
 
 
 class Prefetcher:
@@ -188,3 +201,104 @@ class LocalReader(io.RawIOBase):
         if self._aborted:
             raise Internal("layer read aborted")
         return self._file.readinto(b) or 0
+
+
+# Following a download: how long a layer may wait for its download to start (the pull
+# fetches a bounded number at a time, largest first), and for new bytes while the puller's
+# writer is alive; without a writer, silence ends it at once.
+INGEST_APPEAR = 120.0
+INGEST_SILENCE = 60.0
+_WATCH_EVERY = 0.25
+
+
+def _ingest_names(info: ContentInfo) -> tuple[PurePosixPath, PurePosixPath, PurePosixPath]:
+    """(ingest data, its writer's lock, the committed blob) for a partial ContentInfo, whose
+    path must be a content store's `.../ingest/<hex>.data` (as open_local checks blobs)."""
+    algorithm, _, hex_digest = info.digest.partition(":")
+    path = PurePosixPath(info.path)
+    if algorithm != "sha256" or not info.path or not path.is_absolute() or \
+            ".." in path.parts or path.parts[-2:] != ("ingest", f"{hex_digest}.data"):
+        raise Internal(f"content {info.digest}: the ingest path {info.path!r} is not a "
+                       "content store's")
+    store = path.parent.parent
+    return path, path.parent / f"{hex_digest}.lock", store / "blobs" / algorithm / hex_digest
+
+
+class Ingest:
+    """A layer blob being downloaded on this machine, open for reading as it grows (or the
+    committed blob, if the download finished first): `fd`, and `watch` for its writer."""
+
+    def __init__(self, fd: int, lock: PurePosixPath, size: int, digest: str) -> None:
+        self.fd = fd
+        self.lock = lock
+        self.size = size
+        self.digest = digest
+
+    @classmethod
+    async def open(cls, info: ContentInfo) -> Ingest:
+        """Wait for the download's file to appear (or the blob to be committed)."""
+        data, lock, blob = _ingest_names(info)
+        if not os.path.isdir(data.parent):
+            # The puller is on another machine (or mount namespace): nothing to follow.
+            raise Unavailable(f"content {info.digest}: the puller's ingest directory is not "
+                              "on this machine")
+        deadline = asyncio.get_running_loop().time() + INGEST_APPEAR
+        while True:
+            for path in (data, blob):
+                fd = _open_regular(str(path))
+                if fd is not None:
+                    return cls(fd, lock, info.size, info.digest)
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable(f"content {info.digest}: its download did not start in "
+                                  f"{INGEST_APPEAR:.0f} s")
+            await asyncio.sleep(0.02)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def _writer_alive(self) -> bool:
+        try:
+            fd = os.open(self.lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # the puller's writer holds it
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # also drops our shared lock at once
+        return False
+
+    async def watch(self) -> None:
+        """Return once every byte is there; raise Unavailable when the download stopped: no
+        writer and no new byte for a while, or no new byte for INGEST_SILENCE."""
+        loop = asyncio.get_running_loop()
+        held, since = -1, loop.time()
+        while True:
+            size = os.fstat(self.fd).st_size
+            if size >= self.size:
+                return
+            now = loop.time()
+            if size != held:
+                held, since = size, now
+            elif now - since > INGEST_SILENCE or (
+                    now - since > 1.0 and not await asyncio.to_thread(self._writer_alive)):
+                raise Unavailable(f"content {self.digest}: its download stopped at byte "
+                                  f"{size} of {self.size}")
+            await asyncio.sleep(_WATCH_EVERY)
+
+
+def _open_regular(path: str) -> int | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None

@@ -33,11 +33,13 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 from shoal_common import faults
-from shoal_common.errors import FailedPrecondition, Internal, Invalid, ShoalError
+from shoal_common.errors import FailedPrecondition, Internal, Invalid, ShoalError, Unavailable
 from shoal_common.messages.images import ContentInfo, LayerInfo
 from shoal_common.messages.snapshots import SnapshotCommitted, UnpackReply
 from shoal_common.oci import chain_ids
@@ -45,6 +47,7 @@ from shoal_common.oci import chain_ids
 from shoal_snapshotter.domain import metrics
 from shoal_snapshotter.domain.content import (
     ContentSource,
+    Ingest,
     LocalReader,
     Prefetcher,
     ThreadReader,
@@ -63,9 +66,11 @@ from shoal_snapshotter.unpack import (
     Whiteouts,
     merge_lower_dirs,
 )
-from shoal_snapshotter.unpack.worker import apply_and_digest
+from shoal_snapshotter.unpack.follow import ContentChanged, Following
+from shoal_snapshotter.unpack.worker import apply_and_digest, apply_following
 
 log = structlog.get_logger("shoal.snapshotter.unpack")
+T = TypeVar("T")
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 # Layers from this size (compressed) are applied in a child process, smaller ones in a
@@ -301,6 +306,10 @@ class Unpacker:
     @staticmethod
     async def _info(image: str, layer: LayerInfo, source: ContentSource) -> ContentInfo:
         info = await source.info(layer.digest)
+        if not info.committed:
+            # Still downloading: followed up to the manifest's size, its digest checked.
+            return ContentInfo(digest=layer.digest, size=layer.size, path=info.path,
+                               committed=False)
         if info.size != layer.size:
             raise Invalid(f"image {image}: layer {layer.digest} is {info.size} bytes in the "
                           f"content store, the manifest says {layer.size}")
@@ -308,6 +317,8 @@ class Unpacker:
 
     async def _apply(self, root: Path, source: ContentSource, info: ContentInfo,
                      whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
+        if not info.committed:
+            return await self._apply_following(root, info, whiteouts)
         async with self._slots:
             await faults.point("snapshotter.unpack.apply")  # tests: a slow layer
             in_process = info.size >= self.process_min_bytes
@@ -332,10 +343,33 @@ class Unpacker:
             finally:
                 fetch.close()
 
-    async def _apply_in_thread(self, root: Path, reader: ThreadReader | LocalReader,
+    async def _apply_following(self, root: Path, info: ContentInfo,
                                whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
+        """Apply a blob while the puller downloads it, reading its ingest file as it grows;
+        the download is watched, and a stopped one stops the apply."""
+        ingest = await Ingest.open(info)  # waits for the download, holding no slot yet
+        try:
+            async with self._slots:
+                await faults.point("snapshotter.unpack.apply")  # tests: a slow layer
+                metrics.CONTENT_READS.labels("download").inc()
+                if info.size >= self.process_min_bytes:
+                    applying = self._apply_in_process(root, whiteouts, stdin=ingest.fd,
+                                                      following=(info.size, info.digest))
+                else:
+                    reader = Following(ingest.fd, info.size, info.digest)
+                    applying = self._apply_in_thread(root, reader, whiteouts, apply_following)
+                return await _watched(applying, ingest.watch())
+        except ContentChanged as exc:
+            raise Unavailable(str(exc)) from None
+        finally:
+            ingest.close()
+
+    async def _apply_in_thread(self, root: Path, reader: ThreadReader | LocalReader | Following,
+                               whiteouts: Whiteouts,
+                               apply: Callable[..., tuple[ApplyResult, str, int]]
+                               = apply_and_digest) -> tuple[ApplyResult, str, int]:
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, apply_and_digest, reader, root, whiteouts)
+        fut = loop.run_in_executor(self._pool, apply, reader, root, whiteouts)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -346,13 +380,16 @@ class Unpacker:
 
     async def _apply_in_process(self, root: Path, whiteouts: Whiteouts, *,
                                 stdin: int | None = None,
-                                fetch: Prefetcher | None = None
+                                fetch: Prefetcher | None = None,
+                                following: tuple[int, str] | None = None
                                 ) -> tuple[ApplyResult, str, int]:
-        """The worker reads the blob from `stdin` (a file) or from what we relay from
-        `fetch`."""
+        """The worker reads the blob from `stdin` (a file; with `following`, the size and
+        digest of a download it follows) or from what we relay from `fetch`."""
+        extra = [str(following[0]), following[1]] if following else []
         proc = await asyncio.create_subprocess_exec(
             # -P: no script or working directory on the path, only the installed code.
             sys.executable, "-P", "-m", _WORKER, str(root), whiteouts.value, str(os.getpid()),
+            *extra,
             stdin=stdin if stdin is not None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None
@@ -380,6 +417,26 @@ class Unpacker:
         if kind == "error":
             raise value
         return value
+
+
+async def _watched(applying: Coroutine[Any, Any, T], watch: Coroutine[Any, Any, None]) -> T:
+    """`applying`'s outcome, unless `watch` raises first: then applying is cancelled (its
+    worker killed, its reader aborted) and the watch's error raised."""
+    task = asyncio.ensure_future(applying)
+    watcher = asyncio.ensure_future(watch)
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            error = watcher.exception()
+            if error is not None:
+                task.cancel()
+                await asyncio.wait({task})
+                raise error
+        return await task
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.wait({task, watcher})
 
 
 def _check_diff_id(image: str, layer: LayerInfo, diff_id: str) -> None:

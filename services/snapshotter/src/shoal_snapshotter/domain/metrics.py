@@ -21,14 +21,21 @@ LAYERS_UNPACKED = Counter(
     "Layers an unpack went through, by outcome: ok (unpacked and committed), exists (already "
     "committed, skipped), unsafe (refused entry), invalid (bad blob or diff ID), error.",
     ["outcome"])
+FETCHING_UNPACKS = Counter(
+    "shoal_snapshotter_fetching_unpacks_total",
+    "Unpacks started from images.fetching, while the pull downloads the layers, by outcome: "
+    "ok, failed (the image's own unpack does it again), skipped (too many at once, or a "
+    "stale event).",
+    ["outcome"])
 LAYERS_REAPPLIED = Counter(
     "shoal_snapshotter_layers_reapplied_total",
     "Layers applied on their own, in parallel with the layers below, that had to be applied "
     "again onto their parents' tree (a hardlink to a file of a lower layer, ...).")
 CONTENT_READS = Counter(
     "shoal_snapshotter_layer_content_reads_total",
-    "Layer blobs read for an unpack, by how: local (the puller's blob file, on its machine) "
-    "or bus (images.content.read chunks).",
+    "Layer blobs read for an unpack, by how: local (the puller's blob file, on its machine), "
+    "download (its ingest file as the download writes it) or bus (images.content.read "
+    "chunks).",
     ["via"])
 UNPACKED_BYTES = Counter(
     "shoal_snapshotter_unpacked_bytes_total",

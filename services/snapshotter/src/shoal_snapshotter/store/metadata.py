@@ -224,6 +224,19 @@ def delete_image_ref(conn: sqlite3.Connection, namespace: str, name: str,
     return True, before
 
 
+def forget_image_refs(conn: sqlite3.Connection, namespace: str | None,
+                      prefix: str) -> None:
+    """Drop the references whose name starts with `prefix` (in `namespace`, or in every
+    namespace with None), leaving no tombstone: for provisional names, which no event
+    orders."""
+    where = "name >= ? AND name < ?" + ("" if namespace is None else " AND namespace = ?")
+    args: tuple[str, ...] = (prefix, prefix + "\U0010ffff")
+    if namespace is not None:
+        args += (namespace,)
+    conn.execute(f"DELETE FROM image_chains WHERE {where}", args)
+    conn.execute(f"DELETE FROM image_refs WHERE {where}", args)
+
+
 def chain_referenced(conn: sqlite3.Connection, chain_id: str) -> bool:
     return conn.execute("SELECT 1 FROM image_chains WHERE chain_id = ? LIMIT 1",
                         (chain_id,)).fetchone() is not None

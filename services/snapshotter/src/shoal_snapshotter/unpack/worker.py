@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, cast
 from . import logs
 from .apply import ApplyResult, Whiteouts, apply_layer
 from .compression import Readable, open_decompressed
+from .follow import Following
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer is 3.12+
@@ -64,6 +65,15 @@ def apply_and_digest(blob: Readable, root: str | os.PathLike[str],
     return result, "sha256:" + digesting.sha.hexdigest(), digesting.count
 
 
+def apply_following(blob: Following, root: str | os.PathLike[str],
+                    whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
+    """apply_and_digest of a blob still being downloaded, then the check that every byte
+    read was the blob's (the caller commits nothing before this returns)."""
+    outcome = apply_and_digest(blob, root, whiteouts)
+    blob.verify()
+    return outcome
+
+
 def _die_with(parent: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -83,16 +93,23 @@ def _log_to_stderr() -> None:
 
 
 def main(argv: list[str]) -> int:
-    root, whiteouts, parent = argv
+    """ROOT WHITEOUTS PARENT_PID [SIZE DIGEST]: with SIZE and DIGEST, stdin is a blob still
+    being downloaded (unpack.follow)."""
+    root, whiteouts, parent, *following = argv
     _die_with(int(parent))
     # The outcome gets a private copy of stdout; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     logs.before_first_warning(_log_to_stderr)
-    stdin = os.fdopen(0, "rb", buffering=_STDIN_BUFFER)
     outcome: tuple[str, object]
     try:
-        outcome = ("ok", apply_and_digest(stdin, root, Whiteouts(whiteouts)))
+        if following:
+            size, digest = following
+            blob = Following(0, int(size), digest)
+            outcome = ("ok", apply_following(blob, root, Whiteouts(whiteouts)))
+        else:
+            stdin = os.fdopen(0, "rb", buffering=_STDIN_BUFFER)
+            outcome = ("ok", apply_and_digest(stdin, root, Whiteouts(whiteouts)))
     except Exception as exc:  # handed to the parent, which judges it
         outcome = ("error", exc)
     try:
