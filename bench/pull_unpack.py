@@ -10,9 +10,10 @@ file per layer: new digests and chain IDs, same content), pushes it, and then, i
 rotating per repetition, with an untimed `sync` before each:
 
 - `shoal`: `images.pull` over the bus (as the CRI gateway's PullImage does), then until the
-  snapshotter announces `snapshots.commit` of the image's top chain ID (the unpack follows
-  the `images.create` event by itself); fetch and unpack split with the puller's and
-  snapshotter's /metrics and the snapshotter's per-layer log lines;
+  snapshotter announces `snapshots.commit` of the image's top chain ID (the snapshotter
+  starts on the puller's `images.fetching` and applies each layer as it downloads); fetch
+  and unpack split with the puller's and snapshotter's /metrics and the snapshotter's
+  per-layer log lines;
 - `containerd`: `ctr images pull --plain-http` (fetch, then unpack into its overlayfs
   snapshotter; ctr prints the unpack time);
 - `tar parallel` / `tar sequential`: GNU `tar -xzf` of the same blobs (straight from the
@@ -386,7 +387,8 @@ def report(args: argparse.Namespace, bench: Bench, command: str, meter: h.LoadMe
            "pushes a new image (a nonce file per layer: new digests and chain IDs), and every "
            "method handles it, in an order rotating per repetition, after an untimed `sync`. "
            "`shoal`: `images.pull` over the bus, then until `snapshots.commit` of the top "
-           "chain ID arrives (the snapshotter unpacks on the `images.create` event). "
+           "chain ID arrives (the snapshotter starts on `images.fetching` and applies each "
+           "layer while it downloads). "
            "`containerd`: `ctr images pull --plain-http` (fetch, then unpack; process start "
            "included). `tar`: GNU `tar -xzf` of the same blobs into fresh directories; "
            "`+ syncfs` adds `sync -f` after the parallel one (Shoal syncs each layer it "
@@ -398,7 +400,8 @@ def report(args: argparse.Namespace, bench: Bench, command: str, meter: h.LoadMe
            "fetch ended; layers fetch = the puller's own layer download time "
            "(`shoal_puller_fetch_seconds`); first layer = until Shoal's first "
            "`snapshots.commit`; unpack = from the pull's reply to the top layer's commit "
-           "(Shoal, layers applied side by side) or ctr's unpack time; "
+           "(Shoal: what is left after the fetch, the layers applied side by side and "
+           "while they download) or ctr's unpack time; "
            "CPU = share of one core used over the whole pull+unpack.", "",
            h.table(["runtime", "fetch s", "layers fetch s", "first layer s", "unpack s",
                     "total s", "CPU"], split, "lrrrrrr"), "",
@@ -410,9 +413,10 @@ def report(args: argparse.Namespace, bench: Bench, command: str, meter: h.LoadMe
            f"Measured: {ratio:.2f} x (median {medians['shoal']:.2f} s against "
            f"{ctrd:.2f} s) — **target {'met' if met else 'not met'}**. The parallel "
            f"`tar -xzf` ceiling is {medians['tar parallel']:.2f} s "
-           f"({par_sync:.2f} s with syncfs). In Shoal, unpacking is "
-           f"{unpack_share:.0%} of the time (after the whole fetch; the layers side by "
-           f"side); the puller + snapshotter (with its unpack workers) used {snap_busy:.0%}"
+           f"({par_sync:.2f} s with syncfs). In Shoal, {unpack_share:.0%} of the time "
+           f"comes after the fetch (the layers applied side by side, each from its first "
+           f"downloaded bytes); the puller + snapshotter (with its "
+           f"unpack workers) used {snap_busy:.0%}"
            f" of one core over the run, the snapshotter and its workers {snap_cpu:.1f} CPU "
            f"s, {snap_only:.0%} of one core while unpacking.", ""]
     return "\n".join(out), met

@@ -24,6 +24,7 @@ from support.faulty_registry import FaultyRegistry
 from support.images import Image, LayerBuilder, build_image, push
 from support.processes import ServiceSet
 from support.registry import Registry
+from support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -43,19 +44,6 @@ def metric(addr: str, name: str, **labels: str) -> float:
     text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-async def eventually(check: object, what: str, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check() if callable(check) else check
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def start(services: ServiceSet, *names: str) -> None:
@@ -96,15 +84,17 @@ async def test_a_layer_is_applied_while_it_is_still_downloading(
             ref=f"{front.host}/e2e/streamed:1", pull_id=uuid.uuid4().hex)))
         try:
             # Half the blob is in: its first files are already in the layer's snapshot.
-            await eventually(lambda: snapshot_files(services, "big/000"),
-                             "the big layer's first file, applied from the download")
+            await eventually(lambda: snapshot_files(services, "big/000"), timeout=30,
+                             what="the big layer's first file, applied from the download")
             assert not pull.done() and not blob.exists()
             assert not await committed(snaps, chains[1])
-            await eventually(lambda: committed(snaps, chains[0]), "the small layer committed")
+            await eventually(lambda: committed(snaps, chains[0]), timeout=30,
+                             what="the small layer committed")
         finally:
             release.set()
         await pull
-        await eventually(lambda: committed(snaps, chains[1]), "the big layer committed")
+        await eventually(lambda: committed(snaps, chains[1]), timeout=30,
+                         what="the big layer committed")
     (applied,) = snapshot_files(services, f"big/{FILES - 1:03}")
     assert applied.read_bytes() == image_file(big.tar, f"big/{FILES - 1:03}")
     snapshotter = next(sp for sp in services if sp.service == "snapshotter")
@@ -113,7 +103,7 @@ async def test_a_layer_is_applied_while_it_is_still_downloading(
     assert metric(addr, "shoal_snapshotter_fetching_unpacks_total", outcome="ok") == 1
     # The image's own unpack (images.create) found both layers done.
     await eventually(lambda: metric(addr, "shoal_snapshotter_layers_unpacked_total",
-                                    outcome="exists") >= 2, "the image's unpack")
+                                    outcome="exists") >= 2, what="the image's unpack", timeout=30)
     # After the grace the provisional name goes, the image's name keeps the layers.
     await asyncio.sleep(GRACE + 1.0)
     assert await committed(snaps, chains[1])
@@ -134,11 +124,12 @@ async def test_a_pull_that_fails_leaves_no_layer_behind(
     snapshotter = next(sp for sp in services if sp.service == "snapshotter")
     await eventually(lambda: metric(snapshotter.metrics_addr,
                                     "shoal_snapshotter_fetching_unpacks_total",
-                                    outcome="failed") == 1, "the unpack to fail")
+                                    outcome="failed") == 1, timeout=30,
+                     what="the unpack to fail")
     # The small layer may have been committed meanwhile; once the grace is over nothing
     # names it, and it goes.
     snaps = SnapshotsClient(bus)
-    await eventually(lambda: no_snapshots(snaps), "no snapshot left",
+    await eventually(lambda: no_snapshots(snaps), what="no snapshot left",
                      timeout=GRACE + 15)
     assert "downloaded bytes have digest" in snapshotter.log_text() or \
         "download stopped" in snapshotter.log_text()
@@ -157,8 +148,8 @@ async def test_a_snapshotter_killed_while_following_a_download_loses_nothing(
         pull = asyncio.create_task(ImagesClient(bus).pull(PullRequest(
             ref=f"{front.host}/e2e/streamed-kill:1", pull_id=uuid.uuid4().hex)))
         try:
-            await eventually(lambda: snapshot_files(services, "big/000"),
-                             "the big layer being applied")
+            await eventually(lambda: snapshot_files(services, "big/000"), timeout=30,
+                             what="the big layer being applied")
             victim = next(sp for sp in services if sp.service == "snapshotter")
             os.kill(victim.proc.pid, signal.SIGKILL)
             await asyncio.to_thread(victim.proc.wait, 10)
@@ -169,7 +160,8 @@ async def test_a_snapshotter_killed_while_following_a_download_loses_nothing(
     snaps = SnapshotsClient(bus)
     # The new replica threw the half-applied layer away and unpacked the image from its
     # images.create event.
-    await eventually(lambda: committed(snaps, chains[1]), "the big layer committed")
+    await eventually(lambda: committed(snaps, chains[1]), timeout=30,
+                     what="the big layer committed")
     assert sorted(await snapshot_keys(snaps)) == sorted(chains)
     (applied,) = snapshot_files(services, f"big/{FILES - 1:03}")
     assert applied.read_bytes() == image_file(big.tar, f"big/{FILES - 1:03}")

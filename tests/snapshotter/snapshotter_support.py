@@ -42,6 +42,7 @@ from shoal_snapshotter.domain.snapshots import Snapshots
 from shoal_snapshotter.store import metadata as md
 from support.images import Layer, LayerBuilder, sha256_digest
 from support.processes import Node
+from support.waiting import eventually  # noqa: F401  (the tests import it from here)
 
 OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 NS = "k8s.io"
@@ -226,20 +227,6 @@ def workers_alive(root: Path) -> list[int]:
                     a.startswith(bytes(root)) for a in argv):
                 found.append(int(pid))
     return found
-
-
-async def eventually(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `predicate` (sync or async) until true."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 # -- the domain without processes ---------------------------------------------------------

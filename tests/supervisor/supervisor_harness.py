@@ -8,7 +8,6 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from shoal_common.messages.monitor import (
 from support.bundles import CGROUP_ROOT, bundle_root, busybox_bundle, remove_containers
 from support.bundles import conmon_pids as conmon_pids
 from support.processes import Node, ServiceProcess, ServiceSet
+from support.waiting import eventually  # noqa: F401  (the tests import it from here)
 
 R = TypeVar("R", bound=Message)
 
@@ -200,9 +200,3 @@ def pid_alive(pid: int) -> bool:
     return fields[0] != "Z"
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.05)
