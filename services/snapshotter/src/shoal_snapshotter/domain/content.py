@@ -168,19 +168,7 @@ def open_local(info: ContentInfo) -> int | None:
     if not path or not os.path.isabs(path) or ".." in parts or \
             parts[-3:] != ("blobs", algorithm, hex_digest):
         return None
-    size = info.size
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_size == size:
-            return fd
-    except OSError:
-        pass
-    os.close(fd)
-    return None
+    return _open_regular(path, size=info.size)
 
 
 class LocalReader(io.RawIOBase):
@@ -284,19 +272,22 @@ class Ingest:
             if size != held:
                 held, since = size, now
             elif now - since > INGEST_SILENCE or (
-                    now - since > 1.0 and not await asyncio.to_thread(self._writer_alive)):
+                    now - since > 1.0 and not self._writer_alive()):
                 raise Unavailable(f"content {self.digest}: its download stopped at byte "
                                   f"{size} of {self.size}")
             await asyncio.sleep(_WATCH_EVERY)
 
 
-def _open_regular(path: str) -> int | None:
+def _open_regular(path: str, *, size: int | None = None) -> int | None:
+    """A read-only descriptor of the regular file at `path` (not through a symlink), of
+    `size` bytes if given; else None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and (size is None or st.st_size == size):
             return fd
     except OSError:
         pass
