@@ -68,14 +68,45 @@ def _umount(target: str, flags: int = 0) -> None:
 
 def _unescape(field: bytes) -> bytes:
     """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    if b"\\" not in field:
+        return field
     for code in (b"\\040", b"\\011", b"\\012", b"\\134"):
         field = field.replace(code, bytes([int(code[1:], 8)]))
     return field
 
 
+AT_FDCWD = -100
+STATX_ATTR_MOUNT_ROOT = 0x2000
+_STATX_SIZE = 256  # struct statx; stx_attributes at 8, stx_attributes_mask at 56
+_statx = getattr(_libc, "statx", None)
+
+
+def _mount_root(path: str) -> bool | None:
+    """statx(2)'s STATX_ATTR_MOUNT_ROOT (Linux 5.8+): whether `path` (symlinks followed)
+    is the root of a mount, bind mounts included; None where the kernel cannot tell."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _statx(AT_FDCWD, os.fsencode(path), 0, 0, buf) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        return None
+    attributes = int.from_bytes(buf.raw[8:16], "little")
+    supported = int.from_bytes(buf.raw[56:64], "little")
+    if not supported & STATX_ATTR_MOUNT_ROOT:
+        return None
+    return bool(attributes & STATX_ATTR_MOUNT_ROOT)
+
+
 def is_mountpoint(path: str) -> bool:
-    """From /proc/self/mountinfo: os.path.ismount compares device numbers, so it cannot see
-    a bind mount from the same filesystem (the native driver's rootfs)."""
+    """Whether something is mounted at `path`. os.path.ismount compares device numbers, so
+    it cannot see a bind mount from the same filesystem (the native driver's rootfs):
+    statx says so directly, in constant time; /proc/self/mountinfo, read where statx
+    cannot tell, costs a parse of every mount on the host (hundreds with many pods)."""
+    known = _mount_root(path)
+    if known is not None:
+        return known
     wanted = os.fsencode(os.path.realpath(path))
     with open("/proc/self/mountinfo", "rb") as fh:
         return any(_unescape(line.split(b" ", 5)[4]) == wanted for line in fh)

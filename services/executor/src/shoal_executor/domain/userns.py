@@ -70,7 +70,7 @@ async def make_pod_namespaces(pod_dir: Path, idmap: IdMap, netns_name: str) -> N
     owned by it. A retry after both were made keeps them; after half, both are made anew
     (nothing has joined them: the pause container starts after)."""
     path = userns_path(pod_dir)
-    if mounts.is_mountpoint(str(path)) and os.path.exists(netns.netns_path(netns_name)):
+    if mounts.is_mountpoint(str(path)) and mounts.is_mountpoint(netns.netns_path(netns_name)):
         return
     await mounts.unmount(str(path))
     await netns.delete(netns_name)
