@@ -420,6 +420,14 @@ async def test_operator_metrics_move_with_pods(shoal: Shoal, images: dict[str, s
                            0) + snapshotter.get(
         "shoal_snapshotter_layer_content_reads_total[('via', 'download')]", 0) >= 1
     assert "shoal_snapshotter_layer_content_reads_total[('via', 'bus')]" not in snapshotter
+    # A second container of the image, unpacked by now: its snapshot is prepared on the
+    # image's top chain directly, without another unpack hop.
+    unpacks = "shoal_bus_request_handle_seconds_count[('subject', 'snapshots.unpack')]"
+    prepares = "shoal_bus_request_handle_seconds_count[('subject', 'snapshots.prepare')]"
+    await shoal.run(pod, "m2", "sleep", "3600", image=images["busybox"])
+    again = scrape("snapshotter")
+    assert again.get(unpacks, 0) == snapshotter.get(unpacks, 0)
+    assert again[prepares] == snapshotter[prepares] + 1
 
 
 async def test_every_rpc_answers(shoal: Shoal) -> None:

@@ -42,6 +42,7 @@ from shoal_common.messages.tasks import (
     SandboxCreateRequest,
     SandboxIdRequest,
 )
+from shoal_common.oci import chain_ids
 from shoal_common.tracing import deadline_var
 
 from shoal_cri_gateway.domain import image_volumes, metrics, resources
@@ -71,6 +72,16 @@ def new_id() -> str:
     return uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex characters, like containerd's ids
 
 
+def _top_chain(image: ImageInfo) -> str:
+    """The chain ID of the image's top layer as its diff IDs imply it ("" when the puller's
+    layer list does not add up: the snapshotter's unpack then says why). Computed, not
+    taken from the list: a snapshot key is shared by every image with those layers."""
+    if not image.layers:
+        return ""
+    top = chain_ids([layer.diff_id for layer in image.layers])[-1]
+    return top if top == image.layers[-1].chain_id else ""
+
+
 class Pods:
     """Every operation takes the caller's Shoal namespace (`ns`) first: it finds records
     only there, resolves images there, and sends its commands with it."""
@@ -98,9 +109,21 @@ class Pods:
         """A writable snapshot on the image's layers (unpacked first if need be; the
         snapshotter records that `name` in `ns` uses them)."""
         snapshots = self.clients(ns).snapshots
+        labels = {"shoal/owner": "cri"}
+        top = _top_chain(image)
+        if top:
+            # Mostly the image is unpacked already (its pull's event did it), so the snapshot
+            # is asked for first: one bus hop instead of two. A parent not found (not
+            # unpacked yet, or collected since) sends us through the unpack, which also waits
+            # out an unpack in flight.
+            try:
+                return await snapshots.prepare(PrepareRequest(key=key, parent=top,
+                                                              labels=labels))
+            except NotFound:
+                pass
         unpacked = await snapshots.unpack(UnpackRequest(image=name, layers=image.layers))
         return await snapshots.prepare(PrepareRequest(
-            key=key, parent=unpacked.chain_id, labels={"shoal/owner": "cri"}))
+            key=key, parent=unpacked.chain_id, labels=labels))
 
     async def _remove_snapshot(self, ns: str, key: str) -> None:
         try:
