@@ -275,3 +275,36 @@ async def test_a_pod_leaves_as_the_host_only_while_its_network_is_masqueraded(
         if was == "0":
             forward.write_text(was)
     assert masquerade_rules(text) == []
+
+
+async def test_portmap_runs_only_for_a_pod_with_port_mappings(conf_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """The real plugins, portmap behind a wrapper that logs each call: a pod without
+    mappings never starts it (ADD or DEL), one with mappings does both ways."""
+    bin_dir = tmp_path / "cni-bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "portmap-calls"
+    for plugin in ("bridge", "host-local", "loopback"):
+        (bin_dir / plugin).symlink_to(Path(CNI_BIN[0]) / plugin)
+    wrapper = bin_dir / "portmap"
+    wrapper.write_text(f'#!/bin/sh\necho "$CNI_COMMAND" >> {calls}\n'
+                       f'exec {CNI_BIN[0]}/portmap "$@"\n')
+    wrapper.chmod(0o755)
+    bridge = f"sht{uuid.uuid4().hex[:6]}"
+    (conf_dir / "10-test.conflist").write_text(
+        json.dumps(default_conflist("10.244.217.0/24", bridge)))
+    cni = Cni(conf_dir, [str(bin_dir)])
+    mapped = {"portMappings": [{"hostPort": free_port(), "containerPort": 80,
+                                "protocol": "tcp"}]}
+    try:
+        async with scratch_netns() as (name, path):
+            result = await cni.add(name, path, runtime_config={"portMappings": []})
+            assert result.ip.startswith("10.244.217.")
+            await cni.delete(name, path, runtime_config={"portMappings": []})
+        assert not calls.exists()
+        async with scratch_netns() as (name, path):
+            await cni.add(name, path, runtime_config=mapped)
+            await cni.delete(name, path, runtime_config=mapped)
+        assert calls.read_text().split() == ["ADD", "DEL"]
+    finally:
+        subprocess.run(["ip", "link", "delete", bridge], capture_output=True)

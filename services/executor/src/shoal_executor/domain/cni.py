@@ -109,6 +109,18 @@ def load_network(conf_dir: Path) -> NetworkConfig:
 DEFAULT_ROUTES = ("0.0.0.0/0", "::/0")
 
 
+def idle(plugin: dict[str, Any], runtime_config: dict[str, Any]) -> bool:
+    """A plugin that would do nothing for this pod, so it is not run (one Go process fewer
+    per ADD and DEL, ~3 ms each here): portmap with no port mappings to make. Its ADD then
+    passes the previous result on unchanged and its DEL has nothing to remove (checked with
+    containernetworking-plugins 1.1.1: no iptables call either way). ADD and DEL are given
+    the same runtime config (the pod's record), so both skip it or neither does. Mappings
+    written into the conflist itself count as mappings."""
+    own = plugin.get("runtimeConfig")
+    return (plugin.get("type") == "portmap" and not runtime_config.get("portMappings")
+            and not (isinstance(own, dict) and own.get("portMappings")))
+
+
 def without_default_route(net: NetworkConfig) -> NetworkConfig:
     plugins = []
     for plugin in net.plugins:
@@ -209,6 +221,8 @@ class Cni:
         done: list[dict[str, Any]] = []
         try:
             for plugin in net.plugins:
+                if idle(plugin, runtime_config or {}):
+                    continue
                 result = await self._invoke("ADD", net, plugin, container_id, netns, ifname,
                                             result, runtime_config or {})
                 done.append(plugin)
@@ -230,6 +244,8 @@ class Cni:
                       runtime_config: dict[str, Any]) -> None:
         errors = []
         for plugin in reversed(plugins):
+            if idle(plugin, runtime_config):
+                continue
             try:
                 await self._invoke("DEL", net, plugin, container_id, netns, ifname, None,
                                    runtime_config)
