@@ -149,15 +149,24 @@ def test_descriptors_sent_with_a_request_are_the_childs_alone(zygote: Zygote) ->
     asked for, in the child only; a request whose numbers do not match is refused."""
     r, w = os.pipe()
     pipe = os.readlink(f"/proc/self/fd/{w}")
+    # A "NATS" that accepts and never answers: the puller waits on it instead of exiting
+    # at once (a refused connection raced the look at its descriptors).
+    mute = socket.create_server(("127.0.0.1", 0))
     try:
         socket.send_fds(zygote.sock, [json.dumps({"argv": [PY, "-m", "shoal_puller", "--x"],
                                                   "fds": [3, 4]}).encode()], [w])
         assert "fds must number each" in str(json.loads(zygote.sock.recv(65536))["error"])
         socket.send_fds(zygote.sock, [json.dumps({
-            "argv": [PY, "-m", "shoal_puller", "--nats-url", "nats://127.0.0.1:1"],
+            "argv": [PY, "-m", "shoal_puller", "--nats-url",
+                     f"nats://127.0.0.1:{mute.getsockname()[1]}"],
             "fds": [45]}).encode()], [w])
         pid = json.loads(zygote.sock.recv(65536))["pid"]
         try:
+            # The zygote answers once the child took its command line; the child moves
+            # the descriptor to 45 just after.
+            end = time.monotonic() + 30
+            while not os.path.exists(f"/proc/{pid}/fd/45") and time.monotonic() < end:
+                time.sleep(0.01)
             assert os.readlink(f"/proc/{pid}/fd/45") == pipe
             assert pipe not in _fd_targets(zygote.proc.pid)  # the zygote kept no copy
         finally:
@@ -166,6 +175,7 @@ def test_descriptors_sent_with_a_request_are_the_childs_alone(zygote: Zygote) ->
         os.close(w)
         assert os.read(r, 1) == b""  # every copy of the write end is closed now
     finally:
+        mute.close()
         os.close(r)
         with contextlib.suppress(OSError):
             os.close(w)

@@ -51,6 +51,19 @@ def rollup(pid: int) -> dict[str, int]:
     return out
 
 
+def mergeable(pid: int) -> int:
+    """Bytes of `pid`'s mappings marked for KSM (VmFlags "mg" in /proc/<pid>/smaps)."""
+    size = total = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = head.split("-")
+            size = int(high, 16) - int(low, 16)
+        elif head == "VmFlags:" and "mg" in line.split()[1:]:
+            total += size
+    return total
+
+
 def stat(pid: int) -> list[str]:
     """/proc/<pid>/stat from field 3 (state) on: [1] is the ppid, [3] the session."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -145,12 +158,17 @@ def assert_forked(up: Up, module: str, zygote: int) -> int:
     assert mem["Shared_Dirty"] > 8 * MIB, (module, mem)
     assert mem["Pss"] < mem["Rss"] - 8 * MIB, (module, mem)
     assert not sockets_of(pid) & sockets_of(zygote)  # nor holds the zygote's socket
+    assert mergeable(pid) > 8 * MIB  # the zygote's marks (launcher.merge_pages), inherited
     return pid
 
 
 def test_services_are_forked_from_the_zygote_and_restarted_by_fork(up: Up) -> None:
     [zygote] = up.zygotes()
     assert int(stat(zygote)[1]) == up.proc.pid
+    assert mergeable(zygote) > 8 * MIB
+    [nats] = [pid for pid in pids_mentioning(str(up.root))
+              if os.readlink(f"/proc/{pid}/exe").endswith("/nats-server")]
+    assert mergeable(nats) == 0  # exec'd: no mark survives an exec
     for svc in SERVICES:
         assert_forked(up, svc.module, zygote)
     serving = up.serving()  # `shoal status` finds each by its command line, as before
@@ -179,7 +197,7 @@ def test_services_are_forked_from_the_zygote_and_restarted_by_fork(up: Up) -> No
 
 
 def test_preload_off_execs_every_service(tmp_path: Path) -> None:
-    up = Up(tmp_path, "noload", ["launcher.preload=false"])
+    up = Up(tmp_path, "noload", ["launcher.preload=false", "launcher.merge_pages=false"])
     try:
         assert up.zygotes() == []
         assert '"services are exec\'d"' in up.err.read_text()
@@ -187,6 +205,7 @@ def test_preload_off_execs_every_service(tmp_path: Path) -> None:
             pid = up.pid_of(svc.module)
             assert int(stat(pid)[1]) == up.proc.pid
             assert rollup(pid)["Shared_Dirty"] < 2 * MIB
+            assert mergeable(pid) == 0
         assert {f"{s.name}-0" for s in SERVICES} <= up.serving().keys()
     finally:
         assert up.stop() == 0

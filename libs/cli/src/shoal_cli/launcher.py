@@ -37,6 +37,7 @@ from shoal_common.errors import ShoalError, Unavailable
 from shoal_common.fs import private_dir, write_private
 from shoal_common.messages import HealthReply
 from shoal_common.metrics import MetricsServer
+from shoal_common.pages import ensure_ksm
 from shoal_common.service import release_free_memory
 
 from shoal_cli import activation
@@ -119,6 +120,16 @@ class Launcher:
         self.child_env = {**os.environ, **({"MALLOC_ARENA_MAX": str(arenas)} if arenas else {})}
         self.zygote = (Zygote(zygote_ident(config), zygote, self._policy(), self.child_env)
                        if zygote is not None else None)
+
+    @staticmethod
+    def _ksm() -> None:
+        """KSM on, so that the services' marked pages are merged (shoal_common.pages)."""
+        state, turned_on = ensure_ksm()
+        if turned_on:
+            log.info("kernel samepage merging turned on (/sys/kernel/mm/ksm/run = 1) for "
+                     "the services' heaps; launcher.merge_pages = false leaves it alone")
+        elif state != "on":
+            log.info("the services' heaps are not merged", ksm=state)
 
     def _policy(self) -> RestartPolicy:
         cfg = self.config.launcher
@@ -385,6 +396,8 @@ class Launcher:
         Path(self.config.state_root).mkdir(parents=True, exist_ok=True)
         self.runstate.lock()
         await self.runstate.wait_for_leftovers(self._grace())
+        if self.config.launcher.merge_pages:
+            self._ksm()
         if self.zygote is not None:
             self.zygote.start()
             # The first services are forked, not exec'd (a zygote that does not answer in

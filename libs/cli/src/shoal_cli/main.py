@@ -200,7 +200,8 @@ def _up(args: argparse.Namespace, config: Config) -> None:
         # have none of them (and shares with the launcher what both imported).
         from shoal_cli.zygote import Job, fork_zygote, zygote_ident
 
-        made = fork_zygote(zygote_ident(config), config.launcher.malloc_arena_max)
+        made = fork_zygote(zygote_ident(config), config.launcher.malloc_arena_max,
+                           config.launcher.merge_pages)
         if isinstance(made, Job):  # a service the zygote forked, long after
             made.run()
             return

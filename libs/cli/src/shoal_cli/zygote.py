@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal_common.config import Config
+from shoal_common.pages import mark_mergeable
 from shoal_common.service import release_free_memory
 
 from shoal_cli import forking
@@ -266,9 +267,11 @@ def _settle(sock: socket.socket, ident: list[str], launcher: int, arenas: int) -
 
 def zygote_ident(config: Config) -> list[str]:
     """The zygote's arguments: the node and run root it serves (for operators, and for the
-    tests' leftover checks), and glibc's arena limit for what it forks."""
+    tests' leftover checks), glibc's arena limit for what it forks, and whether its pages
+    are marked for KSM."""
     return ["--node-id", config.node_id, "--run-root", config.run_root,
-            "--malloc-arenas", str(config.launcher.malloc_arena_max)]
+            "--malloc-arenas", str(config.launcher.malloc_arena_max),
+            *(["--merge-pages"] if config.launcher.merge_pages else [])]
 
 
 def zygote_argv(ident: list[str], fd: int | None = None) -> list[str]:
@@ -278,10 +281,12 @@ def zygote_argv(ident: list[str], fd: int | None = None) -> list[str]:
             *(["--fd", str(fd)] if fd is not None else [])]
 
 
-def fork_zygote(ident: list[str], arenas: int) -> tuple[int, socket.socket] | Job | str:
+def fork_zygote(ident: list[str], arenas: int,
+                merge: bool) -> tuple[int, socket.socket] | Job | str:
     """From `shoal up` before its event loop starts: preload, then fork the zygote. In the
     launcher: (zygote pid, launcher's socket end), or why preloading is impossible here
-    (a string). In a service forked later from that zygote: the Job it is to run."""
+    (a string). In a service forked later from that zygote: the Job it is to run. `merge`:
+    the preloaded pages are marked for KSM first (the launcher's and the zygote's alike)."""
     why = forking.supported()
     if why is not None:
         return why
@@ -297,6 +302,8 @@ def fork_zygote(ident: list[str], arenas: int) -> tuple[int, socket.socket] | Jo
     sys.stdout.flush()
     sys.stderr.flush()
     gc.freeze()  # the launcher's start-up objects too: it keeps them all its life
+    if merge:
+        mark_mergeable()
     launcher = os.getpid()
     pid = os.fork()
     if pid == 0:
@@ -315,6 +322,7 @@ def main() -> None:
     parser.add_argument("--node-id", default="")
     parser.add_argument("--run-root", default="")
     parser.add_argument("--malloc-arenas", type=int, default=0, help="0: glibc's default")
+    parser.add_argument("--merge-pages", action="store_true", help="mark its pages for KSM")
     args = parser.parse_args()
     sock = socket.socket(fileno=args.fd)
     launcher = os.getppid()
@@ -327,6 +335,8 @@ def main() -> None:
     if "grpc" in sys.modules:
         sys.exit("shoal_cli.zygote: grpc was imported by the preload")
     gc.freeze()
+    if args.merge_pages:
+        mark_mergeable()
     serve(sock, launcher).run()
 
 

@@ -202,6 +202,9 @@ class LauncherConfig(_Section):
     preload: bool = True
     # glibc malloc arenas per service (MALLOC_ARENA_MAX); 0: glibc's default (8 per core).
     malloc_arena_max: int = 2
+    # Kernel samepage merging of the services' Python heaps (shoal_common.pages): their
+    # pages are marked mergeable, and KSM is turned on if it is off; false: neither.
+    merge_pages: bool = True
 
 
 class LogConfig(_Section):

@@ -38,6 +38,7 @@ from shoal_common.errors import ShoalError
 from shoal_common.fs import TRAVERSE_DIR, private_dir
 from shoal_common.logging import configure_logging
 from shoal_common.messages import HealthReply, HealthRequest, PingReply, PingRequest
+from shoal_common.pages import mark_mergeable
 
 log = structlog.get_logger("shoal.service")
 
@@ -190,6 +191,8 @@ async def _serve(spec: ServiceSpec, info: ServiceInfo, config: Config, replica: 
             # again and again under load.
             gc.freeze()
             release_free_memory()
+            if config.launcher.merge_pages:
+                mark_mergeable()  # what start-up added (arenas made since the fork)
             log.info("serving", metrics=metrics_addr, nats=config.nats.url,
                      commands=sorted(router.commands))
             await stop.wait()

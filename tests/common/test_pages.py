@@ -1,0 +1,89 @@
+"""KSM marks (shoal_common.pages): which mappings are marked, that a fork inherits them
+and an exec (runc's, conmon's, a container's) does not, and the KSM switch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from shoal_common import pages
+
+MAPS = """\
+55d0c0a00000-55d0c0a21000 rw-p 00000000 00:00 0                          [heap]
+7f1e2c000000-7f1e2c040000 rw-p 00000000 00:00 0
+7f1e2d000000-7f1e2d001000 r--p 00000000 fe:01 1234                       /usr/lib/libc.so.6
+7f1e2d001000-7f1e2d002000 rw-p 00003000 fe:01 1234                       /usr/lib/libc.so.6
+7f1e2e000000-7f1e2e001000 rw-s 00000000 00:05 99                         /dev/zero (deleted)
+7ffc1a000000-7ffc1a021000 rw-p 00000000 00:00 0                          [stack]
+7ffc1a100000-7ffc1a102000 r-xp 00000000 00:00 0                          [vdso]
+"""
+
+
+def test_only_private_writable_mappings_but_the_stack_are_chosen() -> None:
+    assert pages._private_writable(MAPS) == [
+        (0x55D0C0A00000, 0x55D0C0A21000),  # heap
+        (0x7F1E2C000000, 0x7F1E2C040000),  # anonymous (an arena)
+        (0x7F1E2D001000, 0x7F1E2D002000),  # a library's data
+    ]  # not read-only, shared, stack or vdso
+
+
+# Prints the bytes of this process's mappings with KSM's "mg" VmFlag: after marking, in a
+# forked child, and in an exec'd program (which must have none).
+SCRIPT = textwrap.dedent("""
+    import os, subprocess, sys
+    from shoal_common import pages
+
+    MERGEABLE = '''
+    import sys
+    size = total = 0
+    for line in open('/proc/self/smaps'):
+        key = line.split(':')[0]
+        if '-' in key and ' ' in line:
+            lo, hi = line.split()[0].split('-')
+            size = int(hi, 16) - int(lo, 16)
+        elif key == 'VmFlags' and ' mg' in line:
+            total += size
+    print(total)
+    '''
+    def mergeable():
+        return subprocess.run([sys.executable, "-c", MERGEABLE], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    exec(MERGEABLE)  # this process, before
+    marked = pages.mark_mergeable()
+    exec(MERGEABLE)  # after
+    print(marked)
+    pid = os.fork()
+    if pid == 0:
+        exec(MERGEABLE)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print(mergeable())
+""")
+
+
+@pytest.mark.skipif(not pages.KSM_RUN.exists(), reason="kernel without KSM")
+def test_marks_are_inherited_by_a_fork_and_dropped_by_an_exec() -> None:
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                         check=True).stdout.split()
+    before, after, marked, forked, execd = (int(v) for v in out)
+    assert before == 0
+    assert marked > 1 << 20 and after >= marked  # the heap and arenas at least
+    assert forked >= marked
+    assert execd == 0
+
+
+def test_ksm_state_reads_the_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    switch = tmp_path / "run"
+    monkeypatch.setattr(pages, "KSM_RUN", switch)
+    assert pages.ksm_state() == "absent"
+    assert pages.ensure_ksm() == ("absent", False)
+    switch.write_text("2\n")  # an operator unmerging everything: left alone
+    assert pages.ensure_ksm() == ("unmerging", False)
+    assert switch.read_text() == "2\n"
+    switch.write_text("0\n")
+    assert pages.ensure_ksm() == ("on", True)
+    assert switch.read_text() == "1\n"
+    assert pages.ensure_ksm() == ("on", False)
