@@ -3,6 +3,7 @@ and an exec (runc's, conmon's, a container's) does not, and the KSM switch."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -87,3 +88,25 @@ def test_ksm_state_reads_the_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert pages.ensure_ksm() == ("on", True)
     assert switch.read_text() == "1\n"
     assert pages.ensure_ksm() == ("on", False)
+
+
+async def test_the_scan_is_raised_for_a_while_only_from_the_kernels_default(
+        tmp_path: Path) -> None:
+    rate = tmp_path / "pages_to_scan"
+    rate.write_text(f"{pages.KERNEL_SCAN}\n")
+    boost = pages.ScanBoost(rate)
+    boost.arm(0.05)
+    assert int(rate.read_text()) == pages.BOOST_SCAN
+    boost.arm(0.2)  # a second start prolongs it
+    await asyncio.sleep(0.1)
+    assert int(rate.read_text()) == pages.BOOST_SCAN
+    await asyncio.sleep(0.2)
+    assert int(rate.read_text()) == pages.KERNEL_SCAN
+    rate.write_text("300\n")  # an operator's rate: never touched
+    boost.arm(0.05)
+    assert rate.read_text() == "300\n"
+    rate.write_text(f"{pages.KERNEL_SCAN}\n")
+    boost.arm(10)
+    rate.write_text("700\n")  # changed meanwhile: not ours to put back
+    boost.end()
+    assert rate.read_text() == "700\n"

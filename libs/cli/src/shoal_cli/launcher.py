@@ -37,7 +37,7 @@ from shoal_common.errors import ShoalError, Unavailable
 from shoal_common.fs import private_dir, write_private
 from shoal_common.messages import HealthReply
 from shoal_common.metrics import MetricsServer
-from shoal_common.pages import ensure_ksm
+from shoal_common.pages import ScanBoost, ensure_ksm
 from shoal_common.service import release_free_memory
 
 from shoal_cli import activation
@@ -115,6 +115,7 @@ class Launcher:
         self.docker_socket: socket.socket | None = None  # held for the docker gateway
         self.docker_on_demand = False
         self.targets_written = False
+        self.merge_boost = ScanBoost() if config.launcher.merge_pages else None
         arenas = config.launcher.malloc_arena_max
         # The services' environment (exec'd ones; a forked one has the zygote's malloc).
         self.child_env = {**os.environ, **({"MALLOC_ARENA_MAX": str(arenas)} if arenas else {})}
@@ -283,6 +284,8 @@ class Launcher:
         child.health = child.serving_since = None
         child.proc = await self._spawn(child)
         self._spawned.set()
+        if self.merge_boost is not None and child.service != NATS:
+            self.merge_boost.arm()  # its pages merge in seconds
         self.runstate.record(self._running_pids())
         if child.ready is not None:
             await child.ready(child.proc)
@@ -466,6 +469,8 @@ class Launcher:
             activation.close(self.docker_socket, Path(self.config.docker_socket))
             self.docker_socket = None
         (Path(self.config.run_root) / "prometheus-targets.json").unlink(missing_ok=True)
+        if self.merge_boost is not None:
+            self.merge_boost.end()
         self.runstate.clear()
         self.runstate.unlock()
         log.info("stopped")
