@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from shoal_common import pages
+from support.processes import mergeable
 
 MAPS = """\
 55d0c0a00000-55d0c0a21000 rw-p 00000000 00:00 0                          [heap]
@@ -31,49 +32,46 @@ def test_only_private_writable_mappings_but_the_stack_are_chosen() -> None:
     ]  # not read-only, shared, stack or vdso
 
 
-# Prints the bytes of this process's mappings with KSM's "mg" VmFlag: after marking, in a
-# forked child, and in an exec'd program (which must have none).
+# Marks its mappings when told to (a line on stdin), prints the bytes marked, then keeps a
+# forked child and an exec'd program alive until stdin closes, printing their pids.
 SCRIPT = textwrap.dedent("""
-    import os, subprocess, sys
+    import os, subprocess, sys, time
     from shoal_common import pages
 
-    MERGEABLE = '''
-    import sys
-    size = total = 0
-    for line in open('/proc/self/smaps'):
-        key = line.split(':')[0]
-        if '-' in key and ' ' in line:
-            lo, hi = line.split()[0].split('-')
-            size = int(hi, 16) - int(lo, 16)
-        elif key == 'VmFlags' and ' mg' in line:
-            total += size
-    print(total)
-    '''
-    def mergeable():
-        return subprocess.run([sys.executable, "-c", MERGEABLE], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    exec(MERGEABLE)  # this process, before
-    marked = pages.mark_mergeable()
-    exec(MERGEABLE)  # after
-    print(marked)
+    sys.stdin.readline()
+    print(pages.mark_mergeable(), flush=True)
     pid = os.fork()
     if pid == 0:
-        exec(MERGEABLE)
+        time.sleep(60)
         os._exit(0)
+    execd = subprocess.Popen(["sleep", "60"])
+    print(pid, execd.pid, flush=True)
+    sys.stdin.read()
+    os.kill(pid, 9)
     os.waitpid(pid, 0)
-    print(mergeable())
+    execd.kill()
+    execd.wait()
 """)
 
 
 @pytest.mark.skipif(not pages.KSM_RUN.exists(), reason="kernel without KSM")
 def test_marks_are_inherited_by_a_fork_and_dropped_by_an_exec() -> None:
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         check=True).stdout.split()
-    before, after, marked, forked, execd = (int(v) for v in out)
-    assert before == 0
-    assert marked > 1 << 20 and after >= marked  # the heap and arenas at least
-    assert forked >= marked
-    assert execd == 0
+    helper = subprocess.Popen([sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert helper.stdin is not None and helper.stdout is not None
+    try:
+        assert mergeable(helper.pid) == 0  # nothing before it marks
+        helper.stdin.write("mark\n")
+        helper.stdin.flush()
+        marked = int(helper.stdout.readline())
+        forked, execd = (int(v) for v in helper.stdout.readline().split())
+        assert marked > 1 << 20  # the heap and arenas at least
+        assert mergeable(helper.pid) >= marked
+        assert mergeable(forked) >= marked
+        assert mergeable(execd) == 0
+    finally:
+        helper.stdin.close()
+        assert helper.wait(timeout=30) == 0
 
 
 def test_ksm_state_reads_the_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ from support.ports import free_port
 from support.processes import (
     EVERY_SERVICE_AT_START,
     SHOAL,
+    mergeable,
     metrics_sets,
     pids_mentioning,
     shoal_up_argv,
@@ -49,19 +50,6 @@ def rollup(pid: int) -> dict[str, int]:
         if value.strip().endswith("kB"):
             out[key] = int(value.split()[0]) * 1024
     return out
-
-
-def mergeable(pid: int) -> int:
-    """Bytes of `pid`'s mappings marked for KSM (VmFlags "mg" in /proc/<pid>/smaps)."""
-    size = total = 0
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        head = line.split(maxsplit=1)[0]
-        if "-" in head and not head.endswith(":"):
-            low, high = head.split("-")
-            size = int(high, 16) - int(low, 16)
-        elif head == "VmFlags:" and "mg" in line.split()[1:]:
-            total += size
-    return total
 
 
 def stat(pid: int) -> list[str]:

@@ -46,6 +46,19 @@ async def finished(proc: asyncio.subprocess.Process, timeout: float = 30) -> Cli
     return CliResult(proc.returncode, out.decode(), err.decode())
 
 
+def mergeable(pid: int) -> int:
+    """Bytes of `pid`'s mappings marked for KSM (VmFlags "mg" in /proc/<pid>/smaps)."""
+    size = total = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = head.split("-")
+            size = int(high, 16) - int(low, 16)
+        elif head == "VmFlags:" and "mg" in line.split()[1:]:
+            total += size
+    return total
+
+
 def shoal_up_argv(root: Path, node_id: str, sets: Iterable[str], *extra: str) -> list[str]:
     """`shoal up` for `node_id` with its state and run roots under `root`, a `--set` for
     each KEY=VALUE in `sets`, then `extra` (e.g. `--replicas puller=2`)."""

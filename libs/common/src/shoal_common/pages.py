@@ -5,7 +5,7 @@ count (and, in code objects, warm-up counters) into every object it touches, so 
 copies 10-13 MiB of the zygote's pages although most of them end up byte for byte what
 they were (a count that went up comes down again). KSM finds such identical anonymous pages
 and maps them back to one copy-on-write page: measured here, the idle footprint of
-`shoal up` fell from 153 to 126 MiB. Only the mappings marked MADV_MERGEABLE are scanned:
+`shoal up` fell from 153 to 127-133 MiB. Only the mappings marked MADV_MERGEABLE are scanned:
 the zygote marks its private writable ones before it forks (the children inherit the
 marks; an exec, such as runc's or conmon's, drops them, so no container's memory is ever
 merged), and each service marks its own once it is up.

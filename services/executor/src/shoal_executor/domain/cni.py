@@ -219,16 +219,17 @@ class Cni:
             net = without_default_route(net)
         result: dict[str, Any] | None = None
         done: list[dict[str, Any]] = []
+        rc = runtime_config or {}
         try:
             for plugin in net.plugins:
-                if idle(plugin, runtime_config or {}):
+                if idle(plugin, rc):
                     continue
                 result = await self._invoke("ADD", net, plugin, container_id, netns, ifname,
-                                            result, runtime_config or {})
+                                            result, rc)
                 done.append(plugin)
         except Exception:
             # Undo what was attached so far; a half-plumbed pod leaks IPs and iptables rules.
-            await self._delete(net, done, container_id, netns, ifname, runtime_config or {})
+            await self._delete(net, done, container_id, netns, ifname, rc)
             raise
         ips = [ip["address"].split("/")[0] for ip in (result or {}).get("ips", [])]
         return AttachResult(ip=ips[0] if ips else "", ips=ips, raw=result or {})
