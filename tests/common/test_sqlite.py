@@ -76,3 +76,33 @@ async def test_a_store_opens_its_own_schema_and_reopens_it(tmp_path: Path) -> No
         assert await again.db.run(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 1
     finally:
         await again.close()
+
+
+async def test_a_commit_that_need_not_wait_for_the_disk_is_still_a_commit(
+        tmp_path: Path) -> None:
+    path = tmp_path / "meta.db"
+    db = Database(path, ["CREATE TABLE t(x INTEGER)"])
+    await db.open()
+
+    def synchronous() -> int:
+        return int(db._conn.execute("PRAGMA synchronous").fetchone()[0])  # type: ignore[union-attr]
+
+    try:
+        assert await db.run(lambda c: synchronous()) == 2  # FULL
+        await db.transaction(lambda c: c.execute("INSERT INTO t VALUES (1)"), durable=False)
+        other = sqlite3.connect(path)
+        assert other.execute("SELECT x FROM t").fetchall() == [(1,)]  # committed
+        other.close()
+        assert await db.run(lambda c: synchronous()) == 2  # the next commit waits again
+
+        def fails(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO t VALUES (2)")
+            raise ValueError("no")
+        try:
+            await db.transaction(fails, durable=False)
+        except ValueError:
+            pass
+        assert await db.run(lambda c: [r[0] for r in c.execute("SELECT x FROM t")]) == [1]
+        assert await db.run(lambda c: synchronous()) == 2
+    finally:
+        await db.close()

@@ -114,9 +114,25 @@ class Database:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call, conn)
 
-    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(conn)` inside BEGIN IMMEDIATE ... COMMIT (rolled back if it raises)."""
-        return await self.run(lambda conn: _in_transaction(conn, fn))
+    async def transaction(self, fn: Callable[[sqlite3.Connection], T], *,
+                          durable: bool = True) -> T:
+        """Run `fn(conn)` inside BEGIN IMMEDIATE ... COMMIT (rolled back if it raises).
+
+        `durable=False`: the commit does not wait for the disk (no fsync of the WAL). It
+        still survives the crash of any process, since it is in the kernel's page cache;
+        a power loss can take it (and no commit before it: the next durable commit's fsync
+        covers the WAL up to it). Only for writes whose loss repeats harmless work, such as
+        marking an outbox event sent (it is sent again under the same id)."""
+        if durable:
+            return await self.run(lambda conn: _in_transaction(conn, fn))
+
+        def relaxed(conn: sqlite3.Connection) -> T:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                return _in_transaction(conn, fn)
+            finally:
+                conn.execute("PRAGMA synchronous=FULL")
+        return await self.run(relaxed)
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -49,7 +49,8 @@ def netns_path(name: str) -> str:
     return os.path.join(NETNS_DIR, name)
 
 
-def _check(result: int, what: str) -> None:
+def check(result: int, what: str) -> None:
+    """OSError(errno, `what`: strerror) unless a libc call returned 0."""
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
@@ -65,11 +66,11 @@ def _shared_dir() -> None:
     path = os.fsencode(NETNS_DIR)
     if _libc.mount(b"", path, b"none", ctypes.c_ulong(MS_SHARED | mounts.MS_REC), None) != 0:
         if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
-            _check(-1, f"making {NETNS_DIR} shared")
-        _check(_libc.mount(path, path, b"none",
+            check(-1, f"making {NETNS_DIR} shared")
+        check(_libc.mount(path, path, b"none",
                            ctypes.c_ulong(mounts.MS_BIND | mounts.MS_REC), None),
                f"bind-mounting {NETNS_DIR} on itself")
-        _check(_libc.mount(b"", path, b"none", ctypes.c_ulong(MS_SHARED | mounts.MS_REC),
+        check(_libc.mount(b"", path, b"none", ctypes.c_ulong(MS_SHARED | mounts.MS_REC),
                            None), f"making {NETNS_DIR} shared")
     _dir_ready = True
 
@@ -83,7 +84,7 @@ def _loopback_up() -> None:
             fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | IFF_UP))
 
 
-def _in_own_thread(work: Callable[[], None]) -> None:
+def in_own_thread(work: Callable[[], None]) -> None:
     """Run `work` in a new thread that ends after it: whatever namespace it moved into
     ends with it (a pool thread would carry it into the next job)."""
     failure: list[BaseException] = []
@@ -111,15 +112,15 @@ def _make(path: str, owner_pid: int) -> None:
         if owner_pid:
             source = f"/proc/{owner_pid}/ns/net"
             with open(source, "rb") as ns:
-                _check(_libc.setns(ns.fileno(), CLONE_NEWNET), f"entering {source}")
+                check(_libc.setns(ns.fileno(), CLONE_NEWNET), f"entering {source}")
         else:
-            _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-        _check(_libc.mount(b"/proc/thread-self/ns/net", os.fsencode(path), b"none",
+            check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        check(_libc.mount(b"/proc/thread-self/ns/net", os.fsencode(path), b"none",
                            ctypes.c_ulong(mounts.MS_BIND), None), f"bind-mounting {path}")
         _loopback_up()
 
     try:
-        _in_own_thread(enter_and_mount)
+        in_own_thread(enter_and_mount)
     except OSError:
         if not mounts.is_mountpoint(path):
             os.unlink(path)  # nothing was made: leave no name behind
@@ -129,10 +130,10 @@ def _make(path: str, owner_pid: int) -> None:
 def _bring_up(path: str) -> None:
     def enter() -> None:
         with open(path, "rb") as ns:
-            _check(_libc.setns(ns.fileno(), CLONE_NEWNET), f"entering {path}")
+            check(_libc.setns(ns.fileno(), CLONE_NEWNET), f"entering {path}")
         _loopback_up()
 
-    _in_own_thread(enter)
+    in_own_thread(enter)
 
 
 def _create(name: str, owner_pid: int) -> str:
@@ -159,7 +160,7 @@ async def create(name: str, owner_pid: int = 0) -> str:
 def _delete(path: str) -> None:
     try:
         while mounts.is_mountpoint(path):  # as `ip netns delete`: detach, then unlink
-            _check(_libc.umount2(os.fsencode(path), mounts.MNT_DETACH), f"unmounting {path}")
+            check(_libc.umount2(os.fsencode(path), mounts.MNT_DETACH), f"unmounting {path}")
         os.unlink(path)
     except FileNotFoundError:
         pass
