@@ -146,6 +146,12 @@ class PodNetworks:
         if choice.owner is not None:
             record.joins = choice.owner.id
             record.netns_path, record.ips = choice.owner.netns_path, list(choice.owner.ips)
+        elif choice.network != HOST_NETWORK:
+            # Named now, so that the record's first write (the intent) also claims it: only
+            # claimed namespaces are ever swept, so another node's `shoal-*` on a shared
+            # host is never touched.
+            record.netns_name = f"shoal-{record.id[:32]}"
+            record.netns_path = netns.netns_path(record.netns_name)
 
     @contextlib.asynccontextmanager
     async def holding(self, owner_id: str) -> AsyncIterator[None]:
@@ -165,11 +171,7 @@ class PodNetworks:
         namespace). None for a pod without a namespace of its own, or without CNI."""
         if record.network == HOST_NETWORK or record.joins:
             return None
-        record.netns_name = f"shoal-{record.id[:32]}"
-        record.netns_path = netns.netns_path(record.netns_name)
-        # Claimed before it exists (and CNI ADD runs in it): only claimed namespaces are
-        # ever swept, so another node's `shoal-*` on a shared host is never touched.
-        await self.records.put_sandbox(record, claim_netns=True)
+        # Claimed (assign named it; the intent's write claimed it) before it exists.
         await userns.make_netns(Path(record.dir), record.netns_name, idmap)
         await faults.point("executor.sandbox.netns")
         if record.network == NO_NETWORK:

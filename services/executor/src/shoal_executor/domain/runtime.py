@@ -212,7 +212,7 @@ class Runtime:
         # The intent, before anything is set up: a kill from here on leaves a record the
         # next start undoes (domain/reconcile.py).
         async with self.net.holding(record.joins):
-            await self.records.put_sandbox(record)
+            await self.records.put_sandbox(record, claim_netns=True)
         self.dirs.make("sandboxes", sandbox_id)
         network: asyncio.Task[AttachResult] | None = None
         try:
