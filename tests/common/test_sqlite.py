@@ -106,3 +106,19 @@ async def test_a_commit_that_need_not_wait_for_the_disk_is_still_a_commit(
         assert await db.run(lambda c: synchronous()) == 2
     finally:
         await db.close()
+
+
+async def test_sync_makes_the_wal_durable_and_needs_no_wal(tmp_path: Path) -> None:
+    db = Database(tmp_path / "meta.db", ["CREATE TABLE t(x INTEGER)"])
+    await db.open()
+    try:
+        await db.sync()
+        await db.transaction(lambda c: c.execute("INSERT INTO t VALUES (1)"), durable=False)
+        assert (tmp_path / "meta.db-wal").stat().st_size > 0
+        await db.sync()
+        await db.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        assert (tmp_path / "meta.db-wal").stat().st_size == 0
+        await db.sync()
+        assert await db.run(lambda c: [r[0] for r in c.execute("SELECT x FROM t")]) == [1]
+    finally:
+        await db.close()

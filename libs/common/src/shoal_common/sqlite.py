@@ -121,8 +121,13 @@ class Database:
         `durable=False`: the commit does not wait for the disk (no fsync of the WAL). It
         still survives the crash of any process, since it is in the kernel's page cache;
         a power loss can take it (and no commit before it: the next durable commit's fsync
-        covers the WAL up to it). Only for writes whose loss repeats harmless work, such as
-        marking an outbox event sent (it is sent again under the same id)."""
+        covers the WAL up to it). Only for writes whose loss on a power loss is harmless:
+        marking an outbox event sent (it is sent again under the same id), or marking done
+        a step whose intent was committed durably before it ran (the record then reads as
+        that intent, which the next start finishes or undoes as after a kill -9 just before
+        the mark; and what the runtime's steps make, processes, mounts, namespaces, does not
+        outlive a power loss anyway). A fact about such a change is published only after
+        `sync()`."""
         if durable:
             return await self.run(lambda conn: _in_transaction(conn, fn))
 
@@ -133,6 +138,21 @@ class Database:
             finally:
                 conn.execute("PRAGMA synchronous=FULL")
         return await self.run(relaxed)
+
+    async def sync(self) -> None:
+        """Make every commit so far durable, those that did not wait for the disk too: one
+        fdatasync of the WAL (where SQLite appends every commit until a checkpoint, which
+        itself syncs it first)."""
+        def sync() -> None:
+            try:
+                fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        await asyncio.get_running_loop().run_in_executor(self._executor, sync)
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -214,7 +214,8 @@ class Pods:
         record.state, record.ip = "ready", info.ip
         record.additional_ips, record.netns_path = info.additional_ips, info.netns_path
         record.pinned = info.pinned
-        await self.meta.update_pod(record)
+        # A completion mark (the intent was durable): see Database.transaction.
+        await self.meta.update_pod(record, durable=False)
         log.info("pod sandbox ready", pod=f"{md.namespace}/{md.name}", id=record.id,
                  ip=info.ip, shoal_namespace=ns)
         return record
@@ -398,7 +399,7 @@ class Pods:
             await asyncio.shield(self._undo_container(ns, record.id))
             raise
         record.state = "created"
-        await self.meta.set_container_state(record.id, "created")
+        await self.meta.set_container_state(record.id, "created", durable=False)
         return record
 
     async def _undo_container(self, ns: str, container_id: str) -> None:

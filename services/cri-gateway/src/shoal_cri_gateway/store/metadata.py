@@ -226,10 +226,11 @@ class Metadata(SqliteStore):
         await self.db.transaction(lambda c: c.execute(
             "UPDATE pods SET config=? WHERE id=?", (config, pod_id)))
 
-    async def update_pod(self, p: PodRecord) -> None:
+    async def update_pod(self, p: PodRecord, *, durable: bool = True) -> None:
         await self.db.transaction(lambda c: c.execute(
             "UPDATE pods SET state=?, ip=?, additional_ips=?, netns_path=?, pinned=? WHERE id=?",
-            (p.state, p.ip, json.dumps(p.additional_ips), p.netns_path, int(p.pinned), p.id)))
+            (p.state, p.ip, json.dumps(p.additional_ips), p.netns_path, int(p.pinned), p.id)),
+            durable=durable)
 
     async def pod(self, pod_id: str, namespace: str) -> PodRecord:
         """By full id or unique prefix (crictl passes short ids), in `namespace` only."""
@@ -264,9 +265,11 @@ class Metadata(SqliteStore):
             (pod_id, name, attempt)).fetchall())
         return _ctr(rows[0]) if rows else None
 
-    async def set_container_state(self, container_id: str, state: str) -> None:
+    async def set_container_state(self, container_id: str, state: str, *,
+                                  durable: bool = True) -> None:
         await self.db.transaction(lambda c: c.execute(
-            "UPDATE containers SET state=? WHERE id=?", (state, container_id)))
+            "UPDATE containers SET state=? WHERE id=?", (state, container_id)),
+            durable=durable)
 
     async def pods(self, namespace: str | None) -> list[PodRecord]:
         """The pods of `namespace` (None: of every namespace, for the gateway's own

@@ -234,7 +234,8 @@ class Runtime:
                 f"{record.ips[0]}\t{hostname}\n" if record.ips and hostname else ""))
             record.pid = pid
             record.state, record.owner = READY, ""
-            await self.records.put_sandbox(record)
+            # A completion mark (the intent was durable): see Database.transaction.
+            await self.records.put_sandbox(record, durable=False)
         except BaseException:
             log.warning("sandbox setup failed; tearing down", sandbox=sandbox_id)
             if network is not None:
@@ -439,7 +440,7 @@ class Runtime:
                             error=exc.message)
             raise
         record.pid, record.owner = state.pid, ""
-        await self.records.put_container(record)
+        await self.records.put_container(record, durable=False)  # a completion mark
         return ContainerCreateReply(id=container_id, pid=state.pid, bundle=str(bundle),
                                     stop_signal=signal)
 

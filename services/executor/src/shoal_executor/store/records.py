@@ -193,9 +193,10 @@ class Attachment:
 class Records(SqliteStore):
     migrations = MIGRATIONS
 
-    async def put_sandbox(self, s: SandboxRecord, *, claim_netns: bool = False) -> None:
+    async def put_sandbox(self, s: SandboxRecord, *, claim_netns: bool = False,
+                          durable: bool = True) -> None:
         """`claim_netns`: also claim its netns (attached), in the same transaction, before
-        the namespace is made and CNI ADD runs."""
+        the namespace is made and CNI ADD runs. `durable`: see Database.transaction."""
         def tx(c: sqlite3.Connection) -> None:
             _check_network(c, s)
             c.execute("INSERT OR REPLACE INTO sandboxes(id, netns_name, netns_path, ips, pid, "
@@ -210,7 +211,7 @@ class Records(SqliteStore):
                           "attached, network) VALUES (?,?,?,?,?,?)",
                           (s.netns_name, s.id, s.netns_path, json.dumps(s.runtime_config),
                            int(s.network != NO_NETWORK), s.network))
-        await self.db.transaction(tx)
+        await self.db.transaction(tx, durable=durable)
 
     async def sandbox(self, sandbox_id: str) -> SandboxRecord | None:
         row = await self.db.run(lambda c: c.execute(
@@ -225,10 +226,11 @@ class Records(SqliteStore):
         await self.db.transaction(lambda c: c.execute(
             "DELETE FROM sandboxes WHERE id=?", (sandbox_id,)))
 
-    async def put_container(self, r: ContainerRecord) -> None:
+    async def put_container(self, r: ContainerRecord, *, durable: bool = True) -> None:
+        """`durable`: see Database.transaction."""
         await self.db.transaction(lambda c: c.execute(
             "INSERT OR REPLACE INTO containers VALUES (?,?,?,?,?,?)",
-            (r.id, r.sandbox_id, r.bundle, r.stop_signal, r.pid, r.owner)))
+            (r.id, r.sandbox_id, r.bundle, r.stop_signal, r.pid, r.owner)), durable=durable)
 
     async def containers(self) -> list[ContainerRecord]:
         rows = await self.db.run(lambda c: c.execute("SELECT * FROM containers").fetchall())

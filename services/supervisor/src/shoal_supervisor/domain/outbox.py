@@ -68,6 +68,9 @@ class Outbox:
                 entries = await self.store.pending_events()
                 if not entries:
                     return True
+                # A fact leaves only once its change is durable: the marks written with it
+                # (created, started) did not wait for the disk (Database.transaction).
+                await self.store.db.sync()
                 for entry in entries:
                     try:
                         await self._publish(entry.event, entry.namespace, entry.event_id)

@@ -221,7 +221,7 @@ class TaskStore(SqliteStore):
                        TaskCreated(id=task.id, pid=pid, sandbox_id=task.sandbox_id))
             return True
 
-        return await self._changed(tx, task.id)
+        return await self._changed(tx, task.id, durable=False)  # a completion mark
 
     async def mark_starting(self, task: TaskRecord, started_at: float) -> None:
         """The intent to start a `created` task (its start time), recorded before the
@@ -244,7 +244,7 @@ class TaskStore(SqliteStore):
                        TaskStarted(id=task.id, pid=task.pid, sandbox_id=task.sandbox_id))
             return True
 
-        return await self._changed(tx, task.id)
+        return await self._changed(tx, task.id, durable=False)  # a completion mark
 
     async def mark_exited(self, task: TaskRecord, exit_code: int, finished_at: float,
                           reason: str, message: str) -> TaskRecord | None:
@@ -331,12 +331,13 @@ class TaskStore(SqliteStore):
         await self.db.transaction(lambda conn: conn.execute(
             "DELETE FROM outbox WHERE seq=?", (seq,)), durable=False)
 
-    async def _changed(self, tx: Callable[[sqlite3.Connection], bool],
-                       task_id: str) -> TaskRecord | None:
+    async def _changed(self, tx: Callable[[sqlite3.Connection], bool], task_id: str, *,
+                       durable: bool = True) -> TaskRecord | None:
+        """`durable`: see Database.transaction."""
         def run(conn: sqlite3.Connection) -> TaskRecord | None:
             if not tx(conn):
                 return None
             row = conn.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
             return _row_to_task(row)
 
-        return await self.db.transaction(run)
+        return await self.db.transaction(run, durable=durable)
