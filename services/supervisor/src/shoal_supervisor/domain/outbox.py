@@ -37,8 +37,8 @@ class Outbox:
     async def after_change(self) -> None:
         """After any task change: refresh the task gauges and publish its events in the
         background. A command never waits for JetStream: while NATS restarts an ack can
-        take the whole publish timeout, and every command would queue behind it."""
-        set_task_counts(await self.store.count_by_state())
+        take the whole publish timeout, and every command would queue behind it (nor for
+        the gauges' count: a read on the database thread)."""
         self._again = True
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run())
@@ -48,6 +48,7 @@ class Outbox:
         # flush tries again every second).
         while self._again:
             self._again = False
+            set_task_counts(await self.store.count_by_state())
             if not await self.flush():
                 return
 
