@@ -4,6 +4,7 @@ and an exec (runc's, conmon's, a container's) does not, and the KSM switch."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -108,3 +109,72 @@ async def test_the_scan_is_raised_for_a_while_only_from_the_kernels_default(
     rate.write_text("700\n")  # changed meanwhile: not ours to put back
     boost.end()
     assert rate.read_text() == "700\n"
+
+
+def test_only_private_read_only_file_mappings_are_paged_out() -> None:
+    text = MAPS + ("7f1e2f000000-7f1e2f100000 r-xp 00001000 fe:01 77"
+                   "                         /usr/bin/nats-server\n")
+    assert pages._file_read_only(text) == [
+        (0x7F1E2D000000, 0x7F1E2D001000),  # a library's read-only data
+        (0x7F1E2F000000, 0x7F1E2F100000),  # a program's text
+    ]  # not anonymous, writable, shared or the kernel's
+
+
+# Maps a file read-only and privately, reads every page of it, says so; then on each line
+# on stdin reads its middle byte and prints it.
+MAPPER = textwrap.dedent("""
+    import mmap, sys
+
+    with open(sys.argv[1], "rb") as f:
+        view = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    print(sum(view[at] for at in range(0, len(view), mmap.PAGESIZE)), flush=True)
+    for line in sys.stdin:
+        print(view[len(view) // 2], flush=True)
+""")
+
+
+def resident_kib(pid: int, path: Path) -> int:
+    """Rss of the mappings of `path` in process `pid`."""
+    rss, current = 0, ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            current = fields[5] if len(fields) > 5 else ""
+        elif fields[0] == "Rss:" and current == str(path):
+            rss += int(fields[1])
+    return rss
+
+
+def test_paged_out_text_leaves_the_resident_set_and_comes_back_on_use(
+        tmp_path: Path) -> None:
+    data = tmp_path / "text.bin"
+    with data.open("wb") as f:
+        f.write(bytes(range(256)) * (16 << 12))  # 16 MiB
+        f.flush()
+        os.fsync(f.fileno())  # clean pages: the kernel can drop them, not just unmap them
+    helper = subprocess.Popen([sys.executable, "-c", MAPPER, str(data)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert helper.stdin is not None and helper.stdout is not None
+
+    def ask(line: str) -> str:
+        helper.stdin.write(line + "\n")
+        helper.stdin.flush()
+        return helper.stdout.readline().strip()
+
+    try:
+        helper.stdout.readline()
+        assert resident_kib(helper.pid, data) == 16 << 10
+        assert pages.page_out_file_pages(helper.pid) >= 16 << 20
+        assert resident_kib(helper.pid, data) == 0
+        assert ask("touch") == str((8 << 20) % 256)  # the same bytes, read back from the file
+        back = resident_kib(helper.pid, data)
+        assert 4 <= back <= 512  # what was used, with at most the read-around about it
+    finally:
+        helper.stdin.close()
+        assert helper.wait(timeout=30) == 0
+
+
+def test_a_gone_process_is_nothing_to_page_out() -> None:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    assert pages.page_out_file_pages(proc.pid) == 0

@@ -5,6 +5,7 @@ killed zygote is replaced and forks the next restart. `launcher.preload = false`
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -157,6 +158,13 @@ def test_services_are_forked_from_the_zygote_and_restarted_by_fork(up: Up) -> No
     [nats] = [pid for pid in pids_mentioning(str(up.root))
               if os.readlink(f"/proc/{pid}/exe").endswith("/nats-server")]
     assert mergeable(nats) == 0  # exec'd: no mark survives an exec
+    # Its program text was paged out once it listened and again once every service was up
+    # (nats.embedded.page_out_text; what that does to a process: tests/common/test_pages.py).
+    paged = [json.loads(line) for line in up.err.read_text().splitlines()
+             if "nats-server's program text paged out" in line]
+    binary = Path(os.readlink(f"/proc/{nats}/exe")).stat().st_size
+    assert [entry["pid"] for entry in paged] == [nats, nats]
+    assert all(entry["advised_mib"] * MIB > binary * 0.8 for entry in paged), paged
     for svc in SERVICES:
         assert_forked(up, svc.module, zygote)
     serving = up.serving()  # `shoal status` finds each by its command line, as before

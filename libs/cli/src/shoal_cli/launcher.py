@@ -37,7 +37,7 @@ from shoal_common.errors import ShoalError, Unavailable
 from shoal_common.fs import private_dir, write_private
 from shoal_common.messages import HealthReply
 from shoal_common.metrics import MetricsServer
-from shoal_common.pages import ScanBoost, ensure_ksm
+from shoal_common.pages import ScanBoost, ensure_ksm, page_out_file_pages, resident_bytes
 from shoal_common.service import release_free_memory
 
 from shoal_cli import activation
@@ -55,6 +55,7 @@ CHILDREN_UP = Gauge("shoal_launcher_children_running", "Child processes running,
                     ["service"])
 
 NATS = "nats"  # the embedded server's name as a child and its metrics label
+MIB = 1 << 20
 NATS_LISTEN_TIMEOUT = 10.0
 ZYGOTE_WAIT = 10.0
 
@@ -180,11 +181,21 @@ class Launcher:
                 await writer.wait_closed()
                 log.info("nats-server ready", url=self.config.nats.url,
                          store=self.config.nats_store_dir, pid=proc.pid)
+                self._page_out_nats(proc)
                 return
             except OSError:
                 await asyncio.sleep(0.05)
         raise Unavailable(f"nats-server did not listen on {host}:{port} within "
                           f"{NATS_LISTEN_TIMEOUT:.0f} s")
+
+    def _page_out_nats(self, proc: ChildProcess) -> None:
+        if not self.config.nats.embedded.page_out_text:
+            return
+        before = resident_bytes(proc.pid)
+        advised = page_out_file_pages(proc.pid)
+        log.info("nats-server's program text paged out", pid=proc.pid, advised_mib=round(
+            advised / MIB, 1), resident_mib_before=round(before / MIB, 1),
+            resident_mib_after=round(resident_bytes(proc.pid) / MIB, 1))
 
     async def start_nats(self) -> None:
         """Start the embedded server, wait until it listens, then supervise it like a
@@ -429,6 +440,8 @@ class Launcher:
                 targets = self.write_prometheus_targets(health)
                 self.print_summary(health, targets)
                 release_free_memory()
+                if self.nats is not None and self.nats.proc is not None:
+                    self._page_out_nats(self.nats.proc)  # again: what their start used
                 await stop.wait()
             else:
                 # Stopped before every service answered: let the health poll end before the

@@ -51,6 +51,10 @@ class EmbeddedNatsConfig(_Section):
     # TLS for the embedded server (both set, PEM): clients then need nats.tls_ca.
     tls_cert: str = ""
     tls_key: str = ""
+    # Once it listens, and again once every service is up, the launcher takes back the pages
+    # of the server's program its start-up faulted in (shoal_common.pages.page_out_file_pages):
+    # ~5 MiB of its ~18 MiB; what it runs is faulted back. False: left resident.
+    page_out_text: bool = True
 
 
 class NatsConfig(_Section):
