@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -12,6 +13,12 @@ from shoal_common.config import Config, load_config
 from support.nats import nats_server
 from support.processes import Node, ServiceSet
 from support.registry import Registry
+
+# A suite started in the background by a non-interactive shell (`.ci/run &`) inherits SIGINT
+# ignored, and so would every program it starts: the docker CLI and `shoal up` would then
+# not stop at the Ctrl-C the tests send. A handler (unlike an ignore) is reset by exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _node_ids = itertools.count()
 

@@ -178,8 +178,10 @@ def test_the_docker_gateway_starts_at_its_first_connection(tmp_path: Path) -> No
         rows = wait_for(lambda: (r := status_rows(status(client).stdout)).get(
             "docker-gateway-0") and r, 30, "the gateway in shoal status")
         assert rows["docker-gateway-0"] == ("serving", first[0])
-        groups = json.loads((tmp_path / "run" / "prometheus-targets.json").read_text())
-        assert next(g["targets"] for g in groups if g["labels"]["service"] == "docker-gateway")
+        # The launcher rewrites its targets once its own health poll saw the gateway serve.
+        wait_for(lambda: next(g["targets"] for g in json.loads(
+            (tmp_path / "run" / "prometheus-targets.json").read_text())
+            if g["labels"]["service"] == "docker-gateway"), 30, "the gateway's metrics target")
 
         # Killed: a client connecting right after waits in the launcher's socket, not refused.
         os.kill(first[0], signal.SIGKILL)
