@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 MADV_MERGEABLE = 12
@@ -51,35 +52,30 @@ class _IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-def _private_writable(maps: str) -> list[tuple[int, int]]:
-    """(start, end) of each private writable mapping in a /proc/<pid>/maps text: the heap,
-    anonymous mappings (obmalloc's arenas, mmap'd malloc) and libraries' data."""
-    ranges = []
+def _mappings(maps: str) -> Iterator[tuple[int, int, str, str]]:
+    """(start, end, permissions, name) of each mapping in a /proc/<pid>/maps text; name ""
+    for an anonymous one."""
     for line in maps.splitlines():
         fields = line.split(maxsplit=5)
         if len(fields) < 5 or len(fields[1]) != 4:
             continue
-        perms, name = fields[1], (fields[5].strip() if len(fields) == 6 else "")
-        if perms[1] != "w" or perms[3] != "p" or name in _SKIP:
-            continue
         start, _, end = fields[0].partition("-")
-        ranges.append((int(start, 16), int(end, 16)))
-    return ranges
+        yield (int(start, 16), int(end, 16), fields[1],
+               fields[5].strip() if len(fields) == 6 else "")
+
+
+def _private_writable(maps: str) -> list[tuple[int, int]]:
+    """(start, end) of each private writable mapping in a /proc/<pid>/maps text: the heap,
+    anonymous mappings (obmalloc's arenas, mmap'd malloc) and libraries' data."""
+    return [(start, end) for start, end, perms, name in _mappings(maps)
+            if perms[1] == "w" and perms[3] == "p" and name not in _SKIP]
 
 
 def _file_read_only(maps: str) -> list[tuple[int, int]]:
     """(start, end) of each private read-only mapping of a file in a /proc/<pid>/maps text:
     program and library text and read-only data, whose pages the page cache can give back."""
-    ranges = []
-    for line in maps.splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or len(fields[1]) != 4 or not fields[5].startswith("/"):
-            continue
-        if fields[1][1] == "w" or fields[1][3] != "p":
-            continue
-        start, _, end = fields[0].partition("-")
-        ranges.append((int(start, 16), int(end, 16)))
-    return ranges
+    return [(start, end) for start, end, perms, name in _mappings(maps)
+            if perms[1] != "w" and perms[3] == "p" and name.startswith("/")]
 
 
 def page_out_file_pages(pid: int) -> int:
