@@ -35,6 +35,7 @@ from shoal_common.oci import chain_ids
 from shoal_common.sqlite import Database
 from shoal_snapshotter.domain import mounts as sysmount
 from shoal_snapshotter.domain.drivers import choose_driver
+from shoal_snapshotter.domain.flush import Flusher, boot_id
 from shoal_snapshotter.domain.images import Images
 from shoal_snapshotter.domain.layers import PROCESS_MIN_BYTES, Unpacker
 from shoal_snapshotter.domain.locks import ChainLocks
@@ -239,6 +240,7 @@ class Domain:
     unpacker: Unpacker
     images: Images
     locks: ChainLocks
+    flusher: Flusher
     events: list[tuple[Event, str]] = field(default_factory=list)
 
     async def unpack(self, name: str, layers: list[Layer], content: FakeContent | None = None,
@@ -266,7 +268,8 @@ class Domain:
 
 @contextlib.asynccontextmanager
 async def open_domain(root: Path, driver: str, *, workers: int = 4,
-                      process_min_bytes: int = PROCESS_MIN_BYTES) -> AsyncIterator[Domain]:
+                      process_min_bytes: int = PROCESS_MIN_BYTES,
+                      flush_delay: float = 0.05) -> AsyncIterator[Domain]:
     root.mkdir(parents=True, exist_ok=True)
     db = Database(root / "metadata.db", md.MIGRATIONS)
     await db.open()
@@ -278,11 +281,16 @@ async def open_domain(root: Path, driver: str, *, workers: int = 4,
     snapshots = Snapshots(db, choose_driver(driver, root, None, False), root, publish)
     assert snapshots.driver.name == driver
     locks = ChainLocks(root / "locks")
-    unpacker = Unpacker(snapshots, locks, workers=workers, process_min_bytes=process_min_bytes)
+    flusher = Flusher(db, snapshots.snap_root, boot_id(), delay=flush_delay, max_wait=10.0)
+    flusher.start()
+    unpacker = Unpacker(snapshots, locks, flusher, workers=workers,
+                        process_min_bytes=process_min_bytes)
     try:
-        yield Domain(root, db, snapshots, unpacker, Images(snapshots, unpacker), locks, events)
+        yield Domain(root, db, snapshots, unpacker, Images(snapshots, unpacker), locks,
+                     flusher, events)
     finally:
         unpacker.close()
+        await flusher.close()
         await db.close()
         with contextlib.suppress(OSError):
             sysmount.unmount_all_under(root.parent)

@@ -318,6 +318,67 @@ async def test_kill_9_mid_parallel_unpack_leaves_no_half_layer(
     assert second.terminate() == 0
 
 
+def unsynced_marks(node: Node) -> dict[str, str]:
+    """Each snapshot's key -> the boot its files were committed unflushed in ('' flushed)."""
+    conn = sqlite3.connect(f"file:{node.state_root}/snapshotter/metadata.db?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT key, unsynced_boot FROM snapshots ORDER BY id"))
+    finally:
+        conn.close()
+
+
+async def test_layers_flushed_in_the_background_and_torn_ones_removed_after_a_reboot(
+        node: Node, services: ServiceSet, bus: Bus) -> None:
+    layers = [LayerBuilder().file(f"l{i}", os.urandom(1 << 20)).build() for i in range(3)]
+    chains = [i.chain_id for i in layer_infos(layers)]
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    snaps = node.state_root / "snapshotter" / "snapshots"
+    content = FakeContent(layers)
+    events = await watch(bus, node)
+    async with serve_content(node, content):
+        # A flush far away: the layers stay committed and marked unflushed while it runs.
+        first = await start(services, consume_events="false", flush_delay="600",
+                            flush_max_wait="900")
+        reply = await request(bus, "unpack", UnpackRequest(image="x:1",
+                                                          layers=layer_infos(layers)),
+                              UnpackReply)
+        assert reply == UnpackReply(chain_id=chains[-1], unpacked=3)
+        await request(bus, "prepare", PrepareRequest(key="ctr-rootfs", parent=chains[-1]),
+                      MountsReply)
+        assert unsynced_marks(node) == {**dict.fromkeys(chains, boot), "ctr-rootfs": ""}
+        first.kill9()
+
+        # As a power loss right after the commits would leave it: the middle layer written
+        # in an earlier boot and never flushed (the bottom one still of this boot).
+        conn = sqlite3.connect(node.state_root / "snapshotter" / "metadata.db")
+        with conn:
+            conn.execute("UPDATE snapshots SET unsynced_boot = 'an-earlier-boot' WHERE key = ?",
+                         (chains[1],))
+        conn.close()
+        dirs_before = len(list(snaps.iterdir()))
+        second = await start(services, consume_events="false", flush_delay="0.2")
+        # The torn layer and everything on it are gone, announced; the bottom one is kept
+        # and flushed without another commit.
+        assert list(unsynced_marks(node)) == chains[:1]
+        assert second.log_text().count("layer files may be torn") == 3
+        assert sorted(events.removed) == sorted(chains[1:])
+        assert len(list(snaps.iterdir())) == dirs_before - 3
+        assert metric(second, "shoal_snapshotter_torn_snapshots_removed_total") == 3
+        await eventually(lambda: unsynced_marks(node) == {chains[0]: ""},
+                         what="the layer of this boot flushed at start")
+        # The image's next unpack makes the removed layers again, and flushes them.
+        reply = await request(bus, "unpack", UnpackRequest(image="x:1",
+                                                          layers=layer_infos(layers)),
+                              UnpackReply)
+        assert reply == UnpackReply(chain_id=chains[-1], unpacked=2)
+        await eventually(lambda: unsynced_marks(node) == dict.fromkeys(chains, ""),
+                         what="the new layers flushed")
+        assert metric(second, "shoal_snapshotter_flush_seconds_count") == 2
+        files = await view_tree(bus, chains[-1], node.root)
+        assert sorted(f for f in files if f.startswith("l")) == ["l0", "l1", "l2"]
+    assert second.terminate() == 0
+
+
 async def test_two_processes_unpack_one_chain_once(node: Node, services: ServiceSet,
                                                    bus: Bus) -> None:
     # Two snapshotter processes on one state root, addressed separately (second node id, same

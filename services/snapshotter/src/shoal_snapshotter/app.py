@@ -21,6 +21,7 @@ from shoal_common.sqlite import Database
 
 from shoal_snapshotter.domain import metrics
 from shoal_snapshotter.domain.drivers import choose_driver
+from shoal_snapshotter.domain.flush import Flusher, boot_id
 from shoal_snapshotter.domain.fsutil import disk_usage
 from shoal_snapshotter.domain.images import Images
 from shoal_snapshotter.domain.layers import Unpacker
@@ -89,6 +90,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SnapshotterApp]:
     await db.open()
     collector = metrics.SnapshotsByKind(db.path)
     unpacker: Unpacker | None = None
+    flusher: Flusher | None = None
     consumer: EventConsumer | None = None
     app: SnapshotterApp | None = None
     try:
@@ -104,10 +106,18 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SnapshotterApp]:
 
         snapshots = Snapshots(db, driver, root, publish)
         locks = ChainLocks(root / "locks")
-        unpacker = Unpacker(snapshots, locks, workers=settings.unpack_workers)
+        boot = await asyncio.to_thread(boot_id)
+        flusher = Flusher(db, snapshots.snap_root, boot, delay=settings.flush_delay,
+                          max_wait=settings.flush_max_wait)
+        unpacker = Unpacker(snapshots, locks, flusher, workers=settings.unpack_workers)
         images = Images(snapshots, unpacker, fetching_grace=settings.fetching_grace)
         await images.forget_fetching()  # before the clean-up collects unreferenced layers
+        # Before the clean-up too: removing torn layers can leave their parents unreferenced.
+        await snapshots.remove_torn(boot, DEFAULT_NAMESPACE)
         await snapshots.cleanup(locks, DEFAULT_NAMESPACE)
+        flusher.start()
+        if await db.run(lambda c: md.unsynced(c, boot)):
+            flusher.committed()  # left by a process of this boot that stopped before its flush
         collector.register()
         log.info("snapshotter ready", driver=driver.name, root=str(root),
                  counts=await snapshots.counts())
@@ -135,6 +145,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SnapshotterApp]:
                 await asyncio.wait(pending, timeout=5.0)
         if unpacker is not None:
             await asyncio.to_thread(unpacker.close)
+        if flusher is not None:
+            await flusher.close()
         with contextlib.suppress(KeyError):
             collector.unregister()
         await db.close()

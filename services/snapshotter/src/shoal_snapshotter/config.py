@@ -23,6 +23,10 @@ class SnapshotterConfig(ServiceConfig):
     # How long layers unpacked that way are kept for the image to be named (images.create);
     # the layers of a pull that failed go after it.
     fetching_grace: float = 120.0
+    # Unpacked layers are committed before their files are flushed to disk; one syncfs
+    # flushes them this long after the last commit (at most flush_max_wait after the first).
+    flush_delay: float = 1.0
+    flush_max_wait: float = 10.0
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -30,6 +34,6 @@ class SnapshotterConfig(ServiceConfig):
             raise ConfigError(f"config key {key}.driver: {self.driver!r} is not one of "
                               f"{', '.join(DRIVERS)}")
         for name in ("events_ack_wait", "events_max_deliver", "event_concurrency",
-                     "unpack_workers", "fetching_grace"):
+                     "unpack_workers", "fetching_grace", "flush_delay", "flush_max_wait"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config key {key}.{name}: must be > 0")

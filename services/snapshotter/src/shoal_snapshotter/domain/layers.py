@@ -3,7 +3,8 @@
 Per layer: skip if its chain is committed; else, under the chain's lock, prepare an active
 snapshot (labelled `shoal/unpack`), stream the blob from the content store into the layer
 applier (a worker thread for small layers, a child process for big ones: unpack.worker),
-check the diff ID, flush, commit under the chain ID. Any
+check the diff ID, commit under the chain ID marked as not yet flushed (domain.flush flushes
+it in the background). Any
 failure or cancellation throws the active snapshot away, so a committed chain is always a
 whole layer; a crash leaves only an active snapshot that the next start (or the next unpack
 of that chain) removes.
@@ -54,8 +55,8 @@ from shoal_snapshotter.domain.content import (
     open_local,
 )
 from shoal_snapshotter.domain.drivers import fs_dir
+from shoal_snapshotter.domain.flush import Flusher
 from shoal_snapshotter.domain.locks import ChainLocks
-from shoal_snapshotter.domain.mounts import syncfs
 from shoal_snapshotter.domain.snapshots import LABEL_LAYER, LABEL_UNPACK, Snapshots
 from shoal_snapshotter.store.metadata import SnapshotRow
 from shoal_snapshotter.unpack import (
@@ -103,10 +104,12 @@ class _BelowFailed(Exception):
 
 
 class Unpacker:
-    def __init__(self, snapshots: Snapshots, locks: ChainLocks, *, workers: int = 4,
-                 ahead: int = 4, process_min_bytes: int = PROCESS_MIN_BYTES) -> None:
+    def __init__(self, snapshots: Snapshots, locks: ChainLocks, flusher: Flusher, *,
+                 workers: int = 4, ahead: int = 4,
+                 process_min_bytes: int = PROCESS_MIN_BYTES) -> None:
         self.snapshots = snapshots
         self.locks = locks
+        self.flusher = flusher
         self.ahead = ahead
         self.workers = max(1, workers)
         self.process_min_bytes = process_min_bytes
@@ -246,11 +249,7 @@ class Unpacker:
                     snap_dir, [self.snapshots.snap_dir(p.id) for p in parents]) as root:
                 _, diff_id, count = await self._apply(root, source, info, Whiteouts.NATIVE)
             _check_diff_id(image, layer, diff_id)
-            await asyncio.to_thread(syncfs, fs_dir(snap_dir))
-            # Shielded: a cancellation must not tear a commit in flight (which would then
-            # be kept, see Snapshots.discard) from its outcome.
-            await asyncio.shield(self.snapshots.commit(chain, key, {LABEL_LAYER: layer.diff_id},
-                                                       internal=True))
+            await self._commit(chain, key, layer)
         except BaseException:
             await self._discard(row, key)
             raise
@@ -289,13 +288,20 @@ class Unpacker:
                         snap_dir, [self.snapshots.snap_dir(p.id) for p in parents]) as lower:
                     await asyncio.to_thread(merge_lower_dirs, fs_dir(snap_dir), lower,
                                             result.lower_dirs, result.implied_dirs)
-            await asyncio.to_thread(syncfs, fs_dir(snap_dir))
-            await asyncio.shield(self.snapshots.commit(chain, key, {LABEL_LAYER: layer.diff_id},
-                                                       internal=True, parent=parent))
+            await self._commit(chain, key, layer, parent)
         except BaseException:
             await self._discard(row, key)
             raise
         return count
+
+    async def _commit(self, chain: str, key: str, layer: LayerInfo,
+                      parent: str | None = None) -> None:
+        # Shielded: a cancellation must not tear a commit in flight (which would then be
+        # kept, see Snapshots.discard) from its outcome.
+        await asyncio.shield(self.snapshots.commit(
+            chain, key, {LABEL_LAYER: layer.diff_id}, internal=True, parent=parent,
+            unsynced_boot=self.flusher.boot))
+        self.flusher.committed()
 
     async def _discard(self, row: SnapshotRow, key: str) -> None:
         try:

@@ -40,6 +40,14 @@ CONTENT_READS = Counter(
 UNPACKED_BYTES = Counter(
     "shoal_snapshotter_unpacked_bytes_total",
     "Uncompressed layer bytes (tar stream) applied by committed unpacks.")
+FLUSH_SECONDS = Histogram(
+    "shoal_snapshotter_flush_seconds",
+    "Time of one background syncfs flushing the files of the layers committed before it.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
+TORN_SNAPSHOTS = Counter(
+    "shoal_snapshotter_torn_snapshots_removed_total",
+    "Snapshots removed at start because a layer under them was committed in an earlier boot "
+    "and never flushed (its files may have been lost to a power loss).")
 FS_USED_BYTES = Gauge(
     "shoal_snapshotter_fs_used_bytes",
     "Bytes used by the snapshotter's state directory, as of the last fsusage.")

@@ -39,6 +39,7 @@ from shoal_common.messages.snapshots import (
 )
 from shoal_common.sqlite import Database
 
+from shoal_snapshotter.domain import metrics
 from shoal_snapshotter.domain import mounts as sysmount
 from shoal_snapshotter.domain.drivers import Driver, fs_dir, mnt_dir
 from shoal_snapshotter.domain.fsutil import disk_usage, remove_dir
@@ -268,11 +269,13 @@ class Snapshots:
     # -- commit / remove -----------------------------------------------------------------
 
     async def commit(self, name: str, key: str, labels: dict[str, str], *,
-                     internal: bool = False, parent: str | None = None) -> SnapshotInfo:
+                     internal: bool = False, parent: str | None = None,
+                     unsynced_boot: str = "") -> SnapshotInfo:
         """Commit active snapshot `key` as `name`. `parent` (internal): the committed layer
         to put it on, for a snapshot prepared without one because its parent was not
         committed yet (a layer unpacked in parallel); checked in the same transaction, so
-        no layer is ever committed before its parent."""
+        no layer is ever committed before its parent. `unsynced_boot` (internal): the boot
+        in which its files were written and not flushed yet (see domain.flush)."""
         _check_key(name, "name")
         _check_key(key)
         if not internal:
@@ -300,7 +303,7 @@ class Snapshots:
                     raise FailedPrecondition(f"snapshot {key} already has parent {row.parent}")
                 parent_id = prow.id
             md.commit(conn, row.id, name=name, source_key=key, labels=labels, now=time.time(),
-                      parent_id=parent_id)
+                      parent_id=parent_id, unsynced_boot=unsynced_boot)
             committed = md.get_by_id(conn, row.id)
             assert committed is not None
             return committed
@@ -390,6 +393,28 @@ class Snapshots:
             log.warning("could not publish event", topic=type(event).TOPIC, error=exc.message)
 
     # -- start-up ------------------------------------------------------------------------
+
+    async def remove_torn(self, boot: str, namespace: str) -> list[str]:
+        """Remove the layers committed in an earlier boot whose files were never flushed (a
+        power loss may have torn them) and every snapshot built on them, in one transaction
+        (a snapshot is never left on a missing parent). Returns the keys removed."""
+
+        def txn(conn: sqlite3.Connection) -> list[SnapshotRow]:
+            rows = md.with_descendants(conn, md.unsynced_elsewhere(conn, boot))
+            if rows:
+                md.delete_many(conn, [r.id for r in rows])
+            return rows
+
+        rows = await self.db.transaction(txn)
+        metrics.TORN_SNAPSHOTS.inc(len(rows))
+        for row in rows:
+            log.warning("removing a snapshot whose layer files may be torn: committed in an "
+                        "earlier boot and never flushed", key=row.key, kind=row.kind)
+            await self.discard_dir(row.id)
+        for row in rows:
+            if row.kind == "committed":
+                await self.announce(SnapshotRemoved(key=row.key), namespace)
+        return [r.key for r in rows]
 
     async def cleanup(self, locks: ChainLocks, namespace: str) -> None:
         """Remove what crashed processes left: trash, temporaries of dead processes,

@@ -57,6 +57,12 @@ CREATE TABLE image_chains(
     FOREIGN KEY(namespace, name) REFERENCES image_refs(namespace, name) ON DELETE CASCADE
 );
 CREATE INDEX image_chains_by_chain ON image_chains(chain_id)
+""", """
+-- The boot (kernel boot ID) in which a committed layer's files were written and not yet
+-- flushed to disk, or empty once flushed. Such a row from another boot may have lost its
+-- files to a power loss: start-up removes it and everything on it. (No semicolons in here.)
+ALTER TABLE snapshots ADD COLUMN unsynced_boot TEXT NOT NULL DEFAULT '';
+CREATE INDEX snapshots_unsynced ON snapshots(unsynced_boot) WHERE unsynced_boot != ''
 """]
 
 
@@ -120,10 +126,53 @@ def insert(conn: sqlite3.Connection, *, key: str, parent_id: int | None, kind: K
 
 
 def commit(conn: sqlite3.Connection, snap_id: int, *, name: str, source_key: str,
-           labels: dict[str, str], now: float, parent_id: int | None) -> None:
+           labels: dict[str, str], now: float, parent_id: int | None,
+           unsynced_boot: str = "") -> None:
     conn.execute("UPDATE snapshots SET key = ?, kind = 'committed', labels = ?, updated = ?, "
-                 "source_key = ?, parent_id = ? WHERE id = ?",
-                 (name, json.dumps(labels), now, source_key, parent_id, snap_id))
+                 "source_key = ?, parent_id = ?, unsynced_boot = ? WHERE id = ?",
+                 (name, json.dumps(labels), now, source_key, parent_id, unsynced_boot, snap_id))
+
+
+# -- files not yet flushed --------------------------------------------------------------------
+
+def unsynced(conn: sqlite3.Connection, boot: str) -> list[int]:
+    """The committed snapshots whose files were written in `boot` and not flushed yet."""
+    return [r[0] for r in conn.execute(
+        "SELECT id FROM snapshots WHERE unsynced_boot = ? ORDER BY id", (boot,))]
+
+
+def unsynced_elsewhere(conn: sqlite3.Connection, boot: str) -> list[int]:
+    """Those written in another boot and never flushed: their files may be torn."""
+    return [r[0] for r in conn.execute(
+        "SELECT id FROM snapshots WHERE unsynced_boot != '' AND unsynced_boot != ? "
+        "ORDER BY id", (boot,))]
+
+
+def mark_synced(conn: sqlite3.Connection, snap_ids: list[int]) -> None:
+    conn.executemany("UPDATE snapshots SET unsynced_boot = '' WHERE id = ?",
+                     [(i,) for i in snap_ids])
+
+
+def with_descendants(conn: sqlite3.Connection, snap_ids: list[int]) -> list[SnapshotRow]:
+    """The snapshots `snap_ids` and every snapshot built on them, at any depth."""
+    if not snap_ids:
+        return []
+    marks = ",".join("?" * len(snap_ids))
+    found = [r[0] for r in conn.execute(f"""
+        WITH RECURSIVE tree(id) AS (
+            SELECT id FROM snapshots WHERE id IN ({marks})
+            UNION
+            SELECT s.id FROM snapshots s JOIN tree t ON s.parent_id = t.id
+        ) SELECT id FROM tree""", snap_ids)]
+    rows = (get_by_id(conn, i) for i in sorted(found))
+    return [r for r in rows if r is not None]
+
+
+def delete_many(conn: sqlite3.Connection, snap_ids: list[int]) -> None:
+    """Delete rows that include every child of each (one statement: the parent references
+    are checked at its end)."""
+    marks = ",".join("?" * len(snap_ids))
+    conn.execute(f"DELETE FROM snapshots WHERE id IN ({marks})", snap_ids)
 
 
 def delete(conn: sqlite3.Connection, snap_id: int) -> None:
