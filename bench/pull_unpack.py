@@ -18,8 +18,9 @@ rotating per repetition, with an untimed `sync` before each:
   snapshotter; ctr prints the unpack time);
 - `tar parallel` / `tar sequential`: GNU `tar -xzf` of the same blobs (straight from the
   registry's storage) into fresh directories, all at once / one after another; the
-  parallel one is also reported with `sync -f` (syncfs) after it, as Shoal syncs every
-  layer it commits and containerd 1.6 does not.
+  parallel one is also reported with `sync -f` (syncfs) after it (Shoal flushes the layers
+  it commits with one syncfs in the background after the last commit, not before each one;
+  containerd 1.6 does not sync).
 
 One state root per invocation (/tmp/shoal-bench-pull-unpack-<timestamp>); nothing is
 deleted (about 3.5 GB per repetition with the defaults: the registry, both runtimes' stores
@@ -391,8 +392,9 @@ def report(args: argparse.Namespace, bench: Bench, command: str, meter: h.LoadMe
            "layer while it downloads). "
            "`containerd`: `ctr images pull --plain-http` (fetch, then unpack; process start "
            "included). `tar`: GNU `tar -xzf` of the same blobs into fresh directories; "
-           "`+ syncfs` adds `sync -f` after the parallel one (Shoal syncs each layer it "
-           "commits; containerd 1.6 does not). MB/s = compressed image bytes / time. CPU = "
+           "`+ syncfs` adds `sync -f` after the parallel one (Shoal flushes its layers with "
+           "one syncfs in the background after the last commit, outside this time; "
+           "containerd 1.6 does not sync). MB/s = compressed image bytes / time. CPU = "
            "puller + snapshotter, containerd + ctr, or tar + gzip.", "",
            h.table(["method", "median s", "min s", "max s", "MB/s", "÷ containerd",
                     "CPU s"], rows, "lrrrrrr"), "",
