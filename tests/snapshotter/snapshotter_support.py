@@ -282,7 +282,7 @@ async def open_domain(root: Path, driver: str, *, workers: int = 4,
     assert snapshots.driver.name == driver
     locks = ChainLocks(root / "locks")
     flusher = Flusher(db, snapshots.snap_root, boot_id(), delay=flush_delay, max_wait=10.0)
-    flusher.start()
+    await flusher.start()
     unpacker = Unpacker(snapshots, locks, flusher, workers=workers,
                         process_min_bytes=process_min_bytes)
     try:

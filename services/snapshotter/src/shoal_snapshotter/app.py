@@ -115,9 +115,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[SnapshotterApp]:
         # Before the clean-up too: removing torn layers can leave their parents unreferenced.
         await snapshots.remove_torn(boot, DEFAULT_NAMESPACE)
         await snapshots.cleanup(locks, DEFAULT_NAMESPACE)
-        flusher.start()
-        if await db.run(lambda c: md.unsynced(c, boot)):
-            flusher.committed()  # left by a process of this boot that stopped before its flush
+        await flusher.start()
         collector.register()
         log.info("snapshotter ready", driver=driver.name, root=str(root),
                  counts=await snapshots.counts())

@@ -52,8 +52,10 @@ class Flusher:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one flush at a time (a flush racing close's)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="flusher")
+        if await self.db.run(lambda c: md.unsynced(c, self.boot)):
+            self.committed()  # left by a process of this boot that stopped before its flush
 
     def committed(self) -> None:
         """A layer was committed with this boot's mark: flush it soon."""
