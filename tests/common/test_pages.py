@@ -118,8 +118,6 @@ def test_only_private_read_only_file_mappings_are_paged_out() -> None:
         (0x7F1E2D000000, 0x7F1E2D001000),  # a library's read-only data
         (0x7F1E2F000000, 0x7F1E2F100000),  # a program's text
     ]  # not anonymous, writable, shared or the kernel's
-    assert pages._file_read_only(text, under="/usr/bin/") == [(0x7F1E2F000000, 0x7F1E2F100000)]
-    assert pages._file_read_only(text, under="/usr/bi") == []  # a directory, not a prefix
 
 
 # Maps a file read-only and privately, reads every page of it, says so; then on each line

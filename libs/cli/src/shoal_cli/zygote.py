@@ -24,11 +24,8 @@ signal dispositions and mask (back to an interpreter's defaults), random state (
 by the at-fork hooks), the start times of the metrics it inherited; its command line is
 set to the argv it was asked for before the zygote answers with its pid. Logging, the
 asyncio loop, NATS and every service module are set up by the child itself: the zygote
-has none of them. grpc's modules are preloaded too (the gateway's ~5 MiB of them then
-shared), but never initialised: its core starts threads and polls only once a server or
-channel exists (grpc_init), which the gateway does after its fork, and gRPC forbids a fork
-only after that. What the preload must never do is start a thread (a fork copies only the
-calling one): checked before each fork.
+has none of them. grpc is never imported here (it does not survive a fork): the gateway
+imports it after its fork.
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal_common.config import Config
-from shoal_common.pages import mark_mergeable, page_out_file_pages
+from shoal_common.pages import mark_mergeable
 from shoal_common.service import release_free_memory
 
 from shoal_cli import forking
@@ -56,15 +53,14 @@ from shoal_cli.supervision import die_with_parent
 MAX_MESSAGE = 64 * 1024
 
 # What the services all import (measured: `python -X importtime -m shoal_<service>`), or
-# two or more of them do, and grpc with the CRI's stubs (the gateway's alone, but ~5 MiB of
-# Python objects it would otherwise hold privately: measured, its idle PSS 29.4 -> 22.5 MiB);
-# not any service's own modules: their metrics would appear on every service's /metrics,
-# and preloading them saves nothing (measured: what each child saves, the zygote then holds).
+# two or more of them do; not grpc (the gateway imports it after its fork), nor any service's
+# own modules: their metrics would appear on every service's /metrics, and preloading them
+# saves nothing (measured: what each child saves, the zygote then holds).
 PRELOAD = (
     "shoal_common.service", "shoal_common.sqlite", "shoal_common.faults", "shoal_common.oci",
     "shoal_common.probe", "shoal_common.locks", "shoal_common.consumer", "nats.js",
     "prometheus_client.core", "aiohttp", "sqlite3", "tarfile", "ctypes", "pwd", "grp",
-    "queue", "concurrent.futures.thread", "encodings.idna", "runpy", "grpc", "grpc.aio",
+    "queue", "concurrent.futures.thread", "encodings.idna", "runpy",
 )
 
 
@@ -78,20 +74,13 @@ def preload() -> None:
     # Every service loads its config: its entry points and msgspec's decoders of the
     # config types are built here once, not in each child.
     config.services_type()
-    # The CRI messages the executor and the gateway both read, and the gateway's stubs;
-    # after services_type(), which loaded shoal_executor (its __init__ registers the
-    # cri_api package without the __init__ that would import every stub).
+    # The CRI messages the executor and the gateway both read; after services_type(),
+    # which loaded shoal_executor: its __init__ keeps grpc out of this import.
     importlib.import_module("cri_api.v1.api_pb2")
-    importlib.import_module("cri_api.v1.api_pb2_grpc")
     try:
         config.load_config(env={})
     except config.ConfigError:
         pass  # a bad /etc/shoal/config.toml: each service reports it itself
-
-
-def threads_started() -> bool:
-    """Whether this process has more threads than its main one (grpc's, were it initialised)."""
-    return len(os.listdir("/proc/self/task")) != 1
 
 
 def _service_modules() -> set[str]:
@@ -306,9 +295,9 @@ def fork_zygote(ident: list[str], arenas: int,
     except Exception as exc:  # an import that fails here fails in the service too: exec it
         gc.enable()
         return f"preload failed: {exc!r}"
-    if threads_started():
+    if "grpc" in sys.modules:  # it would not survive the fork
         gc.enable()
-        return "the preload started a thread"
+        return "grpc was imported before the fork"
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -323,8 +312,6 @@ def fork_zygote(ident: list[str], arenas: int,
         return serve(theirs, launcher)
     theirs.close()
     gc.enable()
-    # Importing grpc faulted in ~2 MiB of its library that the launcher never runs.
-    page_out_file_pages(os.getpid(), under=os.path.dirname(sys.modules["grpc"].__file__ or "/"))
     return pid, ours
 
 
@@ -345,8 +332,8 @@ def main() -> None:
     if args.malloc_arenas:
         forking.limit_malloc_arenas(args.malloc_arenas)
     preload()
-    if threads_started():
-        sys.exit("shoal_cli.zygote: the preload started a thread")
+    if "grpc" in sys.modules:
+        sys.exit("shoal_cli.zygote: grpc was imported by the preload")
     gc.freeze()
     if args.merge_pages:
         mark_mergeable()

@@ -71,28 +71,26 @@ def _private_writable(maps: str) -> list[tuple[int, int]]:
             if perms[1] == "w" and perms[3] == "p" and name not in _SKIP]
 
 
-def _file_read_only(maps: str, under: str = "/") -> list[tuple[int, int]]:
-    """(start, end) of each private read-only mapping of a file (below directory `under`) in
-    a /proc/<pid>/maps text: program and library text and read-only data, whose pages the
-    page cache can give back."""
-    prefix = under.rstrip("/") + "/"
+def _file_read_only(maps: str) -> list[tuple[int, int]]:
+    """(start, end) of each private read-only mapping of a file in a /proc/<pid>/maps text:
+    program and library text and read-only data, whose pages the page cache can give back."""
     return [(start, end) for start, end, perms, name in _mappings(maps)
-            if perms[1] != "w" and perms[3] == "p" and name.startswith(prefix)]
+            if perms[1] != "w" and perms[3] == "p" and name.startswith("/")]
 
 
-def page_out_file_pages(pid: int, under: str = "/") -> int:
+def page_out_file_pages(pid: int) -> int:
     """MADV_PAGEOUT (process_madvise, through a pidfd) every read-only file mapping of a
     child: the pages of its program text and read-only data that it faulted in, with the
     neighbours the kernel's fault-around mapped along (64 KiB at a time), leave its resident
     set, and what it runs afterwards is faulted back in. The kernel skips pages another
     process maps too (libc: nothing to gain). For nats-server, a static Go binary of which
     start-up leaves ~14 MiB resident: measured here 17.9 -> 12.2 MiB PSS idle and 18.2 ->
-    13.8 MiB with 20 pods running (bench/ab.py), back to ~16 MiB after minutes idle. Not done for Shoal's own services: what
+    13.8 MiB with 20 pods running (bench/ab.py). Not done for Shoal's own services: what
     they map alone (grpc's 9 MiB in the gateway) came back within a few dozen requests.
-    `under`: only the files below that directory. Returns the bytes advised; 0 where the
-    kernel lacks the call or the process is gone: only the saving is lost."""
+    Returns the bytes advised; 0 where the kernel lacks the call or the process is gone:
+    only the saving is lost."""
     try:
-        ranges = _file_read_only(Path(f"/proc/{pid}/maps").read_text(), under)
+        ranges = _file_read_only(Path(f"/proc/{pid}/maps").read_text())
         pidfd = os.pidfd_open(pid)
     except OSError:
         return 0  # gone
