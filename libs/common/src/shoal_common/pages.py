@@ -85,8 +85,9 @@ def page_out_file_pages(pid: int) -> int:
     set, and what it runs afterwards is faulted back in. The kernel skips pages another
     process maps too (libc: nothing to gain). For nats-server, a static Go binary of which
     start-up leaves ~14 MiB resident: measured here 17.9 -> 12.2 MiB PSS idle and 18.2 ->
-    13.8 MiB with 20 pods running (bench/ab.py). Not done for Shoal's own services: what
-    they map alone (grpc's 9 MiB in the gateway) came back within a few dozen requests.
+    13.8 MiB with 20 pods running (bench/ab.py); ~16 MiB again after minutes idle. Not done
+    for Shoal's own services: what they map alone (grpc's 9 MiB in the gateway) came back
+    within a few dozen requests.
     Returns the bytes advised; 0 where the kernel lacks the call or the process is gone:
     only the saving is lost."""
     try:
