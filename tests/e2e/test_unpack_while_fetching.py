@@ -135,8 +135,8 @@ async def test_a_pull_that_fails_leaves_no_layer_behind(
     snaps = SnapshotsClient(bus)
     await eventually(lambda: no_snapshots(snaps), what="no snapshot left",
                      timeout=GRACE + 15)
-    assert "downloaded bytes have digest" in snapshotter.log_text() or \
-        "download stopped" in snapshotter.log_text()
+    log = snapshotter.log_text()
+    assert "download stopped" in log or "corrupt gzip" in log, log[-2000:]
 
 
 async def test_a_snapshotter_killed_while_following_a_download_loses_nothing(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import stat
 import subprocess
 from collections.abc import AsyncIterator
@@ -704,3 +705,44 @@ async def test_worker_process_errors_map_like_thread_errors(tmp_path: Path) -> N
         assert err.value.details["entry"] == "../etc/x"
         assert await d.snapshots.list_snapshots() == []
         assert not workers_alive(d.root)
+
+
+class DownloadingContent(FakeContent):
+    """Every blob still downloading: `info` names its ingest file, which holds `ingested`
+    (whole: the watch lets the follower read it all at once)."""
+
+    def __init__(self, layer: Layer, ingested: bytes, files: Path) -> None:
+        super().__init__([layer])
+        self.ingest = files / "ingest" / f"{layer.digest.split(':')[1]}.data"
+        self.ingest.parent.mkdir(parents=True)
+        self.ingest.write_bytes(ingested)
+
+    async def info(self, digest: str) -> ContentInfo:
+        return ContentInfo(digest=digest, size=await self.size(digest), path=str(self.ingest),
+                           committed=False)
+
+
+@pytest.mark.parametrize("process_min_bytes", [0, PROCESS_MIN_BYTES], ids=["process", "thread"])
+async def test_a_followed_download_becomes_a_layer_only_with_its_diff_id(
+        tmp_path: Path, process_min_bytes: int) -> None:
+    """What a followed download decompresses to decides: another valid gzip of the blob's size
+    (a registry's other bytes) is refused by its diff ID; the blob itself is committed."""
+    noise = random.Random(14).randbytes(20_000)  # fixed: the search below always ends
+    layer = LayerBuilder().file("f", noise).file("g", "kept").build()
+    # A valid tar with one byte of f changed (another diff ID) whose gzip is as long as the
+    # blob: a follower reads the manifest's size.
+    start = layer.tar.index(noise)
+    candidates = (Layer.from_tar(layer.tar[:at] + bytes([layer.tar[at] ^ 1]) +
+                                 layer.tar[at + 1:]) for at in range(start, start + 20_000, 97))
+    other = next(c for c in candidates if len(c.blob) == len(layer.blob))
+    async with open_domain(tmp_path / "state", "overlayfs",
+                           process_min_bytes=process_min_bytes) as d:
+        forged = DownloadingContent(layer, other.blob, tmp_path / "forged")
+        with pytest.raises(Invalid, match=f"uncompresses to diff ID {other.diff_id}"):
+            await d.unpack("img", [layer], forged)
+        assert await d.snapshots.list_snapshots() == []
+        reply = await d.unpack("img", [layer], DownloadingContent(layer, layer.blob,
+                                                                  tmp_path / "real"))
+        assert reply.unpacked == 1
+        (applied,) = (d.root / "snapshots").glob("*/fs/g")
+        assert applied.read_text() == "kept"

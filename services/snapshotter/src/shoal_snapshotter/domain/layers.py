@@ -34,7 +34,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,7 +68,7 @@ from shoal_snapshotter.unpack import (
     merge_lower_dirs,
 )
 from shoal_snapshotter.unpack.follow import ContentChanged, Following
-from shoal_snapshotter.unpack.worker import apply_and_digest, apply_following
+from shoal_snapshotter.unpack.worker import apply_and_digest
 
 log = structlog.get_logger("shoal.snapshotter.unpack")
 T = TypeVar("T")
@@ -313,7 +313,8 @@ class Unpacker:
     async def _info(image: str, layer: LayerInfo, source: ContentSource) -> ContentInfo:
         info = await source.info(layer.digest)
         if not info.committed:
-            # Still downloading: followed up to the manifest's size, its digest checked.
+            # Still downloading: followed up to the manifest's size; what it decompresses
+            # to is checked against the diff ID, as for a committed blob.
             return ContentInfo(digest=layer.digest, size=layer.size, path=info.path,
                                committed=False)
         if info.size != layer.size:
@@ -363,7 +364,7 @@ class Unpacker:
                                                       following=(info.size, info.digest))
                 else:
                     reader = Following(ingest.fd, info.size, info.digest)
-                    applying = self._apply_in_thread(root, reader, whiteouts, apply_following)
+                    applying = self._apply_in_thread(root, reader, whiteouts)
                 return await _watched(applying, ingest.watch())
         except ContentChanged as exc:
             raise Unavailable(str(exc)) from None
@@ -371,11 +372,9 @@ class Unpacker:
             ingest.close()
 
     async def _apply_in_thread(self, root: Path, reader: ThreadReader | LocalReader | Following,
-                               whiteouts: Whiteouts,
-                               apply: Callable[..., tuple[ApplyResult, str, int]]
-                               = apply_and_digest) -> tuple[ApplyResult, str, int]:
+                               whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, apply, reader, root, whiteouts)
+        fut = loop.run_in_executor(self._pool, apply_and_digest, reader, root, whiteouts)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:

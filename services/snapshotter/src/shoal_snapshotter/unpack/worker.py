@@ -65,15 +65,6 @@ def apply_and_digest(blob: Readable, root: str | os.PathLike[str],
     return result, "sha256:" + digesting.sha.hexdigest(), digesting.count
 
 
-def apply_following(blob: Following, root: str | os.PathLike[str],
-                    whiteouts: Whiteouts) -> tuple[ApplyResult, str, int]:
-    """apply_and_digest of a blob still being downloaded, then the check that every byte
-    read was the blob's (the caller commits nothing before this returns)."""
-    outcome = apply_and_digest(blob, root, whiteouts)
-    blob.verify()
-    return outcome
-
-
 def _die_with(parent: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -106,7 +97,7 @@ def main(argv: list[str]) -> int:
         if following:
             size, digest = following
             blob = Following(0, int(size), digest)
-            outcome = ("ok", apply_following(blob, root, Whiteouts(whiteouts)))
+            outcome = ("ok", apply_and_digest(blob, root, Whiteouts(whiteouts)))
         else:
             stdin = os.fdopen(0, "rb", buffering=_STDIN_BUFFER)
             outcome = ("ok", apply_and_digest(stdin, root, Whiteouts(whiteouts)))
