@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal_common.bus import Bus, RequestContext, Router
+from shoal_common.bus import RESEND_BEFORE_START, Bus, RequestContext, Router
 from shoal_common.config import load_config
 from shoal_common.errors import Unavailable
 from shoal_common.messages import PingReply, PingRequest
@@ -107,6 +107,9 @@ async def test_a_command_held_by_a_dead_replica_is_resent_when_another_starts(
         request = await held(dying, client, seen, b"y", 3)
         await dying.nc.close()  # as a SIGKILL: its subscriptions go, no reply is sent
         started = time.monotonic()
+        # A real restart (the death noticed, a fork) takes longer than this; what went out
+        # less than RESEND_BEFORE_START before a start may be the new replica's own.
+        await asyncio.sleep(2 * RESEND_BEFORE_START)
         fresh = bus(url, "echo")
         await fresh.connect(wait=10)
         await fresh.serve(router, seen)
@@ -116,3 +119,96 @@ async def test_a_command_held_by_a_dead_replica_is_resent_when_another_starts(
         await fresh.close()
     assert reply.payload == b"y" and seen.seen == 2
     assert took < 10
+
+
+counting: Router[dict[bytes, int]] = Router()
+
+
+@counting.command("ping")
+async def count(ctx: RequestContext[dict[bytes, int]], req: PingRequest) -> PingReply:
+    ctx.app[req.payload] = ctx.app.get(req.payload, 0) + 1
+    return PingReply(payload=req.payload, replica="r0")
+
+
+async def test_a_replica_starting_does_not_get_what_it_took_resent(tmp_path: Path) -> None:
+    """Requests sent all the while a replica starts: each is handled once. (Its start
+    announcement resends what is in flight; one sent out before it subscribed would be a
+    request this very replica took.)"""
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    handled: dict[bytes, int] = {}
+    server, client = bus(url, "echo"), bus(url, "test")
+    with nats_server(tmp_path / "n", port=port, jetstream=False):
+        await server.connect(wait=10)
+        await client.connect(wait=10)
+        requests: list[asyncio.Task[PingReply]] = []
+        for round_ in range(20):
+            enough = asyncio.Event()
+
+            async def send(round_: int, enough: asyncio.Event) -> None:
+                i = 0
+                while not enough.is_set():
+                    requests.append(asyncio.create_task(client.request(
+                        "echo", "ping", PingRequest(payload=f"{round_}-{i}".encode()),
+                        # (Short: one sent within a millisecond of the last round's stop
+                        # can be lost to it, as nats-py's flush is no barrier.)
+                        PingReply, attempt_timeout=2, timeout=20, retries=3)))
+                    i += 1
+                    await asyncio.sleep(0.0005)
+
+            sender = asyncio.create_task(send(round_, enough))
+            await asyncio.sleep(0.01)
+            await server.serve(counting, handled)
+            await asyncio.sleep(0.01)
+            enough.set()
+            await sender
+            await asyncio.gather(*requests)
+            await server.stop_serving(1)
+        await client.close()
+        await server.close()
+    assert len(handled) == len(requests)
+    assert [p for p, n in handled.items() if n > 1] == []
+
+
+@dataclass
+class Taken:
+    payloads: list[bytes] = field(default_factory=list)
+    first: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+slow: Router[Taken] = Router()
+
+
+@slow.command("ping")
+async def slow_ping(ctx: RequestContext[Taken], req: PingRequest) -> PingReply:
+    ctx.app.payloads.append(req.payload)
+    ctx.app.first.set()
+    await asyncio.sleep(0.2)
+    return PingReply(payload=req.payload, replica="r0")
+
+
+async def test_a_stopping_replica_answers_what_had_reached_it(tmp_path: Path) -> None:
+    """One handler at a time: requests that reached the replica while its only slot was
+    busy are answered when it stops serving, not dropped (their callers would wait out
+    their attempts)."""
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    config = load_config(env={}, flags={"node_id": "reconnect", "nats.url": url})
+    handled = Taken()
+    server = Bus(config, service="echo", replica="echo-0", max_concurrency=1)
+    client = bus(url, "test")
+    with nats_server(tmp_path / "n", port=port, jetstream=False):
+        await server.connect(wait=10)
+        await client.connect(wait=10)
+        await server.serve(slow, handled)
+        await asyncio.sleep(0.05)  # its start announcement is in
+        requests = [asyncio.create_task(client.request(
+            "echo", "ping", PingRequest(payload=str(i).encode()), PingReply,
+            attempt_timeout=30, timeout=30, retries=3)) for i in range(4)]
+        await asyncio.wait_for(handled.first.wait(), 10)
+        await server.stop_serving(5)
+        done, _ = await asyncio.wait(requests, timeout=3)
+        await client.close()
+        await server.close()
+    assert len(done) == 4, "a request that had reached the replica was dropped"
+    assert sorted(handled.payloads) == [b"0", b"1", b"2", b"3"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,9 @@ T = TypeVar("T")
 
 DEFAULT_NAMESPACE = "default"
 DRAIN_TIMEOUT = 2.0
+# A request in flight is resent at a replica's start announcement only if it went out at
+# least this long before it: a restart (a death noticed, a fork, a connect) takes longer.
+RESEND_BEFORE_START = 0.05
 log = structlog.get_logger("shoal.bus")
 
 # Services import what they declare handlers with from here, beside the Bus itself.
@@ -78,6 +82,7 @@ class Bus:
         self._dropped = asyncio.Event()
         self._up = asyncio.Event()  # connected (not reconnecting)
         self._restarted: dict[str, asyncio.Event] = {}  # service token -> set at a start
+        self._started_at: dict[str, float] = {}  # service token -> its last start's time
 
     # -- connection ------------------------------------------------------------------------
 
@@ -129,7 +134,15 @@ class Bus:
                 delay = min(delay * 2, 2.0)
 
     async def _on_started(self, msg: Msg) -> None:
-        event = self._restarted.pop(msg.subject.rpartition(".")[2], None)
+        service = msg.subject.rpartition(".")[2]
+        try:  # the replica's clock when it announced (before it subscribed)
+            announced = float(msg.data[:32])
+        except ValueError:
+            announced = math.nan
+        now = time.time()
+        # Not in the future (which would resend nothing), however the peer's clock is.
+        self._started_at[service] = now if not math.isfinite(announced) else min(announced, now)
+        event = self._restarted.pop(service, None)
         if event is not None:
             event.set()
 
@@ -155,6 +168,13 @@ class Bus:
     # -- serving commands --------------------------------------------------------------------
 
     async def serve(self, router: Router[AppT], app: AppT) -> None:
+        # Callers waiting on a replica that died resend their idempotent commands when a
+        # replica announces its start, rather than after their attempt timeout. Announced
+        # before subscribing (nats-py writes its buffer in order), with this replica's time:
+        # a caller resends only what it sent well before that, never a command this very
+        # replica may have taken.
+        await self.nc.publish(subjects.started(self.node, self.service),
+                              repr(time.time()).encode())
         for cmd in router.commands.values():
             subject = subjects.command(self.node, self.service, cmd.verb)
             queue = f"shoal.{self.service}" if cmd.queue else ""
@@ -169,9 +189,6 @@ class Bus:
 
             self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg))
         self.serving = True
-        # Callers waiting on a replica that died resend their idempotent commands now
-        # rather than after their attempt timeout.
-        await self.nc.publish(subjects.started(self.node, self.service), b"")
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -246,14 +263,21 @@ class Bus:
         """Stop taking work (queue-group peers get it instead), let in-flight commands finish
         within `timeout`, then cancel the rest (their callers get `unavailable` and retry)."""
         self.serving = False
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
-                pass
-        self._subs.clear()
+        subs, self._subs = self._subs, []
+        end = asyncio.get_running_loop().time() + timeout
+        # Drained, not unsubscribed: nats-py forgets an unsubscribed sid at once, dropping
+        # what the server had already sent to it (each a caller left to wait out its
+        # attempt); a drain hands those to handlers too, which are waited for below.
+        try:
+            async with asyncio.timeout_at(end):
+                await asyncio.gather(*(sub.drain() for sub in subs), return_exceptions=True)
+        except TimeoutError:  # every slot held by a handler that does not finish
+            for sub in subs:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            _, pending = await asyncio.wait(
+                set(self._tasks), timeout=max(0.0, end - asyncio.get_running_loop().time()))
             for task in pending:
                 task.cancel()
             if pending:
@@ -359,18 +383,30 @@ class Bus:
     async def _attempt(self, service: str, subject: str, body: bytes, hdrs: dict[str, str],
                        timeout: float, resendable: bool) -> Msg:
         """One request, cut short by `ConnectionDropped` if the connection drops first or
-        (`resendable`) a replica of `service` starts meanwhile."""
-        events = [self._dropped]
-        if resendable:
-            events.append(self._restarted.setdefault(service, asyncio.Event()))
-        lost = [asyncio.ensure_future(e.wait()) for e in events]
+        (`resendable`) a replica of `service` announces its start at least RESEND_BEFORE_START
+        after the request went out: a request sent later than that may be one the new
+        replica itself took (its announcement comes just before it subscribes), and a
+        replica that died holding a request took it well before its successor started."""
+        dropped = self._dropped
+        sent_at = time.time()
         sent = asyncio.ensure_future(self.nc.request(subject, body, headers=hdrs,
                                                      timeout=timeout))
         try:
-            await asyncio.wait((sent, *lost), return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                events = [dropped]
+                if resendable:
+                    events.append(self._restarted.setdefault(service, asyncio.Event()))
+                lost = [asyncio.ensure_future(e.wait()) for e in events]
+                try:
+                    await asyncio.wait((sent, *lost), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in lost:
+                        waiter.cancel()
+                if sent.done() or dropped.is_set():
+                    break
+                if self._started_at.get(service, 0.0) - sent_at >= RESEND_BEFORE_START:
+                    break
         finally:
-            for waiter in lost:
-                waiter.cancel()
             if not sent.done():
                 sent.cancel()  # its reply future leaves nats-py's map as it is cancelled
         if not sent.done() or sent.cancelled():
