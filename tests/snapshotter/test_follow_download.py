@@ -10,6 +10,7 @@ import asyncio
 import fcntl
 import hashlib
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from shoal_common.errors import Internal, Unavailable
 from shoal_common.messages.images import ContentInfo
 from shoal_snapshotter.domain import content
 from shoal_snapshotter.domain.content import Ingest
-from shoal_snapshotter.unpack.follow import ContentChanged, Following
+from shoal_snapshotter.unpack.follow import DROP_STEP, ContentChanged, Following
 
 DATA = os.urandom(300_000)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -152,3 +153,29 @@ async def test_a_download_that_never_starts_is_given_up(tmp_path: Path,
     monkeypatch.setattr(content, "INGEST_APPEAR", 0.2)
     with pytest.raises(Unavailable, match="did not start"):
         await Ingest.open(partial(data_path))
+
+
+def resident_bytes(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def test_what_was_read_leaves_the_page_cache_behind_the_reader(tmp_path: Path) -> None:
+    """The blob is not read again once applied: the follower drops its pages behind it
+    (clean ones at once; here all are, the file synced first), but for the last span."""
+    path = tmp_path / "blob"
+    size = 20 * DROP_STEP
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.read(fd, size)  # all of it in the page cache
+        assert resident_bytes(path) > size * 0.9
+        reader = Following(fd, size, "sha256:x")
+        while reader.read(1 << 20):
+            pass
+    finally:
+        os.close(fd)
+    assert resident_bytes(path) <= 5 * DROP_STEP
