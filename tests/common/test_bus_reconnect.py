@@ -36,9 +36,10 @@ async def ping(ctx: RequestContext[Echo], req: PingRequest) -> PingReply:
     return PingReply(payload=req.payload, replica="r0")
 
 
-def bus(url: str, service: str) -> Bus:
+def bus(url: str, service: str, **options: int) -> Bus:
+    """`options`: Bus's own keywords (max_concurrency)."""
     config = load_config(env={}, flags={"node_id": "reconnect", "nats.url": url})
-    return Bus(config, service=service, replica=f"{service}-0")
+    return Bus(config, service=service, replica=f"{service}-0", **options)
 
 
 async def held(server: Bus, client: Bus, seen: Echo, payload: bytes,
@@ -193,10 +194,8 @@ async def test_a_stopping_replica_answers_what_had_reached_it(tmp_path: Path) ->
     their attempts)."""
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
-    config = load_config(env={}, flags={"node_id": "reconnect", "nats.url": url})
     handled = Taken()
-    server = Bus(config, service="echo", replica="echo-0", max_concurrency=1)
-    client = bus(url, "test")
+    server, client = bus(url, "echo", max_concurrency=1), bus(url, "test")
     with nats_server(tmp_path / "n", port=port, jetstream=False):
         await server.connect(wait=10)
         await client.connect(wait=10)

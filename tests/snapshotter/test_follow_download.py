@@ -155,7 +155,8 @@ async def test_a_download_that_never_starts_is_given_up(tmp_path: Path,
         await Ingest.open(partial(data_path))
 
 
-def resident_bytes(path: Path) -> int:
+def page_cache_bytes(path: Path) -> int:
+    """How much of the file is in the page cache."""
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
                          check=True, capture_output=True, text=True).stdout
     return int(out.strip())
@@ -172,10 +173,10 @@ def test_what_was_read_leaves_the_page_cache_behind_the_reader(tmp_path: Path) -
     fd = os.open(path, os.O_RDONLY)
     try:
         os.read(fd, size)  # all of it in the page cache
-        assert resident_bytes(path) > size * 0.9
+        assert page_cache_bytes(path) > size * 0.9
         reader = Following(fd, size, "sha256:x")
         while reader.read(1 << 20):
             pass
     finally:
         os.close(fd)
-    assert resident_bytes(path) <= 5 * DROP_STEP
+    assert page_cache_bytes(path) <= 5 * DROP_STEP
